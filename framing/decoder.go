@@ -1,0 +1,179 @@
+package framing
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+)
+
+// MinBufferSize is the smallest buffer a Decoder accepts. It bounds the
+// largest frame that decoder can take: frames longer than its buffer are
+// refused with a LengthError wrapping ErrTooLarge.
+const MinBufferSize = 2048
+
+// maxEmptyReads bounds how often a reader may return nothing and no error
+// before the decoder gives up, as bufio does.
+const maxEmptyReads = 100
+
+// Decoder splits an RFC 9329 stream into frames. It reads in large chunks
+// into one fixed buffer and hands out payloads that alias that buffer, so
+// a burst of frames costs one read and no copies or allocations.
+//
+// A Decoder is not safe for concurrent use.
+type Decoder struct {
+	r            io.Reader
+	buf          []byte
+	start, end   int  // buf[start:end] holds bytes read but not yet returned
+	maxFrame     int  // largest frame returned; longer ones are skipped
+	expectPrefix bool // the prefix has yet to be checked
+}
+
+// NewDecoder returns a decoder reading from r with a buffer of bufSize
+// bytes (at least MinBufferSize; MaxFrame or more accepts every frame).
+// With expectPrefix, the stream must begin with Prefix, as streams that a
+// TCP responder accepts do.
+func NewDecoder(r io.Reader, bufSize int, expectPrefix bool) *Decoder {
+	bufSize = max(bufSize, MinBufferSize)
+	return &Decoder{r: r, buf: make([]byte, bufSize), maxFrame: min(bufSize, MaxFrame), expectPrefix: expectPrefix}
+}
+
+// LimitPayload makes the decoder skip frames whose payload is longer than
+// n bytes (n is capped by the buffer size). Skipping costs reads but no
+// memory: the stream stays usable, and Next reports each skipped frame
+// with a *LengthError wrapping ErrTooLarge.
+func (d *Decoder) LimitPayload(n int) {
+	d.maxFrame = max(min(n+LengthSize, len(d.buf), MaxFrame), LengthSize+1)
+}
+
+// ReadPrefix reads and checks the stream prefix if the decoder expects one
+// and has not checked it yet; Next calls it when needed. Calling it first
+// lets a server put a deadline on the prefix alone.
+func (d *Decoder) ReadPrefix() error {
+	if !d.expectPrefix {
+		return nil
+	}
+	if err := d.fill(len(Prefix)); err != nil {
+		return err
+	}
+	if string(d.buf[d.start:d.start+len(Prefix)]) != Prefix {
+		got := append([]byte(nil), d.buf[d.start:d.start+len(Prefix)]...)
+		return &PrefixError{Got: got}
+	}
+	d.start += len(Prefix)
+	d.expectPrefix = false
+	return nil
+}
+
+// Buffered reports whether the next call to Next will return a frame
+// without reading from the stream (and so without invalidating payloads
+// returned earlier).
+func (d *Decoder) Buffered() bool {
+	if d.expectPrefix || d.end-d.start < LengthSize {
+		return false
+	}
+	n := int(binary.BigEndian.Uint16(d.buf[d.start:]))
+	return n >= LengthSize && d.end-d.start >= n
+}
+
+// Next returns the payload of the next frame: a datagram in port-4500 form
+// (IKE with its marker, ESP, or keepalive). The payload aliases the
+// decoder's buffer; it stays valid until a call to Next that reads from the
+// stream, which Buffered predicts.
+//
+// At a clean end of stream Next returns io.EOF. A stream that ends inside
+// the prefix or a frame gives a *TruncatedError. A wrong prefix gives a
+// *PrefixError and a Length of 0 or 1 a *LengthError wrapping
+// ErrBadLength: these are fatal for the connection (RFC 9329 3, 4).
+// A frame over the payload limit gives a *LengthError wrapping ErrTooLarge
+// after the frame has been skipped; that one is not fatal. Read errors are
+// returned as they are.
+func (d *Decoder) Next() ([]byte, error) {
+	if err := d.ReadPrefix(); err != nil {
+		return nil, err
+	}
+	if err := d.fill(LengthSize); err != nil {
+		return nil, err
+	}
+	n := int(binary.BigEndian.Uint16(d.buf[d.start:]))
+	if n < LengthSize {
+		return nil, &LengthError{Length: n, Max: d.maxFrame}
+	}
+	if n > d.maxFrame {
+		if err := d.skip(n); err != nil {
+			return nil, err
+		}
+		return nil, &LengthError{Length: n, Max: d.maxFrame}
+	}
+	if err := d.fill(n); err != nil {
+		return nil, err
+	}
+	p := d.buf[d.start+LengthSize : d.start+n]
+	d.start += n
+	return p, nil
+}
+
+// skip discards the next n bytes of the stream, reading into the buffer.
+func (d *Decoder) skip(n int) error {
+	skipped := 0
+	for empty := 0; ; {
+		if buffered := d.end - d.start; buffered >= n-skipped {
+			d.start += n - skipped
+			return nil
+		}
+		skipped += d.end - d.start
+		m, err := d.r.Read(d.buf)
+		d.start, d.end = 0, m
+		if d.end >= n-skipped {
+			continue
+		}
+		switch {
+		case errors.Is(err, io.EOF):
+			d.end = 0
+			return &TruncatedError{Discarded: skipped + m}
+		case err != nil:
+			return err
+		case m == 0:
+			if empty++; empty == maxEmptyReads {
+				return io.ErrNoProgress
+			}
+		}
+	}
+}
+
+// fill makes sure at least n bytes are buffered, reading as much as the
+// buffer holds in each read. It moves buffered bytes to the front only
+// when it has to read, which is what keeps earlier payloads valid while
+// Buffered is true.
+func (d *Decoder) fill(n int) error {
+	if d.end-d.start >= n {
+		return nil
+	}
+	if d.start > 0 {
+		d.end = copy(d.buf, d.buf[d.start:d.end])
+		d.start = 0
+	}
+	for empty := 0; d.end < n; {
+		m, err := d.r.Read(d.buf[d.end:])
+		d.end += m
+		if d.end >= n {
+			return nil
+		}
+		if m == 0 && err == nil {
+			if empty++; empty == maxEmptyReads {
+				return io.ErrNoProgress
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				if d.end == 0 {
+					return io.EOF
+				}
+				partial := d.end
+				d.end = 0
+				return &TruncatedError{Discarded: partial}
+			}
+			return err
+		}
+	}
+	return nil
+}

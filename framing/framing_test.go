@@ -1,0 +1,358 @@
+package framing
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"testing"
+	"testing/iotest"
+)
+
+// ikeMessage builds an IKEv2 message of total size n (n >= IKEHeaderSize)
+// with the given SPIs, exchange and flags.
+func ikeMessage(n int, ispi, rspi uint64, xchg ExchangeType, flags uint8, msgID uint32) []byte {
+	b := make([]byte, n)
+	binary.BigEndian.PutUint64(b[0:], ispi)
+	binary.BigEndian.PutUint64(b[8:], rspi)
+	b[16] = 33 // SA payload
+	b[17] = 0x20
+	b[18] = byte(xchg)
+	b[19] = flags
+	binary.BigEndian.PutUint32(b[20:], msgID)
+	binary.BigEndian.PutUint32(b[24:], uint32(n))
+	return b
+}
+
+// ikePayload is ikeMessage behind the non-ESP marker: a port-4500 datagram.
+func ikePayload(n int, ispi, rspi uint64, xchg ExchangeType, flags uint8, msgID uint32) []byte {
+	return append(make([]byte, MarkerSize), ikeMessage(n, ispi, rspi, xchg, flags, msgID)...)
+}
+
+func espPayload(n int, spi, seq uint32) []byte {
+	b := make([]byte, n)
+	binary.BigEndian.PutUint32(b, spi)
+	binary.BigEndian.PutUint32(b[4:], seq)
+	for i := ESPHeaderSize; i < n; i++ {
+		b[i] = byte(i)
+	}
+	return b
+}
+
+func TestClassify(t *testing.T) {
+	tests := []struct {
+		name string
+		in   []byte
+		want Kind
+	}{
+		{"empty", nil, KindInvalid},
+		{"keepalive", []byte{0xff}, KindKeepalive},
+		{"one other byte", []byte{0x00}, KindInvalid},
+		{"two 0xff", []byte{0xff, 0xff}, KindInvalid},
+		{"marker only", make([]byte, 4), KindInvalid},
+		{"marker and short header", make([]byte, 4+27), KindInvalid},
+		{"IKE", ikePayload(28, 1, 0, IKESAInit, FlagInitiator, 0), KindIKE},
+		{"ESP minimal", espPayload(8, 0x1234, 1), KindESP},
+		{"ESP 1400", espPayload(1400, 0xc0ffee, 7), KindESP},
+		{"ESP too short", espPayload(8, 1, 1)[:7], KindInvalid},
+	}
+	for _, tt := range tests {
+		if got := Classify(tt.in); got != tt.want {
+			t.Errorf("%s: Classify = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
+
+func TestIKEHeaderDecode(t *testing.T) {
+	msg := ikeMessage(120, 0xf050ac7a151a3b31, 0x3b46b71108eea2e2, IKEAuth, FlagInitiator|FlagResponse, 7)
+	var h IKEHeader
+	if err := h.Decode(msg); err != nil {
+		t.Fatal(err)
+	}
+	want := IKEHeader{
+		InitiatorSPI: 0xf050ac7a151a3b31, ResponderSPI: 0x3b46b71108eea2e2,
+		NextPayload: 33, MajorVersion: 2, MinorVersion: 0, Exchange: IKEAuth,
+		Flags: FlagInitiator | FlagResponse, MessageID: 7, Length: 120,
+	}
+	if h != want {
+		t.Fatalf("decoded %+v, want %+v", h, want)
+	}
+	if !h.IsInitiator() || !h.IsResponse() {
+		t.Fatalf("flags: initiator=%v response=%v", h.IsInitiator(), h.IsResponse())
+	}
+
+	errs := []struct {
+		name string
+		in   []byte
+		want error
+	}{
+		{"short", msg[:27], ErrShortIKE},
+		{"IKEv1", func() []byte { b := bytes.Clone(msg); b[17] = 0x10; return b }(), ErrIKEVersion},
+		{"length too big", func() []byte { b := bytes.Clone(msg); b[27]++; return b }(), ErrIKELength},
+		{"trailing bytes", append(bytes.Clone(msg), 0), ErrIKELength},
+	}
+	for _, tt := range errs {
+		if err := h.Decode(tt.in); !errors.Is(err, tt.want) {
+			t.Errorf("%s: err = %v, want %v", tt.name, err, tt.want)
+		}
+	}
+}
+
+func TestESPHeaderDecode(t *testing.T) {
+	var h ESPHeader
+	if err := h.Decode(espPayload(100, 0xc1234567, 42)); err != nil {
+		t.Fatal(err)
+	}
+	if h.SPI != 0xc1234567 || h.Seq != 42 {
+		t.Fatalf("decoded %+v", h)
+	}
+	if err := h.Decode(make([]byte, 7)); !errors.Is(err, ErrShortESP) {
+		t.Errorf("short: %v", err)
+	}
+	if err := h.Decode(make([]byte, 8)); !errors.Is(err, ErrZeroSPI) {
+		t.Errorf("zero SPI: %v", err)
+	}
+}
+
+func TestMessageDecode(t *testing.T) {
+	var m Message
+	if err := m.Decode(ikePayload(80, 9, 0, IKESAInit, FlagInitiator, 0)); err != nil || m.Kind != KindIKE || m.IKE.InitiatorSPI != 9 || m.IKE.Exchange != IKESAInit {
+		t.Errorf("IKE: %v %+v", err, m)
+	}
+	if err := m.Decode(espPayload(64, 5, 6)); err != nil || m.Kind != KindESP || m.ESP.SPI != 5 || m.ESP.Seq != 6 {
+		t.Errorf("ESP: %v %+v", err, m)
+	}
+	if err := m.Decode([]byte{0xff}); err != nil || m.Kind != KindKeepalive {
+		t.Errorf("keepalive: %v %+v", err, m)
+	}
+	if err := m.Decode(make([]byte, 10)); !errors.Is(err, ErrShortIKE) {
+		t.Errorf("marker with short IKE: %v", err)
+	}
+	if err := m.Decode([]byte{1, 2, 3}); !errors.Is(err, ErrNotMessage) {
+		t.Errorf("3 bytes: %v", err)
+	}
+	bad := ikePayload(80, 9, 0, IKESAInit, FlagInitiator, 0)
+	bad[4+17] = 0x10
+	if err := m.Decode(bad); !errors.Is(err, ErrIKEVersion) {
+		t.Errorf("IKEv1 behind marker: %v", err)
+	}
+}
+
+func TestAppendFrameAndPutLength(t *testing.T) {
+	p := espPayload(1400, 1, 2)
+	f := AppendFrame(nil, p)
+	if len(f) != 1402 || binary.BigEndian.Uint16(f) != 1402 || !bytes.Equal(f[2:], p) {
+		t.Fatalf("frame header %x, len %d", f[:2], len(f))
+	}
+	ka := AppendFrame(nil, []byte{KeepaliveByte})
+	if !bytes.Equal(ka, []byte{0, 3, 0xff}) {
+		t.Fatalf("keepalive frame %x", ka)
+	}
+	defer func() {
+		if recover() == nil {
+			t.Fatal("PutLength accepted a payload over MaxPayload")
+		}
+	}()
+	PutLength(make([]byte, 2), MaxPayload+1)
+}
+
+// stream builds prefix + frames.
+func stream(prefix bool, payloads ...[]byte) []byte {
+	var b []byte
+	if prefix {
+		b = append(b, Prefix...)
+	}
+	for _, p := range payloads {
+		b = AppendFrame(b, p)
+	}
+	return b
+}
+
+func TestDecoder(t *testing.T) {
+	ike := ikePayload(300, 0xabc, 0, IKESAInit, FlagInitiator, 0)
+	esp := espPayload(1400, 0xc0ffee, 1)
+	ka := []byte{KeepaliveByte}
+	good := stream(true, ike, esp, ka, esp)
+
+	readers := map[string]func([]byte) io.Reader{
+		"whole":       func(b []byte) io.Reader { return bytes.NewReader(b) },
+		"byte a read": func(b []byte) io.Reader { return iotest.OneByteReader(bytes.NewReader(b)) },
+		"half reads":  func(b []byte) io.Reader { return iotest.HalfReader(bytes.NewReader(b)) },
+		"data+EOF":    func(b []byte) io.Reader { return iotest.DataErrReader(bytes.NewReader(b)) },
+	}
+	for name, mk := range readers {
+		d := NewDecoder(mk(good), MaxFrame, true)
+		for i, want := range [][]byte{ike, esp, ka, esp} {
+			got, err := d.Next()
+			if err != nil {
+				t.Fatalf("%s: frame %d: %v", name, i, err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("%s: frame %d: got %d bytes, want %d", name, i, len(got), len(want))
+			}
+		}
+		if _, err := d.Next(); err != io.EOF {
+			t.Fatalf("%s: after last frame: %v, want io.EOF", name, err)
+		}
+	}
+
+	bad := []struct {
+		name   string
+		in     []byte
+		prefix bool
+		want   error
+		check  func(error) bool
+	}{
+		{"no prefix", stream(false, esp), true, ErrBadPrefix, func(err error) bool {
+			var pe *PrefixError
+			return errors.As(err, &pe) && len(pe.Got) == len(Prefix)
+		}},
+		{"HTTP instead of prefix", []byte("GET / HTTP/1.1\r\n"), true, ErrBadPrefix, nil},
+		{"prefix cut short", []byte("IKET"), true, ErrTruncated, func(err error) bool {
+			var te *TruncatedError
+			return errors.As(err, &te) && te.Discarded == 4
+		}},
+		{"length 0", append([]byte(Prefix), 0, 0, 1, 2), true, ErrBadLength, nil},
+		{"length 1", append([]byte(Prefix), 0, 1, 1, 2), true, ErrBadLength, func(err error) bool {
+			var le *LengthError
+			return errors.As(err, &le) && le.Length == 1
+		}},
+		{"truncated frame", stream(true, esp)[:len(Prefix)+700], true, ErrTruncated, func(err error) bool {
+			var te *TruncatedError
+			return errors.As(err, &te) && te.Discarded == 700
+		}},
+		{"truncated length", append(stream(true, esp), 0x05), true, ErrTruncated, nil},
+	}
+	for _, tt := range bad {
+		d := NewDecoder(bytes.NewReader(tt.in), 2048, tt.prefix)
+		var err error
+		for i := 0; i < 4 && err == nil; i++ {
+			_, err = d.Next()
+		}
+		if !errors.Is(err, tt.want) {
+			t.Errorf("%s: err = %v, want %v", tt.name, err, tt.want)
+			continue
+		}
+		if tt.check != nil && !tt.check(err) {
+			t.Errorf("%s: error details wrong: %#v", tt.name, err)
+		}
+		if err.Error() == "" {
+			t.Errorf("%s: empty error text", tt.name)
+		}
+	}
+}
+
+// TestDecoderSkipsOversizedFrames checks that a frame over the limit is
+// reported and skipped, and the frames after it still arrive.
+func TestDecoderSkipsOversizedFrames(t *testing.T) {
+	small := espPayload(100, 7, 1)
+	big := espPayload(5000, 8, 2)
+	for _, bufSize := range []int{2048, 16384} {
+		for name, mk := range map[string]func([]byte) io.Reader{
+			"whole":       func(b []byte) io.Reader { return bytes.NewReader(b) },
+			"byte a read": func(b []byte) io.Reader { return iotest.OneByteReader(bytes.NewReader(b)) },
+		} {
+			d := NewDecoder(mk(stream(true, small, big, small, big)), bufSize, true)
+			d.LimitPayload(1500)
+			for i, want := range []error{nil, ErrTooLarge, nil, ErrTooLarge, io.EOF} {
+				p, err := d.Next()
+				if !errors.Is(err, want) {
+					t.Fatalf("buf %d, %s: frame %d: err %v, want %v", bufSize, name, i, err, want)
+				}
+				if want == nil && !bytes.Equal(p, small) {
+					t.Fatalf("buf %d, %s: frame %d corrupted after a skip", bufSize, name, i)
+				}
+				var le *LengthError
+				if want == ErrTooLarge && (!errors.As(err, &le) || le.Length != 5002 || le.Max != 1502) {
+					t.Fatalf("skip error details: %#v", err)
+				}
+			}
+		}
+	}
+	d := NewDecoder(bytes.NewReader(stream(false, big)[:3000]), 2048, false)
+	if _, err := d.Next(); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("stream ending inside a skipped frame: %v", err)
+	}
+}
+
+func TestDecoderReadErrorPassesThrough(t *testing.T) {
+	boom := errors.New("connection reset")
+	d := NewDecoder(iotest.ErrReader(boom), 0, true)
+	if _, err := d.Next(); !errors.Is(err, boom) {
+		t.Fatalf("err = %v", err)
+	}
+	d = NewDecoder(emptyReader{}, 0, false)
+	if _, err := d.Next(); !errors.Is(err, io.ErrNoProgress) {
+		t.Fatalf("reader making no progress: err = %v", err)
+	}
+}
+
+type emptyReader struct{}
+
+func (emptyReader) Read([]byte) (int, error) { return 0, nil }
+
+// TestDecoderBufferedKeepsPayloads checks the contract the relay's batching
+// relies on: while Buffered is true, Next does not read, so payloads handed
+// out since the last read keep their contents.
+func TestDecoderBufferedKeepsPayloads(t *testing.T) {
+	var payloads [][]byte
+	for i := range 10 {
+		payloads = append(payloads, espPayload(200+i, uint32(i+1), uint32(i)))
+	}
+	d := NewDecoder(bytes.NewReader(stream(true, payloads...)), MaxFrame, true)
+	var batch [][]byte
+	p, err := d.Next()
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch = append(batch, p)
+	for d.Buffered() {
+		p, err := d.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		batch = append(batch, p)
+	}
+	if len(batch) != len(payloads) {
+		t.Fatalf("one read gave %d frames, want %d", len(batch), len(payloads))
+	}
+	for i := range batch {
+		if !bytes.Equal(batch[i], payloads[i]) {
+			t.Fatalf("payload %d changed while Buffered was true", i)
+		}
+	}
+	if d.Buffered() {
+		t.Fatal("Buffered true at end of stream")
+	}
+}
+
+func TestDecodersDoNotAllocate(t *testing.T) {
+	ike := ikePayload(300, 0xabc, 0x123, IKEAuth, FlagInitiator, 1)
+	esp := espPayload(1400, 0xc0ffee, 1)
+	var m Message
+	if n := testing.AllocsPerRun(1000, func() {
+		_ = m.Decode(ike)
+		_ = m.Decode(esp)
+		_ = m.Decode([]byte{KeepaliveByte})
+	}); n != 0 {
+		t.Errorf("Message.Decode allocates %v times per run", n)
+	}
+
+	frames := stream(false, esp, ike, esp, esp)
+	r := bytes.NewReader(frames)
+	d := NewDecoder(r, MaxFrame, false)
+	if n := testing.AllocsPerRun(1000, func() {
+		r.Reset(frames)
+		for {
+			if _, err := d.Next(); err != nil {
+				break
+			}
+		}
+	}); n != 0 {
+		t.Errorf("Decoder.Next allocates %v times per stream", n)
+	}
+	buf := make([]byte, 0, 2000)
+	if n := testing.AllocsPerRun(1000, func() { buf = AppendFrame(buf[:0], esp) }); n != 0 {
+		t.Errorf("AppendFrame allocates %v times with room", n)
+	}
+}
