@@ -1,0 +1,428 @@
+package udpbatch
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The scratch arrays are handed to the kernel as they are: check that the
+// declarations in golang.org/x/sys/unix have the kernel's layout.
+var (
+	_ [unix.SizeofMmsghdr - unsafe.Sizeof(unix.Mmsghdr{})]struct{}
+	_ [unsafe.Sizeof(unix.Mmsghdr{}) - unix.SizeofMmsghdr]struct{}
+	_ [unix.SizeofIovec - unsafe.Sizeof(unix.Iovec{})]struct{}
+	_ [unsafe.Sizeof(unix.Iovec{}) - unix.SizeofIovec]struct{}
+	_ [unix.SizeofSockaddrInet6 - unsafe.Sizeof(unix.RawSockaddrInet6{})]struct{}
+	_ [unsafe.Sizeof(unix.RawSockaddrInet6{}) - unix.SizeofSockaddrInet4]struct{} // an Inet6 slot holds an Inet4
+)
+
+// sysConn is the Linux batch state of a Conn.
+type sysConn struct {
+	// raw is the UDPConn's RawConn, set in New: its Read and Write wait in
+	// the netpoller and honour deadlines and Close.
+	raw syscall.RawConn
+
+	// recv is the receive scratch; Conn.rmu guards it.
+	recv *recvScratch
+
+	// sendMu guards sendFree, the idle send scratch. A WriteBatch takes one
+	// scratch for the whole call, so concurrent writers never share one.
+	// At most cap(sendFree) idle ones are kept; beyond that many
+	// concurrent writers, WriteBatch allocates.
+	sendMu   sync.Mutex
+	sendFree []*sendScratch
+}
+
+// initSys probes recvmmsg and sendmmsg on c's socket and sets up the
+// scratch. It returns why the batch path cannot be used, or nil.
+func (c *Conn) initSys() *UnsupportedError {
+	raw, err := c.uc.SyscallConn()
+	if err != nil {
+		return &UnsupportedError{Err: fmt.Errorf("unavailable: %w", err)}
+	}
+	var (
+		why    *UnsupportedError
+		domain int
+		domErr error
+	)
+	err = raw.Control(func(fd uintptr) {
+		domain, domErr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_DOMAIN)
+		why = probe(fd)
+	})
+	if err != nil {
+		return &UnsupportedError{Err: fmt.Errorf("unavailable: %w", err)}
+	}
+	if domErr == nil {
+		c.v4only = domain == unix.AF_INET
+	}
+	if why != nil {
+		return why
+	}
+	c.sys.raw = raw
+	c.sys.recv = newRecvScratch(c.batch)
+	// Keep at most about 1 MiB of idle send scratch, and at least a few.
+	idle := max(4, min(256, (1<<20)/(c.batch*scratchBytesPerMsg)))
+	c.sys.sendFree = make([]*sendScratch, 0, idle)
+	return nil
+}
+
+// probe asks the kernel for recvmmsg and sendmmsg with an empty vector,
+// which moves no datagram. A kernel without them says ENOSYS; a seccomp
+// filter or sandbox that forbids them says EPERM or EACCES. Any other
+// answer means the call exists. (recvmmsg also hands back, and so clears, a
+// pending socket error, which only a socket used before New can have.)
+func probe(fd uintptr) *UnsupportedError {
+	var h [1]unix.Mmsghdr
+	for _, call := range [...]struct {
+		name string
+		trap uintptr
+	}{{"recvmmsg", unix.SYS_RECVMMSG}, {"sendmmsg", unix.SYS_SENDMMSG}} {
+		_, _, e := unix.Syscall6(call.trap, fd, uintptr(unsafe.Pointer(&h[0])), 0, unix.MSG_DONTWAIT, 0, 0)
+		switch e {
+		case unix.ENOSYS, unix.EPERM, unix.EACCES:
+			return &UnsupportedError{Op: call.name, Err: e}
+		}
+	}
+	return nil
+}
+
+const scratchBytesPerMsg = int(unsafe.Sizeof(unix.Mmsghdr{}) + unsafe.Sizeof(unix.Iovec{}) + unsafe.Sizeof(unix.RawSockaddrInet6{}))
+
+// scratch is what one batch system call reads: header i describes datagram
+// i, whose one iovec is iovs[i] and whose address slot is names[i] (large
+// enough for either family).
+type scratch struct {
+	hdrs  []unix.Mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet6
+}
+
+func newScratch(n int) scratch {
+	s := scratch{
+		hdrs:  make([]unix.Mmsghdr, n),
+		iovs:  make([]unix.Iovec, n),
+		names: make([]unix.RawSockaddrInet6, n),
+	}
+	for i := range s.hdrs {
+		s.hdrs[i].Hdr.Iov = &s.iovs[i]
+		s.hdrs[i].Hdr.SetIovlen(1)
+	}
+	return s
+}
+
+// setBuf points datagram i at b.
+func (s *scratch) setBuf(i int, b []byte) {
+	iov := &s.iovs[i]
+	iov.Base = nil
+	if len(b) > 0 {
+		iov.Base = &b[0]
+	}
+	iov.SetLen(len(b))
+}
+
+// forget drops the references to the caller's buffers in iovs[:n].
+func (s *scratch) forget(n int) {
+	for i := range s.iovs[:n] {
+		s.iovs[i].Base = nil
+	}
+}
+
+// recvScratch is the state of one ReadBatch. fn is s.recv, made once, so
+// that handing it to RawConn.Read does not allocate; the call's inputs and
+// results travel in the struct.
+type recvScratch struct {
+	scratch
+	vlen  int           // in: datagrams offered
+	n     int           // out: datagrams received
+	errno syscall.Errno // out: the kernel's error, if n == 0
+	fn    func(fd uintptr) bool
+}
+
+func newRecvScratch(n int) *recvScratch {
+	s := &recvScratch{scratch: newScratch(n)}
+	for i := range s.hdrs {
+		s.hdrs[i].Hdr.Name = (*byte)(unsafe.Pointer(&s.names[i]))
+	}
+	s.fn = s.recv
+	return s
+}
+
+// recv is the RawConn.Read callback: false sends the caller back to the
+// netpoller to wait for readability.
+func (s *recvScratch) recv(fd uintptr) bool {
+	for {
+		r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[0])), uintptr(s.vlen), 0, 0, 0)
+		switch e {
+		case 0:
+			s.n, s.errno = int(r), 0
+			return true
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		default:
+			s.n, s.errno = 0, e
+			return true
+		}
+	}
+}
+
+func (c *Conn) readBatchSys(msgs []Message) (int, error) {
+	s := c.sys.recv
+	s.vlen = len(msgs)
+	for i := range msgs {
+		s.setBuf(i, msgs[i].Buf)
+		h := &s.hdrs[i]
+		h.Hdr.Namelen = unix.SizeofSockaddrInet6
+		h.Hdr.Flags = 0
+		h.Len = 0
+	}
+	err := c.sys.raw.Read(s.fn)
+	s.forget(len(msgs))
+	if err != nil {
+		return 0, err
+	}
+	if s.errno != 0 {
+		if s.errno == unix.ENOSYS {
+			return 0, &UnsupportedError{Op: "recvmmsg", Err: s.errno}
+		}
+		return 0, &net.OpError{Op: "read", Net: c.laddr.Network(), Source: c.laddr, Addr: c.uc.RemoteAddr(),
+			Err: os.NewSyscallError("recvmmsg", s.errno)}
+	}
+	for i := range s.n {
+		m, h := &msgs[i], &s.hdrs[i]
+		m.N = int(h.Len)
+		m.Truncated = h.Hdr.Flags&unix.MSG_TRUNC != 0
+		if m.Truncated || m.N > len(m.Buf) {
+			m.N = len(m.Buf)
+			c.truncated.Add(1)
+		}
+		m.Addr = addrPortOf(&s.names[i], h.Hdr.Namelen)
+	}
+	return s.n, nil
+}
+
+// sendScratch is the state of one WriteBatch; fn is s.send, made once.
+type sendScratch struct {
+	scratch
+	off, end int           // in/out: hdrs[off:end] are still to be sent
+	errno    syscall.Errno // out: the kernel's error for hdrs[off]
+	fn       func(fd uintptr) bool
+}
+
+func newSendScratch(n int) *sendScratch {
+	s := &sendScratch{scratch: newScratch(n)}
+	s.fn = s.send
+	return s
+}
+
+// send is the RawConn.Write callback. It loops over partial sendmmsg
+// results; false sends the caller back to the netpoller to wait for
+// writability, after which it goes on from hdrs[off].
+func (s *sendScratch) send(fd uintptr) bool {
+	for s.off < s.end {
+		r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[s.off])), uintptr(s.end-s.off), 0, 0, 0)
+		switch e {
+		case 0:
+			if r == 0 {
+				return false // nothing taken: wait, do not spin
+			}
+			s.off += int(r)
+		case unix.EINTR:
+		case unix.EAGAIN:
+			return false
+		default:
+			s.errno = e
+			return true
+		}
+	}
+	return true
+}
+
+func (c *Conn) getSend() *sendScratch {
+	c.sys.sendMu.Lock()
+	if n := len(c.sys.sendFree); n > 0 {
+		s := c.sys.sendFree[n-1]
+		c.sys.sendFree[n-1] = nil
+		c.sys.sendFree = c.sys.sendFree[:n-1]
+		c.sys.sendMu.Unlock()
+		return s
+	}
+	c.sys.sendMu.Unlock()
+	return newSendScratch(c.batch)
+}
+
+func (c *Conn) putSend(s *sendScratch) {
+	c.sys.sendMu.Lock()
+	if len(c.sys.sendFree) < cap(c.sys.sendFree) {
+		c.sys.sendFree = append(c.sys.sendFree, s)
+	}
+	c.sys.sendMu.Unlock()
+}
+
+func (c *Conn) writeBatchSys(msgs []Message) (sent int, err error) {
+	s := c.getSend()
+	defer c.putSend(s)
+	for sent < len(msgs) {
+		chunk := msgs[sent:min(len(msgs), sent+c.batch)]
+		k, addrErr := c.fill(s, chunk, sent)
+		s.off, s.end, s.errno = 0, k, 0
+		if k > 0 {
+			err = c.sys.raw.Write(s.fn)
+		}
+		s.forget(k)
+		sent += s.off
+		switch {
+		case err != nil:
+			return sent, err
+		case s.errno == unix.ENOSYS:
+			return sent, &UnsupportedError{Op: "sendmmsg", Err: s.errno}
+		case s.errno != 0:
+			var to net.Addr
+			if a := msgs[sent].Addr; a.IsValid() {
+				to = net.UDPAddrFromAddrPort(a)
+			} else {
+				to = c.uc.RemoteAddr()
+			}
+			return sent, &net.OpError{Op: "write", Net: c.laddr.Network(), Source: c.laddr, Addr: to,
+				Err: os.NewSyscallError("sendmmsg", s.errno)}
+		case addrErr != nil:
+			return sent, addrErr
+		}
+	}
+	return sent, nil
+}
+
+// fill describes chunk to the kernel in s. It stops at the first message
+// whose destination the socket cannot send to, returning its error; k is the
+// number of messages described. base is chunk[0]'s index in the WriteBatch
+// call.
+func (c *Conn) fill(s *sendScratch, chunk []Message, base int) (k int, err error) {
+	for i := range chunk {
+		m := &chunk[i]
+		dst, err := c.dest(base+i, m.Addr)
+		if err != nil {
+			return i, err
+		}
+		s.setBuf(i, m.Buf)
+		h := &s.hdrs[i]
+		h.Len = 0
+		h.Hdr.Flags = 0
+		if !dst.IsValid() {
+			h.Hdr.Name, h.Hdr.Namelen = nil, 0
+			continue
+		}
+		h.Hdr.Name = (*byte)(unsafe.Pointer(&s.names[i]))
+		h.Hdr.Namelen = putSockaddr(&s.names[i], dst, c.v4only)
+	}
+	return len(chunk), nil
+}
+
+// putSockaddr writes a into slot as the socket's family expects it and
+// returns its length: sockaddr_in on an AF_INET socket (dest has checked a is
+// IPv4), otherwise sockaddr_in6, with IPv4 mapped to ::ffff:a.b.c.d.
+func putSockaddr(slot *unix.RawSockaddrInet6, a netip.AddrPort, v4only bool) uint32 {
+	if v4only {
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(slot))
+		*sa = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: a.Addr().As4()}
+		putPort(&sa.Port, a.Port())
+		return unix.SizeofSockaddrInet4
+	}
+	*slot = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: a.Addr().As16()}
+	putPort(&slot.Port, a.Port())
+	if z := a.Addr().Zone(); z != "" {
+		slot.Scope_id = zoneIndex(z)
+	}
+	return unix.SizeofSockaddrInet6
+}
+
+// addrPortOf reads the address the kernel wrote into slot, unmapping IPv4.
+func addrPortOf(slot *unix.RawSockaddrInet6, namelen uint32) netip.AddrPort {
+	switch {
+	case slot.Family == unix.AF_INET && namelen >= unix.SizeofSockaddrInet4:
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(slot))
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), getPort(&sa.Port))
+	case slot.Family == unix.AF_INET6 && namelen >= unix.SizeofSockaddrInet6:
+		ip := netip.AddrFrom16(slot.Addr)
+		if ip.Is4In6() {
+			ip = ip.Unmap()
+		} else if slot.Scope_id != 0 {
+			ip = ip.WithZone(zoneName(slot.Scope_id))
+		}
+		return netip.AddrPortFrom(ip, getPort(&slot.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// The Port fields of the raw sockaddrs hold the port in network byte order.
+
+func putPort(p *uint16, port uint16) {
+	b := (*[2]byte)(unsafe.Pointer(p))
+	b[0], b[1] = byte(port>>8), byte(port)
+}
+
+func getPort(p *uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(p))
+	return uint16(b[0])<<8 | uint16(b[1])
+}
+
+// zones caches IPv6 scope IDs and the zone names that stand for them, so
+// that a link-local peer costs an interface lookup once, not per datagram.
+// A zone is an interface name where the index has one, else the index in
+// decimal, as in the net package.
+var zones struct {
+	sync.RWMutex
+	name  map[uint32]string
+	index map[string]uint32
+}
+
+func zoneName(id uint32) string {
+	zones.RLock()
+	z, ok := zones.name[id]
+	zones.RUnlock()
+	if ok {
+		return z
+	}
+	z = strconv.FormatUint(uint64(id), 10)
+	if ifi, err := net.InterfaceByIndex(int(id)); err == nil {
+		z = ifi.Name
+	}
+	zones.Lock()
+	if zones.name == nil {
+		zones.name = make(map[uint32]string)
+	}
+	zones.name[id] = z
+	zones.Unlock()
+	return z
+}
+
+func zoneIndex(z string) uint32 {
+	zones.RLock()
+	id, ok := zones.index[z]
+	zones.RUnlock()
+	if ok {
+		return id
+	}
+	if n, err := strconv.ParseUint(z, 10, 32); err == nil {
+		id = uint32(n)
+	} else if ifi, err := net.InterfaceByName(z); err == nil {
+		id = uint32(ifi.Index)
+	} else {
+		return 0 // not cached: the interface may appear later; the kernel refuses scope 0 for link-local
+	}
+	zones.Lock()
+	if zones.index == nil {
+		zones.index = make(map[string]uint32)
+	}
+	zones.index[z] = id
+	zones.Unlock()
+	return id
+}

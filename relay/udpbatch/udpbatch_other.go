@@ -1,0 +1,16 @@
+//go:build !linux
+
+package udpbatch
+
+// sysConn is empty where there are no batch system calls: every Conn moves
+// one datagram per system call.
+type sysConn struct{}
+
+func (c *Conn) initSys() *UnsupportedError { return &UnsupportedError{} }
+
+// readBatchSys and writeBatchSys are never reached: initSys always reports
+// the fallback.
+
+func (c *Conn) readBatchSys([]Message) (int, error) { return 0, &UnsupportedError{} }
+
+func (c *Conn) writeBatchSys([]Message) (int, error) { return 0, &UnsupportedError{} }
