@@ -1,0 +1,119 @@
+package relay
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"time"
+)
+
+// Status describes a running relay: what `iketcp status` prints and the
+// control socket serves as JSON.
+type Status struct {
+	Role     string          `json:"role"` // "server" or "client"
+	Version  string          `json:"version,omitempty"`
+	PID      int             `json:"pid,omitempty"`
+	Listen   string          `json:"listen"`
+	Peer     string          `json:"peer,omitempty"`    // client: the server it dials
+	Backend  string          `json:"backend,omitempty"` // server: the IKE daemon it feeds
+	Started  time.Time       `json:"started"`
+	Counters []Counter       `json:"counters"`
+	Sessions []SessionStatus `json:"sessions"`
+}
+
+// SessionStatus describes one server session or one client flow.
+type SessionStatus struct {
+	ID uint64 `json:"id"`
+	// Peer is the far end of the TCP connection (server: the client's
+	// address as seen through any NAT; client: the server).
+	Peer string `json:"peer"`
+	// Local is the UDP side: the backend socket's address on a server
+	// (stable for the session's life), the daemon's address on a client.
+	Local string `json:"local"`
+	// Transport is how the session currently travels: "TCP".
+	Transport string `json:"transport"`
+	// State is "up", "connecting" or "waiting" (no connection; a server
+	// waits for the client to reconnect, a client backs off).
+	State       string      `json:"state"`
+	Created     time.Time   `json:"created"`
+	LastActive  time.Time   `json:"last_active"`
+	Connections uint64      `json:"connections"` // TCP connections that have carried it
+	IKESAs      []IKESAInfo `json:"ike_sas"`
+	// ESPIn lists SPIs of ESP arriving over TCP; ESPOut of ESP sent onto it.
+	ESPIn      []string `json:"esp_spi_in"`
+	ESPOut     []string `json:"esp_spi_out"`
+	PacketsIn  uint64   `json:"packets_in"`
+	BytesIn    uint64   `json:"bytes_in"`
+	PacketsOut uint64   `json:"packets_out"`
+	BytesOut   uint64   `json:"bytes_out"`
+}
+
+// IKESAInfo is an IKE SA seen in a session, by its SPIs in hex.
+type IKESAInfo struct {
+	InitiatorSPI string `json:"initiator_spi"`
+	ResponderSPI string `json:"responder_spi"`
+}
+
+// WriteText prints st the way FortiOS's `diagnose vpn ike gateway list`
+// reads: one block per session, one fact per line.
+func (st *Status) WriteText(w io.Writer, now time.Time) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "iketcp %s", st.Role)
+	if st.Version != "" {
+		fmt.Fprintf(&b, " %s", st.Version)
+	}
+	fmt.Fprintf(&b, " (pid %d) listen: %s", st.PID, st.Listen)
+	if st.Peer != "" {
+		fmt.Fprintf(&b, " peer: %s", st.Peer)
+	}
+	if st.Backend != "" {
+		fmt.Fprintf(&b, " backend: %s", st.Backend)
+	}
+	fmt.Fprintf(&b, " up: %s\n", ago(now, st.Started))
+	noun := "sessions"
+	if st.Role == "client" {
+		noun = "flows"
+	}
+	fmt.Fprintf(&b, "%s: %d\n", noun, len(st.Sessions))
+	for _, s := range st.Sessions {
+		b.WriteString("\n")
+		fmt.Fprintf(&b, "name: %s-%d\n", strings.TrimSuffix(noun, "s"), s.ID)
+		if st.Role == "client" {
+			fmt.Fprintf(&b, "addr: %s -> %s\n", s.Local, s.Peer)
+		} else {
+			fmt.Fprintf(&b, "addr: %s -> %s\n", s.Peer, s.Local)
+		}
+		fmt.Fprintf(&b, "transport: %s  state: %s  connections: %d\n", s.Transport, s.State, s.Connections)
+		fmt.Fprintf(&b, "created: %s ago  last active: %s ago\n", ago(now, s.Created), ago(now, s.LastActive))
+		for _, sa := range s.IKESAs {
+			fmt.Fprintf(&b, "IKE SA: spi %s/%s\n", sa.InitiatorSPI, sa.ResponderSPI)
+		}
+		fmt.Fprintf(&b, "ESP SPI: in %s  out %s\n", spiList(s.ESPIn), spiList(s.ESPOut))
+		fmt.Fprintf(&b, "stat: rxp=%d txp=%d rxb=%d txb=%d\n", s.PacketsIn, s.PacketsOut, s.BytesIn, s.BytesOut)
+	}
+	var nonzero []string
+	for _, c := range st.Counters {
+		if c.Value != 0 {
+			nonzero = append(nonzero, fmt.Sprintf("%s=%d", c.Name, c.Value))
+		}
+	}
+	if len(nonzero) > 0 {
+		fmt.Fprintf(&b, "\ncounters: %s\n", strings.Join(nonzero, " "))
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func spiList(spis []string) string {
+	if len(spis) == 0 {
+		return "-"
+	}
+	return strings.Join(spis, ",")
+}
+
+func ago(now, t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return fmt.Sprintf("%ds", int(now.Sub(t).Round(time.Second)/time.Second))
+}
