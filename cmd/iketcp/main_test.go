@@ -1,0 +1,171 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/iketcp/iketcp/relay"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// run runs the command line with args and returns its output and error.
+func run(ctx context.Context, args ...string) (string, error) {
+	app := newApp()
+	var out bytes.Buffer
+	app.Writer = &out
+	app.ErrWriter = &out
+	err := app.RunContext(ctx, append([]string{"iketcp"}, args...))
+	return out.String(), err
+}
+
+func TestBadFlagsAreRejectedWithAdvice(t *testing.T) {
+	ctl := filepath.Join(t.TempDir(), "x.sock")
+	tests := []struct {
+		name string
+		env  map[string]string
+		args []string
+		want string
+	}{
+		{"client needs a peer", nil, []string{"client", "--control", ctl}, "peer"},
+		{"peer must be host:port", nil, []string{"client", "--peer", "203.0.113.2", "--control", ctl}, "host:port"},
+		{"datagram size", nil, []string{"server", "--max-datagram", "10", "--control", ctl}, "--max-datagram 10"},
+		{"datagram size from the environment", map[string]string{"IKETCP_MAX_DATAGRAM": "99999"}, []string{"server", "--control", ctl}, "--max-datagram 99999"},
+		{"log format", nil, []string{"server", "--log-format", "xml", "--control", ctl}, "--log-format"},
+		{"log level from the environment", map[string]string{"IKETCP_LOG_LEVEL": "loud"}, []string{"server", "--control", ctl}, "--log-level"},
+		{"non-positive limit", nil, []string{"server", "--max-conns", "0", "--control", ctl}, "--max-conns"},
+		{"backend address", nil, []string{"server", "--backend", "nowhere", "--control", ctl}, "--backend"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			_, err := run(context.Background(), tt.args...)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want it to mention %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestListenAddressInUseGivesAdvice(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_, err = run(context.Background(), "server", "--listen", ln.Addr().String(), "--control", filepath.Join(t.TempDir(), "s.sock"))
+	if err == nil || !strings.Contains(err.Error(), "--listen") {
+		t.Fatalf("err = %v, want advice naming --listen", err)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out, err := run(context.Background(), "version")
+	if err != nil || !strings.HasPrefix(out, "iketcp ") {
+		t.Fatalf("version: %q %v", out, err)
+	}
+}
+
+// TestServerAndClientFromTheCommandLine runs both roles as a user would,
+// as processes of the built binary (flags from the environment included),
+// sends a datagram through them and reads both back with `iketcp status`.
+func TestServerAndClientFromTheCommandLine(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "iketcp")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	backend, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv6loopback})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer backend.Close()
+	// A free TCP port for the server and a free UDP port for the client.
+	tl, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvAddr := tl.Addr().String()
+	tl.Close()
+	ul, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv6loopback})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clAddr := ul.LocalAddr().String()
+	ul.Close()
+
+	srvCtl, clCtl := filepath.Join(dir, "server.sock"), filepath.Join(dir, "client.sock")
+	start := func(env []string, args ...string) *exec.Cmd {
+		cmd := exec.Command(bin, args...)
+		cmd.Env = append(os.Environ(), env...)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			if err := cmd.Wait(); err != nil {
+				t.Errorf("%s exited with %v after SIGTERM:\n%s", args[0], err, out.String())
+			}
+		})
+		return cmd
+	}
+	start([]string{"IKETCP_BACKEND=" + backend.LocalAddr().String(), "IKETCP_LOG_LEVEL=error"},
+		"server", "--listen", srvAddr, "--control", srvCtl)
+	start([]string{"IKETCP_PEER=" + srvAddr}, "client", "--listen", clAddr, "--control", clCtl)
+
+	waitStatus := func(path string) *relay.Status {
+		for range 200 {
+			if out, err := run(context.Background(), "status", "--json", "--control", path); err == nil {
+				var st relay.Status
+				if err := json.Unmarshal([]byte(out), &st); err != nil {
+					t.Fatalf("status --json: %v: %q", err, out)
+				}
+				return &st
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Fatalf("no status on %s", path)
+		return nil
+	}
+	waitStatus(srvCtl)
+	waitStatus(clCtl)
+
+	site, err := net.Dial("udp", clAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer site.Close()
+	ike := make([]byte, 4+28)
+	ike[4], ike[4+17], ike[4+18], ike[4+19] = 0x42, 0x20, 34, 0x08
+	ike[4+27] = 28
+	site.Write(ike)
+	backend.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 100)
+	n, _, err := backend.ReadFromUDP(buf)
+	if err != nil || !bytes.Equal(buf[:n], ike) {
+		t.Fatalf("backend got %x (%v), want the IKE_SA_INIT", buf[:n], err)
+	}
+	st := waitStatus(srvCtl)
+	if st.Role != "server" || len(st.Sessions) != 1 || st.Sessions[0].State != "up" || st.Backend != backend.LocalAddr().String() {
+		t.Fatalf("server status: %+v", st)
+	}
+	text, err := run(context.Background(), "status", "--control", clCtl)
+	if err != nil || !strings.Contains(text, "iketcp client") || !strings.Contains(text, "flows: 1") {
+		t.Fatalf("client status text: %q %v", text, err)
+	}
+}

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/control"
+)
+
+// Flags shared by server and client.
+func commonFlags(role string) []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: envVar("log-level")},
+		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: envVar("log-format")},
+		&cli.StringFlag{Name: "control", Value: control.DefaultPath(role), Usage: "unix socket that `iketcp status` reads", EnvVars: envVar("control")},
+		&cli.IntFlag{Name: "max-datagram", Value: relay.DefaultMaxDatagram, Usage: "largest datagram relayed either way, bytes (up to 65533)", EnvVars: envVar("max-datagram")},
+		&cli.IntFlag{Name: "conn-buffer", Value: relay.DefaultConnBuffer, Usage: "read buffer of each TCP connection, bytes (its memory footprint)", EnvVars: envVar("conn-buffer")},
+		&cli.DurationFlag{Name: "write-timeout", Value: relay.DefaultWriteTimeout, Usage: "close a TCP connection that takes no data for this long", EnvVars: envVar("write-timeout")},
+	}
+}
+
+func serverCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "server",
+		Usage: "accept RFC 9329 TCP and relay it to the gateway's IKE daemon over UDP",
+		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "listen", Value: ":4500", Usage: "TCP address to accept clients on", EnvVars: envVar("listen")},
+			&cli.StringFlag{Name: "backend", Value: "127.0.0.1:4500", Usage: "the IKE daemon's UDP NAT-T address", EnvVars: envVar("backend")},
+			&cli.DurationFlag{Name: "prefix-timeout", Value: relay.DefaultPrefixTimeout, Usage: "close connections that do not send IKETCP within this time", EnvVars: envVar("prefix-timeout")},
+			&cli.DurationFlag{Name: "session-idle", Value: relay.DefaultSessionIdle, Usage: "how long a session waits for its client to reconnect", EnvVars: envVar("session-idle")},
+			&cli.IntFlag{Name: "max-conns", Value: relay.DefaultMaxConns, Usage: "most TCP connections at once", EnvVars: envVar("max-conns")},
+			&cli.IntFlag{Name: "max-sessions", Value: relay.DefaultMaxSessions, Usage: "most sessions at once", EnvVars: envVar("max-sessions")},
+		}, commonFlags("server")...),
+		Action: runServer,
+	}
+}
+
+func clientCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "client",
+		Usage: "relay a local IKE daemon's UDP to an iketcp server over RFC 9329 TCP",
+		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:14500", Usage: "UDP address the IKE daemon sends to (its remote address and port)", EnvVars: envVar("listen")},
+			&cli.StringFlag{Name: "peer", Required: true, Usage: "the iketcp server, host:port", EnvVars: envVar("peer")},
+			&cli.IntFlag{Name: "max-flows", Value: relay.DefaultMaxFlows, Usage: "most local daemon addresses served at once", EnvVars: envVar("max-flows")},
+			&cli.DurationFlag{Name: "flow-idle", Value: relay.DefaultFlowIdle, Usage: "close a flow whose daemon has sent nothing for this long", EnvVars: envVar("flow-idle")},
+			&cli.IntFlag{Name: "queue-len", Value: relay.DefaultQueueLen, Usage: "datagrams held per flow while its connection is down or busy", EnvVars: envVar("queue-len")},
+			&cli.DurationFlag{Name: "dial-timeout", Value: relay.DefaultDialTimeout, Usage: "give up a connection attempt after this long", EnvVars: envVar("dial-timeout")},
+			&cli.DurationFlag{Name: "reconnect-max", Value: relay.DefaultReconnectMax, Usage: "longest wait between reconnection attempts", EnvVars: envVar("reconnect-max")},
+		}, commonFlags("client")...),
+		Action: runClient,
+	}
+}
+
+func newLogger(c *cli.Context, w io.Writer) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.String("log-level"))
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch c.String("log-format") {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", c.String("log-format"))
+}
+
+// checkSizes validates the size flags both roles share.
+func checkSizes(c *cli.Context) error {
+	if v := c.Int("max-datagram"); v < 576 || v > 65533 {
+		return fmt.Errorf("--max-datagram %d: want 576 to 65533 bytes", v)
+	}
+	if v := c.Int("conn-buffer"); v < 2048 || v > 16<<20 {
+		return fmt.Errorf("--conn-buffer %d: want 2048 bytes to 16 MiB", v)
+	}
+	return nil
+}
+
+func positive(c *cli.Context, names ...string) error {
+	for _, n := range names {
+		switch v := c.Value(n).(type) {
+		case int:
+			if v <= 0 {
+				return fmt.Errorf("--%s %d: must be positive", n, v)
+			}
+		case time.Duration:
+			if v <= 0 {
+				return fmt.Errorf("--%s %v: must be positive", n, v)
+			}
+		}
+	}
+	return nil
+}
+
+// serve runs one relay role with its control socket until ctx ends.
+func serve(ctx context.Context, log *slog.Logger, controlPath string, status func() any, run func(context.Context) error) error {
+	ctl, err := control.Listen(controlPath, status, log)
+	if err != nil {
+		return err
+	}
+	defer ctl.Close()
+	log.Info("control socket ready", "path", ctl.Path())
+	err = run(ctx)
+	log.Info("stopped")
+	return err
+}
+
+func runServer(c *cli.Context) error {
+	log, err := newLogger(c, os.Stderr)
+	if err != nil {
+		return err
+	}
+	if err := checkSizes(c); err != nil {
+		return err
+	}
+	if err := positive(c, "prefix-timeout", "session-idle", "max-conns", "max-sessions", "write-timeout"); err != nil {
+		return err
+	}
+	backend, err := resolveUDP(c.String("backend"))
+	if err != nil {
+		return fmt.Errorf("--backend: %w", err)
+	}
+	srv, err := relay.NewServer(relay.ServerConfig{
+		Backend:       backend,
+		Logger:        log,
+		PrefixTimeout: c.Duration("prefix-timeout"),
+		SessionIdle:   c.Duration("session-idle"),
+		MaxConns:      c.Int("max-conns"),
+		MaxSessions:   c.Int("max-sessions"),
+		MaxDatagram:   c.Int("max-datagram"),
+		ConnBuffer:    c.Int("conn-buffer"),
+		WriteTimeout:  c.Duration("write-timeout"),
+		Version:       versionString(),
+	})
+	if err != nil {
+		return err
+	}
+	ln, err := relay.ListenTCP(c.Context, c.String("listen"))
+	if err != nil {
+		return err
+	}
+	return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
+		func(ctx context.Context) error { return srv.Serve(ctx, ln) })
+}
+
+func runClient(c *cli.Context) error {
+	log, err := newLogger(c, os.Stderr)
+	if err != nil {
+		return err
+	}
+	if err := checkSizes(c); err != nil {
+		return err
+	}
+	if err := positive(c, "max-flows", "flow-idle", "queue-len", "dial-timeout", "reconnect-max", "write-timeout"); err != nil {
+		return err
+	}
+	cl, err := relay.NewClient(relay.ClientConfig{
+		Peer:         c.String("peer"),
+		Logger:       log,
+		MaxFlows:     c.Int("max-flows"),
+		FlowIdle:     c.Duration("flow-idle"),
+		QueueLen:     c.Int("queue-len"),
+		MaxDatagram:  c.Int("max-datagram"),
+		ConnBuffer:   c.Int("conn-buffer"),
+		WriteTimeout: c.Duration("write-timeout"),
+		DialTimeout:  c.Duration("dial-timeout"),
+		ReconnectMax: c.Duration("reconnect-max"),
+		Version:      versionString(),
+	})
+	if err != nil {
+		return err
+	}
+	pc, err := relay.ListenUDP(c.String("listen"))
+	if err != nil {
+		return err
+	}
+	return serve(c.Context, log, c.String("control"), func() any { return cl.Status() },
+		func(ctx context.Context) error { return cl.Serve(ctx, pc) })
+}
+
+// resolveUDP turns host:port into an address, resolving a host name once.
+func resolveUDP(s string) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap, nil
+	}
+	ua, err := net.ResolveUDPAddr("udp", s)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("%q: %w (want host:port, e.g. 127.0.0.1:4500 or [::1]:4500)", s, err)
+	}
+	ap := ua.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+}
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "status",
+		Usage: "show a running iketcp's sessions, like diagnose vpn ike gateway list",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "control", Usage: "control socket of the instance (default: every socket in " + control.DefaultDir() + ")", EnvVars: envVar("control")},
+			&cli.BoolFlag{Name: "json", Usage: "print the raw JSON"},
+		},
+		Action: runStatus,
+	}
+}
+
+func runStatus(c *cli.Context) error {
+	paths := []string{c.String("control")}
+	if paths[0] == "" {
+		var err error
+		if paths, err = control.Sockets(control.DefaultDir()); err != nil || len(paths) == 0 {
+			return fmt.Errorf("no running iketcp found in %s (start one, or pass --control PATH)", control.DefaultDir())
+		}
+	}
+	var failed []string
+	for i, p := range paths {
+		raw, err := control.Fetch(c.Context, p)
+		if err != nil {
+			failed = append(failed, err.Error())
+			continue
+		}
+		if c.Bool("json") {
+			c.App.Writer.Write(raw)
+			continue
+		}
+		var st relay.Status
+		if err := decodeStatus(raw, &st); err != nil {
+			return fmt.Errorf("%s: %w", p, err)
+		}
+		if i > 0 {
+			fmt.Fprintln(c.App.Writer)
+		}
+		fmt.Fprintf(c.App.Writer, "control: %s\n", p)
+		if err := st.WriteText(c.App.Writer, time.Now()); err != nil {
+			return err
+		}
+	}
+	if len(failed) > 0 {
+		return errors.New(strings.Join(failed, "; "))
+	}
+	return nil
+}
+
+func decodeStatus(raw []byte, st *relay.Status) error {
+	if err := json.Unmarshal(raw, st); err != nil {
+		return fmt.Errorf("unreadable status reply: %w", err)
+	}
+	return nil
+}
