@@ -1,0 +1,30 @@
+// Package lab builds a carrier-NAT test network out of Linux network
+// namespaces and runs real strongSwan charon daemons inside it.
+//
+// The package owns everything it creates: three namespaces (site, carrier,
+// hub) joined by veth pairs, the carrier's nftables table that masquerades
+// site traffic and can drop forwarded UDP, the charon, tcpdump and other
+// processes started in those namespaces, and the configuration and log files
+// they use. [Lab.Close] stops every process by PID, deletes the namespaces
+// and removes the files.
+//
+// The topology built by [New]:
+//
+//	site netns                    carrier netns                        hub netns
+//	lo 198.51.100.1/32            ip_forward=1, nft masquerade          lo 192.0.2.1/32
+//	s0 100.64.0.2/24 ---- c-site 100.64.0.1 | c-hub 203.0.113.1 ---- h0 203.0.113.2/24
+//
+// The site routes 203.0.113.0/24 via the carrier; the hub has no route back
+// to 100.64.0.0/24 and only ever sees the carrier's address 203.0.113.1.
+// No namespace gets a default route, and only documentation ranges and
+// 100.64.0.0/10 are used.
+//
+// The kernels this runs on have XFRM but no ESP transform, so charon uses
+// the kernel-libipsec plugin (userspace ESP over a TUN device), which only
+// supports UDP-encapsulated ESP: every connection is configured with
+// encap = yes.
+//
+// The package needs root and the tools listed by [MissingTools]. It works
+// without the testing package (everything takes a context and returns
+// errors); [Require] and [NewForTest] are small helpers for tests.
+package lab

@@ -1,0 +1,156 @@
+package lab
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/gopacket/gopacket/pcapgo"
+)
+
+// TCPFlag selects one TCP header flag for CountTCPFlags.
+type TCPFlag uint8
+
+// TCP flags.
+const (
+	TCPFlagFIN TCPFlag = 1 << iota
+	TCPFlagSYN
+	TCPFlagRST
+	TCPFlagPSH
+	TCPFlagACK
+)
+
+func (f TCPFlag) set(tcp *layers.TCP) bool {
+	switch f {
+	case TCPFlagFIN:
+		return tcp.FIN
+	case TCPFlagSYN:
+		return tcp.SYN
+	case TCPFlagRST:
+		return tcp.RST
+	case TCPFlagPSH:
+		return tcp.PSH
+	case TCPFlagACK:
+		return tcp.ACK
+	}
+	return false
+}
+
+// tcpSegment is one TCP segment from a capture with its IP endpoints.
+type tcpSegment struct {
+	src, dst string // "addr:port"
+	tcp      *layers.TCP
+}
+
+// readTCPSegments decodes every IPv4/IPv6 TCP segment in a pcap file.
+func readTCPSegments(pcapPath string) ([]tcpSegment, error) {
+	f, err := os.Open(pcapPath)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	r, err := pcapgo.NewReader(f)
+	if err != nil {
+		return nil, fmt.Errorf("read pcap %s: %w", pcapPath, err)
+	}
+	var segs []tcpSegment
+	for {
+		data, _, err := r.ReadPacketData()
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			// A capture cut off mid-packet still yields what came before.
+			return segs, nil
+		}
+		if err != nil {
+			return segs, fmt.Errorf("read pcap %s: %w", pcapPath, err)
+		}
+		pkt := gopacket.NewPacket(data, r.LinkType(), gopacket.DecodeOptions{Lazy: true, NoCopy: true})
+		tcp, ok := pkt.Layer(layers.LayerTypeTCP).(*layers.TCP)
+		if !ok {
+			continue
+		}
+		var srcIP, dstIP string
+		switch ip := pkt.NetworkLayer().(type) {
+		case *layers.IPv4:
+			srcIP, dstIP = ip.SrcIP.String(), ip.DstIP.String()
+		case *layers.IPv6:
+			srcIP, dstIP = "["+ip.SrcIP.String()+"]", "["+ip.DstIP.String()+"]"
+		default:
+			continue
+		}
+		segs = append(segs, tcpSegment{
+			src: fmt.Sprintf("%s:%d", srcIP, tcp.SrcPort),
+			dst: fmt.Sprintf("%s:%d", dstIP, tcp.DstPort),
+			tcp: tcp,
+		})
+	}
+}
+
+// FirstTCPPayload returns the first n bytes that a client sent to a server
+// on dstPort in the pcap file: it finds the first segment toward dstPort
+// that carries payload and reassembles that connection's client-to-server
+// byte stream from there (in sequence order, ignoring retransmissions)
+// until it has n bytes. It fails if the capture holds fewer.
+func FirstTCPPayload(pcapPath string, dstPort uint16, n int) ([]byte, error) {
+	if n <= 0 {
+		return nil, errors.New("FirstTCPPayload: n must be positive")
+	}
+	segs, err := readTCPSegments(pcapPath)
+	if err != nil {
+		return nil, err
+	}
+	first := slices.IndexFunc(segs, func(s tcpSegment) bool {
+		return uint16(s.tcp.DstPort) == dstPort && len(s.tcp.Payload) > 0
+	})
+	if first < 0 {
+		return nil, fmt.Errorf("%s: no TCP payload toward port %d", pcapPath, dstPort)
+	}
+	src, dst := segs[first].src, segs[first].dst
+	start := segs[first].tcp.Seq
+	var stream []byte
+	// Each pass appends every segment that continues the stream; bounded by
+	// the number of segments since each useful pass consumes at least one.
+	for range len(segs) {
+		progress := false
+		for _, s := range segs[first:] {
+			if s.src != src || s.dst != dst || len(s.tcp.Payload) == 0 {
+				continue
+			}
+			// Offset of this segment in the stream (uint32 arithmetic
+			// handles sequence wrap-around).
+			off := int(s.tcp.Seq - start)
+			end := off + len(s.tcp.Payload)
+			if off < 0 || off > len(stream) || end <= len(stream) || off > 1<<30 {
+				continue
+			}
+			stream = append(stream, s.tcp.Payload[len(stream)-off:]...)
+			progress = true
+		}
+		if len(stream) >= n || !progress {
+			break
+		}
+	}
+	if len(stream) < n {
+		return stream, fmt.Errorf("%s: only %d bytes of payload toward port %d, wanted %d", pcapPath, len(stream), dstPort, n)
+	}
+	return stream[:n], nil
+}
+
+// CountTCPFlags counts the TCP segments in the pcap file that have flag set,
+// e.g. TCPFlagRST to count resets.
+func CountTCPFlags(pcapPath string, flag TCPFlag) (int, error) {
+	segs, err := readTCPSegments(pcapPath)
+	if err != nil {
+		return 0, err
+	}
+	count := 0
+	for _, s := range segs {
+		if flag.set(s.tcp) {
+			count++
+		}
+	}
+	return count, nil
+}

@@ -1,0 +1,188 @@
+package lab
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/iketcp/iketcp/relay"
+)
+
+// The tunnel scenario's fixed choices.
+const (
+	// TunnelPSK is the pre-shared key of the lab's IKE SA.
+	TunnelPSK = "iketcp-lab-not-a-secret"
+	// ClientListenPort is where `iketcp client` waits for the site daemon.
+	ClientListenPort = 14500
+	// ServerPort is the TCP port `iketcp server` listens on at the hub.
+	ServerPort = 4500
+	// TunnelName names the swanctl connection and child on both ends.
+	TunnelName = "lab"
+)
+
+// TunnelOptions configures StartTunnel.
+type TunnelOptions struct {
+	// Binary is the iketcp executable to run.
+	Binary string
+	// Mobike sets the IKE SA's MOBIKE; nil keeps strongSwan's default (on).
+	Mobike *bool
+	// ServerArgs and ClientArgs are appended to the iketcp command lines.
+	ServerArgs, ClientArgs []string
+}
+
+// Tunnel is an IKEv2 tunnel between the site's and the hub's charon,
+// carried over TCP by `iketcp client` (site) and `iketcp server` (hub):
+//
+//	site charon 127.0.0.1:4500 -UDP-> iketcp client 127.0.0.1:14500
+//	  =TCP 203.0.113.2:4500 through the carrier=> iketcp server -UDP-> hub charon 127.0.0.1:4500
+//
+// Neither charon knows about TCP: the site's is configured with
+// remote_addrs = 127.0.0.1, remote_port = 14500 and local_port = 4500, the
+// hub's accepts any peer.
+type Tunnel struct {
+	Lab            *Lab
+	Opts           TunnelOptions
+	Hub, Site      *Charon
+	Server, Client *Process
+	// ServerControl and ClientControl are the instances' control sockets.
+	ServerControl, ClientControl string
+}
+
+// StartTunnel starts the hub's charon, `iketcp server`, `iketcp client`
+// and the site's charon, each ready when it returns. It does not initiate.
+func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, error) {
+	if opts.Binary == "" {
+		return nil, fmt.Errorf("StartTunnel: no iketcp binary given")
+	}
+	t := &Tunnel{
+		Lab:           l,
+		Opts:          opts,
+		ServerControl: filepath.Join(l.Dir, "hub-iketcp.sock"),
+		ClientControl: filepath.Join(l.Dir, "site-iketcp.sock"),
+	}
+	var err error
+	t.Hub, err = l.StartCharon(ctx, l.Hub, IKEConfig{
+		Name: TunnelName, RemoteAddrs: "%any",
+		LocalID: "hub.iketcp.test", RemoteID: "site.iketcp.test", PSK: TunnelPSK,
+		LocalTS: HubInnerNet, RemoteTS: SiteInnerNet, Mobike: opts.Mobike,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if err := t.startServer(ctx); err != nil {
+		return nil, err
+	}
+	if err := t.StartClient(ctx); err != nil {
+		return nil, err
+	}
+	t.Site, err = l.StartCharon(ctx, l.Site, IKEConfig{
+		Name: TunnelName, LocalAddrs: "127.0.0.1", LocalPort: 4500,
+		RemoteAddrs: "127.0.0.1", RemotePort: ClientListenPort,
+		LocalID: "site.iketcp.test", RemoteID: "hub.iketcp.test", PSK: TunnelPSK,
+		LocalTS: SiteInnerNet, RemoteTS: HubInnerNet, Mobike: opts.Mobike,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+func (t *Tunnel) startServer(ctx context.Context) error {
+	args := append([]string{"server",
+		"--listen", HubOuter + ":" + strconv.Itoa(ServerPort),
+		"--backend", "127.0.0.1:4500",
+		"--control", t.ServerControl,
+		"--log-level", "debug",
+	}, t.Opts.ServerArgs...)
+	p, err := t.Lab.Hub.Start(ctx, filepath.Join(t.Lab.Dir, "hub-iketcp.log"), t.Opts.Binary, args...)
+	if err != nil {
+		return err
+	}
+	t.Server = p
+	return t.waitReady(ctx, t.Lab.Hub, t.ServerControl, p)
+}
+
+// StartClient starts `iketcp client` at the site (again, after StopClient).
+func (t *Tunnel) StartClient(ctx context.Context) error {
+	args := append([]string{"client",
+		"--listen", "127.0.0.1:" + strconv.Itoa(ClientListenPort),
+		"--peer", HubOuter + ":" + strconv.Itoa(ServerPort),
+		"--control", t.ClientControl,
+		"--log-level", "debug",
+	}, t.Opts.ClientArgs...)
+	p, err := t.Lab.Site.Start(ctx, filepath.Join(t.Lab.Dir, "site-iketcp.log"), t.Opts.Binary, args...)
+	if err != nil {
+		return err
+	}
+	t.Client = p
+	return t.waitReady(ctx, t.Lab.Site, t.ClientControl, p)
+}
+
+// StopClient stops `iketcp client` (SIGTERM, by PID).
+func (t *Tunnel) StopClient() error { return t.Client.Stop() }
+
+// waitReady waits until an iketcp instance answers on its control socket.
+func (t *Tunnel) waitReady(ctx context.Context, ns *Namespace, control string, p *Process) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for range 200 {
+		if _, err := t.status(ctx, ns, control); err == nil {
+			return nil
+		}
+		if p.Exited() {
+			return fmt.Errorf("iketcp exited at start: %v\n%s", p.ExitErr(), p.Log())
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("iketcp (pid %d) did not answer on %s: %w\n%s", p.PID(), control, ctx.Err(), p.Log())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("iketcp (pid %d) did not answer on %s", p.PID(), control)
+}
+
+func (t *Tunnel) status(ctx context.Context, ns *Namespace, control string) (*relay.Status, error) {
+	out, err := ns.Run(ctx, t.Opts.Binary, "status", "--json", "--control", control)
+	if err != nil {
+		return nil, err
+	}
+	var st relay.Status
+	if err := json.Unmarshal(out, &st); err != nil {
+		return nil, fmt.Errorf("iketcp status --json: %w: %s", err, out)
+	}
+	return &st, nil
+}
+
+// ServerStatus runs `iketcp status --json` against the server.
+func (t *Tunnel) ServerStatus(ctx context.Context) (*relay.Status, error) {
+	return t.status(ctx, t.Lab.Hub, t.ServerControl)
+}
+
+// ClientStatus runs `iketcp status --json` against the client.
+func (t *Tunnel) ClientStatus(ctx context.Context) (*relay.Status, error) {
+	return t.status(ctx, t.Lab.Site, t.ClientControl)
+}
+
+// StatusText runs `iketcp status` (the human form) in ns against control.
+func (t *Tunnel) StatusText(ctx context.Context, ns *Namespace, control string) (string, error) {
+	out, err := ns.Run(ctx, t.Opts.Binary, "status", "--control", control)
+	return string(out), err
+}
+
+// Initiate brings the tunnel up from the site and returns the site's view
+// of the established IKE SA.
+func (t *Tunnel) Initiate(ctx context.Context) (IKESA, error) {
+	if err := t.Site.Initiate(ctx); err != nil {
+		return IKESA{}, err
+	}
+	return t.Site.WaitEstablished(ctx)
+}
+
+// PingThrough pings the hub's inner address from the site's, across the
+// tunnel, and returns how many replies came back.
+func (t *Tunnel) PingThrough(ctx context.Context, count int, interval time.Duration) (int, error) {
+	return t.Lab.Ping(ctx, t.Lab.Site, SiteInner, HubInner, count, interval)
+}
