@@ -1,0 +1,102 @@
+# iketcp: carry IKEv2 and ESP over TCP (RFC 9329).
+#
+#   make demo    a real strongSwan tunnel through a UDP-blocking carrier
+#   make test    everything CI checks: lint, unit, race, fuzz, integration
+#   make bench   benchmarks, with each one's ratio to its baseline
+#
+# demo and test install what they need (Debian packages, staticcheck) and
+# need root for the network namespaces.
+
+GO          ?= go
+BIN         := bin
+VERSION     := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS     := -X main.version=$(VERSION)
+STATICCHECK_VERSION := 2026.2.2
+STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
+FUZZTIME    ?= 5s
+BENCHCOUNT  ?= 5
+
+# BENCH_RATIOS reads `go test -bench` output and prints, for each benchmark
+# with sub-benchmarks, every variant's median MB/s over its baseline's.
+# Baselines are the variants named baseline-copy, append-copy, single or
+# udp-direct.
+define BENCH_RATIOS
+/^Benchmark.*MB\/s/ {
+	name = $$1; sub(/-[0-9]+$$/, "", name)
+	for (i = 2; i <= NF; i++) if ($$i == "MB/s") v = $$(i-1)
+	n[name]++; vals[name, n[name]] = v
+}
+function median(name,    k, j, t, m, a) {
+	m = n[name]
+	for (k = 1; k <= m; k++) a[k] = vals[name, k]
+	for (k = 1; k <= m; k++) for (j = k + 1; j <= m; j++) if (a[j] < a[k]) { t = a[k]; a[k] = a[j]; a[j] = t }
+	return a[int((m + 1) / 2)]
+}
+END {
+	print "\nratios to the baseline measured in the same run (median MB/s):"
+	for (name in n) {
+		split(name, p, "/")
+		if (p[2] ~ /^(baseline-copy|append-copy|single|udp-direct)$$/) base[p[1]] = name
+	}
+	for (name in n) {
+		split(name, p, "/")
+		if (!(p[1] in base) || base[p[1]] == name) continue
+		b = base[p[1]]
+		printf "  %-34s %9.1f MB/s  vs %-28s %9.1f MB/s  ratio %.2f\n", name, median(name), b, median(b), median(name) / median(b)
+	}
+}
+endef
+export BENCH_RATIOS
+
+.PHONY: all build deps lint test unit alloc fuzz bench demo clean
+
+all: build
+
+build:
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/iketcp ./cmd/iketcp
+	$(GO) build -o $(BIN)/iketcp-lab ./cmd/iketcp-lab
+
+# The lab's packages (strongSwan, nftables, tcpdump, iproute2), installed
+# only when a tool is missing.
+deps: build
+	$(BIN)/iketcp-lab deps
+
+$(STATICCHECK):
+	$(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+
+lint: $(STATICCHECK)
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+	$(STATICCHECK) ./...
+
+# Every test, integration included, under the race detector.
+unit:
+	$(GO) test -race -count=1 -timeout 15m ./...
+
+# Allocation checks need a build without the race detector.
+alloc:
+	$(GO) test -count=1 -run 'Allocate' ./...
+
+# Each fuzz target for a short while; findings land in testdata/fuzz.
+fuzz:
+	@for target in $$($(GO) test -list 'Fuzz.*' ./framing | grep ^Fuzz); do \
+		echo "fuzz $$target ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) ./framing || exit 1; \
+	done
+
+test: deps lint unit alloc fuzz
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x ./... > /dev/null
+	@echo "make test: all passed"
+
+# Benchmarks, then each variant's throughput as a ratio to the baseline
+# measured in the same run (median over BENCHCOUNT runs).
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./relay/... | tee $(BIN)/bench.txt
+	@awk "$$BENCH_RATIOS" $(BIN)/bench.txt
+
+demo: deps build
+	$(BIN)/iketcp-lab demo --iketcp $(BIN)/iketcp
+
+clean:
+	rm -rf $(BIN)
