@@ -626,3 +626,34 @@ func TestHotPathDoesNotAllocate(t *testing.T) {
 		t.Fatalf("%.3f allocations per datagram: the hot path allocates", perDatagram)
 	}
 }
+
+// TestRoutesAreBounded checks that a session which keeps learning SPIs
+// (as rekeys do for as long as it lives) holds a bounded share of the
+// routing table, and that expiry removes all of it.
+func TestRoutesAreBounded(t *testing.T) {
+	r := newRig(t, rigOptions{noCl: true, server: ServerConfig{SessionIdle: 100 * time.Millisecond}})
+	c := r.rawConn(true)
+	var s []byte
+	s = framing.AppendFrame(s, ikeDatagram(5, 0, framing.IKESAInit, framing.FlagInitiator, 100))
+	for i := range 3 * maxRouteKeys {
+		s = framing.AppendFrame(s, espDatagram(0xe0000000+uint32(i), 1, 60))
+		s = framing.AppendFrame(s, ikeDatagram(0x100+uint64(i), 0, framing.CreateChildSA, framing.FlagInitiator, 80))
+	}
+	c.Write(s)
+	for range 1 + 6*maxRouteKeys {
+		recv(t, r.backend)
+	}
+	r.srv.mu.Lock()
+	ike, esp := len(r.srv.byIKE), len(r.srv.byESP)
+	r.srv.mu.Unlock()
+	if ike != maxRouteKeys || esp != maxRouteKeys {
+		t.Fatalf("routing table holds %d IKE and %d ESP SPIs for one session, want %d each", ike, esp, maxRouteKeys)
+	}
+	c.Close()
+	eventually(t, "session expiry", func() bool { return len(r.srv.Status().Sessions) == 0 })
+	r.srv.mu.Lock()
+	defer r.srv.mu.Unlock()
+	if len(r.srv.byIKE) != 0 || len(r.srv.byESP) != 0 {
+		t.Fatalf("expired session left %d IKE and %d ESP routes", len(r.srv.byIKE), len(r.srv.byESP))
+	}
+}

@@ -46,8 +46,13 @@ const (
 	// connBatch is how many frames a connection gathers before sending
 	// them to the backend.
 	connBatch = 64
-	// maxSPIs bounds the SPIs a session remembers of each kind.
+	// maxSPIs bounds the SPIs a session shows in Status, of each kind.
 	maxSPIs = 16
+	// maxRouteKeys bounds the SPIs of each kind that route to one session;
+	// past it the oldest stops routing. Rekeying adds SPIs for as long as a
+	// session lives, so without a bound a long-lived session would grow
+	// the table forever.
+	maxRouteKeys = 64
 )
 
 // ServerConfig configures a Server. Only Backend is required; zero values
@@ -111,7 +116,7 @@ type Server struct {
 
 	nextConnID, nextSessionID atomic.Uint64
 
-	mu       sync.Mutex // guards the following
+	mu       sync.Mutex // guards the following, and each session's routes
 	listen   string
 	sessions map[uint64]*session
 	byIKE    map[uint64]*session // by IKE initiator SPI
@@ -387,7 +392,6 @@ func (c *serverConn) handleFrame(p []byte) string {
 	c.garbage = 0
 	c.current = sess
 	sess.bind(c)
-	sess.lastActive.Store(time.Now().UnixNano())
 	c.pending = append(c.pending, pendingFrame{sess, p})
 	return ""
 }
@@ -411,7 +415,7 @@ func (c *serverConn) sessionForESP(spi uint32) *session {
 	if sess == nil && c.current != nil && !c.current.closed.Load() {
 		// A new child SA of the session this connection carries.
 		sess = c.current
-		s.byESP[spi] = sess
+		s.routeESPLocked(sess, spi)
 	}
 	s.mu.Unlock()
 	if sess == nil {
@@ -431,7 +435,7 @@ func (c *serverConn) sessionForIKE(h *framing.IKEHeader) *session {
 	if sess == nil && c.current != nil && !c.current.closed.Load() {
 		// A new IKE SA (rekeyed, or started anew) of the same daemon.
 		sess = c.current
-		s.byIKE[h.InitiatorSPI] = sess
+		s.routeIKELocked(sess, h.InitiatorSPI)
 	}
 	s.mu.Unlock()
 	if sess == nil {
@@ -451,12 +455,38 @@ func (c *serverConn) sessionForIKE(h *framing.IKEHeader) *session {
 	return sess
 }
 
+// routeIKELocked makes IKE SA ispi route to sess. s.mu must be held.
+func (s *Server) routeIKELocked(sess *session, ispi uint64) {
+	s.byIKE[ispi] = sess
+	sess.ikeRoutes = append(sess.ikeRoutes, ispi)
+	if len(sess.ikeRoutes) > maxRouteKeys {
+		if old := sess.ikeRoutes[0]; s.byIKE[old] == sess {
+			delete(s.byIKE, old)
+		}
+		sess.ikeRoutes = append(sess.ikeRoutes[:0], sess.ikeRoutes[1:]...)
+	}
+}
+
+// routeESPLocked makes ESP SPI spi route to sess. s.mu must be held.
+func (s *Server) routeESPLocked(sess *session, spi uint32) {
+	s.byESP[spi] = sess
+	sess.espRoutes = append(sess.espRoutes, spi)
+	if len(sess.espRoutes) > maxRouteKeys {
+		if old := sess.espRoutes[0]; s.byESP[old] == sess {
+			delete(s.byESP, old)
+		}
+		sess.espRoutes = append(sess.espRoutes[:0], sess.espRoutes[1:]...)
+	}
+}
+
 // flush sends the pending frames to their sessions' backend sockets, one
 // sendmmsg per run of frames for the same session.
 func (c *serverConn) flush() {
 	p := c.pending
+	now := time.Now().UnixNano()
 	for i := 0; i < len(p); {
 		sess := p[i].sess
+		sess.lastActive.Store(now)
 		c.out = c.out[:0]
 		var bytes uint64
 		for ; i < len(p) && p[i].sess == sess; i++ {
@@ -558,6 +588,11 @@ type session struct {
 	stats      flowStats
 	book       saBook
 
+	// Guarded by Server.mu: the SPIs that route to this session, oldest
+	// first.
+	ikeRoutes []uint64
+	espRoutes []uint32
+
 	// Owned by the backend reader goroutine.
 	bufs       [][]byte
 	msgs       []udpbatch.Message
@@ -610,7 +645,7 @@ func (s *Server) newSession(h *framing.IKEHeader) (sess *session, created bool, 
 		return nil, false, errors.New("server is shutting down")
 	}
 	s.sessions[sess.id] = sess
-	s.byIKE[h.InitiatorSPI] = sess
+	s.routeIKELocked(sess, h.InitiatorSPI)
 	s.wg.Add(1)
 	s.mu.Unlock()
 	s.counters.SessionsCreated.Add(1)
@@ -715,7 +750,7 @@ func (s *Server) readBackend(sess *session) {
 func (s *Server) learnIKE(sess *session, h *framing.IKEHeader) {
 	s.mu.Lock()
 	if s.byIKE[h.InitiatorSPI] == nil && !sess.closed.Load() {
-		s.byIKE[h.InitiatorSPI] = sess
+		s.routeIKELocked(sess, h.InitiatorSPI)
 	}
 	s.mu.Unlock()
 	sess.book.noteIKE(h)
@@ -762,13 +797,13 @@ func (s *Server) removeSession(sess *session) {
 	}
 	s.mu.Lock()
 	delete(s.sessions, sess.id)
-	for k, v := range s.byIKE {
-		if v == sess {
+	for _, k := range sess.ikeRoutes {
+		if s.byIKE[k] == sess {
 			delete(s.byIKE, k)
 		}
 	}
-	for k, v := range s.byESP {
-		if v == sess {
+	for _, k := range sess.espRoutes {
+		if s.byESP[k] == sess {
 			delete(s.byESP, k)
 		}
 	}
