@@ -298,30 +298,23 @@ func (cl *Client) newFlowLocked(ctx context.Context, src netip.AddrPort) *flow {
 func (cl *Client) expireFlows(ctx context.Context) {
 	defer cl.wg.Done()
 	idle := cl.cfg.flowIdle()
-	t := time.NewTicker(min(max(idle/4, 50*time.Millisecond), 10*time.Second))
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			var expired []*flow
-			cl.mu.Lock()
-			for src, f := range cl.flows {
-				if now.Sub(time.Unix(0, f.lastLocal.Load())) > idle {
-					delete(cl.flows, src)
-					expired = append(expired, f)
-				}
-			}
-			cl.mu.Unlock()
-			for _, f := range expired {
-				cl.counters.SessionsExpired.Add(1)
-				cl.log.Info("flow closed: the daemon sent nothing", "flow", f.id, "daemon", f.src.String(), "idle", idle.String())
-				f.stop()
-				go func() { <-f.done; f.drain() }()
+	sweepEvery(ctx, idle, 10*time.Second, func(now time.Time) {
+		var expired []*flow
+		cl.mu.Lock()
+		for src, f := range cl.flows {
+			if now.Sub(time.Unix(0, f.lastLocal.Load())) > idle {
+				delete(cl.flows, src)
+				expired = append(expired, f)
 			}
 		}
-	}
+		cl.mu.Unlock()
+		for _, f := range expired {
+			cl.counters.SessionsExpired.Add(1)
+			cl.log.Info("flow closed: the daemon sent nothing", "flow", f.id, "daemon", f.src.String(), "idle", idle.String())
+			f.stop()
+			go func() { <-f.done; f.drain() }()
+		}
+	})
 }
 
 // Flow states, for Status.

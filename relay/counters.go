@@ -131,3 +131,19 @@ func (s *sometimes) log(l *slog.Logger, level slog.Level, msg string, args ...an
 	}
 	l.Log(context.Background(), level, msg, args...)
 }
+
+// sweepEvery calls sweep until ctx ends, often enough to expire things
+// idle for longer than idle within about a quarter of it: every idle/4,
+// but at least every ceiling and at most every 50 ms.
+func sweepEvery(ctx context.Context, idle, ceiling time.Duration, sweep func(now time.Time)) {
+	t := time.NewTicker(min(max(idle/4, 50*time.Millisecond), ceiling))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			sweep(now)
+		}
+	}
+}

@@ -457,25 +457,33 @@ func (c *serverConn) sessionForIKE(h *framing.IKEHeader) *session {
 
 // routeIKELocked makes IKE SA ispi route to sess. s.mu must be held.
 func (s *Server) routeIKELocked(sess *session, ispi uint64) {
-	s.byIKE[ispi] = sess
-	sess.ikeRoutes = append(sess.ikeRoutes, ispi)
-	if len(sess.ikeRoutes) > maxRouteKeys {
-		if old := sess.ikeRoutes[0]; s.byIKE[old] == sess {
-			delete(s.byIKE, old)
-		}
-		sess.ikeRoutes = append(sess.ikeRoutes[:0], sess.ikeRoutes[1:]...)
-	}
+	addRoute(s.byIKE, &sess.ikeRoutes, ispi, sess)
 }
 
 // routeESPLocked makes ESP SPI spi route to sess. s.mu must be held.
 func (s *Server) routeESPLocked(sess *session, spi uint32) {
-	s.byESP[spi] = sess
-	sess.espRoutes = append(sess.espRoutes, spi)
-	if len(sess.espRoutes) > maxRouteKeys {
-		if old := sess.espRoutes[0]; s.byESP[old] == sess {
-			delete(s.byESP, old)
+	addRoute(s.byESP, &sess.espRoutes, spi, sess)
+}
+
+// addRoute maps key to sess in table and records it in the session's
+// routes, retiring the session's oldest route past maxRouteKeys.
+func addRoute[K comparable](table map[K]*session, routes *[]K, key K, sess *session) {
+	table[key] = sess
+	*routes = append(*routes, key)
+	if len(*routes) > maxRouteKeys {
+		if old := (*routes)[0]; table[old] == sess {
+			delete(table, old)
 		}
-		sess.espRoutes = append(sess.espRoutes[:0], sess.espRoutes[1:]...)
+		*routes = append((*routes)[:0], (*routes)[1:]...)
+	}
+}
+
+// dropRoutes removes the session's routes from table.
+func dropRoutes[K comparable](table map[K]*session, routes []K, sess *session) {
+	for _, k := range routes {
+		if table[k] == sess {
+			delete(table, k)
+		}
 	}
 }
 
@@ -761,32 +769,25 @@ func (s *Server) learnIKE(sess *session, h *framing.IKEHeader) {
 func (s *Server) expireSessions(ctx context.Context) {
 	defer s.wg.Done()
 	idle := s.cfg.sessionIdle()
-	t := time.NewTicker(min(max(idle/4, 50*time.Millisecond), 30*time.Second))
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			var expired []*session
-			s.mu.Lock()
-			for _, sess := range s.sessions {
-				if c := sess.conn.Load(); c != nil && !c.closed.Load() {
-					continue
-				}
-				if now.Sub(time.Unix(0, sess.lastActive.Load())) > idle {
-					expired = append(expired, sess)
-				}
+	sweepEvery(ctx, idle, 30*time.Second, func(now time.Time) {
+		var expired []*session
+		s.mu.Lock()
+		for _, sess := range s.sessions {
+			if c := sess.conn.Load(); c != nil && !c.closed.Load() {
+				continue
 			}
-			s.mu.Unlock()
-			for _, sess := range expired {
-				s.removeSession(sess)
-				s.counters.SessionsExpired.Add(1)
-				s.log.Info("session expired: client did not come back", "session", sess.id, "idle", idle.String(),
-					"backend_local", sess.local.String())
+			if now.Sub(time.Unix(0, sess.lastActive.Load())) > idle {
+				expired = append(expired, sess)
 			}
 		}
-	}
+		s.mu.Unlock()
+		for _, sess := range expired {
+			s.removeSession(sess)
+			s.counters.SessionsExpired.Add(1)
+			s.log.Info("session expired: client did not come back", "session", sess.id, "idle", idle.String(),
+				"backend_local", sess.local.String())
+		}
+	})
 }
 
 // removeSession forgets a session and closes its backend socket, which
@@ -797,16 +798,8 @@ func (s *Server) removeSession(sess *session) {
 	}
 	s.mu.Lock()
 	delete(s.sessions, sess.id)
-	for _, k := range sess.ikeRoutes {
-		if s.byIKE[k] == sess {
-			delete(s.byIKE, k)
-		}
-	}
-	for _, k := range sess.espRoutes {
-		if s.byESP[k] == sess {
-			delete(s.byESP, k)
-		}
-	}
+	dropRoutes(s.byIKE, sess.ikeRoutes, sess)
+	dropRoutes(s.byESP, sess.espRoutes, sess)
 	s.mu.Unlock()
 	sess.udp.Close()
 }

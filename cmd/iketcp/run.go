@@ -119,15 +119,22 @@ func serve(ctx context.Context, log *slog.Logger, controlPath string, status fun
 	return err
 }
 
-func runServer(c *cli.Context) error {
+// prepare checks the flags both roles share, and the named ones that must
+// be positive, and returns the logger they ask for.
+func prepare(c *cli.Context, mustBePositive ...string) (*slog.Logger, error) {
 	log, err := newLogger(c, os.Stderr)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := checkSizes(c); err != nil {
-		return err
+		return nil, err
 	}
-	if err := positive(c, "prefix-timeout", "session-idle", "max-conns", "max-sessions", "write-timeout"); err != nil {
+	return log, positive(c, append(mustBePositive, "write-timeout")...)
+}
+
+func runServer(c *cli.Context) error {
+	log, err := prepare(c, "prefix-timeout", "session-idle", "max-conns", "max-sessions")
+	if err != nil {
 		return err
 	}
 	backend, err := resolveUDP(c.String("backend"))
@@ -158,14 +165,8 @@ func runServer(c *cli.Context) error {
 }
 
 func runClient(c *cli.Context) error {
-	log, err := newLogger(c, os.Stderr)
+	log, err := prepare(c, "max-flows", "flow-idle", "queue-len", "dial-timeout", "reconnect-max")
 	if err != nil {
-		return err
-	}
-	if err := checkSizes(c); err != nil {
-		return err
-	}
-	if err := positive(c, "max-flows", "flow-idle", "queue-len", "dial-timeout", "reconnect-max", "write-timeout"); err != nil {
 		return err
 	}
 	cl, err := relay.NewClient(relay.ClientConfig{

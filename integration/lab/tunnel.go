@@ -90,35 +90,32 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 	return t, nil
 }
 
-func (t *Tunnel) startServer(ctx context.Context) error {
-	args := append([]string{"server",
+func (t *Tunnel) startServer(ctx context.Context) (err error) {
+	t.Server, err = t.startIketcp(ctx, t.Lab.Hub, t.ServerControl, append([]string{"server",
 		"--listen", HubOuter + ":" + strconv.Itoa(ServerPort),
 		"--backend", "127.0.0.1:4500",
-		"--control", t.ServerControl,
-		"--log-level", "debug",
-	}, t.Opts.ServerArgs...)
-	p, err := t.Lab.Hub.Start(ctx, filepath.Join(t.Lab.Dir, "hub-iketcp.log"), t.Opts.Binary, args...)
-	if err != nil {
-		return err
-	}
-	t.Server = p
-	return t.waitReady(ctx, t.Lab.Hub, t.ServerControl, p)
+	}, t.Opts.ServerArgs...))
+	return err
 }
 
 // StartClient starts `iketcp client` at the site (again, after StopClient).
-func (t *Tunnel) StartClient(ctx context.Context) error {
-	args := append([]string{"client",
+func (t *Tunnel) StartClient(ctx context.Context) (err error) {
+	t.Client, err = t.startIketcp(ctx, t.Lab.Site, t.ClientControl, append([]string{"client",
 		"--listen", "127.0.0.1:" + strconv.Itoa(ClientListenPort),
 		"--peer", HubOuter + ":" + strconv.Itoa(ServerPort),
-		"--control", t.ClientControl,
-		"--log-level", "debug",
-	}, t.Opts.ClientArgs...)
-	p, err := t.Lab.Site.Start(ctx, filepath.Join(t.Lab.Dir, "site-iketcp.log"), t.Opts.Binary, args...)
+	}, t.Opts.ClientArgs...))
+	return err
+}
+
+// startIketcp runs iketcp with args in ns, logging at debug level to a
+// file named after the namespace, and waits until it answers on control.
+func (t *Tunnel) startIketcp(ctx context.Context, ns *Namespace, control string, args []string) (*Process, error) {
+	args = append(args, "--control", control, "--log-level", "debug")
+	p, err := ns.Start(ctx, filepath.Join(t.Lab.Dir, ns.Role+"-iketcp.log"), t.Opts.Binary, args...)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	t.Client = p
-	return t.waitReady(ctx, t.Lab.Site, t.ClientControl, p)
+	return p, t.waitReady(ctx, ns, control, p)
 }
 
 // StopClient stops `iketcp client` (SIGTERM, by PID).
