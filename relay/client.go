@@ -189,9 +189,6 @@ func (cl *Client) Serve(ctx context.Context, pc *net.UDPConn) error {
 		f.stop()
 	}
 	cl.wg.Wait()
-	for _, f := range flows {
-		f.drain()
-	}
 	return err
 }
 
@@ -279,7 +276,6 @@ func (cl *Client) newFlowLocked(ctx context.Context, src netip.AddrPort) *flow {
 		src:     src,
 		created: time.Now(),
 		queue:   make(chan *packet, cl.cfg.queueLen()),
-		done:    make(chan struct{}),
 	}
 	f.ctx, f.cancel = context.WithCancel(ctx)
 	cl.flows[src] = f
@@ -303,16 +299,15 @@ func (cl *Client) expireFlows(ctx context.Context) {
 		cl.mu.Lock()
 		for src, f := range cl.flows {
 			if now.Sub(time.Unix(0, f.lastLocal.Load())) > idle {
+				cl.counters.SessionsExpired.Add(1) // before it leaves Status
 				delete(cl.flows, src)
 				expired = append(expired, f)
 			}
 		}
 		cl.mu.Unlock()
 		for _, f := range expired {
-			cl.counters.SessionsExpired.Add(1)
 			cl.log.Info("flow closed: the daemon sent nothing", "flow", f.id, "daemon", f.src.String(), "idle", idle.String())
 			f.stop()
-			go func() { <-f.done; f.drain() }()
 		}
 	})
 }
@@ -333,7 +328,6 @@ type flow struct {
 	queue   chan *packet
 	ctx     context.Context // ends the flow
 	cancel  context.CancelFunc
-	done    chan struct{} // closed when runFlow has returned
 
 	lastLocal atomic.Int64 // unix ns of the daemon's last datagram
 	lastPeer  atomic.Int64 // unix ns of the last frame from the peer
@@ -348,7 +342,7 @@ type flow struct {
 
 func (f *flow) stop() { f.cancel() }
 
-// drain returns queued packets to the pool once runFlow has ended.
+// drain returns queued packets to the pool as runFlow ends.
 func (f *flow) drain() {
 	for {
 		select {
@@ -362,9 +356,13 @@ func (f *flow) drain() {
 
 // runFlow keeps a connection to the peer for the flow, reconnecting with
 // backoff, and writes the flow's queue onto it.
+//
+// A flow leaves cl.flows (under cl.mu, which readLocal holds while it
+// queues) before it is stopped, and readLocal has returned before Serve
+// stops the rest, so nothing is queued after runFlow drains the queue.
 func (cl *Client) runFlow(f *flow) {
 	defer cl.wg.Done()
-	defer close(f.done)
+	defer f.drain()
 	backoff := time.Duration(0)
 	for f.ctx.Err() == nil {
 		f.state.Store(stateConnecting)

@@ -657,3 +657,26 @@ func TestRoutesAreBounded(t *testing.T) {
 		t.Fatalf("expired session left %d IKE and %d ESP routes", len(r.srv.byIKE), len(r.srv.byESP))
 	}
 }
+
+// TestFlowExpiresWhenDaemonIsSilent checks the client closes a flow, and
+// its connection, once the daemon has sent nothing for FlowIdle, and that
+// the daemon's keepalives count as something.
+func TestFlowExpiresWhenDaemonIsSilent(t *testing.T) {
+	r := newRig(t, rigOptions{client: ClientConfig{FlowIdle: 300 * time.Millisecond}})
+	r.establish(0x6666, 0xc6, 0xd6)
+	for range 6 { // keepalives alone keep the flow
+		time.Sleep(100 * time.Millisecond)
+		r.site.Write([]byte{0xff})
+	}
+	if n := len(r.cl.Status().Sessions); n != 1 {
+		t.Fatalf("flow closed while the daemon sent keepalives: %d flows", n)
+	}
+	eventually(t, "flow expiry", func() bool { return len(r.cl.Status().Sessions) == 0 })
+	if counter(r.cl.Counters(), "sessions_expired") != 1 {
+		t.Fatal("flow expiry not counted")
+	}
+	eventually(t, "server session to lose its connection", func() bool {
+		st := r.srv.Status()
+		return len(st.Sessions) == 1 && st.Sessions[0].State == "waiting"
+	})
+}

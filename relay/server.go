@@ -782,8 +782,8 @@ func (s *Server) expireSessions(ctx context.Context) {
 		}
 		s.mu.Unlock()
 		for _, sess := range expired {
+			s.counters.SessionsExpired.Add(1) // before it leaves Status
 			s.removeSession(sess)
-			s.counters.SessionsExpired.Add(1)
 			s.log.Info("session expired: client did not come back", "session", sess.id, "idle", idle.String(),
 				"backend_local", sess.local.String())
 		}
