@@ -23,6 +23,7 @@ const maxEmptyReads = 100
 type Decoder struct {
 	r            io.Reader
 	buf          []byte
+	headroom     int  // bytes kept free at the front of buf
 	start, end   int  // buf[start:end] holds bytes read but not yet returned
 	maxFrame     int  // largest frame returned; longer ones are skipped
 	expectPrefix bool // the prefix has yet to be checked
@@ -37,12 +38,24 @@ func NewDecoder(r io.Reader, bufSize int, expectPrefix bool) *Decoder {
 	return &Decoder{r: r, buf: make([]byte, bufSize), maxFrame: min(bufSize, MaxFrame), expectPrefix: expectPrefix}
 }
 
+// SetHeadroom keeps n bytes free in front of the decoder's data, so that
+// every payload Next returns has at least n+LengthSize bytes before it
+// that the caller may overwrite once it is done with the payloads
+// returned before: room to write a header in place. Call it before the
+// first Next. It lowers the largest frame accepted by n.
+func (d *Decoder) SetHeadroom(n int) {
+	n = min(max(n, 0), len(d.buf)-MinBufferSize/2)
+	d.headroom = n
+	d.start, d.end = n, n
+	d.maxFrame = min(d.maxFrame, len(d.buf)-n)
+}
+
 // LimitPayload makes the decoder skip frames whose payload is longer than
 // n bytes (n is capped by the buffer size). Skipping costs reads but no
 // memory: the stream stays usable, and Next reports each skipped frame
 // with a *LengthError wrapping ErrTooLarge.
 func (d *Decoder) LimitPayload(n int) {
-	d.maxFrame = max(min(n+LengthSize, len(d.buf), MaxFrame), LengthSize+1)
+	d.maxFrame = max(min(n+LengthSize, len(d.buf)-d.headroom, MaxFrame), LengthSize+1)
 }
 
 // ReadPrefix reads and checks the stream prefix if the decoder expects one
@@ -121,14 +134,14 @@ func (d *Decoder) skip(n int) error {
 			return nil
 		}
 		skipped += d.end - d.start
-		m, err := d.r.Read(d.buf)
-		d.start, d.end = 0, m
+		m, err := d.r.Read(d.buf[d.headroom:])
+		d.start, d.end = d.headroom, d.headroom+m
 		if d.end >= n-skipped {
 			continue
 		}
 		switch {
 		case errors.Is(err, io.EOF):
-			d.end = 0
+			d.end = d.headroom
 			return &TruncatedError{Discarded: skipped + m}
 		case err != nil:
 			return err
@@ -148,14 +161,14 @@ func (d *Decoder) fill(n int) error {
 	if d.end-d.start >= n {
 		return nil
 	}
-	if d.start > 0 {
-		d.end = copy(d.buf, d.buf[d.start:d.end])
-		d.start = 0
+	if d.start > d.headroom {
+		d.end = d.headroom + copy(d.buf[d.headroom:], d.buf[d.start:d.end])
+		d.start = d.headroom
 	}
-	for empty := 0; d.end < n; {
+	for empty := 0; d.end-d.start < n; {
 		m, err := d.r.Read(d.buf[d.end:])
 		d.end += m
-		if d.end >= n {
+		if d.end-d.start >= n {
 			return nil
 		}
 		if m == 0 && err == nil {
@@ -165,11 +178,11 @@ func (d *Decoder) fill(n int) error {
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) {
-				if d.end == 0 {
+				partial := d.end - d.start
+				d.end = d.start
+				if partial == 0 {
 					return io.EOF
 				}
-				partial := d.end
-				d.end = 0
 				return &TruncatedError{Discarded: partial}
 			}
 			return err

@@ -356,3 +356,53 @@ func TestDecodersDoNotAllocate(t *testing.T) {
 		t.Errorf("AppendFrame allocates %v times with room", n)
 	}
 }
+
+// TestDecoderHeadroom checks that with SetHeadroom every payload has the
+// promised room in front of it, across reads and compaction, and that the
+// stream decodes exactly as without headroom.
+func TestDecoderHeadroom(t *testing.T) {
+	const room = 48
+	var payloads [][]byte
+	for i := range 40 {
+		payloads = append(payloads, espPayload(100+97*i%1500, uint32(i+1), uint32(i)))
+	}
+	for name, mk := range map[string]func([]byte) io.Reader{
+		"whole":      func(b []byte) io.Reader { return bytes.NewReader(b) },
+		"half reads": func(b []byte) io.Reader { return iotest.HalfReader(bytes.NewReader(b)) },
+		"byte a read": func(b []byte) io.Reader {
+			return iotest.OneByteReader(bytes.NewReader(b))
+		},
+	} {
+		d := NewDecoder(mk(stream(true, payloads...)), 4096, true)
+		d.SetHeadroom(room)
+		base := &d.buf[0]
+		for i, want := range payloads {
+			p, err := d.Next()
+			if err != nil {
+				t.Fatalf("%s: frame %d: %v", name, i, err)
+			}
+			if !bytes.Equal(p, want) {
+				t.Fatalf("%s: frame %d corrupted", name, i)
+			}
+			off := cap(d.buf) - cap(p) // offset of p in the buffer
+			if off < room+LengthSize || &d.buf[0] != base {
+				t.Fatalf("%s: frame %d at offset %d, want at least %d", name, i, off, room+LengthSize)
+			}
+			// Overwrite the room in front, as a caller writing a header would.
+			for j := off - room - LengthSize; j < off; j++ {
+				d.buf[j] = 0xee
+			}
+		}
+		if _, err := d.Next(); err != io.EOF {
+			t.Fatalf("%s: end: %v", name, err)
+		}
+	}
+	d := NewDecoder(bytes.NewReader(stream(false, espPayload(4060, 1, 1), espPayload(100, 2, 2))), 4096, false)
+	d.SetHeadroom(room)
+	if _, err := d.Next(); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("frame that fits the buffer but not beside the headroom: %v", err)
+	}
+	if p, err := d.Next(); err != nil || len(p) != 100 {
+		t.Fatalf("frame after a skip with headroom: %d bytes, %v", len(p), err)
+	}
+}

@@ -18,6 +18,7 @@ func FuzzDecoder(f *testing.F) {
 	f.Add(append([]byte(Prefix), 0, 1), true, uint8(0))
 	f.Add([]byte("GET / HTTP/1.1\r\n"), true, uint8(0))
 	f.Add(stream(false, espPayload(3000, 1, 1)), false, uint8(2))
+	f.Add(stream(true, espPayload(2000, 1, 1), espPayload(10, 2, 2)), true, uint8(5))
 	f.Fuzz(func(t *testing.T, in []byte, prefix bool, mode uint8) {
 		var r io.Reader = bytes.NewReader(in)
 		switch mode % 3 {
@@ -27,6 +28,9 @@ func FuzzDecoder(f *testing.F) {
 			r = iotest.HalfReader(r)
 		}
 		d := NewDecoder(r, MinBufferSize, prefix)
+		if mode&4 != 0 {
+			d.SetHeadroom(48)
+		}
 		var rebuilt []byte
 		skipped := false
 		if prefix {
