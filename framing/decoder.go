@@ -136,7 +136,7 @@ func (d *Decoder) skip(n int) error {
 		skipped += d.end - d.start
 		m, err := d.r.Read(d.buf[d.headroom:])
 		d.start, d.end = d.headroom, d.headroom+m
-		if d.end >= n-skipped {
+		if m >= n-skipped {
 			continue
 		}
 		switch {
