@@ -38,6 +38,14 @@ func NewDecoder(r io.Reader, bufSize int, expectPrefix bool) *Decoder {
 	return &Decoder{r: r, buf: make([]byte, bufSize), maxFrame: min(bufSize, MaxFrame), expectPrefix: expectPrefix}
 }
 
+// Offset returns where payload p, returned by Next, starts in the
+// decoder's buffer, and the buffer itself. With SetHeadroom(n), buf[:off]
+// holds at least n+LengthSize bytes the caller may overwrite once it is
+// done with the payloads returned before p.
+func (d *Decoder) Offset(p []byte) (buf []byte, off int) {
+	return d.buf, cap(d.buf) - cap(p)
+}
+
 // SetHeadroom keeps n bytes free in front of the decoder's data, so that
 // every payload Next returns has at least n+LengthSize bytes before it
 // that the caller may overwrite once it is done with the payloads

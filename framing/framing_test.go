@@ -384,8 +384,8 @@ func TestDecoderHeadroom(t *testing.T) {
 			if !bytes.Equal(p, want) {
 				t.Fatalf("%s: frame %d corrupted", name, i)
 			}
-			off := cap(d.buf) - cap(p) // offset of p in the buffer
-			if off < room+LengthSize || &d.buf[0] != base {
+			buf, off := d.Offset(p)
+			if off < room+LengthSize || &buf[0] != base || &buf[off] != &p[0] {
 				t.Fatalf("%s: frame %d at offset %d, want at least %d", name, i, off, room+LengthSize)
 			}
 			// Overwrite the room in front, as a caller writing a header would.
