@@ -1,0 +1,719 @@
+package nat
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/songgao/water"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// batchSize is what BatchSize reports: the TUN device queues up to 500
+// packets, and 64 per call keeps a Read's buffers at 4 MiB.
+const batchSize = 64
+
+// in6AddrGenModeNone keeps the kernel from giving the TUN device an IPv6
+// link-local address, which would make it send router solicitations and
+// multicast listener reports into the device.
+const in6AddrGenModeNone = 1
+
+// The ports whose UDP traffic to a peer is intercepted: IKE, and IKE with
+// NAT traversal (which also carries UDP-encapsulated ESP).
+var interceptedPorts = [...]uint16{500, 4500}
+
+// testHookInstalled, if set, runs after each thing setup installs; an
+// error from it fails the setup there. Tests use it to check the undoing.
+var testHookInstalled func(what string) error
+
+// Errors of Read and Write, allocated once so that the calls never
+// allocate.
+var (
+	errShortSizes = errors.New("nat: Read needs len(sizes) >= len(bufs)")
+	errOffset     = errors.New("nat: a buffer has no room after the offset")
+)
+
+// Interceptor is a running interception: the TUN device, the routes
+// through it and the rules that select the traffic. Read and Write move
+// packets; Close removes all of it.
+type Interceptor struct {
+	// Set by Intercept, read-only afterwards.
+	cfg  InterceptConfig
+	log  *slog.Logger
+	file *os.File        // the TUN device, non-blocking: waits go to the netpoller
+	raw  syscall.RawConn // file's, for Read's batches
+	// closed is set first thing in Close, so that a Read woken by the
+	// device's removal reports net.ErrClosed.
+	closed atomic.Bool
+
+	// rmu serializes Read. The r fields carry one call's arguments to, and
+	// results from, readFn (readBatch), built once so that Read does not
+	// allocate a closure.
+	rmu    sync.Mutex
+	rbufs  [][]byte
+	rsizes []int
+	roff   int
+	rn     int
+	rerr   error
+	readFn func(fd uintptr) bool
+
+	// mu guards what was installed, which teardown removes once. The
+	// netlink handle is bound to the network namespace Intercept ran in, so
+	// Close works from any thread; it is nil once torn down.
+	mu     sync.Mutex
+	nl     *netlink.Handle
+	link   netlink.Link
+	routes []netlink.Route
+	rules  []netlink.Rule
+}
+
+// Intercept starts transparent mode in the calling thread's network
+// namespace (the process's, unless the caller moved its thread). It removes
+// what a crashed run left for the same Name and Table, creates the TUN
+// device (MTU set, up, no address, rp_filter 0), routes IPv4 (and IPv6 if a
+// peer is IPv6) by default through it in Table, and adds the rules
+//
+//	Priority:   fwmark Mark lookup main
+//	Priority+1: to PEER ipproto udp dport 500 lookup Table
+//	Priority+1: to PEER ipproto udp dport 4500 lookup Table
+//	Priority+1: to PEER ipproto esp lookup Table
+//
+// for each peer. On failure it undoes what it did. Without CAP_NET_ADMIN
+// the error wraps ErrNeedsNetAdmin. One Name and Table serve one
+// Interceptor at a time: a second Intercept with the same ones removes the
+// first one's rules and routes as stale.
+func Intercept(cfg InterceptConfig) (*Interceptor, error) {
+	cfg, err := cfg.withDefaults(true)
+	if err != nil {
+		return nil, err
+	}
+	// One thread for the whole setup: the netlink sockets, the TUN device
+	// and the sysctl files are all the calling thread's namespace's.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := checkNetAdmin(); err != nil {
+		return nil, err
+	}
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("transparent mode: open a netlink socket: %w", err)
+	}
+	if err := removeStale(h, cfg); err != nil {
+		h.Close()
+		return nil, err
+	}
+	i := &Interceptor{cfg: cfg, log: cfg.Logger, nl: h}
+	i.readFn = i.readBatch
+	if err := i.setup(); err != nil {
+		i.closed.Store(true)
+		if uerr := i.teardown(); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("undoing it: %w", uerr))
+		}
+		return nil, err
+	}
+	i.log.Info("transparent mode: intercepting IKE and ESP to the peers",
+		"device", cfg.Name, "table", cfg.Table, "priority", cfg.Priority,
+		"mark", fmt.Sprintf("%#x", cfg.Mark), "peers", cfg.Peers)
+	return i, nil
+}
+
+// setup creates the device, its routes and the rules, recording each as
+// it goes so that teardown can undo a partial setup.
+func (i *Interceptor) setup() error {
+	cfg := &i.cfg
+	f, err := openTUN(cfg.Name)
+	if err != nil {
+		return err
+	}
+	i.file = f
+	if i.raw, err = f.SyscallConn(); err != nil {
+		return fmt.Errorf("transparent mode: TUN device %s: %w", cfg.Name, err)
+	}
+	link, err := i.nl.LinkByName(cfg.Name)
+	if err != nil {
+		return netAdmin(fmt.Sprintf("find the new TUN device %s", cfg.Name), err)
+	}
+	i.link = link
+	v4, v6 := hasFamily(cfg.Peers, false), hasFamily(cfg.Peers, true)
+
+	// Before the device is up, so that it never gets a link-local address.
+	// Where IPv6 is off this fails, which matters only for IPv6 peers.
+	if err := i.nl.LinkSetIP6AddrGenMode(link, in6AddrGenModeNone); err != nil && v6 {
+		return netAdmin(fmt.Sprintf("turn off IPv6 address generation on %s (is IPv6 disabled?)", cfg.Name), err)
+	}
+	if err := i.nl.LinkSetMTU(link, MTU); err != nil {
+		return netAdmin(fmt.Sprintf("set MTU %d on %s", MTU, cfg.Name), err)
+	}
+	// Replies written into the device come from the peers, whose routes
+	// lead back into it, so they pass even a strict reverse-path filter
+	// (the interception rules match the reverse lookup's protocol and
+	// ports). Turning the device's filter off is belt and braces; where
+	// /proc/sys is read-only, as in many containers, it is not needed.
+	if err := setSysctl("net/ipv4/conf/"+cfg.Name+"/rp_filter", "0"); err != nil {
+		i.log.Warn("transparent mode: could not turn off the TUN device's reverse-path filter; replies from the peers still pass it",
+			"device", cfg.Name, "err", err)
+	}
+	if v6 {
+		off, err := os.ReadFile("/proc/sys/net/ipv6/conf/" + cfg.Name + "/disable_ipv6")
+		if err != nil || strings.TrimSpace(string(off)) != "0" {
+			return fmt.Errorf("transparent mode: a peer is IPv6, but IPv6 is off on this host (net.ipv6.conf.all and default.disable_ipv6, or ipv6.disable=1): turn it on or give IPv4 peers only")
+		}
+	}
+	if err := i.nl.LinkSetUp(link); err != nil {
+		return netAdmin(fmt.Sprintf("bring %s up", cfg.Name), err)
+	}
+	if err := installed("device " + cfg.Name); err != nil {
+		return err
+	}
+
+	for _, fam := range families(v4, v6) {
+		r := defaultRoute(fam, link.Attrs().Index, cfg.Table)
+		if err := i.nl.RouteAdd(&r); err != nil {
+			return netAdmin(fmt.Sprintf("add %s", describeRoute(r, cfg.Name)), err)
+		}
+		i.routes = append(i.routes, r)
+		if err := installed(describeRoute(r, cfg.Name)); err != nil {
+			return err
+		}
+	}
+	for _, r := range wantedRules(cfg, v4, v6) {
+		if err := i.nl.RuleAdd(&r); err != nil {
+			return netAdmin(fmt.Sprintf("add %s", describeRule(r)), err)
+		}
+		i.rules = append(i.rules, r)
+		if err := installed(describeRule(r)); err != nil {
+			return err
+		}
+	}
+	return i.checkSelectors()
+}
+
+// installed reports a thing that setup installed to testHookInstalled.
+func installed(what string) error {
+	if testHookInstalled == nil {
+		return nil
+	}
+	return testHookInstalled(what)
+}
+
+// checkSelectors makes sure that the kernel kept the rules' protocol
+// selectors: a kernel older than Linux 4.17 ignores them and would send
+// all traffic to the peers into the device.
+func (i *Interceptor) checkSelectors() error {
+	for _, fam := range families(true, true) {
+		rules, err := listRules(i.nl, fam)
+		if err != nil {
+			if fam == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT) {
+				continue
+			}
+			return fmt.Errorf("transparent mode: list the policy rules: %w", err)
+		}
+		for _, r := range rules {
+			if r.Table == i.cfg.Table && r.IPProto == 0 {
+				return fmt.Errorf("transparent mode: this kernel ignores the protocol and port selectors of policy rules (they need Linux 4.17 or later), so it would send all traffic to the peers into the TUN device")
+			}
+		}
+	}
+	return nil
+}
+
+// Name is the TUN device's name.
+func (i *Interceptor) Name() string { return i.cfg.Name }
+
+// Mark is the firewall mark that takes a socket past the interception:
+// give it to every socket of iketcp's own that talks to a peer (SetMark).
+func (i *Interceptor) Mark() uint32 { return i.cfg.Mark }
+
+// MTU is the TUN device's MTU (the constant MTU): the room after the
+// offset that a Read buffer needs to hold any packet whole.
+func (i *Interceptor) MTU() int { return MTU }
+
+// BatchSize is the number of buffers a Read should be given.
+func (i *Interceptor) BatchSize() int { return batchSize }
+
+// Read reads up to len(bufs) packets, each into bufs[k][offset:], and
+// their sizes into sizes[k]. It blocks until a packet is there, then takes
+// as many as are queued without blocking again. A packet longer than its
+// buffer is cut to the buffer's length, silently, as the device does: a
+// size equal to the room in the buffer, with an IP length field beyond
+// it, tells; buffers of MTU bytes after the offset never cut one. The n
+// packets are valid even when err is not nil. After Close it returns
+// net.ErrClosed. Calls are serialized; none allocates.
+func (i *Interceptor) Read(bufs [][]byte, sizes []int, offset int) (n int, err error) {
+	if len(bufs) == 0 {
+		return 0, nil
+	}
+	if len(sizes) < len(bufs) {
+		return 0, errShortSizes
+	}
+	for _, b := range bufs {
+		if offset < 0 || offset >= len(b) {
+			return 0, errOffset
+		}
+	}
+	i.rmu.Lock()
+	defer i.rmu.Unlock()
+	i.rbufs, i.rsizes, i.roff, i.rn, i.rerr = bufs, sizes, offset, 0, nil
+	err = i.raw.Read(i.readFn)
+	n, rerr := i.rn, i.rerr
+	i.rbufs, i.rsizes, i.rerr = nil, nil, nil // keep no reference to the caller's buffers
+	if err == nil {
+		err = rerr
+	}
+	if err != nil && (i.closed.Load() || errors.Is(err, os.ErrClosed)) {
+		err = net.ErrClosed
+	}
+	return n, err
+}
+
+// readBatch is readFn: it reads packets until the batch is full or none
+// is queued, and asks the netpoller to wait only while it has none.
+func (i *Interceptor) readBatch(fd uintptr) bool {
+	for i.rn < len(i.rbufs) {
+		m, err := unix.Read(int(fd), i.rbufs[i.rn][i.roff:])
+		switch err {
+		case nil:
+			i.rsizes[i.rn] = m
+			i.rn++
+		case unix.EINTR:
+		case unix.EAGAIN:
+			return i.rn > 0
+		default:
+			i.rerr = err
+			return true
+		}
+	}
+	return true
+}
+
+// Write writes each bufs[k][offset:] as one IPv4 or IPv6 packet, which the
+// kernel then receives as if from the wire. It stops at the first error,
+// returning how many packets were written. Safe for concurrent use; it
+// does not allocate.
+func (i *Interceptor) Write(bufs [][]byte, offset int) (n int, err error) {
+	for _, b := range bufs {
+		if offset < 0 || offset > len(b) {
+			return n, errOffset
+		}
+		if _, err := i.file.Write(b[offset:]); err != nil {
+			if i.closed.Load() || errors.Is(err, os.ErrClosed) {
+				return n, net.ErrClosed
+			}
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
+// Close removes the rules, the routes and the device, in that order;
+// blocked Reads return net.ErrClosed. Nothing else was changed, so
+// nothing else is restored. It is idempotent.
+func (i *Interceptor) Close() error {
+	if i.closed.Swap(true) {
+		return nil
+	}
+	err := i.teardown()
+	if err != nil {
+		i.log.Error("transparent mode: clean-up incomplete (run the clean-up command to finish it)", "device", i.cfg.Name, "err", err)
+	} else {
+		i.log.Info("transparent mode: removed its rules, routes and device", "device", i.cfg.Name)
+	}
+	return err
+}
+
+// teardown removes, once, whatever setup recorded: rules, routes, then the
+// device.
+func (i *Interceptor) teardown() error {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.nl == nil {
+		return nil
+	}
+	var errs []error
+	for k := len(i.rules) - 1; k >= 0; k-- {
+		if err := i.nl.RuleDel(&i.rules[k]); err != nil && !gone(err) {
+			errs = append(errs, netAdmin(fmt.Sprintf("remove %s", describeRule(i.rules[k])), err))
+		}
+	}
+	for k := len(i.routes) - 1; k >= 0; k-- {
+		if err := i.nl.RouteDel(&i.routes[k]); err != nil && !gone(err) {
+			errs = append(errs, netAdmin(fmt.Sprintf("remove %s", describeRoute(i.routes[k], i.cfg.Name)), err))
+		}
+	}
+	// Deleting the link removes the device even if a child process holds a
+	// copy of the descriptor; closing the descriptor then wakes any Read.
+	if i.link != nil {
+		if err := i.nl.LinkDel(i.link); err != nil && !gone(err) {
+			errs = append(errs, netAdmin(fmt.Sprintf("remove TUN device %s", i.cfg.Name), err))
+		}
+	}
+	if i.file != nil {
+		if err := i.file.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close TUN device %s: %w", i.cfg.Name, err))
+		}
+	}
+	i.rules, i.routes, i.link = nil, nil, nil
+	i.nl.Close()
+	i.nl = nil
+	return errors.Join(errs...)
+}
+
+// Cleanup removes what a crashed run left for cfg's Name and Table in the
+// calling thread's network namespace: the first step of Intercept, on its
+// own; Peers do not matter. Without CAP_NET_ADMIN the error wraps
+// ErrNeedsNetAdmin.
+func Cleanup(cfg InterceptConfig) error {
+	cfg, err := cfg.withDefaults(false)
+	if err != nil {
+		return err
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := checkNetAdmin(); err != nil {
+		return err
+	}
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("transparent mode: open a netlink socket: %w", err)
+	}
+	defer h.Close()
+	return removeStale(h, cfg)
+}
+
+// removeStale removes the rules that lead to cfg.Table (and the bypass
+// rule at cfg.Priority), the routes in cfg.Table and a TUN device named
+// cfg.Name. A device of that name that is not a TUN device is not iketcp's:
+// it stays, and removeStale fails before touching anything.
+func removeStale(h *netlink.Handle, cfg InterceptConfig) error {
+	log := cfg.Logger
+	link, err := h.LinkByName(cfg.Name)
+	var notFound netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &notFound):
+		link = nil
+	case err != nil:
+		return netAdmin(fmt.Sprintf("look for a device named %s", cfg.Name), err)
+	case link.Type() != "tuntap":
+		return fmt.Errorf("transparent mode: a %s device named %s exists and is not iketcp's: remove it, or choose another TUN device name", link.Type(), cfg.Name)
+	}
+
+	var errs []error
+	for _, fam := range families(true, true) {
+		rules, err := listRules(h, fam)
+		if fam == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT) {
+			continue // IPv6 is off: nothing can be there
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list the policy rules: %w", err))
+			continue
+		}
+		for _, r := range rules {
+			if !staleRule(r, cfg) {
+				continue
+			}
+			if err := h.RuleDel(&r); err != nil && !gone(err) {
+				errs = append(errs, netAdmin(fmt.Sprintf("remove stale %s", describeRule(r)), err))
+				continue
+			}
+			log.Warn("transparent mode: removed a policy rule that an earlier run left", "rule", describeRule(r))
+		}
+		routes, err := listRoutes(h, fam, cfg.Table)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("list the routes in table %d: %w", cfg.Table, err))
+			continue
+		}
+		for _, r := range routes {
+			if err := h.RouteDel(&r); err != nil && !gone(err) {
+				errs = append(errs, netAdmin(fmt.Sprintf("remove stale %s", describeRoute(r, "")), err))
+				continue
+			}
+			log.Warn("transparent mode: removed a route that an earlier run left", "route", describeRoute(r, ""))
+		}
+	}
+	if link != nil {
+		if t, ok := link.(*netlink.Tuntap); ok && t.NonPersist {
+			// A device without the persist flag lives only while a
+			// process holds it open.
+			log.Warn("transparent mode: removing a TUN device that a running process still holds: is another iketcp running with the same device name?", "device", cfg.Name)
+		}
+		if err := h.LinkDel(link); err != nil && !gone(err) {
+			errs = append(errs, netAdmin(fmt.Sprintf("remove stale TUN device %s", cfg.Name), err))
+		} else {
+			log.Warn("transparent mode: removed a TUN device that an earlier run left", "device", cfg.Name)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("transparent mode: removing what an earlier run left: %w", err)
+	}
+	return nil
+}
+
+// staleRule reports whether r is one that Intercept with cfg installs:
+// any rule that leads to cfg.Table, and the bypass rule.
+func staleRule(r netlink.Rule, cfg InterceptConfig) bool {
+	if r.Table == cfg.Table {
+		return true
+	}
+	return r.Table == unix.RT_TABLE_MAIN && r.Priority == cfg.Priority && r.Mark == cfg.Mark &&
+		(r.Mask == nil || *r.Mask == 0xffffffff) && r.Src == nil && r.Dst == nil &&
+		r.IPProto == 0 && r.IifName == "" && r.OifName == ""
+}
+
+// wantedRules lists Intercept's rules: the bypass rule for each family in
+// use, then the interception rules for each peer.
+func wantedRules(cfg *InterceptConfig, v4, v6 bool) []netlink.Rule {
+	var rules []netlink.Rule
+	for _, fam := range families(v4, v6) {
+		r := netlink.NewRule()
+		r.Family = fam
+		r.Priority = cfg.Priority
+		r.Mark = cfg.Mark
+		r.Table = unix.RT_TABLE_MAIN
+		rules = append(rules, *r)
+	}
+	for _, p := range cfg.Peers {
+		fam := netlink.FAMILY_V4
+		if p.Is6() {
+			fam = netlink.FAMILY_V6
+		}
+		to := &net.IPNet{IP: p.AsSlice(), Mask: net.CIDRMask(p.BitLen(), p.BitLen())}
+		rule := func(proto int, port uint16) netlink.Rule {
+			r := netlink.NewRule()
+			r.Family = fam
+			r.Priority = cfg.Priority + 1
+			r.Dst = to
+			r.IPProto = proto
+			if port != 0 {
+				r.Dport = netlink.NewRulePortRange(port, port)
+			}
+			r.Table = cfg.Table
+			return *r
+		}
+		for _, port := range interceptedPorts {
+			rules = append(rules, rule(unix.IPPROTO_UDP, port))
+		}
+		rules = append(rules, rule(unix.IPPROTO_ESP, 0))
+	}
+	return rules
+}
+
+// defaultRoute is the default route of family fam through the device in
+// table.
+func defaultRoute(fam, ifindex, table int) netlink.Route {
+	r := netlink.Route{LinkIndex: ifindex, Table: table, Family: fam}
+	if fam == netlink.FAMILY_V4 {
+		r.Dst = &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+		r.Scope = netlink.SCOPE_LINK
+	} else {
+		r.Dst = &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}
+	}
+	return r
+}
+
+func families(v4, v6 bool) []int {
+	var f []int
+	if v4 {
+		f = append(f, netlink.FAMILY_V4)
+	}
+	if v6 {
+		f = append(f, netlink.FAMILY_V6)
+	}
+	return f
+}
+
+// listRules lists the rules of a family, retrying a dump that changes
+// under it.
+func listRules(h *netlink.Handle, fam int) ([]netlink.Rule, error) {
+	var err error
+	for range 5 {
+		var rules []netlink.Rule
+		if rules, err = h.RuleList(fam); !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return rules, err
+		}
+	}
+	return nil, err
+}
+
+// listRoutes lists the routes of a family in table, retrying a dump that
+// changes under it.
+func listRoutes(h *netlink.Handle, fam, table int) ([]netlink.Route, error) {
+	var err error
+	for range 5 {
+		var routes []netlink.Route
+		routes, err = h.RouteListFiltered(fam, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return routes, err
+		}
+	}
+	return nil, err
+}
+
+// describeRule says a rule the way `ip rule` would.
+func describeRule(r netlink.Rule) string {
+	s := fmt.Sprintf("rule %d:", r.Priority)
+	if r.Family == netlink.FAMILY_V6 {
+		s = "IPv6 " + s
+	}
+	if r.Mark != 0 {
+		s += fmt.Sprintf(" fwmark %#x", r.Mark)
+	}
+	if r.Dst != nil {
+		s += " to " + r.Dst.String()
+	}
+	switch r.IPProto {
+	case 0:
+	case unix.IPPROTO_UDP:
+		s += " ipproto udp"
+	case unix.IPPROTO_ESP:
+		s += " ipproto esp"
+	default:
+		s += fmt.Sprintf(" ipproto %d", r.IPProto)
+	}
+	if r.Dport != nil {
+		s += fmt.Sprintf(" dport %d", r.Dport.Start)
+		if r.Dport.End != r.Dport.Start {
+			s += fmt.Sprintf("-%d", r.Dport.End)
+		}
+	}
+	if r.Table == unix.RT_TABLE_MAIN {
+		return s + " lookup main"
+	}
+	return s + fmt.Sprintf(" lookup %d", r.Table)
+}
+
+// describeRoute says a route the way `ip route` would; dev names its
+// device, or is empty.
+func describeRoute(r netlink.Route, dev string) string {
+	dst := "default"
+	if r.Dst != nil {
+		if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+			dst = r.Dst.String()
+		}
+	}
+	fam := ""
+	if r.Family == netlink.FAMILY_V6 || (r.Dst != nil && r.Dst.IP.To4() == nil) {
+		fam = "IPv6 "
+	}
+	if dev == "" {
+		dev = fmt.Sprintf("#%d", r.LinkIndex)
+	}
+	return fmt.Sprintf("%sroute %s dev %s table %d", fam, dst, dev, r.Table)
+}
+
+// openTUN creates the TUN device (IFF_TUN|IFF_NO_PI, not persistent) and
+// returns its non-blocking descriptor.
+func openTUN(name string) (*os.File, error) {
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		return nil, fmt.Errorf("transparent mode needs the TUN driver, and %w: load it (modprobe tun) or, in a container, pass the device in", err)
+	}
+	// water opens the device without close-on-exec: hold off forks until
+	// it is set, so that no child process keeps the device alive. (When
+	// its ioctl fails, water leaks the descriptor; the checks before this
+	// make that rare, and the process usually exits on the error.)
+	syscall.ForkLock.RLock()
+	defer syscall.ForkLock.RUnlock()
+	ifce, err := water.New(water.Config{
+		DeviceType:             water.TUN,
+		PlatformSpecificParams: water.PlatformSpecificParams{Name: name},
+	})
+	if err != nil {
+		switch {
+		case errors.Is(err, unix.EBUSY):
+			return nil, fmt.Errorf("transparent mode: TUN device %s is busy: another process holds it; choose another device name", name)
+		case errors.Is(err, unix.EACCES):
+			return nil, fmt.Errorf("transparent mode: open /dev/net/tun: %w (CAP_NET_ADMIN does not override its file mode: let this user read and write it, as mode 0666 does)", err)
+		}
+		return nil, netAdmin(fmt.Sprintf("create TUN device %s", name), err)
+	}
+	f, ok := ifce.ReadWriteCloser.(*os.File)
+	if !ok {
+		ifce.Close()
+		return nil, fmt.Errorf("transparent mode: TUN device %s: unexpected %T", name, ifce.ReadWriteCloser)
+	}
+	// Not f.Fd(), which would make the descriptor blocking.
+	raw, err := f.SyscallConn()
+	if err == nil {
+		err = raw.Control(func(fd uintptr) { unix.CloseOnExec(int(fd)) })
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("transparent mode: TUN device %s: %w", name, err)
+	}
+	return f, nil
+}
+
+// checkNetAdmin fails with ErrNeedsNetAdmin when the calling thread lacks
+// CAP_NET_ADMIN in its effective set. If the set cannot be read, the
+// kernel's own EPERM will tell later.
+func checkNetAdmin() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return nil
+	}
+	if data[unix.CAP_NET_ADMIN/32].Effective&(1<<(unix.CAP_NET_ADMIN%32)) == 0 {
+		return ErrNeedsNetAdmin
+	}
+	return nil
+}
+
+// netAdmin wraps the error of a step: EPERM (as in a user namespace that
+// does not own the network namespace) as ErrNeedsNetAdmin.
+func netAdmin(what string, err error) error {
+	if errors.Is(err, unix.EPERM) {
+		return fmt.Errorf("%w: %s: %v", ErrNeedsNetAdmin, what, err)
+	}
+	return fmt.Errorf("transparent mode: %s: %w", what, err)
+}
+
+// gone reports whether a removal failed only because the object is
+// already gone.
+func gone(err error) bool {
+	var notFound netlink.LinkNotFoundError
+	return errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENODEV) || errors.As(err, &notFound)
+}
+
+// setSysctl writes a sysctl of the calling thread's network namespace;
+// key uses slashes (net/ipv4/conf/NAME/rp_filter).
+func setSysctl(key, value string) error {
+	return os.WriteFile("/proc/sys/"+key, []byte(value), 0)
+}
+
+// SetMark returns a Control function for net.Dialer and net.ListenConfig
+// that sets SO_MARK to mark on the socket, so that its traffic bypasses
+// the interception. Setting a mark needs CAP_NET_ADMIN (or, since Linux
+// 5.17, CAP_NET_RAW).
+func SetMark(mark uint32) func(network, address string, c syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
+		}); err != nil {
+			return err
+		}
+		if serr != nil {
+			return netAdmin(fmt.Sprintf("set the bypass mark %#x on a socket", mark), serr)
+		}
+		return nil
+	}
+}
+
+// hasFamily reports whether peers hold an IPv4 (v6 false) or IPv6 address.
+func hasFamily(peers []netip.Addr, v6 bool) bool {
+	for _, p := range peers {
+		if p.Is6() == v6 {
+			return true
+		}
+	}
+	return false
+}
