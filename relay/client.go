@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,12 +37,18 @@ const clientBatch = 64
 // start again from the shortest backoff.
 const stableAfter = 5 * time.Second
 
-// ClientConfig configures a Client. Only Peer is required; zero values
-// mean the defaults above.
+// ClientConfig configures a Client. Zero values mean the defaults above.
 type ClientConfig struct {
-	// Peer is the iketcp server, host:port. It is resolved at each dial.
-	Peer   string
-	Logger *slog.Logger
+	// Peer is the iketcp server in explicit mode (Serve), host:port. It is
+	// resolved at each dial.
+	Peer string
+	// Peers are the IKE peers whose traffic transparent mode (ServeTUN)
+	// carries; each is dialled at TCPPort. Packets to other addresses are
+	// dropped and counted.
+	Peers []netip.Addr
+	// TCPPort is the iketcp server's port on each of Peers (default 4500).
+	TCPPort uint16
+	Logger  *slog.Logger
 	// MaxFlows bounds local flows (daemon addresses) served at once.
 	MaxFlows int
 	// FlowIdle closes a flow, and its connection, when the daemon has sent
@@ -85,99 +92,121 @@ func (c *ClientConfig) connBuffer() int {
 	return max(orDefault(c.ConnBuffer, DefaultConnBuffer), c.maxDatagram()+framing.LengthSize)
 }
 
-func (c *ClientConfig) dial(ctx context.Context) (net.Conn, error) {
+func (c *ClientConfig) tcpPort() uint16 { return orDefault(c.TCPPort, 4500) }
+
+func (c *ClientConfig) dial(ctx context.Context, addr string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.dialTimeout())
 	defer cancel()
 	if c.Dial != nil {
-		return c.Dial(ctx, "tcp", c.Peer)
+		return c.Dial(ctx, "tcp", addr)
 	}
-	d := net.Dialer{KeepAliveConfig: tcpKeepAlive}
-	return d.DialContext(ctx, "tcp", c.Peer)
+	d := net.Dialer{KeepAliveConfig: TCPKeepAlive}
+	return d.DialContext(ctx, "tcp", addr)
 }
 
-// tcpKeepAlive keeps NAT mappings fresh and finds dead peers on idle
-// connections (RFC 9329 6.7: these only refresh middleboxes; IKE's own
-// liveness checks stay authoritative).
-var tcpKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 4}
+// TCPKeepAlive is the keepalive iketcp's TCP connections use: it keeps NAT
+// mappings fresh and finds dead peers on idle connections (RFC 9329 6.7:
+// these only refresh middleboxes; IKE's own liveness checks stay
+// authoritative).
+var TCPKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 4}
 
-// Client relays an IKE daemon's datagrams from a local UDP socket to an
-// iketcp server over RFC 9329 TCP, one connection per local flow.
+// Client relays an IKE daemon's datagrams to an iketcp server over
+// RFC 9329 TCP, one connection per flow. It meets the daemon in one of
+// two ways: explicit mode (Serve) listens on a UDP socket the daemon is
+// configured to talk to; transparent mode (ServeTUN) reads the daemon's
+// own traffic to its peers from a TUN device that intercepts it.
 type Client struct {
 	cfg      ClientConfig
 	log      *slog.Logger
 	started  time.Time
 	counters Counters
-	pool     sync.Pool // of *packet
-	udp      *udpbatch.Conn
+	pool     sync.Pool // of *datagram
 
 	nextID atomic.Uint64
 
+	// Set once by Serve or ServeTUN before any flow starts.
+	mode    string                                                 // modeExplicit or modeTransparent
+	deliver func(f *flow, buf []byte, payloads []payloadRef) error // the return path to the daemon
+	udp     *udpbatch.Conn                                         // explicit mode's socket
+	dev     PacketDevice                                           // transparent mode's device
+
 	mu     sync.Mutex // guards the following
 	listen string
-	flows  map[netip.AddrPort]*flow
+	flows  map[flowKey]*flow
 
 	wg sync.WaitGroup // every goroutine the client starts
 
 	logDial, logDrop, logOversize sometimes
 }
 
-// packet is a pooled datagram buffer: the datagram sits at
-// buf[framing.Headroom:][:n], leaving room to write the frame header in
-// place.
-type packet struct {
-	buf []byte
-	n   int
+// flowKey identifies a flow. In explicit mode it is the daemon's UDP
+// address. In transparent mode it is the daemon's and its peer's IP
+// addresses, without ports, so that a daemon that floats from port 500 to
+// 4500 stays on the same connection.
+type flowKey struct {
+	daemon netip.AddrPort
+	peer   netip.Addr
 }
 
-// frame returns the packet as an RFC 9329 frame, writing its Length.
-func (p *packet) frame() []byte {
-	framing.PutLength(p.buf[framing.Headroom-framing.LengthSize:], p.n)
-	return p.buf[framing.Headroom-framing.LengthSize : framing.Headroom+p.n]
+// datagram is a pooled buffer holding one datagram in port-4500 form at
+// buf[off:off+n], with at least framing.LengthSize bytes in front of it to
+// write the frame header in place.
+type datagram struct {
+	buf    []byte
+	off, n int
 }
+
+// frame returns the datagram as an RFC 9329 frame, writing its Length.
+func (p *datagram) frame() []byte {
+	framing.PutLength(p.buf[p.off-framing.LengthSize:], p.n)
+	return p.buf[p.off-framing.LengthSize : p.off+p.n]
+}
+
+// payloadRef locates a payload in a decoder's buffer.
+type payloadRef struct{ off, n int }
 
 // NewClient returns a client for cfg.
 func NewClient(cfg ClientConfig) (*Client, error) {
-	if cfg.Peer == "" {
-		return nil, errors.New("relay: client needs a peer (the iketcp server, host:port)")
-	}
-	if _, _, err := net.SplitHostPort(cfg.Peer); err != nil {
-		return nil, fmt.Errorf("relay: peer %q: %w (want host:port, e.g. 203.0.113.2:4500 or [2001:db8::1]:4500)", cfg.Peer, err)
-	}
-	cl := &Client{cfg: cfg, log: cfg.logger(), started: time.Now(), flows: make(map[netip.AddrPort]*flow)}
-	size := framing.Headroom + cfg.maxDatagram()
-	cl.pool.New = func() any { return &packet{buf: make([]byte, size)} }
+	cl := &Client{cfg: cfg, log: cfg.logger(), started: time.Now(), flows: make(map[flowKey]*flow)}
+	// Room for the largest datagram behind the largest header in front of
+	// it: a TUN packet's IP and UDP headers.
+	size := packetHeadroom + cfg.maxDatagram()
+	cl.pool.New = func() any { return &datagram{buf: make([]byte, size)} }
 	return cl, nil
 }
+
+// packetHeadroom is the room kept in front of payloads: enough for an
+// IPv6 and a UDP header, which also covers the frame Length and non-ESP
+// marker.
+const packetHeadroom = 48
 
 // Counters returns the client's live counters.
 func (cl *Client) Counters() *Counters { return &cl.counters }
 
-func (cl *Client) getPacket() *packet { return cl.pool.Get().(*packet) }
+func (cl *Client) getDatagram() *datagram { return cl.pool.Get().(*datagram) }
 
-func (cl *Client) putPacket(p *packet) {
-	p.n = 0
+func (cl *Client) putDatagram(p *datagram) {
+	p.off, p.n = 0, 0
 	cl.pool.Put(p)
 }
 
-// Serve reads the daemon's datagrams from pc until ctx is done or pc
-// fails, then closes pc and every flow, waits for its goroutines and
-// returns. It returns nil when ctx ended it.
-func (cl *Client) Serve(ctx context.Context, pc *net.UDPConn) error {
-	cl.mu.Lock()
-	cl.listen = pc.LocalAddr().String()
-	cl.udp = udpbatch.New(pc, udpbatch.Options{BatchSize: clientBatch, Logger: cl.log})
-	cl.mu.Unlock()
+// run drives the client: ingress reads the daemon's packets until ctx
+// ends or it fails; closer unblocks it at the end. Then every flow stops
+// and run waits for the client's goroutines.
+func (cl *Client) run(ctx context.Context, closer io.Closer, ingress func(context.Context) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	cl.wg.Add(2)
 	go func() {
 		defer cl.wg.Done()
 		<-ctx.Done()
-		pc.Close()
+		closer.Close()
 	}()
 	go cl.expireFlows(ctx)
-	cl.log.Info("client listening", "listen", pc.LocalAddr().String(), "peer", cl.cfg.Peer)
 
-	err := cl.readLocal(ctx)
+	err := ingress(ctx)
+	if ctx.Err() != nil {
+		err = nil
+	}
 	cancel()
 	cl.mu.Lock()
 	flows := make([]*flow, 0, len(cl.flows))
@@ -192,99 +221,63 @@ func (cl *Client) Serve(ctx context.Context, pc *net.UDPConn) error {
 	return err
 }
 
-// readLocal reads batches of datagrams from the daemon and queues each on
-// its flow.
-func (cl *Client) readLocal(ctx context.Context) error {
-	pkts := make([]*packet, clientBatch)
-	msgs := make([]udpbatch.Message, clientBatch)
-	for i := range pkts {
-		pkts[i] = cl.getPacket()
-		msgs[i].Buf = pkts[i].buf[framing.Headroom:]
-	}
-	defer func() {
-		for _, p := range pkts {
-			cl.putPacket(p)
-		}
-	}()
-	for {
-		n, err := cl.udp.ReadBatch(msgs)
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-				if ctx.Err() != nil {
-					return nil
-				}
-				return err
-			}
-			cl.log.Warn("receive from the IKE daemon failed", "err", err)
-			time.Sleep(10 * time.Millisecond) // do not spin on a persistent error
-			continue
-		}
-		now := time.Now().UnixNano()
-		cl.mu.Lock()
-		for i := range msgs[:n] {
-			m := &msgs[i]
-			if m.Truncated {
-				cl.counters.OversizedDgrams.Add(1)
-				cl.logOversize.log(cl.log, slog.LevelWarn, "datagram from the daemon dropped: larger than --max-datagram",
-					"from", m.Addr.String(), "max", cl.cfg.maxDatagram())
-				continue
-			}
-			keepalive := framing.Classify(m.Buf[:m.N]) == framing.KindKeepalive
-			f := cl.flows[m.Addr]
-			if keepalive {
-				// RFC 9329 6.6: NAT keepalives are not sent over TCP; the
-				// connection's own keepalives refresh the path.
-				cl.counters.KeepalivesDropped.Add(1)
-				if f != nil {
-					f.lastLocal.Store(now)
-				}
-				continue
-			}
-			if f == nil {
-				if f = cl.newFlowLocked(ctx, m.Addr); f == nil {
-					continue
-				}
-			}
+// takeLocked hands a datagram of the daemon's, in port-4500 form in p, to
+// the flow for key, starting the flow if needed. It
+// reports the flow and whether the flow took p; if not, p stays the
+// caller's. Keepalives only show the flow is alive (RFC 9329 6.6: NAT
+// keepalives are not sent over TCP; the connection's own keepalives
+// refresh the path). cl.mu must be held.
+func (cl *Client) takeLocked(ctx context.Context, key flowKey, p *datagram, now int64) (*flow, bool) {
+	f := cl.flows[key]
+	if p.n == 1 && p.buf[p.off] == framing.KeepaliveByte {
+		cl.counters.KeepalivesDropped.Add(1)
+		if f != nil {
 			f.lastLocal.Store(now)
-			p := pkts[i]
-			p.n = m.N
-			select {
-			case f.queue <- p:
-				pkts[i] = cl.getPacket()
-				m.Buf = pkts[i].buf[framing.Headroom:]
-			default:
-				cl.counters.QueueFull.Add(1)
-				cl.logDrop.log(cl.log, slog.LevelWarn, "datagram dropped: flow queue full (connection down or too slow)",
-					"flow", f.id, "queue", cap(f.queue))
-			}
 		}
-		cl.mu.Unlock()
+		return f, false
+	}
+	if f == nil {
+		if f = cl.newFlowLocked(ctx, key); f == nil {
+			return nil, false
+		}
+	}
+	f.lastLocal.Store(now)
+	select {
+	case f.queue <- p:
+		return f, true
+	default:
+		cl.counters.QueueFull.Add(1)
+		cl.logDrop.log(cl.log, slog.LevelWarn, "datagram dropped: flow queue full (connection down or too slow)",
+			"flow", f.id, "queue", cap(f.queue))
+		return f, false
 	}
 }
 
-// newFlowLocked starts a flow for a new daemon address, or returns nil
-// over the flow limit. cl.mu must be held.
-func (cl *Client) newFlowLocked(ctx context.Context, src netip.AddrPort) *flow {
+// newFlowLocked starts a flow for a new key, or returns nil over the flow
+// limit. cl.mu must be held.
+func (cl *Client) newFlowLocked(ctx context.Context, key flowKey) *flow {
+	dial := cl.cfg.Peer
+	if cl.mode == modeTransparent {
+		dial = net.JoinHostPort(key.peer.String(), strconv.Itoa(int(cl.cfg.tcpPort())))
+	}
 	if len(cl.flows) >= cl.cfg.maxFlows() {
 		cl.counters.SessionsRejected.Add(1)
-		cl.logDrop.log(cl.log, slog.LevelWarn, "datagram dropped: flow limit reached (raise --max-flows)", "from", src.String())
+		cl.logDrop.log(cl.log, slog.LevelWarn, "datagram dropped: flow limit reached (raise --max-flows)", "from", key.daemon.String())
 		return nil
 	}
 	f := &flow{
 		cl:      cl,
 		id:      cl.nextID.Add(1),
-		src:     src,
+		key:     key,
+		dial:    dial,
 		created: time.Now(),
-		queue:   make(chan *packet, cl.cfg.queueLen()),
+		queue:   make(chan *datagram, cl.cfg.queueLen()),
+		out:     make([]udpbatch.Message, 0, clientBatch),
 	}
 	f.ctx, f.cancel = context.WithCancel(ctx)
-	cl.flows[src] = f
+	cl.flows[key] = f
 	cl.counters.SessionsCreated.Add(1)
-	cl.log.Info("flow started", "flow", f.id, "daemon", src.String(), "peer", cl.cfg.Peer)
-	if src.Port() == 500 {
-		cl.log.Warn("the IKE daemon sends from port 500: configure it with local_port = 4500, so that its datagrams "+
-			"carry the non-ESP marker this mode relays as they are", "daemon", src.String())
-	}
+	cl.log.Info("flow started", "flow", f.id, "mode", cl.mode, "daemon", key.daemon.String(), "peer", dial)
 	cl.wg.Add(1)
 	go cl.runFlow(f)
 	return f
@@ -306,7 +299,7 @@ func (cl *Client) expireFlows(ctx context.Context) {
 		}
 		cl.mu.Unlock()
 		for _, f := range expired {
-			cl.log.Info("flow closed: the daemon sent nothing", "flow", f.id, "daemon", f.src.String(), "idle", idle.String())
+			cl.log.Info("flow closed: the daemon sent nothing", "flow", f.id, "daemon", f.key.daemon.String(), "idle", idle.String())
 			f.stop()
 		}
 	})
@@ -319,13 +312,15 @@ const (
 	stateWaiting
 )
 
-// flow is one local daemon address and the connection that carries it.
+// flow is one daemon (toward one peer, in transparent mode) and the
+// connection that carries it.
 type flow struct {
 	cl      *Client
 	id      uint64
-	src     netip.AddrPort // the daemon's address; replies go there
+	key     flowKey
+	dial    string // the iketcp server, host:port
 	created time.Time
-	queue   chan *packet
+	queue   chan *datagram
 	ctx     context.Context // ends the flow
 	cancel  context.CancelFunc
 
@@ -335,6 +330,9 @@ type flow struct {
 	conns     atomic.Uint64
 	stats     flowStats
 	book      saBook
+	ports     daemonPorts // transparent mode: where replies go
+
+	out []udpbatch.Message // explicit mode's scratch for the return path, used by readPeer only
 
 	mu   sync.Mutex // guards the following
 	peer string     // remote address of the current connection
@@ -347,7 +345,7 @@ func (f *flow) drain() {
 	for {
 		select {
 		case p := <-f.queue:
-			f.cl.putPacket(p)
+			f.cl.putDatagram(p)
 		default:
 			return
 		}
@@ -374,7 +372,7 @@ func (cl *Client) runFlow(f *flow) {
 			cl.counters.DialFailures.Add(1)
 			backoff = nextBackoff(backoff, cl.cfg.reconnectMin(), cl.cfg.reconnectMax())
 			cl.logDial.log(cl.log, slog.LevelWarn, "cannot connect to the iketcp server, retrying", "flow", f.id,
-				"peer", cl.cfg.Peer, "err", err, "retry_in", backoff.Round(time.Millisecond).String())
+				"peer", f.dial, "err", err, "retry_in", backoff.Round(time.Millisecond).String())
 			f.state.Store(stateWaiting)
 			if !sleepCtx(f.ctx, backoff) {
 				return
@@ -391,7 +389,7 @@ func (cl *Client) runFlow(f *flow) {
 			backoff = 0
 		}
 		backoff = nextBackoff(backoff, cl.cfg.reconnectMin(), cl.cfg.reconnectMax())
-		cl.log.Info("connection lost, reconnecting", "flow", f.id, "peer", cl.cfg.Peer, "reason", reason,
+		cl.log.Info("connection lost, reconnecting", "flow", f.id, "peer", f.dial, "reason", reason,
 			"retry_in", backoff.Round(time.Millisecond).String())
 		if !sleepCtx(f.ctx, backoff) {
 			return
@@ -401,7 +399,7 @@ func (cl *Client) runFlow(f *flow) {
 
 // connect dials the peer and sends the prefix.
 func (cl *Client) connect(f *flow) (net.Conn, error) {
-	nc, err := cl.cfg.dial(f.ctx)
+	nc, err := cl.cfg.dial(f.ctx, f.dial)
 	if err != nil {
 		return nil, err
 	}
@@ -421,7 +419,7 @@ func (cl *Client) connect(f *flow) (net.Conn, error) {
 	if n > 1 {
 		msg = "reconnected"
 	}
-	cl.log.Log(context.Background(), level, msg, "flow", f.id, "daemon", f.src.String(), "peer", nc.RemoteAddr().String(),
+	cl.log.Log(context.Background(), level, msg, "flow", f.id, "daemon", f.key.daemon.String(), "peer", nc.RemoteAddr().String(),
 		"local", nc.LocalAddr().String(), "connections", n)
 	return nc, nil
 }
@@ -446,7 +444,7 @@ func (cl *Client) carry(f *flow, nc net.Conn) string {
 // writePeer writes batches from the flow's queue to nc until a write
 // fails, the reader ends (readerEnded) or the flow ends, and says why.
 func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reason string, readerEnded bool) {
-	batch := make([]*packet, 0, clientBatch)
+	batch := make([]*datagram, 0, clientBatch)
 	vecBack := make([][]byte, 0, clientBatch)
 	var vec net.Buffers // reused: WriteTo takes its address
 	var msg framing.Message
@@ -472,7 +470,7 @@ func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reaso
 		vecBack = vecBack[:0]
 		var bytes uint64
 		for _, p := range batch {
-			if msg.Decode(p.buf[framing.Headroom:framing.Headroom+p.n]) == nil {
+			if msg.Decode(p.buf[p.off:p.off+p.n]) == nil {
 				switch {
 				case msg.Kind == framing.KindESP && msg.ESP.SPI != lastOutSPI:
 					lastOutSPI = msg.ESP.SPI
@@ -489,7 +487,7 @@ func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reaso
 		_, err := vec.WriteTo(nc)
 		n := len(batch)
 		for i, p := range batch {
-			cl.putPacket(p)
+			cl.putDatagram(p)
 			batch[i] = nil
 		}
 		batch = batch[:0]
@@ -502,11 +500,14 @@ func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reaso
 }
 
 // readPeer relays frames from nc to the daemon until nc fails, and says
-// why it stopped.
+// why it stopped. Each burst of frames goes to the daemon in one call of
+// the mode's return path.
 func (cl *Client) readPeer(f *flow, nc net.Conn) string {
 	d := framing.NewDecoder(nc, cl.cfg.connBuffer(), false)
+	d.SetHeadroom(packetHeadroom)
 	d.LimitPayload(cl.cfg.maxDatagram())
-	msgs := make([]udpbatch.Message, 0, clientBatch)
+	refs := make([]payloadRef, 0, clientBatch)
+	var buf []byte
 	var msg framing.Message
 	var lastSPI uint32
 	for {
@@ -540,23 +541,18 @@ func (cl *Client) readPeer(f *flow, nc net.Conn) string {
 		case msg.Kind == framing.KindIKE:
 			f.book.noteIKE(&msg.IKE)
 		}
-		msgs = append(msgs, udpbatch.Message{Buf: p, Addr: f.src})
-		if d.Buffered() && len(msgs) < cap(msgs) {
+		var off int
+		buf, off = d.Offset(p)
+		refs = append(refs, payloadRef{off, len(p)})
+		if d.Buffered() && len(refs) < cap(refs) {
 			continue
 		}
-		var bytes uint64
-		for i := range msgs {
-			bytes += uint64(len(msgs[i].Buf))
+		if err := cl.deliver(f, buf, refs); err != nil {
+			cl.logDrop.log(cl.log, slog.LevelWarn, "delivery to the IKE daemon failed", "flow", f.id,
+				"daemon", f.key.daemon.String(), "err", err)
 		}
-		n, err := writeAll(cl.udp, msgs)
-		f.stats.countIn(&cl.counters, n, bytes)
 		f.lastPeer.Store(time.Now().UnixNano())
-		if err != nil {
-			cl.counters.WriteErrors.Add(uint64(len(msgs) - n))
-			cl.logDrop.log(cl.log, slog.LevelWarn, "send to the IKE daemon failed", "flow", f.id, "daemon", f.src.String(), "err", err)
-		}
-		clear(msgs)
-		msgs = msgs[:0]
+		refs = refs[:0]
 	}
 }
 
@@ -584,7 +580,7 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 func (cl *Client) Status() *Status {
 	cl.mu.Lock()
 	st := &Status{
-		Role: "client", Version: cl.cfg.Version, PID: os.Getpid(), Listen: cl.listen,
+		Role: "client", Mode: cl.mode, Version: cl.cfg.Version, PID: os.Getpid(), Listen: cl.listen,
 		Peer: cl.cfg.Peer, Started: cl.started,
 	}
 	flows := make([]*flow, 0, len(cl.flows))
@@ -594,9 +590,14 @@ func (cl *Client) Status() *Status {
 	cl.mu.Unlock()
 	sort.Slice(flows, func(i, j int) bool { return flows[i].id < flows[j].id })
 	for _, f := range flows {
+		local := f.key.daemon.String()
+		if cl.mode == modeTransparent {
+			local = f.key.daemon.Addr().String() // its ports are in Intercepted
+		}
 		ss := SessionStatus{
 			ID:          f.id,
-			Local:       f.src.String(),
+			Local:       local,
+			Intercepted: f.ports.describe(),
 			Transport:   "TCP",
 			Created:     f.created,
 			LastActive:  time.Unix(0, max(f.lastLocal.Load(), f.lastPeer.Load())),
@@ -611,7 +612,7 @@ func (cl *Client) Status() *Status {
 			ss.State = "waiting"
 		}
 		f.mu.Lock()
-		ss.Peer = orDefault(f.peer, cl.cfg.Peer)
+		ss.Peer = orDefault(f.peer, f.dial)
 		f.mu.Unlock()
 		f.book.fill(&ss)
 		f.stats.fill(&ss)

@@ -27,6 +27,7 @@ type Counters struct {
 	KeepalivesDropped atomic.Uint64 // NAT keepalives not carried over TCP (RFC 9329 6.6)
 	NoPath            atomic.Uint64 // datagrams for a session with no connection (dropped)
 	QueueFull         atomic.Uint64 // client: datagrams dropped on a full flow queue
+	Foreign           atomic.Uint64 // transparent mode: intercepted packets for no configured peer
 	SessionsCreated   atomic.Uint64
 	SessionsExpired   atomic.Uint64
 	SessionsRejected  atomic.Uint64 // over the session or flow limit
@@ -63,6 +64,7 @@ func (c *Counters) Snapshot() []Counter {
 		{"keepalives_dropped", c.KeepalivesDropped.Load()},
 		{"no_path", c.NoPath.Load()},
 		{"queue_full", c.QueueFull.Load()},
+		{"foreign_packets", c.Foreign.Load()},
 		{"sessions_created", c.SessionsCreated.Load()},
 		{"sessions_expired", c.SessionsExpired.Load()},
 		{"sessions_rejected", c.SessionsRejected.Load()},

@@ -11,7 +11,7 @@ import (
 // ListenTCP opens the server's TCP listener with keepalives on accepted
 // connections. Its errors say what to do.
 func ListenTCP(ctx context.Context, addr string) (net.Listener, error) {
-	lc := net.ListenConfig{KeepAliveConfig: tcpKeepAlive}
+	lc := net.ListenConfig{KeepAliveConfig: TCPKeepAlive}
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return nil, listenHint(err, "another TCP service (an IKE daemon with TCP support, a web server?) holds the port: stop it or choose another --listen")

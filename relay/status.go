@@ -10,7 +10,8 @@ import (
 // Status describes a running relay: what `iketcp status` prints and the
 // control socket serves as JSON.
 type Status struct {
-	Role     string          `json:"role"` // "server" or "client"
+	Role     string          `json:"role"`           // "server" or "client"
+	Mode     string          `json:"mode,omitempty"` // client: "explicit" or "transparent"
 	Version  string          `json:"version,omitempty"`
 	PID      int             `json:"pid,omitempty"`
 	Listen   string          `json:"listen"`
@@ -30,6 +31,9 @@ type SessionStatus struct {
 	// Local is the UDP side: the backend socket's address on a server
 	// (stable for the session's life), the daemon's address on a client.
 	Local string `json:"local"`
+	// Intercepted says, in transparent mode, which of the daemon's ports
+	// are intercepted: "IKE 500->500, ESP in UDP 4500->4500".
+	Intercepted string `json:"intercepted,omitempty"`
 	// Transport is how the session currently travels: "TCP".
 	Transport string `json:"transport"`
 	// State is "up", "connecting" or "waiting" (no connection; a server
@@ -59,6 +63,9 @@ type IKESAInfo struct {
 func (st *Status) WriteText(w io.Writer, now time.Time) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "iketcp %s", st.Role)
+	if st.Mode != "" {
+		fmt.Fprintf(&b, " (%s mode)", st.Mode)
+	}
 	if st.Version != "" {
 		fmt.Fprintf(&b, " %s", st.Version)
 	}
@@ -82,6 +89,9 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 			fmt.Fprintf(&b, "addr: %s -> %s\n", s.Local, s.Peer)
 		} else {
 			fmt.Fprintf(&b, "addr: %s -> %s\n", s.Peer, s.Local)
+		}
+		if s.Intercepted != "" {
+			fmt.Fprintf(&b, "intercepted: %s\n", s.Intercepted)
 		}
 		fmt.Fprintf(&b, "transport: %s  state: %s  connections: %d\n", s.Transport, s.State, s.Connections)
 		fmt.Fprintf(&b, "created: %s ago  last active: %s ago\n", ago(now, s.Created), ago(now, s.LastActive))

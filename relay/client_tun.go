@@ -1,0 +1,262 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/nat/packet"
+)
+
+// PacketDevice is transparent mode's side toward the daemon: a TUN device
+// that carries the daemon's intercepted IP packets (nat.Interceptor is
+// one). Read and Write are batch-shaped, like wireguard-go's tun.Device.
+type PacketDevice interface {
+	// BatchSize is the most packets one Read returns.
+	BatchSize() int
+	// Read blocks until at least one packet has arrived, then reads as
+	// many as are queued into bufs[k][offset:], their sizes into sizes.
+	Read(bufs [][]byte, sizes []int, offset int) (n int, err error)
+	// Write writes each bufs[k][offset:] as one packet.
+	Write(bufs [][]byte, offset int) (n int, err error)
+	// Close unblocks Read.
+	Close() error
+}
+
+// ServeTUN runs transparent mode: dev delivers the IP packets that the
+// daemon sends to its peers (UDP 500 and 4500, and raw ESP), with its
+// configuration unchanged; replies go back into dev as packets from the
+// peer to the port the daemon used. Each daemon-peer pair is one flow,
+// dialled at the peer's TCPPort. ServeTUN returns when ctx is done (nil)
+// or dev fails; it closes dev.
+func (cl *Client) ServeTUN(ctx context.Context, dev PacketDevice, name string) error {
+	if len(cl.cfg.Peers) == 0 {
+		return errors.New("relay: transparent mode needs the IKE peers' addresses")
+	}
+	cl.mu.Lock()
+	cl.mode = modeTransparent
+	cl.listen = "tun " + name
+	cl.dev = dev
+	cl.deliver = cl.deliverTUN
+	cl.mu.Unlock()
+	cl.log.Info("client intercepting", "mode", modeTransparent, "device", name, "peers", fmt.Sprint(cl.cfg.Peers),
+		"tcp_port", cl.cfg.tcpPort())
+	return cl.run(ctx, dev, cl.readTUN)
+}
+
+// isPeer reports whether a is one of the configured peers.
+func (cl *Client) isPeer(a netip.Addr) bool {
+	for _, p := range cl.cfg.Peers {
+		if p.Unmap() == a {
+			return true
+		}
+	}
+	return false
+}
+
+// readTUN reads batches of the daemon's packets from the device, turns
+// each into a datagram in port-4500 form in place, and hands it to the
+// flow of its daemon and peer.
+func (cl *Client) readTUN(ctx context.Context) error {
+	batch := min(max(cl.dev.BatchSize(), 1), clientBatch)
+	dgs := make([]*datagram, batch)
+	bufs := make([][]byte, batch)
+	sizes := make([]int, batch)
+	for i := range dgs {
+		dgs[i] = cl.getDatagram()
+		bufs[i] = dgs[i].buf
+	}
+	defer func() {
+		for _, d := range dgs {
+			cl.putDatagram(d)
+		}
+	}()
+	var info packet.Info
+	for {
+		n, err := cl.dev.Read(bufs, sizes, 0)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) || errors.Is(err, errDeviceClosed) {
+				return err
+			}
+			cl.log.Warn("read from the TUN device failed", "err", err)
+			time.Sleep(10 * time.Millisecond) // do not spin on a persistent error
+			continue
+		}
+		now := time.Now().UnixNano()
+		cl.mu.Lock()
+		for i := range n {
+			d := dgs[i]
+			if err := packet.Parse(d.buf[:sizes[i]], &info); err != nil {
+				if errors.Is(err, packet.ErrTruncated) && sizes[i] == len(d.buf) {
+					// The device cut a packet longer than the buffer.
+					cl.counters.OversizedDgrams.Add(1)
+					cl.logOversize.log(cl.log, slog.LevelWarn, "intercepted packet dropped: larger than --max-datagram",
+						"max", cl.cfg.maxDatagram())
+					continue
+				}
+				cl.counters.Malformed.Add(1)
+				cl.logDrop.log(cl.log, slog.LevelWarn, "intercepted packet dropped", "err", err, "len", sizes[i])
+				continue
+			}
+			if !cl.isPeer(info.Dst) {
+				cl.counters.Foreign.Add(1)
+				cl.logDrop.log(cl.log, slog.LevelWarn, "intercepted packet for an address that is not a --peer dropped",
+					"dst", info.Dst.String())
+				continue
+			}
+			d.off, d.n = info.PayloadOffset, info.PayloadLen
+			kind := framing.KindESP
+			if info.Proto != packet.ProtoESP {
+				if info.DstPort == 500 {
+					// Port 500 carries IKE without the non-ESP marker: add it
+					// in place over the UDP header, which is done with.
+					d.off -= framing.MarkerSize
+					clear(d.buf[d.off : d.off+framing.MarkerSize])
+					d.n += framing.MarkerSize
+				}
+				kind = framing.Classify(d.buf[d.off : d.off+d.n])
+			}
+			key := flowKey{daemon: netip.AddrPortFrom(info.Src, 0), peer: info.Dst}
+			f, took := cl.takeLocked(ctx, key, d, now)
+			if f != nil {
+				f.ports.note(kind, info.Proto == packet.ProtoESP, info.SrcPort, info.DstPort)
+			}
+			if took {
+				dgs[i] = cl.getDatagram()
+				bufs[i] = dgs[i].buf
+			}
+		}
+		cl.mu.Unlock()
+	}
+}
+
+// errDeviceClosed lets a PacketDevice say it was closed without wrapping
+// net.ErrClosed; devices may return either.
+var errDeviceClosed = errors.New("device closed")
+
+// deliverTUN is transparent mode's return path: each payload becomes an
+// IP packet from the peer to the daemon's port, its headers written in
+// place in front of it (the decoder keeps packetHeadroom free), and goes
+// into the device. Packets are written one at a time because each one's
+// headers overwrite the tail of the payload before it.
+func (cl *Client) deliverTUN(f *flow, buf []byte, refs []payloadRef) error {
+	ports := f.ports.load()
+	daemon, peer := f.key.daemon.Addr(), f.key.peer
+	var one [1][]byte
+	var sent int
+	var bytes uint64
+	var lastErr error
+	for _, r := range refs {
+		end := r.off + r.n
+		var start int
+		var err error
+		switch framing.Classify(buf[r.off:end]) {
+		case framing.KindIKE:
+			off := r.off
+			if ports.ikePeer == 500 {
+				off += framing.MarkerSize // port 500 carries IKE without the marker
+			}
+			start, err = packet.PutUDP(buf[:end], off, netip.AddrPortFrom(peer, ports.ikePeer), netip.AddrPortFrom(daemon, ports.ikeDaemon))
+		case framing.KindESP:
+			if ports.espRaw {
+				start, err = packet.PutESP(buf[:end], r.off, peer, daemon)
+			} else {
+				start, err = packet.PutUDP(buf[:end], r.off, netip.AddrPortFrom(peer, ports.espPeer), netip.AddrPortFrom(daemon, ports.espDaemon))
+			}
+		default:
+			cl.counters.Malformed.Add(1)
+			continue
+		}
+		if err == nil {
+			one[0] = buf[start:end]
+			_, err = cl.dev.Write(one[:], 0)
+		}
+		if err != nil {
+			cl.counters.WriteErrors.Add(1)
+			lastErr = err
+			continue
+		}
+		sent++
+		bytes += uint64(r.n)
+	}
+	f.stats.countIn(&cl.counters, sent, bytes)
+	return lastErr
+}
+
+// daemonPorts remembers, in transparent mode, the ports the daemon last
+// used for IKE and for ESP, on its side and toward the peer, and whether
+// its ESP is raw (IP protocol 50) rather than in UDP. Replies go back the
+// way the daemon sent: a daemon on 500 gets IKE from the peer's 500
+// without the marker, one that floated to 4500 gets it from 4500 with the
+// marker.
+type daemonPorts struct {
+	v atomic.Uint64 // ikeDaemon<<48 | ikePeer<<32 | espDaemon<<16 | espPeer
+	// espRaw is set while the daemon sends raw ESP.
+	espRaw atomic.Bool
+}
+
+type portSet struct {
+	ikeDaemon, ikePeer, espDaemon, espPeer uint16
+	espRaw                                 bool
+}
+
+// note records the ports of a packet the daemon sent.
+func (p *daemonPorts) note(kind framing.Kind, rawESP bool, daemon, peer uint16) {
+	old := p.v.Load()
+	v := old
+	switch {
+	case kind == framing.KindIKE:
+		v = v&0xffffffff | uint64(daemon)<<48 | uint64(peer)<<32
+	case kind == framing.KindESP && !rawESP:
+		v = v&^0xffffffff | uint64(daemon)<<16 | uint64(peer)
+	}
+	if v != old {
+		p.v.Store(v) // one writer: the TUN reader
+	}
+	if kind == framing.KindESP && p.espRaw.Load() != rawESP {
+		p.espRaw.Store(rawESP)
+	}
+}
+
+// load returns the ports replies use, filling in what the daemon has not
+// shown yet: ESP in UDP follows IKE once IKE is on 4500, and everything
+// unknown is 4500, the NAT-T port that iketcp's TCP path resembles.
+func (p *daemonPorts) load() portSet {
+	v := p.v.Load()
+	ps := portSet{
+		ikeDaemon: uint16(v >> 48), ikePeer: uint16(v >> 32),
+		espDaemon: uint16(v >> 16), espPeer: uint16(v),
+		espRaw: p.espRaw.Load(),
+	}
+	if ps.ikePeer == 0 {
+		ps.ikeDaemon, ps.ikePeer = orDefault(ps.espDaemon, 4500), orDefault(ps.espPeer, 4500)
+	}
+	if ps.espPeer == 0 {
+		ps.espDaemon, ps.espPeer = 4500, 4500
+		if ps.ikePeer == 4500 {
+			ps.espDaemon = ps.ikeDaemon
+		}
+	}
+	return ps
+}
+
+// describe says, for Status, which of the daemon's ports are intercepted;
+// "" in explicit mode.
+func (p *daemonPorts) describe() string {
+	if p.v.Load() == 0 && !p.espRaw.Load() {
+		return ""
+	}
+	ps := p.load()
+	esp := "ESP in UDP " + strconv.Itoa(int(ps.espDaemon)) + "->" + strconv.Itoa(int(ps.espPeer))
+	if ps.espRaw {
+		esp = "ESP raw (IP protocol 50)"
+	}
+	return "IKE " + strconv.Itoa(int(ps.ikeDaemon)) + "->" + strconv.Itoa(int(ps.ikePeer)) + ", " + esp
+}
