@@ -15,6 +15,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/iketcp/iketcp/nat"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/control"
 )
@@ -52,8 +53,14 @@ func clientCommand() *cli.Command {
 		Name:  "client",
 		Usage: "relay a local IKE daemon's UDP to an iketcp server over RFC 9329 TCP",
 		Flags: append([]cli.Flag{
-			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:14500", Usage: "UDP address the IKE daemon sends to (its remote address and port)", EnvVars: envVar("listen")},
-			&cli.StringFlag{Name: "peer", Required: true, Usage: "the iketcp server, host:port", EnvVars: envVar("peer")},
+			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:14500", Usage: "explicit mode: UDP address the IKE daemon sends to (its remote address and port)", EnvVars: envVar("listen")},
+			&cli.StringSliceFlag{Name: "peer", Required: true, Usage: "explicit mode: the iketcp server, host:port; --tun: an IKE peer's address, where an iketcp server listens on --tcp-port (repeat for several)", EnvVars: envVar("peer")},
+			&cli.BoolFlag{Name: "tun", Usage: "transparent mode: intercept the unchanged daemon's UDP 500/4500 and ESP to the peers through a TUN device (needs CAP_NET_ADMIN)", EnvVars: envVar("tun")},
+			&cli.UintFlag{Name: "tcp-port", Value: 4500, Usage: "--tun: the iketcp server's TCP port on each peer", EnvVars: envVar("tcp-port")},
+			&cli.StringFlag{Name: "tun-name", Value: "iketcp0", Usage: "--tun: the TUN device's name", EnvVars: envVar("tun-name")},
+			&cli.IntFlag{Name: "tun-table", Value: 4500, Usage: "--tun: routing table for intercepted traffic (iketcp owns it: stale routes there are removed)", EnvVars: envVar("tun-table")},
+			&cli.UintFlag{Name: "tun-mark", Value: 0x4500, Usage: "--tun: fwmark on iketcp's own sockets, which bypass interception", EnvVars: envVar("tun-mark")},
+			&cli.IntFlag{Name: "tun-priority", Value: 100, Usage: "--tun: priority of iketcp's policy rules (bypass rule; interception rules at +1); must come before other rules that route the peers", EnvVars: envVar("tun-priority")},
 			&cli.IntFlag{Name: "max-flows", Value: relay.DefaultMaxFlows, Usage: "most local daemon addresses served at once", EnvVars: envVar("max-flows")},
 			&cli.DurationFlag{Name: "flow-idle", Value: relay.DefaultFlowIdle, Usage: "close a flow whose daemon has sent nothing for this long", EnvVars: envVar("flow-idle")},
 			&cli.IntFlag{Name: "queue-len", Value: relay.DefaultQueueLen, Usage: "datagrams held per flow while its connection is down or busy", EnvVars: envVar("queue-len")},
@@ -169,8 +176,7 @@ func runClient(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	cl, err := relay.NewClient(relay.ClientConfig{
-		Peer:         c.String("peer"),
+	cfg := relay.ClientConfig{
 		Logger:       log,
 		MaxFlows:     c.Int("max-flows"),
 		FlowIdle:     c.Duration("flow-idle"),
@@ -181,7 +187,19 @@ func runClient(c *cli.Context) error {
 		DialTimeout:  c.Duration("dial-timeout"),
 		ReconnectMax: c.Duration("reconnect-max"),
 		Version:      versionString(),
-	})
+	}
+	peers := c.StringSlice("peer")
+	if c.Bool("tun") {
+		return runTransparentClient(c, log, cfg, peers)
+	}
+	if len(peers) != 1 {
+		return fmt.Errorf("--peer: explicit mode takes one iketcp server (host:port), got %d", len(peers))
+	}
+	cfg.Peer = peers[0]
+	if _, _, err := net.SplitHostPort(cfg.Peer); err != nil {
+		return fmt.Errorf("--peer %q: %w (want the iketcp server's host:port, e.g. 203.0.113.2:4500; or use --tun)", cfg.Peer, err)
+	}
+	cl, err := relay.NewClient(cfg)
 	if err != nil {
 		return err
 	}
@@ -191,6 +209,81 @@ func runClient(c *cli.Context) error {
 	}
 	return serve(c.Context, log, c.String("control"), func() any { return cl.Status() },
 		func(ctx context.Context) error { return cl.Serve(ctx, pc) })
+}
+
+// runTransparentClient intercepts the daemon's traffic to peers through a
+// TUN device and relays it; the device, rules and routes are removed on
+// the way out, whatever ends the run.
+func runTransparentClient(c *cli.Context, log *slog.Logger, cfg relay.ClientConfig, peerArgs []string) error {
+	if c.IsSet("listen") {
+		return errors.New("--listen is for explicit mode; with --tun the daemon keeps its own ports")
+	}
+	port := c.Uint("tcp-port")
+	if port == 0 || port > 65535 {
+		return fmt.Errorf("--tcp-port %d: want 1 to 65535", port)
+	}
+	if c.Uint("tun-mark") == 0 || c.Uint("tun-mark") > 0xffffffff {
+		return fmt.Errorf("--tun-mark %#x: want a non-zero 32-bit mark", c.Uint("tun-mark"))
+	}
+	peers, err := resolvePeers(peerArgs)
+	if err != nil {
+		return err
+	}
+	icfg := nat.InterceptConfig{
+		Peers:    peers,
+		Name:     c.String("tun-name"),
+		Table:    c.Int("tun-table"),
+		Mark:     uint32(c.Uint("tun-mark")),
+		Priority: c.Int("tun-priority"),
+		Logger:   log,
+	}
+	tun, err := nat.Intercept(icfg)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := tun.Close(); err != nil {
+			log.Error("removing the TUN device, rules and routes", "err", err)
+		} else {
+			log.Info("interception removed", "device", tun.Name())
+		}
+	}()
+	log.Info("intercepting", "device", tun.Name(), "peers", fmt.Sprint(peers), "table", icfg.Table, "mark", fmt.Sprintf("%#x", tun.Mark()))
+	cfg.Peers = peers
+	cfg.TCPPort = uint16(port)
+	markControl := nat.SetMark(tun.Mark())
+	cfg.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		d := net.Dialer{KeepAliveConfig: relay.TCPKeepAlive, Control: markControl}
+		return d.DialContext(ctx, network, addr)
+	}
+	cl, err := relay.NewClient(cfg)
+	if err != nil {
+		return err
+	}
+	return serve(c.Context, log, c.String("control"), func() any { return cl.Status() },
+		func(ctx context.Context) error { return cl.ServeTUN(ctx, tun, tun.Name()) })
+}
+
+// resolvePeers turns --peer values into addresses, resolving names once.
+func resolvePeers(args []string) ([]netip.Addr, error) {
+	var peers []netip.Addr
+	for _, a := range args {
+		if _, _, err := net.SplitHostPort(a); err == nil {
+			return nil, fmt.Errorf("--peer %q: with --tun, --peer is the IKE peer's address; its iketcp server's port is --tcp-port", a)
+		}
+		if ip, err := netip.ParseAddr(a); err == nil {
+			peers = append(peers, ip.Unmap())
+			continue
+		}
+		ips, err := net.DefaultResolver.LookupNetIP(context.Background(), "ip", a)
+		if err != nil || len(ips) == 0 {
+			return nil, fmt.Errorf("--peer %q: not an address, and it does not resolve: %v", a, err)
+		}
+		for _, ip := range ips {
+			peers = append(peers, ip.Unmap())
+		}
+	}
+	return peers, nil
 }
 
 // resolveUDP turns host:port into an address, resolving a host name once.
