@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/iketcp/iketcp/relay"
@@ -27,6 +28,15 @@ const (
 type TunnelOptions struct {
 	// Binary is the iketcp executable to run.
 	Binary string
+	// Transparent runs `iketcp client --tun`: the site's charon keeps its
+	// normal configuration (the hub's real address, ports 500 and 4500)
+	// and iketcp intercepts its traffic. Otherwise the site's charon talks
+	// to `iketcp client` on 127.0.0.1 (explicit mode).
+	Transparent bool
+	// BeforeClient, if set, runs after both charons and the server have
+	// started and before `iketcp client` does: the moment to take a
+	// snapshot of the site's routing.
+	BeforeClient func(context.Context) error
 	// Mobike sets the IKE SA's MOBIKE; nil keeps strongSwan's default (on).
 	Mobike *bool
 	// ServerArgs and ClientArgs are appended to the iketcp command lines.
@@ -34,14 +44,20 @@ type TunnelOptions struct {
 }
 
 // Tunnel is an IKEv2 tunnel between the site's and the hub's charon,
-// carried over TCP by `iketcp client` (site) and `iketcp server` (hub):
+// carried over TCP by `iketcp client` (site) and `iketcp server` (hub).
+// In explicit mode:
 //
 //	site charon 127.0.0.1:4500 -UDP-> iketcp client 127.0.0.1:14500
 //	  =TCP 203.0.113.2:4500 through the carrier=> iketcp server -UDP-> hub charon 127.0.0.1:4500
 //
-// Neither charon knows about TCP: the site's is configured with
-// remote_addrs = 127.0.0.1, remote_port = 14500 and local_port = 4500, the
-// hub's accepts any peer.
+// the site's charon is configured with remote_addrs = 127.0.0.1,
+// remote_port = 14500 and local_port = 4500. In transparent mode:
+//
+//	site charon 100.64.0.2:500/4500 -UDP to 203.0.113.2:500/4500-> TUN -> iketcp client --tun
+//	  =TCP 203.0.113.2:4500 through the carrier=> iketcp server -UDP-> hub charon 127.0.0.1:4500
+//
+// the site's charon has remote_addrs = 203.0.113.2 and default ports.
+// Neither charon knows about TCP; the hub's accepts any peer.
 type Tunnel struct {
 	Lab            *Lab
 	Opts           TunnelOptions
@@ -75,16 +91,26 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 	if err := t.startServer(ctx); err != nil {
 		return nil, err
 	}
-	if err := t.StartClient(ctx); err != nil {
-		return nil, err
-	}
-	t.Site, err = l.StartCharon(ctx, l.Site, IKEConfig{
-		Name: TunnelName, LocalAddrs: "127.0.0.1", LocalPort: 4500,
-		RemoteAddrs: "127.0.0.1", RemotePort: ClientListenPort,
+	site := IKEConfig{
+		Name:    TunnelName,
 		LocalID: "site.iketcp.test", RemoteID: "hub.iketcp.test", PSK: TunnelPSK,
 		LocalTS: SiteInnerNet, RemoteTS: HubInnerNet, Mobike: opts.Mobike,
-	})
-	if err != nil {
+	}
+	if opts.Transparent {
+		site.RemoteAddrs = HubOuter // and default ports: nothing changed
+	} else {
+		site.LocalAddrs, site.LocalPort = "127.0.0.1", 4500
+		site.RemoteAddrs, site.RemotePort = "127.0.0.1", ClientListenPort
+	}
+	if t.Site, err = l.StartCharon(ctx, l.Site, site); err != nil {
+		return nil, err
+	}
+	if opts.BeforeClient != nil {
+		if err := opts.BeforeClient(ctx); err != nil {
+			return nil, err
+		}
+	}
+	if err := t.StartClient(ctx); err != nil {
 		return nil, err
 	}
 	return t, nil
@@ -100,11 +126,37 @@ func (t *Tunnel) startServer(ctx context.Context) (err error) {
 
 // StartClient starts `iketcp client` at the site (again, after StopClient).
 func (t *Tunnel) StartClient(ctx context.Context) (err error) {
-	t.Client, err = t.startIketcp(ctx, t.Lab.Site, t.ClientControl, append([]string{"client",
+	args := []string{"client",
 		"--listen", "127.0.0.1:" + strconv.Itoa(ClientListenPort),
 		"--peer", HubOuter + ":" + strconv.Itoa(ServerPort),
-	}, t.Opts.ClientArgs...))
+	}
+	if t.Opts.Transparent {
+		args = []string{"client", "--tun", "--peer", HubOuter, "--tcp-port", strconv.Itoa(ServerPort)}
+	}
+	t.Client, err = t.startIketcp(ctx, t.Lab.Site, t.ClientControl, append(args, t.Opts.ClientArgs...))
 	return err
+}
+
+// KillClient kills `iketcp client` with SIGKILL, as a crash would: it
+// leaves behind whatever it installed.
+func (t *Tunnel) KillClient() error { return t.Client.Kill() }
+
+// RoutingSnapshot returns what transparent mode may change in ns and must
+// restore: policy rules, routes in every table, and links, IPv4 and IPv6.
+func RoutingSnapshot(ctx context.Context, ns *Namespace) (string, error) {
+	var b strings.Builder
+	for _, args := range [][]string{
+		{"-4", "rule"}, {"-6", "rule"},
+		{"-4", "route", "show", "table", "all"}, {"-6", "route", "show", "table", "all"},
+		{"-o", "link"},
+	} {
+		out, err := ns.Run(ctx, "ip", args...)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(&b, "# ip %s\n%s", strings.Join(args, " "), out)
+	}
+	return b.String(), nil
 }
 
 // startIketcp runs iketcp with args in ns, logging at debug level to a
