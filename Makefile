@@ -78,11 +78,15 @@ unit:
 alloc:
 	$(GO) test -count=1 -run 'Allocate' ./...
 
-# Each fuzz target for a short while; findings land in testdata/fuzz.
+# Each fuzz target of each package that has some, for a short while;
+# findings land in that package's testdata/fuzz.
+FUZZ_PACKAGES := ./framing ./nat/packet
 fuzz:
-	@for target in $$($(GO) test -list 'Fuzz.*' ./framing | grep ^Fuzz); do \
-		echo "fuzz $$target ($(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) ./framing || exit 1; \
+	@for pkg in $(FUZZ_PACKAGES); do \
+		for target in $$($(GO) test -list 'Fuzz.*' $$pkg | grep ^Fuzz); do \
+			echo "fuzz $$pkg $$target ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
 	done
 
 test: deps lint unit alloc fuzz
@@ -92,7 +96,7 @@ test: deps lint unit alloc fuzz
 # Benchmarks, then each variant's throughput as a ratio to the baseline
 # measured in the same run (median over BENCHCOUNT runs).
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./relay/... | tee $(BIN)/bench.txt
+	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./nat/packet ./relay/... | tee $(BIN)/bench.txt
 	@awk "$$BENCH_RATIOS" $(BIN)/bench.txt
 
 demo: deps build
