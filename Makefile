@@ -1,6 +1,7 @@
 # iketcp: carry IKEv2 and ESP over TCP (RFC 9329).
 #
 #   make demo    a real strongSwan tunnel through a UDP-blocking carrier
+#                (make demo-transparent: the same with the daemon unchanged)
 #   make test    everything CI checks: lint, unit, race, fuzz, integration
 #   make bench   benchmarks, with each one's ratio to its baseline
 #
@@ -48,7 +49,7 @@ END {
 endef
 export BENCH_RATIOS
 
-.PHONY: all build deps lint test unit alloc fuzz bench demo clean
+.PHONY: all build deps lint test unit alloc fuzz bench demo demo-transparent clean
 
 all: build
 
@@ -101,6 +102,10 @@ bench:
 
 demo: deps build
 	$(BIN)/iketcp-lab demo --iketcp $(BIN)/iketcp
+
+# The same through transparent mode: the site's strongSwan unchanged.
+demo-transparent: deps build
+	$(BIN)/iketcp-lab demo --transparent --iketcp $(BIN)/iketcp
 
 clean:
 	rm -rf $(BIN)

@@ -1,11 +1,18 @@
 package relay
 
 import (
+	"bytes"
+	"context"
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
+	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/nat"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
@@ -35,6 +42,73 @@ func BenchmarkRelay(b *testing.B) {
 		r.establish(0x4242, 0xc9, 0xd9)
 		measureFlow(b, r.site, r.backend)
 	})
+	b.Run("iketcp-transparent", func(b *testing.B) {
+		r := newRig(b, rigOptions{noCl: true})
+		measureFlow(b, startTransparentClient(b, r), r.backend)
+	})
+}
+
+// startTransparentClient starts a client in transparent mode whose TUN
+// device and rules live in a private network namespace, together with a
+// "daemon" socket there (100.64.0.2:4500) connected to the peer
+// 203.0.113.2:4500, so that its datagrams enter the TUN. The client's
+// connections, the server and the backend stay in the test's own
+// namespace on loopback (the client dials the rig's server whatever the
+// peer's address). It runs one IKE exchange so the session exists, and
+// returns the daemon's socket.
+func startTransparentClient(tb testing.TB, r *rig) *net.UDPConn {
+	daemonAddr := netip.MustParseAddrPort("100.64.0.2:4500")
+	peer := netip.MustParseAddr("203.0.113.2")
+	var tun *nat.Interceptor
+	var daemon *net.UDPConn
+	inPrivateNetns(tb, func() error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		addr, _ := netlink.ParseAddr(daemonAddr.Addr().String() + "/32")
+		if err := netlink.AddrAdd(lo, addr); err != nil {
+			return err
+		}
+		if tun, err = nat.Intercept(nat.InterceptConfig{Peers: []netip.Addr{peer}, Logger: testLogger(tb)}); err != nil {
+			return err
+		}
+		daemon, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(daemonAddr), net.UDPAddrFromAddrPort(netip.AddrPortFrom(peer, 4500)))
+		if err != nil {
+			tun.Close()
+			return err
+		}
+		growSocketBuffers(daemon)
+		return nil
+	})
+	tb.Cleanup(func() { daemon.Close(); tun.Close() })
+	cl, err := NewClient(ClientConfig{
+		Peers: []netip.Addr{peer}, Logger: testLogger(tb),
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, r.srvAddr)
+		},
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- cl.ServeTUN(ctx, tun, tun.Name()) }()
+	tb.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			tb.Errorf("ServeTUN: %v", err)
+		}
+	})
+	ike := ikeDatagram(0x4343, 0, framing.IKESAInit, framing.FlagInitiator, 200)
+	if _, err := daemon.Write(ike); err != nil {
+		tb.Fatal(err)
+	}
+	if got, _ := recv(tb, r.backend); !bytes.Equal(got, ike) {
+		tb.Fatal("the IKE message from the daemon did not come through the TUN")
+	}
+	return daemon
 }
 
 // measureFlow sends b.N datagrams on tx and receives them on rx, both in

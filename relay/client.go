@@ -133,6 +133,7 @@ type Client struct {
 	mu     sync.Mutex // guards the following
 	listen string
 	flows  map[flowKey]*flow
+	msg    framing.Message // takeLocked's scratch
 
 	wg sync.WaitGroup // every goroutine the client starts
 
@@ -221,35 +222,44 @@ func (cl *Client) run(ctx context.Context, closer io.Closer, ingress func(contex
 	return err
 }
 
-// takeLocked hands a datagram of the daemon's, in port-4500 form in p, to
-// the flow for key, starting the flow if needed. It
-// reports the flow and whether the flow took p; if not, p stays the
-// caller's. Keepalives only show the flow is alive (RFC 9329 6.6: NAT
+// takeLocked hands a datagram of the daemon's, in port-4500 form in d, to
+// the flow for key, starting the flow if needed. It reports the flow, the
+// datagram's kind and whether the flow took d; if not, d stays the
+// caller's. A datagram that is not a well-formed IKE message, ESP packet
+// or keepalive is counted and dropped here, so it never starts a flow or
+// a connection. Keepalives only show the flow is alive (RFC 9329 6.6: NAT
 // keepalives are not sent over TCP; the connection's own keepalives
 // refresh the path). cl.mu must be held.
-func (cl *Client) takeLocked(ctx context.Context, key flowKey, p *datagram, now int64) (*flow, bool) {
+func (cl *Client) takeLocked(ctx context.Context, key flowKey, d *datagram, now int64) (*flow, framing.Kind, bool) {
+	if err := cl.msg.Decode(d.buf[d.off : d.off+d.n]); err != nil {
+		cl.counters.Malformed.Add(1)
+		cl.logDrop.log(cl.log, slog.LevelWarn, "datagram from the daemon dropped: not IKE, ESP or a keepalive",
+			"from", key.daemon.String(), "len", d.n, "err", err)
+		return nil, framing.KindInvalid, false
+	}
+	kind := cl.msg.Kind
 	f := cl.flows[key]
-	if p.n == 1 && p.buf[p.off] == framing.KeepaliveByte {
+	if kind == framing.KindKeepalive {
 		cl.counters.KeepalivesDropped.Add(1)
 		if f != nil {
 			f.lastLocal.Store(now)
 		}
-		return f, false
+		return f, kind, false
 	}
 	if f == nil {
 		if f = cl.newFlowLocked(ctx, key); f == nil {
-			return nil, false
+			return nil, kind, false
 		}
 	}
 	f.lastLocal.Store(now)
 	select {
-	case f.queue <- p:
-		return f, true
+	case f.queue <- d:
+		return f, kind, true
 	default:
 		cl.counters.QueueFull.Add(1)
 		cl.logDrop.log(cl.log, slog.LevelWarn, "datagram dropped: flow queue full (connection down or too slow)",
 			"flow", f.id, "queue", cap(f.queue))
-		return f, false
+		return f, kind, false
 	}
 }
 

@@ -112,19 +112,15 @@ func (cl *Client) readTUN(ctx context.Context) error {
 				continue
 			}
 			d.off, d.n = info.PayloadOffset, info.PayloadLen
-			kind := framing.KindESP
-			if info.Proto != packet.ProtoESP {
-				if info.DstPort == 500 {
-					// Port 500 carries IKE without the non-ESP marker: add it
-					// in place over the UDP header, which is done with.
-					d.off -= framing.MarkerSize
-					clear(d.buf[d.off : d.off+framing.MarkerSize])
-					d.n += framing.MarkerSize
-				}
-				kind = framing.Classify(d.buf[d.off : d.off+d.n])
+			if info.Proto != packet.ProtoESP && info.DstPort == 500 {
+				// Port 500 carries IKE without the non-ESP marker: add it in
+				// place over the UDP header, which is done with.
+				d.off -= framing.MarkerSize
+				clear(d.buf[d.off : d.off+framing.MarkerSize])
+				d.n += framing.MarkerSize
 			}
 			key := flowKey{daemon: netip.AddrPortFrom(info.Src, 0), peer: info.Dst}
-			f, took := cl.takeLocked(ctx, key, d, now)
+			f, kind, took := cl.takeLocked(ctx, key, d, now)
 			if f != nil {
 				f.ports.note(kind, info.Proto == packet.ProtoESP, info.SrcPort, info.DstPort)
 			}

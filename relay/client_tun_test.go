@@ -284,3 +284,39 @@ func TestTransparentModeDropsOversizedPackets(t *testing.T) {
 		t.Fatal("the oversized packet was counted as malformed")
 	}
 }
+
+// TestTransparentModeDropsGarbage checks that intercepted datagrams that
+// are not IKE, ESP or keepalives (a stray program writing to the peer's
+// port 500 or 4500) are counted and dropped at the client, and never
+// start a flow or a connection.
+func TestTransparentModeDropsGarbage(t *testing.T) {
+	r := newRig(t, rigOptions{noCl: true})
+	src, peer := netip.MustParseAddr("100.64.0.2"), netip.MustParseAddr("203.0.113.2")
+	cl, err := NewClient(ClientConfig{
+		Peers: []netip.Addr{peer}, Logger: testLogger(t),
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, r.srvAddr)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := newFakeTUN()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- cl.ServeTUN(ctx, dev, "faketun0") }()
+	defer func() { cancel(); <-done }()
+	for _, port := range []uint16{500, 4500} {
+		dev.send(t, netip.AddrPortFrom(src, 40000), netip.AddrPortFrom(peer, port), make([]byte, 64)) // zeros: marker, no IKEv2 header
+	}
+	dev.send(t, netip.AddrPortFrom(src, 40000), netip.AddrPortFrom(peer, 4500), []byte{1, 2, 3}) // too short for ESP
+	eventually(t, "malformed", func() bool { return counter(cl.Counters(), "malformed") == 3 })
+	if n := len(cl.Status().Sessions); n != 0 {
+		t.Fatalf("garbage started %d flows", n)
+	}
+	expectNothing(t, r.backend, "garbage")
+	if counter(cl.Counters(), "conns_dialed") != 0 {
+		t.Fatal("garbage opened a connection")
+	}
+}

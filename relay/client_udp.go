@@ -79,7 +79,7 @@ func (cl *Client) readLocal(ctx context.Context) error {
 			}
 			d := dgs[i]
 			d.off, d.n = packetHeadroom, m.N
-			if _, took := cl.takeLocked(ctx, flowKey{daemon: m.Addr}, d, now); took {
+			if _, _, took := cl.takeLocked(ctx, flowKey{daemon: m.Addr}, d, now); took {
 				dgs[i] = cl.getDatagram()
 				m.Buf = dgs[i].buf[packetHeadroom:]
 			}

@@ -44,6 +44,7 @@ func main() {
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "iketcp", Value: defaultBinary(), Usage: "the iketcp binary to run"},
 					&cli.BoolFlag{Name: "keep", Usage: "keep the lab up until Ctrl-C, to explore it"},
+					&cli.BoolFlag{Name: "transparent", Usage: "transparent mode: the site's strongSwan keeps its normal configuration and iketcp client --tun intercepts its traffic"},
 				},
 				Action: runDemo,
 			},
@@ -119,7 +120,7 @@ hub   (strongSwan, iketcp server)   lo 192.0.2.1      h0 203.0.113.2/24`))
 			fmt.Fprintln(os.Stderr, "teardown:", err)
 		}
 	}()
-	err = demo(setup, l, bin)
+	err = demo(setup, l, bin, c.Bool("transparent"))
 	if err == nil && c.Bool("keep") {
 		keep(ctx, l, bin)
 	}
@@ -129,41 +130,45 @@ hub   (strongSwan, iketcp server)   lo 192.0.2.1      h0 203.0.113.2/24`))
 	return err
 }
 
-func demo(ctx context.Context, l *lab.Lab, bin string) error {
+func demo(ctx context.Context, l *lab.Lab, bin string, transparent bool) error {
 	if err := l.BlockUDP(ctx); err != nil {
 		return err
 	}
-	before, err := l.UDPDropped(ctx)
-	if err != nil {
-		return err
-	}
-	say("The carrier drops UDP: probing the hub's IKE ports 500 and 4500 from the site")
-	for _, port := range []string{"500", "4500"} {
-		if c, err := l.Site.Dial(ctx, "udp", lab.HubOuter+":"+port); err == nil {
-			c.Write(make([]byte, 64))
-			c.Close()
-		}
-	}
-	time.Sleep(200 * time.Millisecond)
-	after, err := l.UDPDropped(ctx)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("    carrier's udp_dropped counter: %d -> %d\n", before, after)
-
 	capture, err := l.Carrier.Capture(ctx, lab.CarrierHubIface, "tcp port 4500", filepath.Join(l.Dir, "carrier.pcap"))
 	if err != nil {
 		return err
 	}
 	say("Starting strongSwan on both ends, iketcp server on the hub and iketcp client at the site")
-	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{Binary: bin})
+	var rulesBefore string
+	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{
+		Binary:      bin,
+		Transparent: transparent,
+		BeforeClient: func(ctx context.Context) error {
+			out, err := l.Site.Run(ctx, "ip", "rule")
+			rulesBefore = string(out)
+			return err
+		},
+	})
 	if err != nil {
 		return err
 	}
-	fmt.Println(indent(fmt.Sprintf(`hub:  iketcp server --listen %s:%d --backend 127.0.0.1:4500
+	if transparent {
+		fmt.Println(indent(fmt.Sprintf(`hub:  iketcp server --listen %s:%d --backend 127.0.0.1:4500
+site: iketcp client --tun --peer %s
+site strongSwan: unchanged: remote_addrs = %s, default ports 500/4500 (MOBIKE on)`,
+			lab.HubOuter, lab.ServerPort, lab.HubOuter, lab.HubOuter)))
+		say("The policy rules iketcp added at the site (ip rule)")
+		out, err := l.Site.Run(ctx, "ip", "rule")
+		if err != nil {
+			return err
+		}
+		fmt.Println(indent(string(out)))
+	} else {
+		fmt.Println(indent(fmt.Sprintf(`hub:  iketcp server --listen %s:%d --backend 127.0.0.1:4500
 site: iketcp client --listen 127.0.0.1:%d --peer %s:%d
 site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (MOBIKE on)`,
-		lab.HubOuter, lab.ServerPort, lab.ClientListenPort, lab.HubOuter, lab.ServerPort, lab.ClientListenPort)))
+			lab.HubOuter, lab.ServerPort, lab.ClientListenPort, lab.HubOuter, lab.ServerPort, lab.ClientListenPort)))
+	}
 
 	say("Initiating the IKE SA from the site (swanctl --initiate)")
 	start := time.Now()
@@ -171,8 +176,8 @@ site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (
 	if err != nil {
 		return err
 	}
-	fmt.Printf("    %s in %v: IKE SA %s/%s, child INSTALLED, UDP-encapsulated ESP\n",
-		sa.State, time.Since(start).Round(time.Millisecond), sa.InitiatorSPI, sa.ResponderSPI)
+	fmt.Printf("    %s in %v: IKE SA %s/%s, site %s -> %s, child INSTALLED, UDP-encapsulated ESP\n",
+		sa.State, time.Since(start).Round(time.Millisecond), sa.InitiatorSPI, sa.ResponderSPI, sa.LocalHost, sa.RemoteHost)
 
 	say("Pinging %s -> %s through the tunnel", lab.SiteInner, lab.HubInner)
 	got, err := tun.PingThrough(ctx, 5, 200*time.Millisecond)
@@ -183,10 +188,41 @@ site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (
 	if got == 0 {
 		return errors.New("no ping crossed the tunnel")
 	}
+	leaked, err := l.UDPDropped(ctx)
+	if err != nil {
+		return err
+	}
+
+	probePorts := []string{"500", "4500"}
+	if transparent {
+		// iketcp would intercept a probe to 500 or 4500, as it should.
+		probePorts = []string{"5000", "5001"}
+		say("The carrier drops UDP: probing the hub's UDP ports 5000 and 5001 from the site " +
+			"(iketcp intercepts only 500 and 4500)")
+	} else {
+		say("The carrier drops UDP: probing the hub's IKE ports 500 and 4500 from the site")
+	}
+	for _, port := range probePorts {
+		if c, err := l.Site.Dial(ctx, "udp", lab.HubOuter+":"+port); err == nil {
+			c.Write(make([]byte, 64))
+			c.Close()
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	probed, err := l.UDPDropped(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("    carrier's udp_dropped counter: %d -> %d\n", leaked, probed)
 
 	say("iketcp status on the hub")
 	text, err := tun.StatusText(ctx, l.Hub, tun.ServerControl)
 	if err != nil {
+		return err
+	}
+	fmt.Println(indent(text))
+	say("iketcp status at the site")
+	if text, err = tun.StatusText(ctx, l.Site, tun.ClientControl); err != nil {
 		return err
 	}
 	fmt.Println(indent(text))
@@ -215,7 +251,6 @@ site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (
 		return err
 	}
 	prefix, _ := lab.FirstTCPPayload(capture.Path, lab.ServerPort, len(framing.Prefix))
-	dropped, _ := l.UDPDropped(ctx)
 	tcp, _ := l.TCPForwarded(ctx)
 	st, err := tun.ServerStatus(ctx)
 	if err != nil {
@@ -226,9 +261,28 @@ site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (
 		backend = st.Sessions[0].Local
 	}
 
+	// charon logs each packet twice; the line with its size is the one.
+	from500 := tun.Site.CountInLog("sending packet: from " + lab.SiteOuter + "[500] to " + lab.HubOuter + "[500] (")
+	restored := ""
+	if transparent {
+		say("Stopping iketcp client (SIGTERM): it removes its device, rules and routes")
+		if err := tun.StopClient(); err != nil {
+			return err
+		}
+		out, err := l.Site.Run(ctx, "ip", "rule")
+		if err != nil {
+			return err
+		}
+		fmt.Println(indent(string(out)))
+		restored = "different from"
+		if string(out) == rulesBefore {
+			restored = "the same as"
+		}
+	}
+
 	say("What to notice")
-	fmt.Println(indent(fmt.Sprintf(`- Neither strongSwan knows about TCP: both speak UDP 4500 to a local iketcp.
-  The carrier dropped every UDP packet (%d) and forwarded %d TCP packets.
+	notes := fmt.Sprintf(`- Neither strongSwan knows about TCP. The carrier forwarded %d TCP packets and
+  dropped every UDP packet it saw (%d, all of them the probes above).
 - The TCP stream on the carrier begins with %q, RFC 9329's prefix, then
   length-framed IKE and ESP.
 - The hub's strongSwan sees its peer at %s: the iketcp server's own socket
@@ -237,9 +291,21 @@ site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (
 - NAT keepalives stay off the TCP stream (RFC 9329 6.6); TCP keepalives
   refresh the carrier's NAT mapping instead.
 - iketcp status prints each session like FortiOS's "diagnose vpn ike
-  gateway list"; iketcp status --json gives the same for scripts.
+  gateway list"; iketcp status --json gives the same for scripts.`, tcp, probed, prefix, backend)
+	if transparent {
+		notes += fmt.Sprintf(`
+- Transparent mode: the site's strongSwan kept its normal configuration.
+  It sent %d packet(s) from port 500 to %s:500 (IKE_SA_INIT), detected NAT
+  and floated to 4500 (its SA shows %s -> %s). All of it went into
+  iketcp's TUN device: %d of its UDP packets reached the carrier.
+- iketcp's rules pick only UDP 500/4500 and ESP to the peer, at priority
+  100/101, before strongSwan's table 220. After iketcp exited, ip rule was
+  %s before it started.`, from500, lab.HubOuter, sa.LocalHost, sa.RemoteHost, leaked, restored)
+	}
+	notes += `
 - Run with --keep to explore the lab (capture, logs, namespaces) before
-  it is torn down.`, dropped, tcp, prefix, backend)))
+  it is torn down.`
+	fmt.Println(indent(notes))
 	return nil
 }
 
