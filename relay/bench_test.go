@@ -2,7 +2,6 @@ package relay
 
 import (
 	"bytes"
-	"context"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -82,25 +81,7 @@ func startTransparentClient(tb testing.TB, r *rig) *net.UDPConn {
 		return nil
 	})
 	tb.Cleanup(func() { daemon.Close(); tun.Close() })
-	cl, err := NewClient(ClientConfig{
-		Peers: []netip.Addr{peer}, Logger: testLogger(tb),
-		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, r.srvAddr)
-		},
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- cl.ServeTUN(ctx, tun, tun.Name()) }()
-	tb.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			tb.Errorf("ServeTUN: %v", err)
-		}
-	})
+	serveTUN(tb, r, ClientConfig{Peers: []netip.Addr{peer}}, tun)
 	ike := ikeDatagram(0x4343, 0, framing.IKESAInit, framing.FlagInitiator, 200)
 	if _, err := daemon.Write(ike); err != nil {
 		tb.Fatal(err)

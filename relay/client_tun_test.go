@@ -105,6 +105,34 @@ func (d *fakeTUN) reply(t testing.TB) (packet.Info, []byte) {
 	}
 }
 
+// serveTUN starts a transparent-mode client on dev for the test's life.
+// Unless cfg has a Dial, the client dials the rig's server, whatever the
+// peer's address.
+func serveTUN(tb testing.TB, r *rig, cfg ClientConfig, dev PacketDevice) *Client {
+	tb.Helper()
+	cfg.Logger = testLogger(tb)
+	if cfg.Dial == nil {
+		cfg.Dial = func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, r.srvAddr)
+		}
+	}
+	cl, err := NewClient(cfg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- cl.ServeTUN(ctx, dev, "tun-under-test") }()
+	tb.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			tb.Errorf("ServeTUN: %v", err)
+		}
+	})
+	return cl
+}
+
 func TestTransparentMode(t *testing.T) {
 	for _, tc := range []struct{ name, daemon, peer, backendIP string }{
 		{"IPv4", "100.64.0.2", "203.0.113.2", "127.0.0.1"},
@@ -115,8 +143,9 @@ func TestTransparentMode(t *testing.T) {
 			r := newRig(t, rigOptions{ip: tc.backendIP, noCl: true})
 			var dialed []string
 			var mu sync.Mutex
-			cl, err := NewClient(ClientConfig{
-				Peers: []netip.Addr{peer}, TCPPort: 4500, Logger: testLogger(t),
+			dev := newFakeTUN()
+			cl := serveTUN(t, r, ClientConfig{
+				Peers: []netip.Addr{peer}, TCPPort: 4500,
 				Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 					mu.Lock()
 					dialed = append(dialed, addr)
@@ -124,20 +153,7 @@ func TestTransparentMode(t *testing.T) {
 					var d net.Dialer
 					return d.DialContext(ctx, network, r.srvAddr) // the peer's server, here on loopback
 				},
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			dev := newFakeTUN()
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			go func() { done <- cl.ServeTUN(ctx, dev, "faketun0") }()
-			defer func() {
-				cancel()
-				if err := <-done; err != nil {
-					t.Errorf("ServeTUN: %v", err)
-				}
-			}()
+			}, dev)
 
 			// IKE_SA_INIT from port 500: no marker on the wire, so the
 			// client adds it.
@@ -256,21 +272,8 @@ func TestDaemonPortsDefaults(t *testing.T) {
 func TestTransparentModeDropsOversizedPackets(t *testing.T) {
 	r := newRig(t, rigOptions{noCl: true})
 	daemon, peer := netip.MustParseAddr("100.64.0.2"), netip.MustParseAddr("203.0.113.2")
-	cl, err := NewClient(ClientConfig{
-		Peers: []netip.Addr{peer}, MaxDatagram: 1500, Logger: testLogger(t),
-		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, r.srvAddr)
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
 	dev := newFakeTUN()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- cl.ServeTUN(ctx, dev, "faketun0") }()
-	defer func() { cancel(); <-done }()
+	cl := serveTUN(t, r, ClientConfig{Peers: []netip.Addr{peer}, MaxDatagram: 1500}, dev)
 
 	src, dst := netip.AddrPortFrom(daemon, 4500), netip.AddrPortFrom(peer, 4500)
 	dev.send(t, src, dst, espDatagram(0xc1, 1, 3000))
@@ -292,21 +295,8 @@ func TestTransparentModeDropsOversizedPackets(t *testing.T) {
 func TestTransparentModeDropsGarbage(t *testing.T) {
 	r := newRig(t, rigOptions{noCl: true})
 	src, peer := netip.MustParseAddr("100.64.0.2"), netip.MustParseAddr("203.0.113.2")
-	cl, err := NewClient(ClientConfig{
-		Peers: []netip.Addr{peer}, Logger: testLogger(t),
-		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, r.srvAddr)
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
 	dev := newFakeTUN()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- cl.ServeTUN(ctx, dev, "faketun0") }()
-	defer func() { cancel(); <-done }()
+	cl := serveTUN(t, r, ClientConfig{Peers: []netip.Addr{peer}}, dev)
 	for _, port := range []uint16{500, 4500} {
 		dev.send(t, netip.AddrPortFrom(src, 40000), netip.AddrPortFrom(peer, port), make([]byte, 64)) // zeros: marker, no IKEv2 header
 	}
