@@ -2,20 +2,21 @@ package relay
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
@@ -48,6 +49,20 @@ type ClientConfig struct {
 	Peers []netip.Addr
 	// TCPPort is the iketcp server's port on each of Peers (default 4500).
 	TCPPort uint16
+	// Transport is how flows reach the peer: ModeTCP (the default, RFC
+	// 9329 to the iketcp server), ModeUDP (datagrams to the peer's UDPPort:
+	// a plain NAT-T relay), or ModeFallback (UDP first, TCP when UDP stays
+	// unanswered for FallbackThreshold; with Race, TCP alongside UDP after
+	// the first unanswered retransmission).
+	Transport         fallback.Mode
+	FallbackThreshold time.Duration
+	Race              bool
+	// UDPPort is the peer's UDP NAT-T port for the UDP transport (default
+	// 4500): the IKE daemon's own, not iketcp's.
+	UDPPort uint16
+	// Control, if set, is applied to every socket the client opens toward
+	// a peer (transparent mode marks them to bypass its interception).
+	Control func(network, address string, c syscall.RawConn) error
 	Logger  *slog.Logger
 	// MaxFlows bounds local flows (daemon addresses) served at once.
 	MaxFlows int
@@ -93,6 +108,7 @@ func (c *ClientConfig) connBuffer() int {
 }
 
 func (c *ClientConfig) tcpPort() uint16 { return orDefault(c.TCPPort, 4500) }
+func (c *ClientConfig) udpPort() uint16 { return orDefault(c.UDPPort, 4500) }
 
 func (c *ClientConfig) dial(ctx context.Context, addr string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.dialTimeout())
@@ -100,7 +116,7 @@ func (c *ClientConfig) dial(ctx context.Context, addr string) (net.Conn, error) 
 	if c.Dial != nil {
 		return c.Dial(ctx, "tcp", addr)
 	}
-	d := net.Dialer{KeepAliveConfig: TCPKeepAlive}
+	d := net.Dialer{KeepAliveConfig: TCPKeepAlive, Control: c.Control}
 	return d.DialContext(ctx, "tcp", addr)
 }
 
@@ -125,15 +141,16 @@ type Client struct {
 	nextID atomic.Uint64
 
 	// Set once by Serve or ServeTUN before any flow starts.
-	mode    string                                                 // modeExplicit or modeTransparent
-	deliver func(f *flow, buf []byte, payloads []payloadRef) error // the return path to the daemon
-	udp     *udpbatch.Conn                                         // explicit mode's socket
-	dev     PacketDevice                                           // transparent mode's device
+	mode    string                                                         // modeExplicit or modeTransparent
+	deliver func(f *flow, ps []payload, scratch *[]udpbatch.Message) error // the return path to the daemon
+	udp     *udpbatch.Conn                                                 // explicit mode's socket
+	dev     PacketDevice                                                   // transparent mode's device
 
-	mu     sync.Mutex // guards the following
-	listen string
-	flows  map[flowKey]*flow
-	msg    framing.Message // takeLocked's scratch
+	mu       sync.Mutex // guards the following
+	listen   string
+	flows    map[flowKey]*flow
+	msg      framing.Message // takeLocked's scratch
+	udpSends []*flow         // flows with datagrams waiting in udpOut for flushUDPLocked
 
 	wg sync.WaitGroup // every goroutine the client starts
 
@@ -163,8 +180,12 @@ func (p *datagram) frame() []byte {
 	return p.buf[p.off-framing.LengthSize : p.off+p.n]
 }
 
-// payloadRef locates a payload in a decoder's buffer.
-type payloadRef struct{ off, n int }
+// payload is a datagram for the daemon at buf[off:off+n], in port-4500
+// form, with buf[:off] free for the headers a return path writes in place.
+type payload struct {
+	buf    []byte
+	off, n int
+}
 
 // NewClient returns a client for cfg.
 func NewClient(cfg ClientConfig) (*Client, error) {
@@ -222,14 +243,18 @@ func (cl *Client) run(ctx context.Context, closer io.Closer, ingress func(contex
 	return err
 }
 
-// takeLocked hands a datagram of the daemon's, in port-4500 form in d, to
-// the flow for key, starting the flow if needed. It reports the flow, the
-// datagram's kind and whether the flow took d; if not, d stays the
-// caller's. A datagram that is not a well-formed IKE message, ESP packet
-// or keepalive is counted and dropped here, so it never starts a flow or
-// a connection. Keepalives only show the flow is alive (RFC 9329 6.6: NAT
-// keepalives are not sent over TCP; the connection's own keepalives
-// refresh the path). cl.mu must be held.
+// takeLocked routes a datagram of the daemon's, in port-4500 form in d,
+// for the flow of key, starting the flow if needed. The flow's transport
+// machine says where it goes. UDP sends wait in the flow's udpOut until
+// flushUDPLocked, at the end of the caller's batch, so d stays the
+// caller's until then. TCP takes d. It reports the flow, the datagram's
+// kind and whether d was taken.
+//
+// A datagram that is not a well-formed IKE message, ESP packet or
+// keepalive is counted and dropped here, so it never starts a flow or a
+// connection. NAT keepalives go out on UDP, whose path they keep open, and
+// never on TCP (RFC 9329 6.6: the connection's own keepalives refresh
+// that path). cl.mu must be held.
 func (cl *Client) takeLocked(ctx context.Context, key flowKey, d *datagram, now int64) (*flow, framing.Kind, bool) {
 	if err := cl.msg.Decode(d.buf[d.off : d.off+d.n]); err != nil {
 		cl.counters.Malformed.Add(1)
@@ -240,10 +265,14 @@ func (cl *Client) takeLocked(ctx context.Context, key flowKey, d *datagram, now 
 	kind := cl.msg.Kind
 	f := cl.flows[key]
 	if kind == framing.KindKeepalive {
-		cl.counters.KeepalivesDropped.Add(1)
 		if f != nil {
 			f.lastLocal.Store(now)
+			if route, _ := f.current(); route&fallback.UDP != 0 {
+				cl.queueUDPLocked(f, d)
+				return f, kind, false
+			}
 		}
+		cl.counters.KeepalivesDropped.Add(1)
 		return f, kind, false
 	}
 	if f == nil {
@@ -252,6 +281,24 @@ func (cl *Client) takeLocked(ctx context.Context, key flowKey, d *datagram, now 
 		}
 	}
 	f.lastLocal.Store(now)
+	route := f.outbound(time.Unix(0, now), &cl.msg)
+	if route&fallback.UDP != 0 {
+		if route&fallback.TCP != 0 {
+			// Racing: this datagram also goes to TCP, which takes the
+			// buffer, so it leaves on UDP now rather than at the flush.
+			cl.sendUDPNow(f, d)
+		} else {
+			cl.queueUDPLocked(f, d)
+		}
+	}
+	if route&fallback.TCP == 0 {
+		return f, kind, false
+	}
+	if !f.tcpStarted {
+		f.tcpStarted = true
+		cl.wg.Add(1)
+		go cl.runFlow(f)
+	}
 	select {
 	case f.queue <- d:
 		return f, kind, true
@@ -276,20 +323,20 @@ func (cl *Client) newFlowLocked(ctx context.Context, key flowKey) *flow {
 		return nil
 	}
 	f := &flow{
-		cl:      cl,
-		id:      cl.nextID.Add(1),
-		key:     key,
-		dial:    dial,
-		created: time.Now(),
-		queue:   make(chan *datagram, cl.cfg.queueLen()),
-		out:     make([]udpbatch.Message, 0, clientBatch),
+		cl:        cl,
+		id:        cl.nextID.Add(1),
+		key:       key,
+		dial:      dial,
+		udpTarget: cl.udpTarget(key),
+		created:   time.Now(),
+		queue:     make(chan *datagram, cl.cfg.queueLen()),
+		transport: fallback.New(fallback.Config{Mode: cl.cfg.Transport, Threshold: cl.cfg.FallbackThreshold, Race: cl.cfg.Race}),
 	}
 	f.ctx, f.cancel = context.WithCancel(ctx)
 	cl.flows[key] = f
 	cl.counters.SessionsCreated.Add(1)
-	cl.log.Info("flow started", "flow", f.id, "mode", cl.mode, "daemon", key.daemon.String(), "peer", dial)
-	cl.wg.Add(1)
-	go cl.runFlow(f)
+	cl.log.Info("flow started", "flow", f.id, "mode", cl.mode, "transport", cl.cfg.Transport.String(),
+		"daemon", key.daemon.String(), "peer", dial)
 	return f
 }
 
@@ -322,17 +369,19 @@ const (
 	stateWaiting
 )
 
-// flow is one daemon (toward one peer, in transparent mode) and the
-// connection that carries it.
+// flow is one daemon (toward one peer, in transparent mode) and the paths
+// that carry it: an RFC 9329 connection, a UDP socket, or both, as its
+// transport machine decides.
 type flow struct {
-	cl      *Client
-	id      uint64
-	key     flowKey
-	dial    string // the iketcp server, host:port
-	created time.Time
-	queue   chan *datagram
-	ctx     context.Context // ends the flow
-	cancel  context.CancelFunc
+	cl        *Client
+	id        uint64
+	key       flowKey
+	dial      string // the iketcp server, host:port
+	udpTarget string // the peer's UDP NAT-T address, host:port
+	created   time.Time
+	queue     chan *datagram
+	ctx       context.Context // ends the flow
+	cancel    context.CancelFunc
 
 	lastLocal atomic.Int64 // unix ns of the daemon's last datagram
 	lastPeer  atomic.Int64 // unix ns of the last frame from the peer
@@ -342,248 +391,68 @@ type flow struct {
 	book      saBook
 	ports     daemonPorts // transparent mode: where replies go
 
-	out []udpbatch.Message // explicit mode's scratch for the return path, used by readPeer only
+	// tmu guards transport, which the ingress and both paths' readers use.
+	tmu       sync.Mutex
+	transport *fallback.Machine
+
+	// Guarded by cl.mu.
+	tcpStarted bool               // runFlow is running
+	udpOut     []udpbatch.Message // UDP sends waiting for flushUDPLocked
+
+	udp atomic.Pointer[udpPath] // opened on the first UDP send
 
 	mu   sync.Mutex // guards the following
 	peer string     // remote address of the current connection
 }
 
-func (f *flow) stop() { f.cancel() }
-
-// drain returns queued packets to the pool as runFlow ends.
-func (f *flow) drain() {
-	for {
-		select {
-		case p := <-f.queue:
-			f.cl.putDatagram(p)
-		default:
-			return
-		}
+// stop ends the flow: its TCP path, and its UDP path, whose socket it
+// closes.
+func (f *flow) stop() {
+	f.cancel()
+	if u := f.udp.Load(); u != nil {
+		u.bc.Close()
 	}
 }
 
-// runFlow keeps a connection to the peer for the flow, reconnecting with
-// backoff, and writes the flow's queue onto it.
-//
-// A flow leaves cl.flows (under cl.mu, which readLocal holds while it
-// queues) before it is stopped, and readLocal has returned before Serve
-// stops the rest, so nothing is queued after runFlow drains the queue.
-func (cl *Client) runFlow(f *flow) {
-	defer cl.wg.Done()
-	defer f.drain()
-	backoff := time.Duration(0)
-	for f.ctx.Err() == nil {
-		f.state.Store(stateConnecting)
-		nc, err := cl.connect(f)
-		if err != nil {
-			if f.ctx.Err() != nil {
-				return
-			}
-			cl.counters.DialFailures.Add(1)
-			backoff = nextBackoff(backoff, cl.cfg.reconnectMin(), cl.cfg.reconnectMax())
-			cl.logDial.log(cl.log, slog.LevelWarn, "cannot connect to the iketcp server, retrying", "flow", f.id,
-				"peer", f.dial, "err", err, "retry_in", backoff.Round(time.Millisecond).String())
-			f.state.Store(stateWaiting)
-			if !sleepCtx(f.ctx, backoff) {
-				return
-			}
-			continue
-		}
-		connected := time.Now()
-		reason := cl.carry(f, nc)
-		f.state.Store(stateWaiting)
-		if f.ctx.Err() != nil {
-			return
-		}
-		if time.Since(connected) >= stableAfter {
-			backoff = 0
-		}
-		backoff = nextBackoff(backoff, cl.cfg.reconnectMin(), cl.cfg.reconnectMax())
-		cl.log.Info("connection lost, reconnecting", "flow", f.id, "peer", f.dial, "reason", reason,
-			"retry_in", backoff.Round(time.Millisecond).String())
-		if !sleepCtx(f.ctx, backoff) {
-			return
-		}
-	}
+// outbound asks the transport machine where a datagram of the daemon's
+// goes, and logs any change of transport.
+func (f *flow) outbound(now time.Time, msg *framing.Message) fallback.Route {
+	f.tmu.Lock()
+	route, ch := f.transport.Outbound(now, msg)
+	f.tmu.Unlock()
+	f.logChange(ch)
+	return route
 }
 
-// connect dials the peer and sends the prefix.
-func (cl *Client) connect(f *flow) (net.Conn, error) {
-	nc, err := cl.cfg.dial(f.ctx, f.dial)
-	if err != nil {
-		return nil, err
+// inbound tells the transport machine what the peer sent over via.
+func (f *flow) inbound(now time.Time, via fallback.Transport, msg *framing.Message) {
+	if msg.Kind != framing.KindIKE {
+		return // only IKE answers a probe; spare the lock
 	}
-	nc.SetWriteDeadline(time.Now().Add(cl.cfg.writeTimeout()))
-	if _, err := io.WriteString(nc, framing.Prefix); err != nil {
-		nc.Close()
-		return nil, fmt.Errorf("sending the IKETCP prefix: %w", err)
-	}
-	cl.counters.ConnsDialed.Add(1)
-	f.mu.Lock()
-	f.peer = nc.RemoteAddr().String()
-	f.mu.Unlock()
-	f.state.Store(stateUp)
-	n := f.conns.Add(1)
-	level := slog.LevelInfo
-	msg := "connected"
-	if n > 1 {
-		msg = "reconnected"
-	}
-	cl.log.Log(context.Background(), level, msg, "flow", f.id, "daemon", f.key.daemon.String(), "peer", nc.RemoteAddr().String(),
-		"local", nc.LocalAddr().String(), "connections", n)
-	return nc, nil
+	f.tmu.Lock()
+	ch := f.transport.Inbound(now, via, msg)
+	f.tmu.Unlock()
+	f.logChange(ch)
 }
 
-// carry moves the flow's traffic over nc both ways until nc fails or the
-// flow ends, closes nc, and says why it ended.
-func (cl *Client) carry(f *flow, nc net.Conn) string {
-	readDone := make(chan string, 1)
-	cl.wg.Add(1)
-	go func() {
-		defer cl.wg.Done()
-		readDone <- cl.readPeer(f, nc)
-	}()
-	reason, readerEnded := cl.writePeer(f, nc, readDone)
-	nc.Close()
-	if !readerEnded {
-		<-readDone
-	}
-	return reason
+// current returns where the flow's datagrams go now and why.
+func (f *flow) current() (fallback.Route, string) {
+	f.tmu.Lock()
+	defer f.tmu.Unlock()
+	return f.transport.Current()
 }
 
-// writePeer writes batches from the flow's queue to nc until a write
-// fails, the reader ends (readerEnded) or the flow ends, and says why.
-func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reason string, readerEnded bool) {
-	batch := make([]*datagram, 0, clientBatch)
-	vecBack := make([][]byte, 0, clientBatch)
-	var vec net.Buffers // reused: WriteTo takes its address
-	var msg framing.Message
-	var lastOutSPI uint32
-	for {
-		select {
-		case p := <-f.queue:
-			batch = append(batch, p)
-		case r := <-readDone:
-			return r, true
-		case <-f.ctx.Done():
-			return "flow closed", false
-		}
-	gather:
-		for len(batch) < cap(batch) {
-			select {
-			case p := <-f.queue:
-				batch = append(batch, p)
-			default:
-				break gather
-			}
-		}
-		vecBack = vecBack[:0]
-		var bytes uint64
-		for _, p := range batch {
-			if msg.Decode(p.buf[p.off:p.off+p.n]) == nil {
-				switch {
-				case msg.Kind == framing.KindESP && msg.ESP.SPI != lastOutSPI:
-					lastOutSPI = msg.ESP.SPI
-					f.book.noteESPOut(lastOutSPI)
-				case msg.Kind == framing.KindIKE:
-					f.book.noteIKE(&msg.IKE)
-				}
-			}
-			vecBack = append(vecBack, p.frame())
-			bytes += uint64(p.n)
-		}
-		vec = vecBack
-		nc.SetWriteDeadline(time.Now().Add(cl.cfg.writeTimeout()))
-		_, err := vec.WriteTo(nc)
-		n := len(batch)
-		for i, p := range batch {
-			cl.putDatagram(p)
-			batch[i] = nil
-		}
-		batch = batch[:0]
-		if err != nil {
-			cl.counters.WriteErrors.Add(1)
-			return "write: " + err.Error(), false
-		}
-		f.stats.countOut(&cl.counters, n, bytes)
+// logChange logs a change of transport: one line a user can read, such as
+// "transport udp->tcp for 203.0.113.2: no answer to IKE_SA_INIT in 15s".
+func (f *flow) logChange(ch *fallback.Change) {
+	if ch == nil {
+		return
 	}
-}
-
-// readPeer relays frames from nc to the daemon until nc fails, and says
-// why it stopped. Each burst of frames goes to the daemon in one call of
-// the mode's return path.
-func (cl *Client) readPeer(f *flow, nc net.Conn) string {
-	d := framing.NewDecoder(nc, cl.cfg.connBuffer(), false)
-	d.SetHeadroom(packetHeadroom)
-	d.LimitPayload(cl.cfg.maxDatagram())
-	refs := make([]payloadRef, 0, clientBatch)
-	var buf []byte
-	var msg framing.Message
-	var lastSPI uint32
-	for {
-		p, err := d.Next()
-		if err != nil {
-			switch {
-			case errors.Is(err, framing.ErrTooLarge):
-				cl.counters.OversizedFrames.Add(1)
-				cl.logOversize.log(cl.log, slog.LevelWarn, "frame skipped: larger than --max-datagram", "flow", f.id, "err", err)
-				continue
-			case errors.Is(err, framing.ErrTruncated):
-				cl.counters.TruncatedFrames.Add(1)
-			case errors.Is(err, framing.ErrBadLength):
-				cl.counters.BadLength.Add(1)
-			}
-			if err == io.EOF {
-				return "server closed the connection"
-			}
-			return err.Error()
-		}
-		switch err := msg.Decode(p); {
-		case err != nil:
-			cl.counters.Malformed.Add(1)
-			continue
-		case msg.Kind == framing.KindKeepalive:
-			cl.counters.KeepalivesDropped.Add(1)
-			continue
-		case msg.Kind == framing.KindESP && msg.ESP.SPI != lastSPI:
-			lastSPI = msg.ESP.SPI
-			f.book.noteESPIn(lastSPI)
-		case msg.Kind == framing.KindIKE:
-			f.book.noteIKE(&msg.IKE)
-		}
-		var off int
-		buf, off = d.Offset(p)
-		refs = append(refs, payloadRef{off, len(p)})
-		if d.Buffered() && len(refs) < cap(refs) {
-			continue
-		}
-		if err := cl.deliver(f, buf, refs); err != nil {
-			cl.logDrop.log(cl.log, slog.LevelWarn, "delivery to the IKE daemon failed", "flow", f.id,
-				"daemon", f.key.daemon.String(), "err", err)
-		}
-		f.lastPeer.Store(time.Now().UnixNano())
-		refs = refs[:0]
+	peer := f.key.peer.String()
+	if !f.key.peer.IsValid() {
+		peer, _, _ = net.SplitHostPort(f.udpTarget)
 	}
-}
-
-// nextBackoff doubles the previous backoff within [lo, hi], with ±20%
-// jitter so that many clients do not reconnect in step.
-func nextBackoff(prev, lo, hi time.Duration) time.Duration {
-	next := min(max(2*prev, lo), hi)
-	jitter := time.Duration(rand.Int64N(int64(next)/5+1)) - next/10
-	return next + jitter
-}
-
-// sleepCtx waits for d or ctx, and reports whether d passed.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	f.cl.log.Info(fmt.Sprintf("transport %v->%v for %s: %s", ch.From, ch.To, peer, ch.Reason), "flow", f.id)
 }
 
 // Status describes the client and its flows, oldest first.
@@ -604,26 +473,32 @@ func (cl *Client) Status() *Status {
 		if cl.mode == modeTransparent {
 			local = f.key.daemon.Addr().String() // its ports are in Intercepted
 		}
+		route, why := f.current()
 		ss := SessionStatus{
-			ID:          f.id,
-			Local:       local,
-			Intercepted: f.ports.describe(),
-			Transport:   "TCP",
-			Created:     f.created,
-			LastActive:  time.Unix(0, max(f.lastLocal.Load(), f.lastPeer.Load())),
-			Connections: f.conns.Load(),
+			ID:              f.id,
+			Local:           local,
+			Intercepted:     f.ports.describe(),
+			Transport:       strings.ToUpper(route.String()),
+			TransportReason: why,
+			Created:         f.created,
+			LastActive:      time.Unix(0, max(f.lastLocal.Load(), f.lastPeer.Load())),
+			Connections:     f.conns.Load(),
 		}
-		switch f.state.Load() {
-		case stateUp:
+		switch {
+		case route&fallback.TCP == 0:
+			ss.State, ss.Peer = "up", f.udpTarget // UDP has no connection to lose
+		case f.state.Load() == stateUp:
 			ss.State = "up"
-		case stateConnecting:
+		case f.state.Load() == stateConnecting:
 			ss.State = "connecting"
 		default:
 			ss.State = "waiting"
 		}
-		f.mu.Lock()
-		ss.Peer = orDefault(f.peer, f.dial)
-		f.mu.Unlock()
+		if ss.Peer == "" {
+			f.mu.Lock()
+			ss.Peer = orDefault(f.peer, f.dial)
+			f.mu.Unlock()
+		}
 		f.book.fill(&ss)
 		f.stats.fill(&ss)
 		st.Sessions = append(st.Sessions, ss)

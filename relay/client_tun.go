@@ -13,6 +13,7 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/nat/packet"
+	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
 // PacketDevice is transparent mode's side toward the daemon: a TUN device
@@ -129,6 +130,7 @@ func (cl *Client) readTUN(ctx context.Context) error {
 				bufs[i] = dgs[i].buf
 			}
 		}
+		cl.flushUDPLocked()
 		cl.mu.Unlock()
 	}
 }
@@ -142,14 +144,15 @@ var errDeviceClosed = errors.New("device closed")
 // place in front of it (the decoder keeps packetHeadroom free), and goes
 // into the device. Packets are written one at a time because each one's
 // headers overwrite the tail of the payload before it.
-func (cl *Client) deliverTUN(f *flow, buf []byte, refs []payloadRef) error {
+func (cl *Client) deliverTUN(f *flow, ps []payload, _ *[]udpbatch.Message) error {
 	ports := f.ports.load()
 	daemon, peer := f.key.daemon.Addr(), f.key.peer
 	var one [1][]byte
 	var sent int
 	var bytes uint64
 	var lastErr error
-	for _, r := range refs {
+	for _, r := range ps {
+		buf := r.buf
 		end := r.off + r.n
 		var start int
 		var err error

@@ -84,24 +84,26 @@ func (cl *Client) readLocal(ctx context.Context) error {
 				m.Buf = dgs[i].buf[packetHeadroom:]
 			}
 		}
+		cl.flushUDPLocked()
 		cl.mu.Unlock()
 	}
 }
 
 // deliverUDP is explicit mode's return path: the payloads go to the
-// daemon's address as they are, in one sendmmsg.
-func (cl *Client) deliverUDP(f *flow, buf []byte, refs []payloadRef) error {
+// daemon's address as they are, in one sendmmsg. scratch is the caller's.
+func (cl *Client) deliverUDP(f *flow, ps []payload, scratch *[]udpbatch.Message) error {
+	out := (*scratch)[:0]
 	var bytes uint64
-	for _, r := range refs {
-		f.out = append(f.out, udpbatch.Message{Buf: buf[r.off : r.off+r.n], Addr: f.key.daemon})
-		bytes += uint64(r.n)
+	for _, p := range ps {
+		out = append(out, udpbatch.Message{Buf: p.buf[p.off : p.off+p.n], Addr: f.key.daemon})
+		bytes += uint64(p.n)
 	}
-	n, err := writeAll(cl.udp, f.out)
+	n, err := writeAll(cl.udp, out)
 	f.stats.countIn(&cl.counters, n, bytes)
 	if err != nil {
-		cl.counters.WriteErrors.Add(uint64(len(f.out) - n))
+		cl.counters.WriteErrors.Add(uint64(len(out) - n))
 	}
-	clear(f.out)
-	f.out = f.out[:0]
+	clear(out)
+	*scratch = out[:0]
 	return err
 }

@@ -74,6 +74,9 @@ type rigOptions struct {
 	server ServerConfig
 	client ClientConfig
 	noCl   bool // server only
+	// udpTarget, if set, picks the client's UDPPort (the UDP transport's
+	// destination on the server's host) once the backend exists.
+	udpTarget func(r *rig) uint16
 }
 
 func newRig(t testing.TB, o rigOptions) *rig {
@@ -114,6 +117,9 @@ func newRig(t testing.TB, o rigOptions) *rig {
 	}()
 	if !o.noCl {
 		o.client.Peer = r.srvAddr
+		if o.udpTarget != nil {
+			o.client.UDPPort = o.udpTarget(r)
+		}
 		o.client.Logger = testLogger(t)
 		o.client.ReconnectMin = orDefault(o.client.ReconnectMin, 20*time.Millisecond)
 		o.client.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {

@@ -34,8 +34,12 @@ type SessionStatus struct {
 	// Intercepted says, in transparent mode, which of the daemon's ports
 	// are intercepted: "IKE 500->500, ESP in UDP 4500->4500".
 	Intercepted string `json:"intercepted,omitempty"`
-	// Transport is how the session currently travels: "TCP".
+	// Transport is how the session currently travels: "TCP", "UDP", or
+	// "UDP+TCP" while a client races the two.
 	Transport string `json:"transport"`
+	// TransportReason says why, on a client: "answered on udp", "no answer
+	// to IKE_SA_INIT in 15s", "transport tcp".
+	TransportReason string `json:"transport_reason,omitempty"`
 	// State is "up", "connecting" or "waiting" (no connection; a server
 	// waits for the client to reconnect, a client backs off).
 	State       string      `json:"state"`
@@ -94,6 +98,9 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 			fmt.Fprintf(&b, "intercepted: %s\n", s.Intercepted)
 		}
 		fmt.Fprintf(&b, "transport: %s  state: %s  connections: %d\n", s.Transport, s.State, s.Connections)
+		if s.TransportReason != "" && s.TransportReason != "transport "+strings.ToLower(s.Transport) {
+			fmt.Fprintf(&b, "transport reason: %s\n", s.TransportReason)
+		}
 		fmt.Fprintf(&b, "created: %s ago  last active: %s ago\n", ago(now, s.Created), ago(now, s.LastActive))
 		for _, sa := range s.IKESAs {
 			fmt.Fprintf(&b, "IKE SA: spi %s/%s\n", sa.InitiatorSPI, sa.ResponderSPI)

@@ -1,0 +1,180 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/iketcp/iketcp/fallback"
+	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/relay/udpbatch"
+)
+
+// udpPath is a flow's UDP transport: one socket connected to the peer's
+// NAT-T port, so the client is a plain NAT-T relay for the flow. Its
+// source port is the flow's for the flow's life, so the peer sees one
+// NAT mapping.
+type udpPath struct {
+	bc *udpbatch.Conn
+}
+
+// udpTarget is the peer's UDP NAT-T address for a flow: the iketcp
+// server's host in explicit mode, the intercepted peer in transparent
+// mode, at UDPPort.
+func (cl *Client) udpTarget(key flowKey) string {
+	port := strconv.Itoa(int(cl.cfg.udpPort()))
+	if key.peer.IsValid() {
+		return net.JoinHostPort(key.peer.String(), port)
+	}
+	host, _, _ := net.SplitHostPort(cl.cfg.Peer)
+	return net.JoinHostPort(host, port)
+}
+
+// udpLocked returns the flow's UDP path, opening it (and starting its
+// reader) on first use, or nil if it cannot be opened. cl.mu must be held.
+func (cl *Client) udpLocked(f *flow) *udpPath {
+	if u := f.udp.Load(); u != nil {
+		return u
+	}
+	if f.ctx.Err() != nil {
+		return nil
+	}
+	d := net.Dialer{Control: cl.cfg.Control}
+	ctx, cancel := context.WithTimeout(f.ctx, cl.cfg.dialTimeout())
+	defer cancel()
+	c, err := d.DialContext(ctx, "udp", f.udpTarget)
+	if err != nil {
+		cl.counters.DialFailures.Add(1)
+		cl.logDial.log(cl.log, slog.LevelWarn, "cannot open the UDP path", "flow", f.id, "peer", f.udpTarget, "err", err)
+		return nil
+	}
+	uc := c.(*net.UDPConn)
+	growSocketBuffers(uc)
+	u := &udpPath{bc: udpbatch.New(uc, udpbatch.Options{BatchSize: clientBatch, Logger: cl.log})}
+	f.udp.Store(u)
+	cl.log.Info("UDP path open", "flow", f.id, "local", uc.LocalAddr().String(), "peer", f.udpTarget)
+	cl.wg.Add(1)
+	go cl.readUDP(f, u)
+	return u
+}
+
+// queueUDPLocked puts d's datagram in the flow's pending UDP sends, which
+// flushUDPLocked sends at the end of the caller's batch. cl.mu must be
+// held.
+func (cl *Client) queueUDPLocked(f *flow, d *datagram) {
+	if cl.udpLocked(f) == nil {
+		cl.counters.WriteErrors.Add(1)
+		return
+	}
+	if len(f.udpOut) == 0 {
+		cl.udpSends = append(cl.udpSends, f)
+	}
+	f.udpOut = append(f.udpOut, udpbatch.Message{Buf: d.buf[d.off : d.off+d.n]})
+}
+
+// sendUDPNow sends d's datagram on the flow's UDP path at once. cl.mu
+// must be held.
+func (cl *Client) sendUDPNow(f *flow, d *datagram) {
+	u := cl.udpLocked(f)
+	if u == nil {
+		cl.counters.WriteErrors.Add(1)
+		return
+	}
+	one := [1]udpbatch.Message{{Buf: d.buf[d.off : d.off+d.n]}}
+	n, err := u.bc.WriteBatch(one[:])
+	cl.countUDPSent(f, one[:n], err)
+}
+
+// flushUDPLocked sends every flow's pending UDP datagrams, one sendmmsg
+// per flow, before the caller reuses their buffers. cl.mu must be held.
+func (cl *Client) flushUDPLocked() {
+	for i, f := range cl.udpSends {
+		if u := f.udp.Load(); u != nil {
+			n, err := writeAll(u.bc, f.udpOut)
+			cl.countUDPSent(f, f.udpOut[:n], err)
+		}
+		clear(f.udpOut)
+		f.udpOut = f.udpOut[:0]
+		cl.udpSends[i] = nil
+	}
+	cl.udpSends = cl.udpSends[:0]
+}
+
+func (cl *Client) countUDPSent(f *flow, sent []udpbatch.Message, err error) {
+	var bytes uint64
+	for i := range sent {
+		bytes += uint64(len(sent[i].Buf))
+	}
+	f.stats.countOut(&cl.counters, len(sent), bytes)
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		cl.counters.WriteErrors.Add(1)
+		cl.logDrop.log(cl.log, slog.LevelWarn, "send on the UDP path failed", "flow", f.id, "peer", f.udpTarget, "err", err)
+	}
+}
+
+// readUDP relays what the peer sends on the flow's UDP path to the daemon
+// and tells the transport machine, until the path is closed.
+func (cl *Client) readUDP(f *flow, u *udpPath) {
+	defer cl.wg.Done()
+	bufs := make([][]byte, clientBatch)
+	msgs := make([]udpbatch.Message, clientBatch)
+	for i := range bufs {
+		bufs[i] = make([]byte, packetHeadroom+cl.cfg.maxDatagram())
+		msgs[i].Buf = bufs[i][packetHeadroom:]
+	}
+	ps := make([]payload, 0, clientBatch)
+	var scratch []udpbatch.Message
+	var msg framing.Message
+	var lastSPI uint32
+	for {
+		n, err := u.bc.ReadBatch(msgs)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || f.ctx.Err() != nil {
+				return
+			}
+			// A connected UDP socket reports an ICMP unreachable from the
+			// peer here: nothing listens on its NAT-T port, or a middlebox
+			// refuses. The fallback machine sees the silence.
+			cl.logDial.log(cl.log, slog.LevelWarn, "UDP path: receive failed", "flow", f.id, "peer", f.udpTarget, "err", err)
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				time.Sleep(10 * time.Millisecond) // do not spin on a persistent error
+			}
+			continue
+		}
+		now := time.Now()
+		for i := range msgs[:n] {
+			m := &msgs[i]
+			if m.Truncated {
+				cl.counters.OversizedDgrams.Add(1)
+				continue
+			}
+			if msg.Decode(m.Buf[:m.N]) != nil {
+				cl.counters.Malformed.Add(1)
+				continue
+			}
+			switch msg.Kind {
+			case framing.KindIKE:
+				f.inbound(now, fallback.UDP, &msg)
+				f.book.noteIKE(&msg.IKE)
+			case framing.KindESP:
+				if msg.ESP.SPI != lastSPI {
+					lastSPI = msg.ESP.SPI
+					f.book.noteESPIn(lastSPI)
+				}
+			}
+			ps = append(ps, payload{bufs[i], packetHeadroom, m.N})
+		}
+		if len(ps) > 0 {
+			if err := cl.deliver(f, ps, &scratch); err != nil {
+				cl.logDrop.log(cl.log, slog.LevelWarn, "delivery to the IKE daemon failed", "flow", f.id, "err", err)
+			}
+			f.lastPeer.Store(now.UnixNano())
+		}
+		clear(ps)
+		ps = ps[:0]
+	}
+}
