@@ -46,6 +46,10 @@ func TestBadFlagsAreRejectedWithAdvice(t *testing.T) {
 		{"log level from the environment", map[string]string{"IKETCP_LOG_LEVEL": "loud"}, []string{"server", "--control", ctl}, "--log-level"},
 		{"non-positive limit", nil, []string{"server", "--max-conns", "0", "--control", ctl}, "--max-conns"},
 		{"backend address", nil, []string{"server", "--backend", "nowhere", "--control", ctl}, "--backend"},
+		{"transport", nil, []string{"client", "--peer", "203.0.113.2:4500", "--transport", "quic", "--control", ctl}, "--transport: unknown transport \"quic\": want udp, tcp"},
+		{"threshold too short", nil, []string{"client", "--peer", "203.0.113.2:4500", "--transport", "auto", "--fallback-threshold", "500ms", "--control", ctl}, "--fallback-threshold: threshold 500ms is out of range: want 1s to 300s"},
+		{"threshold too long, from the environment", map[string]string{"IKETCP_FALLBACK_THRESHOLD": "301s"}, []string{"client", "--peer", "203.0.113.2:4500", "--transport", "auto", "--control", ctl}, "--fallback-threshold: threshold 5m1s is out of range: want 1s to 300s"},
+		{"race needs auto", nil, []string{"client", "--peer", "203.0.113.2:4500", "--race", "--control", ctl}, "--race"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

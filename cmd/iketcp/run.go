@@ -15,6 +15,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/nat"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/control"
@@ -55,6 +56,10 @@ func clientCommand() *cli.Command {
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:14500", Usage: "explicit mode: UDP address the IKE daemon sends to (its remote address and port)", EnvVars: envVar("listen")},
 			&cli.StringSliceFlag{Name: "peer", Required: true, Usage: "explicit mode: the iketcp server, host:port; --tun: an IKE peer's address, where an iketcp server listens on --tcp-port (repeat for several)", EnvVars: envVar("peer")},
+			&cli.StringFlag{Name: "transport", Value: "tcp", Usage: "tcp (RFC 9329 to the iketcp server), udp (straight to the peer's NAT-T port: a plain NAT-T relay), udp-fallback-tcp or its alias auto (UDP first, TCP when UDP gets no answer)", EnvVars: envVar("transport")},
+			&cli.DurationFlag{Name: "fallback-threshold", Value: fallback.DefaultThreshold, Usage: "auto: how long UDP may go unanswered before the daemon's next retransmission goes over TCP (1s to 300s)", EnvVars: envVar("fallback-threshold")},
+			&cli.BoolFlag{Name: "race", Usage: "auto: open TCP alongside UDP after the daemon's first unanswered retransmission and keep whichever answers first", EnvVars: envVar("race")},
+			&cli.UintFlag{Name: "udp-port", Value: 4500, Usage: "udp, auto: the peer's UDP NAT-T port (its IKE daemon's own)", EnvVars: envVar("udp-port")},
 			&cli.BoolFlag{Name: "tun", Usage: "transparent mode: intercept the unchanged daemon's UDP 500/4500 and ESP to the peers through a TUN device (needs CAP_NET_ADMIN)", EnvVars: envVar("tun")},
 			&cli.UintFlag{Name: "tcp-port", Value: 4500, Usage: "--tun: the iketcp server's TCP port on each peer", EnvVars: envVar("tcp-port")},
 			&cli.StringFlag{Name: "tun-name", Value: "iketcp0", Usage: "--tun: the TUN device's name", EnvVars: envVar("tun-name")},
@@ -176,17 +181,34 @@ func runClient(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	mode, err := fallback.ParseMode(c.String("transport"))
+	if err != nil {
+		return fmt.Errorf("--transport: %w", err)
+	}
+	if err := fallback.CheckThreshold(c.Duration("fallback-threshold")); err != nil {
+		return fmt.Errorf("--fallback-threshold: %w", err)
+	}
+	if c.Bool("race") && mode != fallback.ModeFallback {
+		return fmt.Errorf("--race races TCP against UDP: it needs --transport auto (or udp-fallback-tcp), not %s", mode)
+	}
+	if p := c.Uint("udp-port"); p == 0 || p > 65535 {
+		return fmt.Errorf("--udp-port %d: want 1 to 65535", p)
+	}
 	cfg := relay.ClientConfig{
-		Logger:       log,
-		MaxFlows:     c.Int("max-flows"),
-		FlowIdle:     c.Duration("flow-idle"),
-		QueueLen:     c.Int("queue-len"),
-		MaxDatagram:  c.Int("max-datagram"),
-		ConnBuffer:   c.Int("conn-buffer"),
-		WriteTimeout: c.Duration("write-timeout"),
-		DialTimeout:  c.Duration("dial-timeout"),
-		ReconnectMax: c.Duration("reconnect-max"),
-		Version:      versionString(),
+		Transport:         mode,
+		FallbackThreshold: c.Duration("fallback-threshold"),
+		Race:              c.Bool("race"),
+		UDPPort:           uint16(c.Uint("udp-port")),
+		Logger:            log,
+		MaxFlows:          c.Int("max-flows"),
+		FlowIdle:          c.Duration("flow-idle"),
+		QueueLen:          c.Int("queue-len"),
+		MaxDatagram:       c.Int("max-datagram"),
+		ConnBuffer:        c.Int("conn-buffer"),
+		WriteTimeout:      c.Duration("write-timeout"),
+		DialTimeout:       c.Duration("dial-timeout"),
+		ReconnectMax:      c.Duration("reconnect-max"),
+		Version:           versionString(),
 	}
 	peers := c.StringSlice("peer")
 	if c.Bool("tun") {
@@ -251,11 +273,7 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg relay.ClientConf
 	log.Info("intercepting", "device", tun.Name(), "peers", fmt.Sprint(peers), "table", icfg.Table, "mark", fmt.Sprintf("%#x", tun.Mark()))
 	cfg.Peers = peers
 	cfg.TCPPort = uint16(port)
-	markControl := nat.SetMark(tun.Mark())
-	cfg.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
-		d := net.Dialer{KeepAliveConfig: relay.TCPKeepAlive, Control: markControl}
-		return d.DialContext(ctx, network, addr)
-	}
+	cfg.Control = nat.SetMark(tun.Mark()) // iketcp's own sockets bypass the TUN
 	cl, err := relay.NewClient(cfg)
 	if err != nil {
 		return err
