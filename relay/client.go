@@ -18,6 +18,7 @@ import (
 
 	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/nat/packet"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
@@ -167,8 +168,8 @@ type flowKey struct {
 }
 
 // datagram is a pooled buffer holding one datagram in port-4500 form at
-// buf[off:off+n], with at least framing.LengthSize bytes in front of it to
-// write the frame header in place.
+// buf[off:off+n], with at least linkHeadroom bytes in front of it for the
+// link's headers, written in place.
 type datagram struct {
 	buf    []byte
 	off, n int
@@ -190,17 +191,12 @@ type payload struct {
 // NewClient returns a client for cfg.
 func NewClient(cfg ClientConfig) (*Client, error) {
 	cl := &Client{cfg: cfg, log: cfg.logger(), started: time.Now(), flows: make(map[flowKey]*flow)}
-	// Room for the largest datagram behind the largest header in front of
-	// it: a TUN packet's IP and UDP headers.
-	size := packetHeadroom + cfg.maxDatagram()
+	// Room for a link's headers, then the largest datagram, behind a TUN
+	// packet's IP and UDP headers in transparent mode.
+	size := linkHeadroom + packet.MaxHeader + cfg.maxDatagram()
 	cl.pool.New = func() any { return &datagram{buf: make([]byte, size)} }
 	return cl, nil
 }
-
-// packetHeadroom is the room kept in front of payloads: enough for an
-// IPv6 and a UDP header, which also covers the frame Length and non-ESP
-// marker.
-const packetHeadroom = 48
 
 // Counters returns the client's live counters.
 func (cl *Client) Counters() *Counters { return &cl.counters }

@@ -74,6 +74,8 @@ func (cl *Client) readTUN(ctx context.Context) error {
 		dgs[i] = cl.getDatagram()
 		bufs[i] = dgs[i].buf
 	}
+	// Packets land linkHeadroom into their buffers, so that a datagram cut
+	// out of one keeps room for a link's headers in front of it.
 	defer func() {
 		for _, d := range dgs {
 			cl.putDatagram(d)
@@ -81,7 +83,7 @@ func (cl *Client) readTUN(ctx context.Context) error {
 	}()
 	var info packet.Info
 	for {
-		n, err := cl.dev.Read(bufs, sizes, 0)
+		n, err := cl.dev.Read(bufs, sizes, linkHeadroom)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) || errors.Is(err, errDeviceClosed) {
 				return err
@@ -94,8 +96,9 @@ func (cl *Client) readTUN(ctx context.Context) error {
 		cl.mu.Lock()
 		for i := range n {
 			d := dgs[i]
-			if err := packet.Parse(d.buf[:sizes[i]], &info); err != nil {
-				if errors.Is(err, packet.ErrTruncated) && sizes[i] == len(d.buf) {
+			pkt := d.buf[linkHeadroom : linkHeadroom+sizes[i]]
+			if err := packet.Parse(pkt, &info); err != nil {
+				if errors.Is(err, packet.ErrTruncated) && sizes[i] == len(d.buf)-linkHeadroom {
 					// The device cut a packet longer than the buffer.
 					cl.counters.OversizedDgrams.Add(1)
 					cl.logOversize.log(cl.log, slog.LevelWarn, "intercepted packet dropped: larger than --max-datagram",
@@ -112,7 +115,7 @@ func (cl *Client) readTUN(ctx context.Context) error {
 					"dst", info.Dst.String())
 				continue
 			}
-			d.off, d.n = info.PayloadOffset, info.PayloadLen
+			d.off, d.n = linkHeadroom+info.PayloadOffset, info.PayloadLen
 			if info.Proto != packet.ProtoESP && info.DstPort == 500 {
 				// Port 500 carries IKE without the non-ESP marker: add it in
 				// place over the UDP header, which is done with.
@@ -141,7 +144,7 @@ var errDeviceClosed = errors.New("device closed")
 
 // deliverTUN is transparent mode's return path: each payload becomes an
 // IP packet from the peer to the daemon's port, its headers written in
-// place in front of it (the decoder keeps packetHeadroom free), and goes
+// place in front of it (every link keeps linkHeadroom free), and goes
 // into the device. Packets are written one at a time because each one's
 // headers overwrite the tail of the payload before it.
 func (cl *Client) deliverTUN(f *flow, ps []payload, _ *[]udpbatch.Message) error {

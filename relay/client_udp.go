@@ -46,7 +46,7 @@ func (cl *Client) readLocal(ctx context.Context) error {
 	msgs := make([]udpbatch.Message, clientBatch)
 	for i := range dgs {
 		dgs[i] = cl.getDatagram()
-		msgs[i].Buf = dgs[i].buf[packetHeadroom:]
+		msgs[i].Buf = dgs[i].buf[linkHeadroom:]
 	}
 	defer func() {
 		for _, d := range dgs {
@@ -78,10 +78,10 @@ func (cl *Client) readLocal(ctx context.Context) error {
 					"so that its datagrams carry the non-ESP marker explicit mode relays as they are (or use --tun)", "daemon", m.Addr.String())
 			}
 			d := dgs[i]
-			d.off, d.n = packetHeadroom, m.N
+			d.off, d.n = linkHeadroom, m.N
 			if _, _, took := cl.takeLocked(ctx, flowKey{daemon: m.Addr}, d, now); took {
 				dgs[i] = cl.getDatagram()
-				m.Buf = dgs[i].buf[packetHeadroom:]
+				m.Buf = dgs[i].buf[linkHeadroom:]
 			}
 		}
 		cl.flushUDPLocked()

@@ -39,7 +39,7 @@ func (cl *Client) runFlow(f *flow) {
 	backoff := time.Duration(0)
 	for f.ctx.Err() == nil {
 		f.state.Store(stateConnecting)
-		nc, err := cl.connect(f)
+		link, err := cl.connect(f)
 		if err != nil {
 			if f.ctx.Err() != nil {
 				return
@@ -55,7 +55,7 @@ func (cl *Client) runFlow(f *flow) {
 			continue
 		}
 		connected := time.Now()
-		reason := cl.carry(f, nc)
+		reason := cl.carry(f, link)
 		f.state.Store(stateWaiting)
 		if f.ctx.Err() != nil {
 			return
@@ -72,8 +72,44 @@ func (cl *Client) runFlow(f *flow) {
 	}
 }
 
-// connect dials the peer and sends the prefix.
-func (cl *Client) connect(f *flow) (net.Conn, error) {
+// clientLink is a flow's connection to the peer: an RFC 9329 stream to
+// the iketcp server, or a fake-TCP flow.
+type clientLink interface {
+	// send sends a batch of the daemon's datagrams, each with at least
+	// linkHeadroom free bytes in front of it (d.buf[:d.off]).
+	send(batch []*datagram) error
+	// serve hands what the peer sends to the daemon until the link ends,
+	// and says why it ended.
+	serve(f *flow) string
+	// close ends the link; serve returns.
+	close()
+	remoteAddr() string
+	localAddr() string
+}
+
+// connect opens a link to the peer for the flow.
+func (cl *Client) connect(f *flow) (clientLink, error) {
+	l, err := cl.openStream(f)
+	if err != nil {
+		return nil, err
+	}
+	cl.counters.ConnsDialed.Add(1)
+	f.mu.Lock()
+	f.peer = l.remoteAddr()
+	f.mu.Unlock()
+	f.state.Store(stateUp)
+	n := f.conns.Add(1)
+	msg := "connected"
+	if n > 1 {
+		msg = "reconnected"
+	}
+	cl.log.Info(msg, "flow", f.id, "daemon", f.key.daemon.String(), "peer", l.remoteAddr(),
+		"local", l.localAddr(), "connections", n)
+	return l, nil
+}
+
+// openStream dials the iketcp server and sends the prefix.
+func (cl *Client) openStream(f *flow) (*clientStream, error) {
 	nc, err := cl.cfg.dial(f.ctx, f.dial)
 	if err != nil {
 		return nil, err
@@ -83,45 +119,30 @@ func (cl *Client) connect(f *flow) (net.Conn, error) {
 		nc.Close()
 		return nil, fmt.Errorf("sending the IKETCP prefix: %w", err)
 	}
-	cl.counters.ConnsDialed.Add(1)
-	f.mu.Lock()
-	f.peer = nc.RemoteAddr().String()
-	f.mu.Unlock()
-	f.state.Store(stateUp)
-	n := f.conns.Add(1)
-	level := slog.LevelInfo
-	msg := "connected"
-	if n > 1 {
-		msg = "reconnected"
-	}
-	cl.log.Log(context.Background(), level, msg, "flow", f.id, "daemon", f.key.daemon.String(), "peer", nc.RemoteAddr().String(),
-		"local", nc.LocalAddr().String(), "connections", n)
-	return nc, nil
+	return &clientStream{cl: cl, nc: nc, vecBack: make([][]byte, 0, clientBatch)}, nil
 }
 
-// carry moves the flow's traffic over nc both ways until nc fails or the
-// flow ends, closes nc, and says why it ended.
-func (cl *Client) carry(f *flow, nc net.Conn) string {
+// carry moves the flow's traffic over l both ways until l fails or the
+// flow ends, closes l, and says why it ended.
+func (cl *Client) carry(f *flow, l clientLink) string {
 	readDone := make(chan string, 1)
 	cl.wg.Add(1)
 	go func() {
 		defer cl.wg.Done()
-		readDone <- cl.readPeer(f, nc)
+		readDone <- l.serve(f)
 	}()
-	reason, readerEnded := cl.writePeer(f, nc, readDone)
-	nc.Close()
+	reason, readerEnded := cl.writePeer(f, l, readDone)
+	l.close()
 	if !readerEnded {
 		<-readDone
 	}
 	return reason
 }
 
-// writePeer writes batches from the flow's queue to nc until a write
-// fails, the reader ends (readerEnded) or the flow ends, and says why.
-func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reason string, readerEnded bool) {
+// writePeer sends batches from the flow's queue on l until a send fails,
+// the reader ends (readerEnded) or the flow ends, and says why.
+func (cl *Client) writePeer(f *flow, l clientLink, readDone <-chan string) (reason string, readerEnded bool) {
 	batch := make([]*datagram, 0, clientBatch)
-	vecBack := make([][]byte, 0, clientBatch)
-	var vec net.Buffers // reused: WriteTo takes its address
 	var msg framing.Message
 	var lastOutSPI uint32
 	for {
@@ -142,7 +163,6 @@ func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reaso
 				break gather
 			}
 		}
-		vecBack = vecBack[:0]
 		var bytes uint64
 		for _, p := range batch {
 			if msg.Decode(p.buf[p.off:p.off+p.n]) == nil {
@@ -154,12 +174,9 @@ func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reaso
 					f.book.noteIKE(&msg.IKE)
 				}
 			}
-			vecBack = append(vecBack, p.frame())
 			bytes += uint64(p.n)
 		}
-		vec = vecBack
-		nc.SetWriteDeadline(time.Now().Add(cl.cfg.writeTimeout()))
-		_, err := vec.WriteTo(nc)
+		err := l.send(batch)
 		n := len(batch)
 		for i, p := range batch {
 			cl.putDatagram(p)
@@ -174,17 +191,80 @@ func (cl *Client) writePeer(f *flow, nc net.Conn, readDone <-chan string) (reaso
 	}
 }
 
-// readPeer relays frames from nc to the daemon until nc fails, and says
-// why it stopped. Each burst of frames goes to the daemon in one call of
-// the mode's return path.
-func (cl *Client) readPeer(f *flow, nc net.Conn) string {
-	d := framing.NewDecoder(nc, cl.cfg.connBuffer(), false)
-	d.SetHeadroom(packetHeadroom)
+// peerReader is one reader's state for fromPeer.
+type peerReader struct {
+	msg     framing.Message
+	lastSPI uint32
+}
+
+// fromPeer does the bookkeeping for a datagram from the peer that arrived
+// over via: it tells the transport machine about IKE answers and notes
+// SAs for Status. It reports whether the datagram goes on to the daemon:
+// malformed ones do not, nor keepalives over TCP (RFC 9329 6.6).
+func (f *flow) fromPeer(now time.Time, via fallback.Transport, dg []byte, r *peerReader) bool {
+	if r.msg.Decode(dg) != nil {
+		f.cl.counters.Malformed.Add(1)
+		return false
+	}
+	switch r.msg.Kind {
+	case framing.KindKeepalive:
+		if via == fallback.TCP {
+			f.cl.counters.KeepalivesDropped.Add(1)
+			return false
+		}
+	case framing.KindESP:
+		if r.msg.ESP.SPI != r.lastSPI {
+			r.lastSPI = r.msg.ESP.SPI
+			f.book.noteESPIn(r.lastSPI)
+		}
+	case framing.KindIKE:
+		f.inbound(now, via, &r.msg)
+		f.book.noteIKE(&r.msg.IKE)
+	}
+	return true
+}
+
+// toDaemon hands a burst of the peer's datagrams to the daemon.
+func (f *flow) toDaemon(ps []payload, scratch *[]udpbatch.Message) {
+	if err := f.cl.deliver(f, ps, scratch); err != nil {
+		f.cl.logDrop.log(f.cl.log, slog.LevelWarn, "delivery to the IKE daemon failed", "flow", f.id,
+			"daemon", f.key.daemon.String(), "err", err)
+	}
+	f.lastPeer.Store(time.Now().UnixNano())
+}
+
+// clientStream is the RFC 9329 link: a TCP connection to the iketcp
+// server carrying length-framed datagrams behind the IKETCP prefix.
+type clientStream struct {
+	cl      *Client
+	nc      net.Conn
+	vecBack [][]byte    // owned by writePeer
+	vec     net.Buffers // reused: WriteTo takes its address
+}
+
+// send writes the datagrams as frames, each Length written in place in
+// front of it, in one writev.
+func (l *clientStream) send(batch []*datagram) error {
+	l.vecBack = l.vecBack[:0]
+	for _, p := range batch {
+		l.vecBack = append(l.vecBack, p.frame())
+	}
+	l.vec = l.vecBack
+	l.nc.SetWriteDeadline(time.Now().Add(l.cl.cfg.writeTimeout()))
+	_, err := l.vec.WriteTo(l.nc)
+	return err
+}
+
+// serve relays frames from the stream to the daemon until it fails. Each
+// burst of frames goes to the daemon in one call of the return path.
+func (l *clientStream) serve(f *flow) string {
+	cl := l.cl
+	d := framing.NewDecoder(l.nc, cl.cfg.connBuffer(), false)
+	d.SetHeadroom(linkHeadroom)
 	d.LimitPayload(cl.cfg.maxDatagram())
 	ps := make([]payload, 0, clientBatch)
 	var scratch []udpbatch.Message
-	var msg framing.Message
-	var lastSPI uint32
+	var r peerReader
 	for {
 		p, err := d.Next()
 		if err != nil {
@@ -203,34 +283,22 @@ func (cl *Client) readPeer(f *flow, nc net.Conn) string {
 			}
 			return err.Error()
 		}
-		switch err := msg.Decode(p); {
-		case err != nil:
-			cl.counters.Malformed.Add(1)
-			continue
-		case msg.Kind == framing.KindKeepalive:
-			cl.counters.KeepalivesDropped.Add(1)
-			continue
-		case msg.Kind == framing.KindESP && msg.ESP.SPI != lastSPI:
-			lastSPI = msg.ESP.SPI
-			f.book.noteESPIn(lastSPI)
-		case msg.Kind == framing.KindIKE:
-			f.inbound(time.Now(), fallback.TCP, &msg)
-			f.book.noteIKE(&msg.IKE)
+		if f.fromPeer(time.Now(), fallback.TCP, p, &r) {
+			buf, off := d.Offset(p)
+			ps = append(ps, payload{buf, off, len(p)})
 		}
-		buf, off := d.Offset(p)
-		ps = append(ps, payload{buf, off, len(p)})
-		if d.Buffered() && len(ps) < cap(ps) {
+		if len(ps) == 0 || d.Buffered() && len(ps) < cap(ps) {
 			continue
 		}
-		if err := cl.deliver(f, ps, &scratch); err != nil {
-			cl.logDrop.log(cl.log, slog.LevelWarn, "delivery to the IKE daemon failed", "flow", f.id,
-				"daemon", f.key.daemon.String(), "err", err)
-		}
-		f.lastPeer.Store(time.Now().UnixNano())
+		f.toDaemon(ps, &scratch)
 		clear(ps)
 		ps = ps[:0]
 	}
 }
+
+func (l *clientStream) close()             { l.nc.Close() }
+func (l *clientStream) remoteAddr() string { return l.nc.RemoteAddr().String() }
+func (l *clientStream) localAddr() string  { return l.nc.LocalAddr().String() }
 
 // nextBackoff doubles the previous backoff within [lo, hi], with ±20%
 // jitter so that many clients do not reconnect in step.

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/iketcp/iketcp/fallback"
-	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
@@ -123,13 +122,12 @@ func (cl *Client) readUDP(f *flow, u *udpPath) {
 	bufs := make([][]byte, clientBatch)
 	msgs := make([]udpbatch.Message, clientBatch)
 	for i := range bufs {
-		bufs[i] = make([]byte, packetHeadroom+cl.cfg.maxDatagram())
-		msgs[i].Buf = bufs[i][packetHeadroom:]
+		bufs[i] = make([]byte, linkHeadroom+cl.cfg.maxDatagram())
+		msgs[i].Buf = bufs[i][linkHeadroom:]
 	}
 	ps := make([]payload, 0, clientBatch)
 	var scratch []udpbatch.Message
-	var msg framing.Message
-	var lastSPI uint32
+	var r peerReader
 	for {
 		n, err := u.bc.ReadBatch(msgs)
 		if err != nil {
@@ -152,27 +150,12 @@ func (cl *Client) readUDP(f *flow, u *udpPath) {
 				cl.counters.OversizedDgrams.Add(1)
 				continue
 			}
-			if msg.Decode(m.Buf[:m.N]) != nil {
-				cl.counters.Malformed.Add(1)
-				continue
+			if f.fromPeer(now, fallback.UDP, m.Buf[:m.N], &r) {
+				ps = append(ps, payload{bufs[i], linkHeadroom, m.N})
 			}
-			switch msg.Kind {
-			case framing.KindIKE:
-				f.inbound(now, fallback.UDP, &msg)
-				f.book.noteIKE(&msg.IKE)
-			case framing.KindESP:
-				if msg.ESP.SPI != lastSPI {
-					lastSPI = msg.ESP.SPI
-					f.book.noteESPIn(lastSPI)
-				}
-			}
-			ps = append(ps, payload{bufs[i], packetHeadroom, m.N})
 		}
 		if len(ps) > 0 {
-			if err := cl.deliver(f, ps, &scratch); err != nil {
-				cl.logDrop.log(cl.log, slog.LevelWarn, "delivery to the IKE daemon failed", "flow", f.id, "err", err)
-			}
-			f.lastPeer.Store(now.UnixNano())
+			f.toDaemon(ps, &scratch)
 		}
 		clear(ps)
 		ps = ps[:0]

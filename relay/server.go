@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -205,7 +204,7 @@ func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) error {
 			nc.Close()
 			continue
 		}
-		c := s.newConn(nc)
+		c := s.newConn(newStreamLink(nc, s.cfg), nc.RemoteAddr().String())
 		if c == nil { // shutting down
 			<-s.slots
 			nc.Close()
@@ -238,20 +237,36 @@ func (s *Server) shutdown() {
 	}
 }
 
-// serverConn is one accepted TCP connection.
+// linkHeadroom is the room every datagram a link sends has in front of
+// it, to build the link's headers in place: the frame Length of a stream,
+// or the IP and TCP headers of a fake-TCP segment (IPv6 + TCP, rounded).
+const linkHeadroom = 64
+
+// serverLink is how a server connection meets its client: an RFC 9329
+// TCP stream, or a fake-TCP flow.
+type serverLink interface {
+	// serve reads the client until the link ends, handing each datagram
+	// to c.handleFrame and each burst to c.flush, and says why it ended
+	// and how loudly to log that.
+	serve(c *serverConn) (string, slog.Level)
+	// send sends each bufs[k][linkHeadroom:] to the client as one
+	// datagram; bufs[k][:linkHeadroom] may be overwritten. Safe for
+	// concurrent use.
+	send(bufs [][]byte) error
+	// close ends the link; serve returns.
+	close()
+}
+
+// serverConn is one client connection, over any link.
 type serverConn struct {
 	srv      *Server
-	nc       net.Conn
+	link     serverLink
 	id       uint64
 	remote   string
 	accepted time.Time
 
 	closed    atomic.Bool
 	closeOnce sync.Once
-
-	wmu     sync.Mutex // guards writes to nc and the following
-	vec     net.Buffers
-	vecBack [][]byte
 
 	mu       sync.Mutex // guards the following
 	carrying map[*session]struct{}
@@ -272,17 +287,16 @@ type pendingFrame struct {
 	payload []byte
 }
 
-func (s *Server) newConn(nc net.Conn) *serverConn {
+func (s *Server) newConn(link serverLink, remote string) *serverConn {
 	c := &serverConn{
 		srv:      s,
-		nc:       nc,
+		link:     link,
 		id:       s.nextConnID.Add(1),
-		remote:   nc.RemoteAddr().String(),
+		remote:   remote,
 		accepted: time.Now(),
 		carrying: make(map[*session]struct{}),
 		pending:  make([]pendingFrame, 0, connBatch),
 		out:      make([]udpbatch.Message, 0, connBatch),
-		vecBack:  make([][]byte, 0, sessionBatch),
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -297,73 +311,13 @@ func (s *Server) serveConn(c *serverConn) {
 	defer s.wg.Done()
 	defer func() { <-s.slots }()
 	s.log.Debug("connection accepted", "conn", c.id, "remote", c.remote)
-	reason, level := c.run()
+	reason, level := c.link.serve(c)
 	c.close()
 	s.mu.Lock()
 	delete(s.conns, c)
 	s.mu.Unlock()
 	s.log.Log(context.Background(), level, "connection closed", "conn", c.id, "remote", c.remote,
 		"reason", reason, "frames", c.frames, "duration", time.Since(c.accepted).Round(time.Millisecond).String())
-}
-
-// run reads the connection until it ends and says why it ended, and how
-// loudly to log that.
-func (c *serverConn) run() (string, slog.Level) {
-	s := c.srv
-	d := framing.NewDecoder(c.nc, s.cfg.connBuffer(), true)
-	d.LimitPayload(s.cfg.maxDatagram())
-
-	c.nc.SetReadDeadline(time.Now().Add(s.cfg.prefixTimeout()))
-	if err := d.ReadPrefix(); err != nil {
-		var ne net.Error
-		var pe *framing.PrefixError
-		switch {
-		case errors.As(err, &ne) && ne.Timeout():
-			s.counters.PrefixTimeouts.Add(1)
-			return fmt.Sprintf("no IKETCP prefix within %v", s.cfg.prefixTimeout()), slog.LevelWarn
-		case errors.As(err, &pe):
-			s.counters.BadPrefix.Add(1)
-			return fmt.Sprintf("stream does not begin with IKETCP (got %q): not an RFC 9329 client", pe.Got), slog.LevelWarn
-		case err == io.EOF || errors.Is(err, framing.ErrTruncated):
-			s.counters.BadPrefix.Add(1)
-			return "closed before sending the IKETCP prefix", slog.LevelWarn
-		default:
-			return "read failed before the prefix: " + err.Error(), slog.LevelWarn
-		}
-	}
-	c.nc.SetReadDeadline(time.Time{})
-
-	for {
-		p, err := d.Next()
-		if err != nil {
-			switch {
-			case errors.Is(err, framing.ErrTooLarge):
-				s.counters.OversizedFrames.Add(1)
-				s.logOversize.log(s.log, slog.LevelWarn, "frame skipped: larger than --max-datagram", "conn", c.id, "remote", c.remote, "err", err)
-				continue
-			case err == io.EOF:
-				return "peer closed the connection", slog.LevelInfo
-			case errors.Is(err, framing.ErrTruncated):
-				s.counters.TruncatedFrames.Add(1)
-				return "stream ended inside a frame (partial frame discarded): " + err.Error(), slog.LevelInfo
-			case errors.Is(err, framing.ErrBadLength):
-				s.counters.BadLength.Add(1)
-				return "invalid frame: " + err.Error(), slog.LevelWarn
-			case c.closed.Load() || errors.Is(err, net.ErrClosed):
-				return "closed by iketcp", slog.LevelInfo
-			default:
-				return "read failed: " + err.Error(), slog.LevelInfo
-			}
-		}
-		c.frames++
-		if reason := c.handleFrame(p); reason != "" {
-			c.flush()
-			return reason, slog.LevelWarn
-		}
-		if !d.Buffered() || len(c.pending) == cap(c.pending) {
-			c.flush()
-		}
-	}
 }
 
 // handleFrame routes one frame to its session's pending batch. It returns
@@ -534,18 +488,12 @@ func writeAll(bc *udpbatch.Conn, msgs []udpbatch.Message) (sent int, err error) 
 	return sent, err
 }
 
-// writeFrames writes frames (each with its Length in place) in one writev.
-func (c *serverConn) writeFrames(frames [][]byte) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
+// send sends datagrams to the client, unless the connection is closed.
+func (c *serverConn) send(bufs [][]byte) error {
 	if c.closed.Load() {
 		return net.ErrClosed
 	}
-	c.nc.SetWriteDeadline(time.Now().Add(c.srv.cfg.writeTimeout()))
-	c.vecBack = append(c.vecBack[:0], frames...)
-	c.vec = c.vecBack
-	_, err := c.vec.WriteTo(c.nc)
-	return err
+	return c.link.send(bufs)
 }
 
 // attach records that c carries sess, so closing c detaches it. It fails
@@ -569,7 +517,7 @@ func (c *serverConn) close() {
 		carrying := c.carrying
 		c.carrying = nil
 		c.mu.Unlock()
-		c.nc.Close()
+		c.link.close()
 		now := time.Now().UnixNano()
 		for sess := range carrying {
 			if sess.conn.CompareAndSwap(c, nil) {
@@ -634,11 +582,11 @@ func (s *Server) newSession(h *framing.IKEHeader) (sess *session, created bool, 
 		frames:  make([][]byte, 0, sessionBatch),
 	}
 	sess.lastActive.Store(sess.created.UnixNano())
-	size := framing.LengthSize + s.cfg.maxDatagram()
+	size := linkHeadroom + s.cfg.maxDatagram()
 	backing := make([]byte, sessionBatch*size)
 	for i := range sess.bufs {
 		sess.bufs[i] = backing[i*size : (i+1)*size : (i+1)*size]
-		sess.msgs[i].Buf = sess.bufs[i][framing.LengthSize:]
+		sess.msgs[i].Buf = sess.bufs[i][linkHeadroom:]
 	}
 
 	s.mu.Lock()
@@ -733,14 +681,13 @@ func (s *Server) readBackend(sess *session) {
 				s.counters.NoPath.Add(1)
 				continue
 			}
-			framing.PutLength(sess.bufs[i], m.N)
-			frames = append(frames, sess.bufs[i][:framing.LengthSize+m.N])
+			frames = append(frames, sess.bufs[i][:linkHeadroom+m.N])
 			bytes += uint64(m.N)
 		}
 		if len(frames) == 0 {
 			continue
 		}
-		if err := c.writeFrames(frames); err != nil {
+		if err := c.send(frames); err != nil {
 			if !c.closed.Load() {
 				s.counters.WriteErrors.Add(1)
 				s.log.Info("write to client failed, closing its connection", "session", sess.id, "conn", c.id, "remote", c.remote, "err", err)
