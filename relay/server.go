@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -104,8 +105,8 @@ func orDefault[T comparable](v, def T) T {
 	return v
 }
 
-// Server accepts RFC 9329 streams and relays them to a backend IKE daemon
-// over UDP, one backend socket per session.
+// Server accepts clients (RFC 9329 streams, or fake-TCP flows) and relays
+// them to a backend IKE daemon over UDP, one backend socket per session.
 type Server struct {
 	cfg      ServerConfig
 	log      *slog.Logger
@@ -117,6 +118,7 @@ type Server struct {
 
 	mu       sync.Mutex // guards the following, and each session's routes
 	listen   string
+	encap    string // "rfc9329" or "fake-tcp"
 	sessions map[uint64]*session
 	byIKE    map[uint64]*session // by IKE initiator SPI
 	byESP    map[uint32]*session // by SPI of ESP arriving from clients
@@ -152,8 +154,17 @@ func (s *Server) Counters() *Counters { return &s.counters }
 // closes every connection and session it made, waits for its goroutines
 // and returns. It returns nil when ctx ended it.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	return s.run(ctx, ln.Addr().String(), "rfc9329", ln, func(ctx context.Context) error { return s.acceptStreams(ctx, ln) })
+}
+
+// run drives the server: accept takes clients until ctx ends or it fails,
+// ln's Close unblocks it at the end; then every connection and session is
+// closed and run waits for the server's goroutines. It returns nil when
+// ctx ended it.
+func (s *Server) run(ctx context.Context, addr, encap string, ln io.Closer, accept func(context.Context) error) error {
 	s.mu.Lock()
-	s.listen = ln.Addr().String()
+	s.listen = addr
+	s.encap = encap
 	s.mu.Unlock()
 	ctx, cancel := context.WithCancel(ctx)
 	s.wg.Add(2)
@@ -164,23 +175,24 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}()
 	go s.expireSessions(ctx)
 
-	s.log.Info("server listening", "listen", ln.Addr().String(), "backend", s.cfg.Backend.String())
-	err := s.acceptLoop(ctx, ln)
+	s.log.Info("server listening", "listen", addr, "encap", encap, "backend", s.cfg.Backend.String())
+	err := accept(ctx)
+	if ctx.Err() != nil {
+		err = nil
+	}
 	cancel()
 	s.shutdown()
 	s.wg.Wait()
 	return err
 }
 
-func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) error {
+// acceptStreams accepts RFC 9329 TCP connections from ln.
+func (s *Server) acceptStreams(ctx context.Context, ln net.Listener) error {
 	var backoff time.Duration
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			if errors.Is(err, net.ErrClosed) {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return err
 			}
 			// Out of file descriptors and the like: wait and retry, as
@@ -195,25 +207,32 @@ func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) error {
 			}
 		}
 		backoff = 0
-		select {
-		case s.slots <- struct{}{}:
-		default:
-			s.counters.ConnsRejected.Add(1)
-			s.logRejected.log(s.log, slog.LevelWarn, "connection refused: connection limit reached (raise --max-conns)",
-				"remote", nc.RemoteAddr().String(), "limit", cap(s.slots))
+		if !s.admit(newStreamLink(nc, s.cfg), nc.RemoteAddr().String()) {
 			nc.Close()
-			continue
 		}
-		c := s.newConn(newStreamLink(nc, s.cfg), nc.RemoteAddr().String())
-		if c == nil { // shutting down
-			<-s.slots
-			nc.Close()
-			return nil
-		}
-		s.counters.ConnsAccepted.Add(1)
-		s.wg.Add(1)
-		go s.serveConn(c)
 	}
+}
+
+// admit starts serving a new client link, unless the connection limit is
+// reached or the server is shutting down; then the caller closes it.
+func (s *Server) admit(link serverLink, remote string) bool {
+	select {
+	case s.slots <- struct{}{}:
+	default:
+		s.counters.ConnsRejected.Add(1)
+		s.logRejected.log(s.log, slog.LevelWarn, "connection refused: connection limit reached (raise --max-conns)",
+			"remote", remote, "limit", cap(s.slots))
+		return false
+	}
+	c := s.newConn(link, remote)
+	if c == nil { // shutting down
+		<-s.slots
+		return false
+	}
+	s.counters.ConnsAccepted.Add(1)
+	s.wg.Add(1)
+	go s.serveConn(c)
+	return true
 }
 
 // shutdown closes every connection and session.
@@ -755,7 +774,7 @@ func (s *Server) removeSession(sess *session) {
 func (s *Server) Status() *Status {
 	s.mu.Lock()
 	st := &Status{
-		Role: "server", Version: s.cfg.Version, PID: os.Getpid(), Listen: s.listen,
+		Role: "server", Mode: s.encap, Version: s.cfg.Version, PID: os.Getpid(), Listen: s.listen,
 		Backend: s.cfg.Backend.String(), Started: s.started,
 	}
 	sessions := make([]*session, 0, len(s.sessions))

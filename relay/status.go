@@ -11,7 +11,7 @@ import (
 // control socket serves as JSON.
 type Status struct {
 	Role     string          `json:"role"`           // "server" or "client"
-	Mode     string          `json:"mode,omitempty"` // client: "explicit" or "transparent"
+	Mode     string          `json:"mode,omitempty"` // client: "explicit" or "transparent"; server: its encapsulation, "rfc9329" or "fake-tcp"
 	Version  string          `json:"version,omitempty"`
 	PID      int             `json:"pid,omitempty"`
 	Listen   string          `json:"listen"`
