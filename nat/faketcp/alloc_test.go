@@ -1,0 +1,124 @@
+package faketcp
+
+import (
+	"fmt"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// The allocation tests need a build without the race detector, which
+// allocates.
+
+var families = [][2]netip.Addr{{addr4B, addr4A}, {addr6B, addr6A}}
+
+// TestSendDoesNotAllocate checks a Send batch in steady state, for both
+// families and sequence modes.
+func TestSendDoesNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	for _, addrs := range families {
+		for _, mode := range []SeqMode{SeqLive, SeqFrozen} {
+			_, dev, c, _ := drivenStack(t, Config{Local: addrs[0], Seq: mode}, netip.AddrPortFrom(addrs[1], 40000))
+			dev.mu.Lock()
+			dev.keep = false
+			dev.mu.Unlock()
+			bufs := make([][]byte, 32)
+			for i := range bufs {
+				bufs[i] = datagram(uint32(i), 1400)
+			}
+			allocs := testing.AllocsPerRun(200, func() {
+				if err := c.Send(bufs, Headroom); err != nil {
+					panic(err)
+				}
+			})
+			if allocs != 0 {
+				t.Errorf("%v %v: %v allocations per Send of 32 datagrams", addrs[0], mode, allocs)
+			}
+		}
+	}
+}
+
+// TestReceiveDoesNotAllocate checks the receive path in steady state: a
+// batch of data segments for a conn with a handler, a keepalive probe
+// that gets an answer, and a segment for no conn that gets an RST.
+func TestReceiveDoesNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	for _, addrs := range families {
+		s, dev, c, r := drivenStack(t, Config{Local: addrs[0]}, netip.AddrPortFrom(addrs[1], 40000))
+		dev.mu.Lock()
+		dev.keep = false
+		dev.mu.Unlock()
+		delivered := 0
+		c.SetHandler(func(batch []Payload) { delivered += len(batch) })
+		var pkts [][]byte
+		for i := range 6 {
+			pkts = append(pkts, r.segment(flagACK|flagPSH, datagram(uint32(i), 1400)[Headroom:]))
+		}
+		r.seq--
+		pkts = append(pkts, r.segment(flagACK, nil)) // a keepalive probe
+		r.seq++
+		stranger := remoteEnd{flow: newFlow(netip.AddrPortFrom(addrs[1], 40001), netip.AddrPortFrom(addrs[0], testPort), 0), seq: 5, ack: 9}
+		pkts = append(pkts, stranger.segment(flagACK|flagPSH, []byte("who")))
+		for k, p := range pkts {
+			s.rx.sizes[k] = copy(s.rx.bufs[k][Headroom:], p)
+		}
+		now := time.Now()
+		writesBefore := dev.writes
+		runs := 0
+		allocs := testing.AllocsPerRun(200, func() {
+			s.processBatch(len(pkts), now)
+			runs++
+		})
+		if allocs != 0 {
+			t.Errorf("%v: %v allocations per batch of %d segments", addrs[0], allocs, len(pkts))
+		}
+		if delivered != 6*runs || dev.writes-writesBefore != 2*runs {
+			t.Errorf("%v: %d runs delivered %d payloads and wrote %d replies", addrs[0], runs, delivered, dev.writes-writesBefore)
+		}
+	}
+}
+
+// TestPipeDoesNotAllocate sends batches from one stack to the other over
+// the pipe and waits for the handler to have them all: no allocation in
+// steady state anywhere, the stacks' goroutines and the pipe included.
+func TestPipeDoesNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
+			p := newPair(t, pairOptions{v6: v6})
+			var received, target atomic.Int64
+			arrived := make(chan struct{}, 1)
+			p.server.SetHandler(func(batch []Payload) {
+				if received.Add(int64(len(batch))) >= target.Load() {
+					select {
+					case arrived <- struct{}{}:
+					default:
+					}
+				}
+			})
+			bufs := make([][]byte, 32)
+			for i := range bufs {
+				bufs[i] = datagram(uint32(i), 1400)
+			}
+			allocs := testing.AllocsPerRun(300, func() {
+				target.Add(int64(len(bufs)))
+				if err := p.client.Send(bufs, Headroom); err != nil {
+					panic(err)
+				}
+				for received.Load() < target.Load() {
+					<-arrived
+				}
+			})
+			if allocs != 0 {
+				t.Errorf("%v allocations per batch of 32 sent and received", allocs)
+			}
+		})
+	}
+}

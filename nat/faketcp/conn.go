@@ -1,0 +1,339 @@
+package faketcp
+
+import (
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Payload is one received datagram: Buf[Off:Off+N]. Buf[:Off] holds at
+// least Headroom bytes the handler may overwrite (to build headers in
+// front of the datagram in place).
+type Payload struct {
+	Buf    []byte
+	Off, N int
+}
+
+// Bytes returns the datagram, Buf[Off:Off+N].
+func (p Payload) Bytes() []byte { return p.Buf[p.Off : p.Off+p.N] }
+
+// Conn is one fake-TCP connection: one datagram per segment each way.
+type Conn struct {
+	// Set when the conn is made, read-only afterwards.
+	stack       *Stack
+	key         fourTuple
+	flow        flow
+	listener    *Listener     // the listener that accepted it; nil for Dial's
+	established chan struct{} // closed when Dial or Accept may hand it out
+	done        chan struct{} // closed by finish when it ends
+	// sendMSS is the largest payload Send sends: the peer's MSS. Set
+	// before the conn is handed out, read-only afterwards.
+	sendMSS int
+
+	handler  atomic.Pointer[func([]Payload)]
+	ipID     atomic.Uint32 // IPv4 identification of the last packet sent
+
+	// hmu is held while the handler runs, whoever runs it, so a conn's
+	// datagrams reach it one batch at a time and in order. It guards
+	// early: copies of the datagrams that arrived before SetHandler, up
+	// to maxEarly, which SetHandler delivers first.
+	hmu   sync.Mutex
+	early []Payload
+	counters connCounters
+	doneOnce sync.Once
+
+	sendMu sync.Mutex // serializes Send and Close, so that the wire sees their segments in sequence order; guards sendScratch
+	// sendScratch holds the buffers of a batch that Send keeps when it
+	// refuses some.
+	sendScratch [][]byte
+
+	mu  sync.Mutex // guards the following
+	tcb tcb
+}
+
+// connCounters are ConnStats' atomics.
+type connCounters struct {
+	segmentsSent, bytesSent                     atomic.Uint64
+	segmentsReceived, bytesReceived             atomic.Uint64
+	controlSent, controlReceived                atomic.Uint64
+	droppedNoHandler, droppedOversize           atomic.Uint64
+	droppedAfterClose, droppedUnacceptable      atomic.Uint64
+	refusedEmpty, refusedOversize, writeErrored atomic.Uint64
+}
+
+// ConnStats is a snapshot of a conn's counters and sequence numbers.
+type ConnStats struct {
+	State string // CLOSED, SYN_SENT, SYN_RECEIVED, ESTABLISHED, FIN_WAIT, LAST_ACK, TIME_WAIT
+
+	SegmentsSent, BytesSent         uint64 // data segments written, and their payload bytes
+	SegmentsReceived, BytesReceived uint64 // data segments delivered to the handler, and their payload bytes
+	ControlSent, ControlReceived    uint64 // segments without payload: handshake, ACKs, keepalives, FIN, RST
+
+	// Received segments that did not reach the handler, by why.
+	DroppedNoHandler    uint64 // data before SetHandler, past the maxEarly kept
+	DroppedOversize     uint64 // payload larger than the MSS this side advertised
+	DroppedAfterClose   uint64 // data after the conn ended
+	DroppedUnacceptable uint64 // not valid in the conn's state: a bad handshake ack, no ACK flag, an RST outside the window, a SYN inside the conn
+
+	// Datagrams Send refused, by why, and data segments the device did
+	// not take.
+	RefusedEmpty    uint64
+	RefusedOversize uint64 // larger than the peer's MSS
+	WriteErrors     uint64
+
+	Seq     uint32 // the next sequence number to send (in SeqFrozen mode, the one every data segment carries)
+	Ack     uint32 // the ack segments carry now
+	PeerMSS int    // the largest payload Send sends
+}
+
+// maxEarly bounds the datagrams a conn holds for a handler not yet set.
+const maxEarly = 64
+
+// SetHandler registers fn to receive the conn's datagrams. fn runs on
+// the stack's reader goroutine with a batch of one or more datagrams in
+// the order they arrived; the batch and its buffers are valid only during
+// the call (zero-copy). A peer may send as soon as the handshake ends, in
+// the same burst as its last ACK, before Dial or Accept has returned: the
+// conn keeps copies of up to maxEarly such datagrams, and SetHandler
+// hands them to fn first, on its caller's goroutine; beyond that they are
+// dropped and counted (ConnStats.DroppedNoHandler). Calls of fn never
+// overlap. fn may call Send, not SetHandler. A nil fn drops from then on.
+func (c *Conn) SetHandler(fn func(batch []Payload)) {
+	c.hmu.Lock()
+	defer c.hmu.Unlock()
+	if fn == nil {
+		c.handler.Store(nil)
+		return
+	}
+	c.handler.Store(&fn)
+	if len(c.early) > 0 {
+		c.deliverLocked(fn, c.early)
+		c.early = nil
+	}
+}
+
+// deliverLocked hands batch to fn and counts it. c.hmu must be held.
+func (c *Conn) deliverLocked(fn func([]Payload), batch []Payload) {
+	bytes := 0
+	for _, p := range batch {
+		bytes += p.N
+	}
+	c.counters.segmentsReceived.Add(uint64(len(batch)))
+	c.counters.bytesReceived.Add(uint64(bytes))
+	fn(batch)
+}
+
+// receive hands the reader's batch to the handler, or keeps copies of it
+// until there is one.
+func (c *Conn) receive(batch []Payload) {
+	c.hmu.Lock()
+	defer c.hmu.Unlock()
+	if h := c.handler.Load(); h != nil {
+		c.deliverLocked(*h, batch)
+		return
+	}
+	for _, p := range batch {
+		if len(c.early) == maxEarly {
+			c.counters.droppedNoHandler.Add(1)
+			continue
+		}
+		buf := make([]byte, Headroom+p.N)
+		copy(buf[Headroom:], p.Buf[p.Off:p.Off+p.N])
+		c.early = append(c.early, Payload{Buf: buf, Off: Headroom, N: p.N})
+	}
+}
+
+// Send sends each bufs[k][offset:] as one data segment, building its IP
+// and TCP headers in place in bufs[k][:offset] (offset >= Headroom), and
+// writes the batch with one Device.Write. Segments carry ACK|PSH, the ack
+// of the peer's last seq+len, and sequence numbers that advance by each
+// payload's length (SeqLive), or ACK with the frozen seq and ack
+// (SeqFrozen).
+//
+// A datagram that is empty or larger than the peer's MSS is not sent:
+// Send sends the others and returns an error that wraps ErrTooLarge.
+// After the conn ended it returns Err. It is safe for concurrent use (the
+// wire sees each batch whole, in sequence order) and does not allocate
+// unless it fails.
+func (c *Conn) Send(bufs [][]byte, offset int) error {
+	if offset < Headroom {
+		return errOffset
+	}
+	if len(bufs) == 0 {
+		return nil
+	}
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+
+	total, refusedEmpty, refusedOversize := 0, 0, 0
+	for _, b := range bufs {
+		switch n := len(b) - offset; {
+		case n <= 0:
+			refusedEmpty++
+		case n > c.sendMSS:
+			refusedOversize++
+		default:
+			total += n
+		}
+	}
+	send := bufs
+	if refusedEmpty+refusedOversize > 0 {
+		c.counters.refusedEmpty.Add(uint64(refusedEmpty))
+		c.counters.refusedOversize.Add(uint64(refusedOversize))
+		c.sendScratch = c.sendScratch[:0]
+		for _, b := range bufs {
+			if n := len(b) - offset; n > 0 && n <= c.sendMSS {
+				c.sendScratch = append(c.sendScratch, b)
+			}
+		}
+		send = c.sendScratch
+		defer clear(c.sendScratch)
+	}
+
+	var sendErr error
+	if len(send) > 0 {
+		sendErr = c.sendData(send, offset, total)
+	}
+	if sendErr == nil && refusedEmpty+refusedOversize > 0 {
+		sendErr = fmt.Errorf("%w: refused %d empty datagrams and %d larger than the peer's MSS of %d bytes, sent %d",
+			ErrTooLarge, refusedEmpty, refusedOversize, c.sendMSS, len(send))
+	}
+	return sendErr
+}
+
+// sendData sends the data segments of bufs, total payload bytes in all;
+// the caller holds sendMu.
+func (c *Conn) sendData(bufs [][]byte, offset, total int) error {
+	c.mu.Lock()
+	if c.tcb.state != stateEstablished {
+		err := c.tcb.err
+		c.mu.Unlock()
+		if err == nil {
+			err = ErrClosed
+		}
+		return err
+	}
+	seq, ack := c.tcb.dataFields(total)
+	mode := c.tcb.cfg.mode
+	c.mu.Unlock()
+
+	fields := tcpFields{seq: seq, ack: ack, flags: flagACK | flagPSH, window: c.stack.cfg.Window}
+	if mode == SeqFrozen {
+		fields.flags = flagACK
+	}
+	for _, b := range bufs {
+		c.flow.put(b, offset, fields, nil, c.nextIPID())
+		if mode == SeqLive {
+			fields.seq += uint32(len(b) - offset)
+		}
+	}
+	start := offset - c.flow.ipHeaderLen() - tcpHeaderLen
+	n, err := c.stack.dev.Write(bufs, start)
+	n = min(max(n, 0), len(bufs))
+	sent := total
+	if n < len(bufs) {
+		sent = 0
+		for _, b := range bufs[:n] {
+			sent += len(b) - offset
+		}
+	}
+	c.counters.segmentsSent.Add(uint64(n))
+	c.counters.bytesSent.Add(uint64(sent))
+	if err != nil {
+		c.counters.writeErrored.Add(uint64(len(bufs) - n))
+		return fmt.Errorf("faketcp: the device took %d of %d segments: %w", n, len(bufs), err)
+	}
+	return nil
+}
+
+// nextIPID is the IPv4 identification of the conn's next packet: a
+// per-conn counter from a random start, as Linux uses for its
+// connections.
+func (c *Conn) nextIPID() uint16 { return uint16(c.ipID.Add(1)) }
+
+// Close sends a FIN and ends the conn with ErrClosed; the stack keeps its
+// 4-tuple a little longer to acknowledge the peer's FIN. It is idempotent
+// and returns nil.
+func (c *Conn) Close() error {
+	c.closeWith(ErrClosed)
+	return nil
+}
+
+// closeWith ends the conn with err: a FIN from an established conn, an
+// RST from a half-open one that answered a SYN.
+func (c *Conn) closeWith(err error) {
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	c.mu.Lock()
+	send, ended, remove := c.tcb.close(time.Now(), err)
+	c.mu.Unlock()
+	if ended {
+		c.finish()
+	}
+	c.stack.writeControl(c, send)
+	if remove {
+		c.stack.forget(c)
+	}
+}
+
+// finish closes Done, once.
+func (c *Conn) finish() {
+	c.doneOnce.Do(func() {
+		close(c.done)
+		c.stack.log.Debug("faketcp: connection ended", "conn", c, "err", c.Err())
+	})
+}
+
+// Done is closed when the conn ends: FIN or RST from the peer, keepalive
+// timeout, Close, Stack.Close. Err says why.
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// Err says why the conn ended, nil while it lives: an error that matches
+// ErrReset, ErrTimeout, ErrClosed or ErrPeerClosed.
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.tcb.err
+}
+
+// LocalAddr is the conn's local address and port.
+func (c *Conn) LocalAddr() netip.AddrPort { return c.flow.local }
+
+// RemoteAddr is the peer's address and port.
+func (c *Conn) RemoteAddr() netip.AddrPort { return c.flow.remote }
+
+// String names the conn by its addresses, for logs.
+func (c *Conn) String() string { return c.flow.local.String() + "->" + c.flow.remote.String() }
+
+// LogValue makes a conn one attribute in structured logs.
+func (c *Conn) LogValue() slog.Value { return slog.StringValue(c.String()) }
+
+// Stats returns a snapshot of the conn's counters and sequence numbers.
+func (c *Conn) Stats() ConnStats {
+	c.mu.Lock()
+	state, seq, ack := c.tcb.state, c.tcb.sndNxt, c.tcb.rcvNxt
+	c.mu.Unlock()
+	k := &c.counters
+	return ConnStats{
+		State:               state.String(),
+		SegmentsSent:        k.segmentsSent.Load(),
+		BytesSent:           k.bytesSent.Load(),
+		SegmentsReceived:    k.segmentsReceived.Load(),
+		BytesReceived:       k.bytesReceived.Load(),
+		ControlSent:         k.controlSent.Load(),
+		ControlReceived:     k.controlReceived.Load(),
+		DroppedNoHandler:    k.droppedNoHandler.Load(),
+		DroppedOversize:     k.droppedOversize.Load(),
+		DroppedAfterClose:   k.droppedAfterClose.Load(),
+		DroppedUnacceptable: k.droppedUnacceptable.Load(),
+		RefusedEmpty:        k.refusedEmpty.Load(),
+		RefusedOversize:     k.refusedOversize.Load(),
+		WriteErrors:         k.writeErrored.Load(),
+		Seq:                 seq,
+		Ack:                 ack,
+		PeerMSS:             c.sendMSS,
+	}
+}

@@ -1,0 +1,180 @@
+package faketcp
+
+import (
+	"context"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+)
+
+// recordDevice keeps a copy of every packet written to it (when keep is
+// set) and delivers nothing. A driven stack's reader does not run, so
+// Read is never called.
+type recordDevice struct {
+	mu      sync.Mutex
+	keep    bool
+	packets [][]byte
+	writes  int
+}
+
+func (d *recordDevice) BatchSize() int { return 8 }
+
+func (d *recordDevice) Read([][]byte, []int, int) (int, error) { select {} }
+
+func (d *recordDevice) Write(bufs [][]byte, offset int) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.writes += len(bufs)
+	if d.keep {
+		for _, b := range bufs {
+			d.packets = append(d.packets, append([]byte(nil), b[offset:]...))
+		}
+	}
+	return len(bufs), nil
+}
+
+// take returns the packets written since the last take.
+func (d *recordDevice) take() [][]byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p := d.packets
+	d.packets = nil
+	return p
+}
+
+// counter is deterministic randomness for driven stacks.
+func counter(start uint32) func() uint32 {
+	var mu sync.Mutex
+	return func() uint32 {
+		mu.Lock()
+		defer mu.Unlock()
+		start += 0x9e3779b9
+		return start
+	}
+}
+
+// remoteEnd builds the packets a peer would send to a driven stack.
+type remoteEnd struct {
+	flow     flow
+	seq, ack uint32
+}
+
+// segment builds a segment from the peer with payload, flags and the
+// peer's seq and ack, and advances the peer's seq by the payload.
+func (r *remoteEnd) segment(flags uint8, payload []byte) []byte {
+	buf := append(make([]byte, controlBufSize), payload...)
+	start := r.flow.put(buf, controlBufSize, tcpFields{seq: r.seq, ack: r.ack, flags: flags, window: DefaultWindow}, nil, 0)
+	r.seq += uint32(len(payload))
+	return buf[start:]
+}
+
+// feed runs pkts through s as one batch read at now.
+func feed(s *Stack, now time.Time, pkts ...[]byte) {
+	for k, p := range pkts {
+		s.rx.sizes[k] = copy(s.rx.bufs[k][Headroom:], p)
+	}
+	s.processBatch(len(pkts), now)
+}
+
+// drivenStack is a stack without goroutines on a recordDevice, listening
+// on testPort, with one conn accepted from remote, which the returned
+// remoteEnd speaks for.
+func drivenStack(t testing.TB, cfg Config, remote netip.AddrPort) (*Stack, *recordDevice, *Conn, *remoteEnd) {
+	t.Helper()
+	dev := &recordDevice{keep: true}
+	local := cfg.Local
+	if cfg.MTU == 0 {
+		cfg.MTU = 1600
+	}
+	s, err := newStack(dev, cfg, false, counter(7))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	l, err := s.Listen(testPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &remoteEnd{flow: newFlow(remote, netip.AddrPortFrom(local, testPort), 0), seq: 1000}
+	now := time.Now()
+	syn := r.flow
+	buf := make([]byte, controlBufSize)
+	o := makeSYNOptions(1460, true, true)
+	start := syn.put(buf, controlBufSize, tcpFields{seq: r.seq, flags: flagSYN, window: DefaultWindow}, o.buf[:o.n], 0)
+	feed(s, now, buf[start:])
+	r.seq++
+	replies := dev.take()
+	if len(replies) != 1 {
+		t.Fatalf("%d replies to a SYN", len(replies))
+	}
+	var in inbound
+	if v := parsePacket(replies[0], remote.Addr(), remote.Addr().Is4(), &in); v != packetOK || in.seg.flags != flagSYN|flagACK {
+		t.Fatalf("reply to a SYN: verdict %d, flags %s", v, flagString(in.seg.flags))
+	}
+	r.ack = in.seg.seq + 1
+	feed(s, now, r.segment(flagACK, nil))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	c, err := l.Accept(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, dev, c, r
+}
+
+// TestDrivenStack checks the receive path packet by packet: data reaches
+// the handler in place with its headroom, a keepalive probe is answered,
+// a FIN is answered with FIN|ACK, and the next segment for the forgotten
+// 4-tuple gets an RST.
+func TestDrivenStack(t *testing.T) {
+	for _, addrs := range [][2]netip.Addr{{addr4B, addr4A}, {addr6B, addr6A}} {
+		s, dev, c, r := drivenStack(t, Config{Local: addrs[0]}, netip.AddrPortFrom(addrs[1], 40000))
+		var got []string
+		c.SetHandler(func(batch []Payload) {
+			for _, p := range batch {
+				if p.Off < Headroom || p.Off+p.N > len(p.Buf) {
+					t.Errorf("payload at %d+%d in a %d-byte buffer", p.Off, p.N, len(p.Buf))
+				}
+				got = append(got, string(p.Bytes()))
+			}
+		})
+		now := time.Now()
+		feed(s, now, r.segment(flagACK|flagPSH, []byte("one")), r.segment(flagACK|flagPSH, []byte("two")))
+		if len(got) != 2 || got[0] != "one" || got[1] != "two" {
+			t.Errorf("handler got %q", got)
+		}
+		if replies := dev.take(); len(replies) != 0 {
+			t.Errorf("%d replies to data", len(replies))
+		}
+		// A keepalive probe: seq one before the next.
+		r.seq--
+		feed(s, now, r.segment(flagACK, nil))
+		r.seq++
+		replies := dev.take()
+		var in inbound
+		if len(replies) != 1 || parsePacket(replies[0], addrs[1], addrs[1].Is4(), &in) != packetOK || in.seg.flags != flagACK || in.seg.ack != r.seq {
+			t.Fatalf("answer to a keepalive: %d replies, %+v", len(replies), in.seg)
+		}
+		// A FIN.
+		feed(s, now, r.segment(flagFIN|flagACK, nil))
+		r.seq++
+		replies = dev.take()
+		if len(replies) != 1 || parsePacket(replies[0], addrs[1], addrs[1].Is4(), &in) != packetOK || in.seg.flags != flagFIN|flagACK || in.seg.ack != r.seq {
+			t.Fatalf("answer to a FIN: %d replies, %+v", len(replies), in.seg)
+		}
+		if err := c.Err(); err != ErrPeerClosed {
+			t.Errorf("conn ended with %v", err)
+		}
+		r.ack = in.seg.seq + 1
+		feed(s, now, r.segment(flagACK, nil)) // the ACK of our FIN: forgotten
+		if n := s.Stats().Conns; n != 0 {
+			t.Errorf("%d conns after the close", n)
+		}
+		feed(s, now, r.segment(flagACK|flagPSH, []byte("late")))
+		replies = dev.take()
+		if len(replies) != 1 || parsePacket(replies[0], addrs[1], addrs[1].Is4(), &in) != packetOK || in.seg.flags != flagRST || in.seg.seq != r.ack {
+			t.Fatalf("answer to a segment for no conn: %d replies, %+v", len(replies), in.seg)
+		}
+	}
+}

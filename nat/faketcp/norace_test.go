@@ -1,0 +1,5 @@
+//go:build !race
+
+package faketcp
+
+const raceEnabled = false

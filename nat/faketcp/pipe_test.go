@@ -1,0 +1,193 @@
+package faketcp
+
+import (
+	"errors"
+	"math/rand/v2"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// pipeDevice is one end of an in-memory pipe of IP packets: what one end
+// writes, the other reads, as two TUN devices routed to each other would
+// move them. Its knobs lose, duplicate or reorder what it writes, and a
+// capture hook sees every packet written, in order. It never blocks a
+// writer: a full queue drops, as a device does (overflowed counts them).
+// It wakes a blocked Read for a read deadline in the past, which is all
+// Stack.Close asks of it, and does not allocate in steady state.
+type pipeDevice struct {
+	batch  int
+	in     chan []byte   // packets for this end's Read
+	pool   chan []byte   // packet buffers, shared by both ends
+	wake   chan struct{} // a read deadline was set in the past
+	closed chan struct{}
+	peer   *pipeDevice
+
+	expired    atomic.Bool
+	closeOnce  sync.Once
+	written    atomic.Uint64 // packets Write was given
+	lost       atomic.Uint64 // dropped by the loss knob
+	overflowed atomic.Uint64 // dropped because the peer's queue was full
+
+	mu      sync.Mutex // guards the following; held through Write so that capture order is wire order
+	loss    float64    // probability that a packet is dropped
+	dup     float64    // probability that a packet is delivered twice
+	reorder float64    // probability that a packet is held back behind the next
+	rng     *rand.Rand
+	held    []byte // a packet held back for reordering
+	capture func(pkt []byte)
+}
+
+// newPipe returns the two ends of a pipe whose ends hold up to queue
+// packets each.
+func newPipe(batch, queue int) (a, b *pipeDevice) {
+	pool := make(chan []byte, 2*queue)
+	a = &pipeDevice{batch: batch, in: make(chan []byte, queue), pool: pool, wake: make(chan struct{}, 1),
+		closed: make(chan struct{}), rng: rand.New(rand.NewPCG(1, 2))}
+	b = &pipeDevice{batch: batch, in: make(chan []byte, queue), pool: pool, wake: make(chan struct{}, 1),
+		closed: make(chan struct{}), rng: rand.New(rand.NewPCG(3, 4))}
+	a.peer, b.peer = b, a
+	return a, b
+}
+
+// setFaults sets the probabilities that a packet this end writes is lost,
+// duplicated or reordered.
+func (d *pipeDevice) setFaults(loss, dup, reorder float64) {
+	d.mu.Lock()
+	d.loss, d.dup, d.reorder = loss, dup, reorder
+	d.mu.Unlock()
+}
+
+// setCapture installs fn to see every packet this end writes (before the
+// fault knobs); fn must not keep it.
+func (d *pipeDevice) setCapture(fn func(pkt []byte)) {
+	d.mu.Lock()
+	d.capture = fn
+	d.mu.Unlock()
+}
+
+// queued is how many packets wait for this end's Read.
+func (d *pipeDevice) queued() int { return len(d.in) }
+
+func (d *pipeDevice) BatchSize() int { return d.batch }
+
+func (d *pipeDevice) Write(bufs [][]byte, offset int) (int, error) {
+	select {
+	case <-d.closed:
+		return 0, net.ErrClosed
+	default:
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, b := range bufs {
+		pkt := b[offset:]
+		d.written.Add(1)
+		if d.capture != nil {
+			d.capture(pkt)
+		}
+		if d.loss > 0 && d.rng.Float64() < d.loss {
+			d.lost.Add(1)
+			continue
+		}
+		if d.reorder > 0 && d.held == nil && d.rng.Float64() < d.reorder {
+			d.held = d.copyPacket(pkt)
+			continue
+		}
+		d.deliver(d.copyPacket(pkt))
+		if d.dup > 0 && d.rng.Float64() < d.dup {
+			d.deliver(d.copyPacket(pkt))
+		}
+		if d.held != nil {
+			d.deliver(d.held)
+			d.held = nil
+		}
+	}
+	return len(bufs), nil
+}
+
+func (d *pipeDevice) copyPacket(pkt []byte) []byte {
+	var b []byte
+	select {
+	case b = <-d.pool:
+	default:
+		b = make([]byte, 0, 2048)
+	}
+	return append(b[:0], pkt...)
+}
+
+func (d *pipeDevice) deliver(pkt []byte) {
+	select {
+	case d.peer.in <- pkt:
+	default:
+		d.overflowed.Add(1)
+		d.recycle(pkt)
+	}
+}
+
+func (d *pipeDevice) recycle(pkt []byte) {
+	select {
+	case d.pool <- pkt:
+	default:
+	}
+}
+
+func (d *pipeDevice) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	if len(bufs) == 0 {
+		return 0, nil
+	}
+	for {
+		if d.expired.Load() {
+			return 0, os.ErrDeadlineExceeded
+		}
+		select {
+		case pkt := <-d.in:
+			sizes[0] = copy(bufs[0][offset:], pkt)
+			d.recycle(pkt)
+			n := 1
+			for n < len(bufs) {
+				select {
+				case pkt := <-d.in:
+					sizes[n] = copy(bufs[n][offset:], pkt)
+					d.recycle(pkt)
+					n++
+				default:
+					return n, nil
+				}
+			}
+			return n, nil
+		case <-d.wake:
+		case <-d.closed:
+			return 0, net.ErrClosed
+		}
+	}
+}
+
+// SetReadDeadline supports what Stack asks: none (the zero time), or one
+// in the past, which wakes a blocked Read.
+func (d *pipeDevice) SetReadDeadline(t time.Time) error {
+	switch {
+	case t.IsZero():
+		d.expired.Store(false)
+		select {
+		case <-d.wake:
+		default:
+		}
+	case !t.After(time.Now()):
+		d.expired.Store(true)
+		select {
+		case d.wake <- struct{}{}:
+		default:
+		}
+	default:
+		return errors.New("pipeDevice: only past deadlines are supported")
+	}
+	return nil
+}
+
+// Close makes this end's Read and Write fail with net.ErrClosed.
+func (d *pipeDevice) Close() error {
+	d.closeOnce.Do(func() { close(d.closed) })
+	return nil
+}

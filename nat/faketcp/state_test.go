@@ -1,0 +1,542 @@
+package faketcp
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The state machine's tests run two tcbs, a client and a server, over a
+// modelled wire: each side's segments queue toward the other, and each
+// step delivers, loses or injects one, runs a side's timers at a given
+// time, or has a side dial, send or close. Every step checks what the
+// acting side emitted and where it ended up.
+
+type side int
+
+const (
+	client side = iota
+	server
+)
+
+func (s side) String() string { return [...]string{"client", "server"}[s] }
+
+type action int
+
+const (
+	dial    action = iota // the side opens: SYN_SENT (iss: step.iss, else the side's default)
+	deliver               // the oldest segment in flight toward the side arrives
+	lose                  // the oldest segment in flight toward the side is lost
+	inject                // step.seg arrives at the side
+	tick                  // the side's timers run
+	send                  // the side sends step.n bytes of data
+	closeIt               // the side closes
+	restart               // the side forgets its conn, as a restarted stack does
+	swap                  // the two oldest segments in flight toward the side change places
+)
+
+// Default ISNs: the client's wraps around 2^32 within a few segments.
+const (
+	clientISS uint32 = 0xffffff00
+	serverISS uint32 = 5000
+)
+
+type want struct {
+	emit    string  // what the acting side emitted in the step, flags joined by "|", segments by ","; "" none
+	state   string  // the acting side's state after; "" unchecked; "-" no conn
+	seq     *uint32 // seq of the first segment emitted, if checked
+	ack     *uint32
+	ended   error // what the acting side's conn ended with, if checked
+	deliver bool  // the delivered segment's payload goes to the handler
+	drop    dropReason
+}
+
+type step struct {
+	at   time.Duration
+	act  action
+	side side
+	n    int      // send: payload length
+	iss  uint32   // dial: ISN, 0 for the side's default
+	seg  *segment // inject
+	want want
+}
+
+func u32(v uint32) *uint32 { return &v }
+
+// harness runs a scripted exchange between two tcbs.
+type harness struct {
+	t         *testing.T
+	cfg       tcbConfig
+	start     time.Time
+	conn      [2]*tcb
+	gone      [2]*tcb      // each side's last conn forgotten, to check why it ended
+	listening [2]bool      // a side with no conn answers a SYN with a SYN-ACK
+	wire      [2][]segment // wire[s]: in flight toward s
+	nextISS   [2]uint32    // the ISN a passive open or a default dial uses
+	emitted   [2][]segment // what each side emitted in the current step
+	verdict   verdict      // of the current step's delivery
+}
+
+func newHarness(t *testing.T, cfg tcbConfig) *harness {
+	return &harness{
+		t: t, cfg: cfg, start: time.Unix(1_700_000_000, 0),
+		listening: [2]bool{false, true},
+		nextISS:   [2]uint32{clientISS, serverISS},
+	}
+}
+
+func defaultTCBConfig() tcbConfig {
+	return tcbConfig{
+		mode: SeqLive, mss: 1460, maxSendMSS: maxIPv4MSS, defaultPeerMSS: defaultIPv4PeerMSS,
+		window: DefaultWindow, keepAlive: 15 * time.Second, handshakeTimeout: 5 * time.Second,
+	}
+}
+
+func other(s side) side { return 1 - s }
+
+// put queues e, emitted by from, toward the other side.
+func (h *harness) put(from side, e emit, payloadLen int) {
+	if e.flags == 0 {
+		return
+	}
+	seg := segment{seq: e.seq, ack: e.ack, flags: e.flags, window: h.cfg.window, payloadLen: payloadLen}
+	if e.synOptions {
+		seg.mss, seg.windowScale, seg.sackPermitted = h.cfg.mss, e.windowScale, e.sackPermitted
+	}
+	h.emitted[from] = append(h.emitted[from], seg)
+	h.wire[other(from)] = append(h.wire[other(from)], seg)
+}
+
+// arrive runs seg through side s, as the stack does: its conn, or a
+// listener, or an RST for no conn.
+func (h *harness) arrive(s side, seg segment, now time.Time) {
+	c := h.conn[s]
+	if c != nil {
+		v := c.receive(now, &seg)
+		h.verdict = v
+		h.put(s, v.reply, 0)
+		if v.remove || v.reopen {
+			h.forget(s)
+		}
+		if !v.reopen {
+			return
+		}
+	}
+	if seg.flags&(flagSYN|flagACK|flagRST) == flagSYN && h.listening[s] {
+		t, synAck := newPassiveTCB(h.cfg, now, h.nextISS[s], &seg)
+		h.conn[s] = &t
+		h.put(s, synAck, 0)
+		return
+	}
+	h.put(s, resetFor(&seg), 0)
+}
+
+func (h *harness) run(steps []step) {
+	t := h.t
+	for i, st := range steps {
+		now := h.start.Add(st.at)
+		h.emitted = [2][]segment{}
+		h.verdict = verdict{}
+		s := st.side
+		switch st.act {
+		case dial:
+			iss := st.iss
+			if iss == 0 {
+				iss = h.nextISS[s]
+			}
+			c, syn := newActiveTCB(h.cfg, now, iss)
+			h.conn[s] = &c
+			h.put(s, syn, 0)
+		case deliver, lose:
+			if len(h.wire[s]) == 0 {
+				t.Fatalf("step %d: nothing in flight toward the %v", i, s)
+			}
+			seg := h.wire[s][0]
+			h.wire[s] = h.wire[s][1:]
+			if st.act == deliver {
+				h.arrive(s, seg, now)
+			}
+		case inject:
+			h.arrive(s, *st.seg, now)
+		case tick:
+			if c := h.conn[s]; c != nil {
+				r := c.tick(now)
+				h.put(s, r.send, 0)
+				if r.remove {
+					h.forget(s)
+				}
+			}
+		case send:
+			c := h.conn[s]
+			if c == nil || c.state != stateEstablished {
+				t.Fatalf("step %d: the %v cannot send: no established conn", i, s)
+			}
+			seq, ack := c.dataFields(st.n)
+			flags := uint8(flagACK | flagPSH)
+			if h.cfg.mode == SeqFrozen {
+				flags = flagACK
+			}
+			h.put(s, emit{flags: flags, seq: seq, ack: ack}, st.n)
+		case closeIt:
+			if c := h.conn[s]; c != nil {
+				e, _, remove := c.close(now, ErrClosed)
+				h.put(s, e, 0)
+				if remove {
+					h.forget(s)
+				}
+			}
+		case swap:
+			w := h.wire[s]
+			w[0], w[1] = w[1], w[0]
+		case restart:
+			h.conn[s], h.gone[s] = nil, nil
+		}
+		h.check(i, st)
+	}
+}
+
+func (h *harness) check(i int, st step) {
+	t := h.t
+	t.Helper()
+	em := h.emitted[st.side]
+	var names []string
+	for _, seg := range em {
+		names = append(names, flagString(seg.flags))
+	}
+	if got := strings.Join(names, ","); got != st.want.emit {
+		t.Errorf("step %d (%v at %v): emitted %q, want %q", i, st.side, st.at, got, st.want.emit)
+	}
+	if len(em) > 0 {
+		if st.want.seq != nil && em[0].seq != *st.want.seq {
+			t.Errorf("step %d: seq %d, want %d", i, em[0].seq, *st.want.seq)
+		}
+		if st.want.ack != nil && em[0].ack != *st.want.ack {
+			t.Errorf("step %d: ack %d, want %d", i, em[0].ack, *st.want.ack)
+		}
+	} else if st.want.seq != nil || st.want.ack != nil {
+		t.Errorf("step %d: nothing emitted to check seq and ack on", i)
+	}
+	c := h.conn[st.side]
+	state := "-"
+	if c != nil {
+		state = c.state.String()
+	}
+	if st.want.state != "" && state != st.want.state {
+		t.Errorf("step %d: %v in %s, want %s", i, st.side, state, st.want.state)
+	}
+	if st.want.ended != nil {
+		if c == nil {
+			c = h.gone[st.side]
+		}
+		var err error
+		if c != nil {
+			err = c.err
+		}
+		if !errors.Is(err, st.want.ended) {
+			t.Errorf("step %d: %v ended with %v, want %v", i, st.side, err, st.want.ended)
+		}
+	}
+	if (st.act == deliver || st.act == inject) && (h.verdict.deliver != st.want.deliver || h.verdict.drop != st.want.drop) {
+		t.Errorf("step %d: deliver %v drop %d, want deliver %v drop %d", i, h.verdict.deliver, h.verdict.drop, st.want.deliver, st.want.drop)
+	}
+}
+
+func (h *harness) forget(s side) { h.conn[s], h.gone[s] = nil, h.conn[s] }
+
+func flagString(f uint8) string {
+	var parts []string
+	for _, fl := range []struct {
+		bit  uint8
+		name string
+	}{{flagSYN, "SYN"}, {flagFIN, "FIN"}, {flagRST, "RST"}, {flagACK, "ACK"}, {flagPSH, "PSH"}} {
+		if f&fl.bit != 0 {
+			parts = append(parts, fl.name)
+		}
+	}
+	return strings.Join(parts, "|")
+}
+
+// cs and ss are sequence numbers relative to the default ISNs, in
+// modulo-2^32 arithmetic.
+func cs(n uint32) *uint32 { return u32(clientISS + n) }
+func ss(n uint32) *uint32 { return u32(serverISS + n) }
+
+// handshake is the three-way handshake at time 0, checked.
+func handshake() []step {
+	return []step{
+		{act: dial, side: client, want: want{emit: "SYN", state: "SYN_SENT", seq: cs(0)}},
+		{act: deliver, side: server, want: want{emit: "SYN|ACK", state: "SYN_RECEIVED", seq: ss(0), ack: cs(1)}},
+		{act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED", seq: cs(1), ack: ss(1)}},
+		{act: deliver, side: server, want: want{state: "ESTABLISHED"}},
+	}
+}
+
+func then(parts ...[]step) []step {
+	var all []step
+	for _, p := range parts {
+		all = append(all, p...)
+	}
+	return all
+}
+
+func TestStateMachine(t *testing.T) {
+	frozen := defaultTCBConfig()
+	frozen.mode = SeqFrozen
+	smallWindow := defaultTCBConfig()
+	smallWindow.window = 64 // 8192 bytes scaled: a pure ACK every 2048
+
+	tests := []struct {
+		name  string
+		cfg   *tcbConfig // nil: defaultTCBConfig
+		steps []step
+	}{
+		{name: "handshake", steps: handshake()},
+		{name: "lost SYN is sent again after a second", steps: []step{
+			{act: dial, side: client, want: want{emit: "SYN", state: "SYN_SENT"}},
+			{act: lose, side: server},
+			{at: 999 * time.Millisecond, act: tick, side: client, want: want{state: "SYN_SENT"}},
+			{at: time.Second, act: tick, side: client, want: want{emit: "SYN", seq: cs(0)}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", state: "SYN_RECEIVED"}},
+			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
+			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
+		}},
+		{name: "lost SYN-ACK is sent again after a second", steps: []step{
+			{act: dial, side: client, want: want{emit: "SYN"}},
+			{act: deliver, side: server, want: want{emit: "SYN|ACK"}},
+			{act: lose, side: client},
+			{at: 500 * time.Millisecond, act: tick, side: server, want: want{state: "SYN_RECEIVED"}},
+			{at: time.Second, act: tick, side: server, want: want{emit: "SYN|ACK", seq: ss(0), ack: cs(1)}},
+			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
+			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
+		}},
+		{name: "retried SYN and SYN-ACK cross", steps: []step{
+			{act: dial, side: client, want: want{emit: "SYN"}},
+			{act: deliver, side: server, want: want{emit: "SYN|ACK"}},
+			{at: time.Second, act: tick, side: client, want: want{emit: "SYN"}},
+			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", state: "SYN_RECEIVED"}},
+			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
+			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED", seq: cs(1), ack: ss(1)}},
+		}},
+		{name: "lost ACK: the first data segment completes the handshake", steps: then(handshake()[:3], []step{
+			{act: lose, side: server},
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH", seq: cs(1), ack: ss(1)}},
+			{act: deliver, side: server, want: want{state: "ESTABLISHED", deliver: true}},
+		})},
+		{name: "lost ACK: the SYN-ACK sent again is acknowledged again", steps: then(handshake()[:3], []step{
+			{act: lose, side: server},
+			{at: time.Second, act: tick, side: server, want: want{emit: "SYN|ACK"}},
+			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", seq: cs(1), ack: ss(1), state: "ESTABLISHED"}},
+			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
+		})},
+		{name: "handshake timeout", steps: []step{
+			{act: dial, side: client, want: want{emit: "SYN"}},
+			{at: 1 * time.Second, act: tick, side: client, want: want{emit: "SYN"}},
+			{at: 2 * time.Second, act: tick, side: client, want: want{emit: "SYN"}},
+			{at: 3 * time.Second, act: tick, side: client, want: want{emit: "SYN"}},
+			{at: 4 * time.Second, act: tick, side: client, want: want{emit: "SYN"}},
+			{at: 5 * time.Second, act: tick, side: client, want: want{state: "-", ended: ErrTimeout}},
+		}},
+		{name: "half-open timeout", steps: []step{
+			{act: dial, side: client, want: want{emit: "SYN"}},
+			{act: deliver, side: server, want: want{emit: "SYN|ACK"}},
+			{at: 4 * time.Second, act: tick, side: server, want: want{emit: "SYN|ACK"}},
+			{at: 5 * time.Second, act: tick, side: server, want: want{state: "-", ended: ErrTimeout}},
+		}},
+		{name: "refused", steps: []step{
+			{act: dial, side: client, want: want{emit: "SYN"}},
+			{act: inject, side: client, seg: &segment{flags: flagRST, seq: 1}, want: want{state: "SYN_SENT", drop: dropUnacceptable}},
+			{act: inject, side: client, seg: &segment{flags: flagRST | flagACK, ack: clientISS + 1}, want: want{state: "-", ended: ErrReset}},
+		}},
+		{name: "SYN-ACK with a wrong ack is answered with an RST", steps: []step{
+			{act: dial, side: client, want: want{emit: "SYN"}},
+			{act: inject, side: client, seg: &segment{flags: flagSYN | flagACK, seq: 7, ack: 999}, want: want{emit: "RST", seq: u32(999), state: "SYN_SENT", drop: dropUnacceptable}},
+		}},
+		{name: "ACK with a wrong ack in SYN_RECEIVED is answered with an RST", steps: []step{
+			{act: dial, side: client, want: want{emit: "SYN"}},
+			{act: deliver, side: server, want: want{emit: "SYN|ACK"}},
+			{act: inject, side: server, seg: &segment{flags: flagACK, seq: clientISS + 1, ack: 123}, want: want{emit: "RST", seq: u32(123), state: "SYN_RECEIVED", drop: dropUnacceptable}},
+		}},
+		{name: "live: seq advances by payload length, ack follows the peer, across 2^32", steps: then(handshake(), []step{
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH", seq: cs(1), ack: ss(1)}},
+			{act: send, side: client, n: 200, want: want{emit: "ACK|PSH", seq: cs(101), ack: ss(1)}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: send, side: server, n: 50, want: want{emit: "ACK|PSH", seq: ss(1), ack: cs(301)}},
+			{act: deliver, side: client, want: want{deliver: true}},
+			{act: send, side: client, n: 10, want: want{emit: "ACK|PSH", seq: cs(301), ack: ss(51)}},
+		})},
+		{name: "live: a lost segment's gap is acknowledged past", steps: then(handshake(), []step{
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: send, side: client, n: 200, want: want{emit: "ACK|PSH"}},
+			{act: send, side: client, n: 300, want: want{emit: "ACK|PSH", seq: cs(301)}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: lose, side: server},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: send, side: server, n: 1, want: want{emit: "ACK|PSH", ack: cs(601)}},
+		})},
+		{name: "live: a late segment is delivered and the ack does not go back", steps: then(handshake(), []step{
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: send, side: client, n: 200, want: want{emit: "ACK|PSH"}},
+			{act: swap, side: server},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: send, side: server, n: 1, want: want{emit: "ACK|PSH", ack: cs(301)}},
+		})},
+		{name: "frozen: every data segment carries ISN+1 and the peer's ISN+1", cfg: &frozen, steps: then(handshake(), []step{
+			{act: send, side: client, n: 100, want: want{emit: "ACK", seq: cs(1), ack: ss(1)}},
+			{act: send, side: client, n: 200, want: want{emit: "ACK", seq: cs(1), ack: ss(1)}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: send, side: server, n: 50, want: want{emit: "ACK", seq: ss(1), ack: cs(1)}},
+			{act: send, side: server, n: 60, want: want{emit: "ACK", seq: ss(1), ack: cs(1)}},
+			{act: deliver, side: client, want: want{deliver: true}},
+			{act: deliver, side: client, want: want{deliver: true}},
+			{at: 15 * time.Second, act: tick, side: client, want: want{emit: "ACK", seq: cs(0), ack: ss(1)}},
+			{at: 15 * time.Second, act: deliver, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(1)}},
+			{at: 15 * time.Second, act: deliver, side: client},
+		})},
+		{name: "keepalive after KeepAlive idle, answered", steps: then(handshake(), []step{
+			{at: 14999 * time.Millisecond, act: tick, side: client},
+			{at: 15 * time.Second, act: tick, side: client, want: want{emit: "ACK", seq: cs(0), ack: ss(1)}},
+			{at: 15 * time.Second, act: deliver, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(1)}},
+			{at: 15 * time.Second, act: deliver, side: client, want: want{state: "ESTABLISHED"}},
+			{at: 29999 * time.Millisecond, act: tick, side: client},
+			{at: 30 * time.Second, act: tick, side: client, want: want{emit: "ACK", seq: cs(0)}},
+		})},
+		{name: "keepalive after data: seq is one before the next; the listener's side waits half an interval more", steps: then(handshake(), []step{
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{at: time.Second, act: tick, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(101)}},
+			{at: time.Second, act: deliver, side: client},
+			{at: 22499 * time.Millisecond, act: tick, side: server},
+			{at: 22500 * time.Millisecond, act: tick, side: server, want: want{emit: "ACK", seq: ss(0), ack: cs(101)}},
+			{at: 22500 * time.Millisecond, act: deliver, side: client, want: want{emit: "ACK", seq: cs(101), ack: ss(1)}},
+			{at: 22500 * time.Millisecond, act: deliver, side: server},
+			{at: 44999 * time.Millisecond, act: tick, side: server},
+			{at: 45 * time.Second, act: tick, side: server, want: want{emit: "ACK", seq: ss(0), ack: cs(101)}},
+		})},
+		{name: "listener's side: first keepalive after 1.5 intervals, timeout after four", steps: then(handshake(), []step{
+			{at: 15 * time.Second, act: tick, side: server},
+			{at: 22500 * time.Millisecond, act: tick, side: server, want: want{emit: "ACK"}},
+			{at: 37500 * time.Millisecond, act: tick, side: server, want: want{emit: "ACK"}},
+			{at: 52500 * time.Millisecond, act: tick, side: server, want: want{emit: "ACK"}},
+			{at: 60 * time.Second, act: tick, side: server, want: want{emit: "RST|ACK", state: "-", ended: ErrTimeout}},
+		})},
+		{name: "keepalive timeout after four silent intervals", steps: then(handshake(), []step{
+			{at: 15 * time.Second, act: tick, side: client, want: want{emit: "ACK"}},
+			{at: 20 * time.Second, act: tick, side: client},
+			{at: 30 * time.Second, act: tick, side: client, want: want{emit: "ACK"}},
+			{at: 45 * time.Second, act: tick, side: client, want: want{emit: "ACK"}},
+			{at: 59999 * time.Millisecond, act: tick, side: client, want: want{state: "ESTABLISHED"}},
+			{at: 60 * time.Second, act: tick, side: client, want: want{emit: "RST|ACK", seq: cs(1), state: "-", ended: ErrTimeout}},
+		})},
+		{name: "delayed ACK of data when the receiver sends nothing", steps: then(handshake(), []step{
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{at: 199 * time.Millisecond, act: tick, side: server},
+			{at: 200 * time.Millisecond, act: tick, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(101)}},
+			{at: 400 * time.Millisecond, act: tick, side: server},
+		})},
+		{name: "pure ACK after a quarter window of data", cfg: &smallWindow, steps: then(handshake(), []step{
+			{act: send, side: client, n: 1000, want: want{emit: "ACK|PSH"}},
+			{act: send, side: client, n: 1000, want: want{emit: "ACK|PSH"}},
+			{act: send, side: client, n: 1000, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: deliver, side: server, want: want{deliver: true}},
+			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(3001), deliver: true}},
+		})},
+		{name: "close: FIN both ways, then linger", steps: then(handshake(), []step{
+			{act: closeIt, side: client, want: want{emit: "FIN|ACK", seq: cs(1), ack: ss(1), state: "FIN_WAIT", ended: ErrClosed}},
+			{act: deliver, side: server, want: want{emit: "FIN|ACK", seq: ss(1), ack: cs(2), state: "LAST_ACK", ended: ErrPeerClosed}},
+			{act: deliver, side: client, want: want{emit: "ACK", seq: cs(2), ack: ss(2), state: "TIME_WAIT", ended: ErrClosed}},
+			{act: deliver, side: server, want: want{state: "-", ended: ErrPeerClosed}},
+			{at: 1999 * time.Millisecond, act: tick, side: client, want: want{state: "TIME_WAIT"}},
+			{at: 2 * time.Second, act: tick, side: client, want: want{state: "-"}},
+		})},
+		{name: "close is idempotent", steps: then(handshake(), []step{
+			{act: closeIt, side: client, want: want{emit: "FIN|ACK", state: "FIN_WAIT"}},
+			{act: closeIt, side: client, want: want{state: "FIN_WAIT", ended: ErrClosed}},
+		})},
+		{name: "data crossing a FIN is dropped after close", steps: then(handshake(), []step{
+			{act: closeIt, side: server, want: want{emit: "FIN|ACK", state: "FIN_WAIT"}},
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: server, want: want{state: "FIN_WAIT", drop: dropAfterClose}},
+		})},
+		{name: "FIN with data delivers the data", steps: then(handshake(), []step{
+			{act: inject, side: server, seg: &segment{flags: flagFIN | flagACK | flagPSH, seq: clientISS + 1, ack: serverISS + 1, payloadLen: 10},
+				want: want{emit: "FIN|ACK", ack: cs(12), state: "LAST_ACK", ended: ErrPeerClosed, deliver: true}},
+		})},
+		{name: "RST within the window ends the conn", steps: then(handshake(), []step{
+			{act: inject, side: client, seg: &segment{flags: flagRST, seq: serverISS + 1}, want: want{state: "-", ended: ErrReset}},
+		})},
+		{name: "RST outside the window is ignored", steps: then(handshake(), []step{
+			{act: inject, side: client, seg: &segment{flags: flagRST, seq: serverISS + 1 + 20_000_000}, want: want{state: "ESTABLISHED", drop: dropUnacceptable}},
+		})},
+		{name: "segment without ACK is dropped", steps: then(handshake(), []step{
+			{act: inject, side: server, seg: &segment{flags: flagPSH, seq: clientISS + 1, payloadLen: 10}, want: want{state: "ESTABLISHED", drop: dropUnacceptable}},
+		})},
+		{name: "segment larger than the MSS is dropped but acknowledged", steps: then(handshake(), []step{
+			{act: send, side: client, n: 1461, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: server, want: want{drop: dropOversize}},
+			{act: send, side: server, n: 1, want: want{emit: "ACK|PSH", ack: cs(1462)}},
+		})},
+		{name: "segments for no conn are answered with an RST", steps: []step{
+			{act: inject, side: server, seg: &segment{flags: flagACK, seq: 123, ack: 777}, want: want{emit: "RST", seq: u32(777), state: "-"}},
+			{act: inject, side: server, seg: &segment{flags: flagPSH, seq: 100, payloadLen: 10}, want: want{emit: "RST|ACK", ack: u32(110), state: "-"}},
+			{act: inject, side: server, seg: &segment{flags: flagFIN | flagACK, seq: 100, ack: 5}, want: want{emit: "RST", seq: u32(5), state: "-"}},
+			{act: inject, side: client, seg: &segment{flags: flagSYN, seq: 100}, want: want{emit: "RST|ACK", ack: u32(101), state: "-"}},
+			{act: inject, side: server, seg: &segment{flags: flagRST | flagACK, seq: 100, ack: 5}, want: want{state: "-"}},
+		}},
+		{name: "server restarted: the client's next segment is reset, and it dials again", steps: then(handshake(), []step{
+			{act: restart, side: server},
+			{at: time.Second, act: send, side: client, n: 100, want: want{emit: "ACK|PSH", ack: ss(1)}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "RST", seq: ss(1), state: "-"}},
+			{at: time.Second, act: deliver, side: client, want: want{state: "-", ended: ErrReset}},
+			{at: time.Second, act: dial, side: client, iss: 42, want: want{emit: "SYN", seq: u32(42)}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", ack: u32(43), state: "SYN_RECEIVED"}},
+			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
+			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
+		})},
+		{name: "client restarted on the same port: challenge ACK, RST, then the retried SYN opens", steps: then(handshake(), []step{
+			{act: restart, side: client},
+			{act: dial, side: client, iss: 42, want: want{emit: "SYN"}},
+			{act: deliver, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(1), state: "ESTABLISHED", drop: dropUnacceptable}},
+			{act: deliver, side: client, want: want{emit: "RST", seq: cs(1), state: "SYN_SENT", drop: dropUnacceptable}},
+			{act: deliver, side: server, want: want{state: "-", ended: ErrReset}},
+			{at: time.Second, act: tick, side: client, want: want{emit: "SYN", seq: u32(42)}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", ack: u32(43)}},
+			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
+			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
+		})},
+		{name: "a SYN for a closing conn opens a new one", steps: then(handshake(), []step{
+			{act: closeIt, side: client, want: want{emit: "FIN|ACK"}},
+			{act: deliver, side: server, want: want{emit: "FIN|ACK", state: "LAST_ACK"}},
+			{act: inject, side: server, seg: &segment{flags: flagSYN, seq: 42, mss: 1400}, want: want{emit: "SYN|ACK", ack: u32(43), state: "SYN_RECEIVED"}},
+		})},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := defaultTCBConfig()
+			if tt.cfg != nil {
+				cfg = *tt.cfg
+			}
+			newHarness(t, cfg).run(tt.steps)
+		})
+	}
+}
+
+// TestPeerMSS checks what limits Send: the peer's MSS option, a default
+// when it sent none, and never more than one IP packet holds.
+func TestPeerMSS(t *testing.T) {
+	cfg := defaultTCBConfig()
+	for _, tt := range []struct {
+		offered, want uint16
+	}{{0, defaultIPv4PeerMSS}, {1400, 1400}, {65535, maxIPv4MSS}} {
+		tcb, _ := newPassiveTCB(cfg, time.Now(), 1, &segment{flags: flagSYN, mss: tt.offered})
+		if tcb.peerMSS != tt.want {
+			t.Errorf("offered %d: peer MSS %d, want %d", tt.offered, tcb.peerMSS, tt.want)
+		}
+	}
+}
