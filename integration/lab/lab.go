@@ -91,6 +91,7 @@ type Lab struct {
 	procs    []*Process
 	charons  []*Charon
 	captures []*Capture
+	closers  []func() error // run by Close, newest first, before processes stop
 	logSeq   int
 	closed   bool
 	closeErr error
@@ -272,12 +273,17 @@ func (l *Lab) Close() error {
 		return l.closeErr
 	}
 	l.closed = true
-	procs := l.procs
+	procs, closers := l.procs, l.closers
 	l.mu.Unlock()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	var errs []error
+	for i := len(closers) - 1; i >= 0; i-- {
+		if err := closers[i](); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	// Newest first: captures and clients go before the daemons they watch.
 	for i := len(procs) - 1; i >= 0; i-- {
 		if err := procs[i].Stop(); err != nil {

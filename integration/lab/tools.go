@@ -18,12 +18,12 @@ const CharonPath = "/usr/sbin/charon-systemd"
 // DebianPackages are the packages that provide every tool the lab uses.
 var DebianPackages = []string{
 	"strongswan-swanctl", "charon-systemd", "libcharon-extra-plugins",
-	"iputils-ping", "tcpdump", "nftables", "iproute2",
+	"iputils-ping", "tcpdump", "nftables", "iproute2", "iptables",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
 // reports them.
-var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump", "ss", "ping"}
+var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump", "ss", "ping", "iptables-legacy"}
 
 // toolDirs are searched after $PATH: test runners and CI often start with a
 // PATH that lacks the sbin directories.
