@@ -18,6 +18,7 @@ import (
 
 	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/nat/packet"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
@@ -64,6 +65,10 @@ type ClientConfig struct {
 	// Control, if set, is applied to every socket the client opens toward
 	// a peer (transparent mode marks them to bypass its interception).
 	Control func(network, address string, c syscall.RawConn) error
+	// FakeTCP, if set, carries the TCP transport in fake-TCP segments
+	// through this stack instead of an RFC 9329 stream; the peer must be
+	// an iketcp server in fake-TCP mode.
+	FakeTCP *faketcp.Stack
 	Logger  *slog.Logger
 	// MaxFlows bounds local flows (daemon addresses) served at once.
 	MaxFlows int

@@ -87,9 +87,16 @@ type clientLink interface {
 	localAddr() string
 }
 
-// connect opens a link to the peer for the flow.
+// connect opens a link to the peer for the flow: fake-TCP if the client
+// has a stack for it, an RFC 9329 stream otherwise.
 func (cl *Client) connect(f *flow) (clientLink, error) {
-	l, err := cl.openStream(f)
+	var l clientLink
+	var err error
+	if cl.cfg.FakeTCP != nil {
+		l, err = cl.openFake(f)
+	} else {
+		l, err = cl.openStream(f)
+	}
 	if err != nil {
 		return nil, err
 	}

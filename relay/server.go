@@ -150,7 +150,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 // Counters returns the server's live counters.
 func (s *Server) Counters() *Counters { return &s.counters }
 
-// Serve accepts connections on ln until ctx is done or ln fails, then
+// Serve accepts RFC 9329 connections on ln until ctx is done or ln fails,
+// then
 // closes every connection and session it made, waits for its goroutines
 // and returns. It returns nil when ctx ended it.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
