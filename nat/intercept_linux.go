@@ -10,61 +10,26 @@ import (
 	"runtime"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
-	"github.com/songgao/water"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
-// batchSize is what BatchSize reports: the TUN device queues up to 500
-// packets, and 64 per call keeps a Read's buffers at 4 MiB.
-const batchSize = 64
-
-// in6AddrGenModeNone keeps the kernel from giving the TUN device an IPv6
-// link-local address, which would make it send router solicitations and
-// multicast listener reports into the device.
-const in6AddrGenModeNone = 1
-
 // The ports whose UDP traffic to a peer is intercepted: IKE, and IKE with
 // NAT traversal (which also carries UDP-encapsulated ESP).
 var interceptedPorts = [...]uint16{500, 4500}
-
-// testHookInstalled, if set, runs after each thing setup installs; an
-// error from it fails the setup there. Tests use it to check the undoing.
-var testHookInstalled func(what string) error
-
-// Errors of Read and Write, allocated once so that the calls never
-// allocate.
-var (
-	errShortSizes = errors.New("nat: Read needs len(sizes) >= len(bufs)")
-	errOffset     = errors.New("nat: a buffer has no room after the offset")
-)
 
 // Interceptor is a running interception: the TUN device, the routes
 // through it and the rules that select the traffic. Read and Write move
 // packets; Close removes all of it.
 type Interceptor struct {
 	// Set by Intercept, read-only afterwards.
-	cfg  InterceptConfig
-	log  *slog.Logger
-	file *os.File        // the TUN device, non-blocking: waits go to the netpoller
-	raw  syscall.RawConn // file's, for Read's batches
-	// closed is set first thing in Close, so that a Read woken by the
-	// device's removal reports net.ErrClosed.
-	closed atomic.Bool
-
-	// rmu serializes Read. The r fields carry one call's arguments to, and
-	// results from, readFn (readBatch), built once so that Read does not
-	// allocate a closure.
-	rmu    sync.Mutex
-	rbufs  [][]byte
-	rsizes []int
-	roff   int
-	rn     int
-	rerr   error
-	readFn func(fd uintptr) bool
+	cfg InterceptConfig
+	log *slog.Logger
+	// tunDev is the device: its descriptor, the closed flag that Close
+	// sets first, and Read's state, which Read serializes.
+	tunDev
 
 	// mu guards what was installed, which teardown removes once. The
 	// netlink handle is bound to the network namespace Intercept ran in, so
@@ -100,7 +65,7 @@ func Intercept(cfg InterceptConfig) (*Interceptor, error) {
 	// and the sysctl files are all the calling thread's namespace's.
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	if err := checkNetAdmin(); err != nil {
+	if err := modeTransparent.checkNetAdmin(); err != nil {
 		return nil, err
 	}
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
@@ -112,7 +77,6 @@ func Intercept(cfg InterceptConfig) (*Interceptor, error) {
 		return nil, err
 	}
 	i := &Interceptor{cfg: cfg, log: cfg.Logger, nl: h}
-	i.readFn = i.readBatch
 	if err := i.setup(); err != nil {
 		i.closed.Store(true)
 		if uerr := i.teardown(); uerr != nil {
@@ -130,17 +94,12 @@ func Intercept(cfg InterceptConfig) (*Interceptor, error) {
 // it goes so that teardown can undo a partial setup.
 func (i *Interceptor) setup() error {
 	cfg := &i.cfg
-	f, err := openTUN(cfg.Name)
-	if err != nil {
+	if err := i.open(modeTransparent, cfg.Name); err != nil {
 		return err
-	}
-	i.file = f
-	if i.raw, err = f.SyscallConn(); err != nil {
-		return fmt.Errorf("transparent mode: TUN device %s: %w", cfg.Name, err)
 	}
 	link, err := i.nl.LinkByName(cfg.Name)
 	if err != nil {
-		return netAdmin(fmt.Sprintf("find the new TUN device %s", cfg.Name), err)
+		return modeTransparent.netAdmin(fmt.Sprintf("find the new TUN device %s", cfg.Name), err)
 	}
 	i.link = link
 	v4, v6 := hasFamily(cfg.Peers, false), hasFamily(cfg.Peers, true)
@@ -148,10 +107,10 @@ func (i *Interceptor) setup() error {
 	// Before the device is up, so that it never gets a link-local address.
 	// Where IPv6 is off this fails, which matters only for IPv6 peers.
 	if err := i.nl.LinkSetIP6AddrGenMode(link, in6AddrGenModeNone); err != nil && v6 {
-		return netAdmin(fmt.Sprintf("turn off IPv6 address generation on %s (is IPv6 disabled?)", cfg.Name), err)
+		return modeTransparent.netAdmin(fmt.Sprintf("turn off IPv6 address generation on %s (is IPv6 disabled?)", cfg.Name), err)
 	}
 	if err := i.nl.LinkSetMTU(link, MTU); err != nil {
-		return netAdmin(fmt.Sprintf("set MTU %d on %s", MTU, cfg.Name), err)
+		return modeTransparent.netAdmin(fmt.Sprintf("set MTU %d on %s", MTU, cfg.Name), err)
 	}
 	// Replies written into the device come from the peers, whose routes
 	// lead back into it, so they pass even a strict reverse-path filter
@@ -169,7 +128,7 @@ func (i *Interceptor) setup() error {
 		}
 	}
 	if err := i.nl.LinkSetUp(link); err != nil {
-		return netAdmin(fmt.Sprintf("bring %s up", cfg.Name), err)
+		return modeTransparent.netAdmin(fmt.Sprintf("bring %s up", cfg.Name), err)
 	}
 	if err := installed("device " + cfg.Name); err != nil {
 		return err
@@ -178,7 +137,7 @@ func (i *Interceptor) setup() error {
 	for _, fam := range families(v4, v6) {
 		r := defaultRoute(fam, link.Attrs().Index, cfg.Table)
 		if err := i.nl.RouteAdd(&r); err != nil {
-			return netAdmin(fmt.Sprintf("add %s", describeRoute(r, cfg.Name)), err)
+			return modeTransparent.netAdmin(fmt.Sprintf("add %s", describeRoute(r, cfg.Name)), err)
 		}
 		i.routes = append(i.routes, r)
 		if err := installed(describeRoute(r, cfg.Name)); err != nil {
@@ -187,7 +146,7 @@ func (i *Interceptor) setup() error {
 	}
 	for _, r := range wantedRules(cfg, v4, v6) {
 		if err := i.nl.RuleAdd(&r); err != nil {
-			return netAdmin(fmt.Sprintf("add %s", describeRule(r)), err)
+			return modeTransparent.netAdmin(fmt.Sprintf("add %s", describeRule(r)), err)
 		}
 		i.rules = append(i.rules, r)
 		if err := installed(describeRule(r)); err != nil {
@@ -195,14 +154,6 @@ func (i *Interceptor) setup() error {
 		}
 	}
 	return i.checkSelectors()
-}
-
-// installed reports a thing that setup installed to testHookInstalled.
-func installed(what string) error {
-	if testHookInstalled == nil {
-		return nil
-	}
-	return testHookInstalled(what)
 }
 
 // checkSelectors makes sure that the kernel kept the rules' protocol
@@ -249,50 +200,7 @@ func (i *Interceptor) BatchSize() int { return batchSize }
 // packets are valid even when err is not nil. After Close it returns
 // net.ErrClosed. Calls are serialized; none allocates.
 func (i *Interceptor) Read(bufs [][]byte, sizes []int, offset int) (n int, err error) {
-	if len(bufs) == 0 {
-		return 0, nil
-	}
-	if len(sizes) < len(bufs) {
-		return 0, errShortSizes
-	}
-	for _, b := range bufs {
-		if offset < 0 || offset >= len(b) {
-			return 0, errOffset
-		}
-	}
-	i.rmu.Lock()
-	defer i.rmu.Unlock()
-	i.rbufs, i.rsizes, i.roff, i.rn, i.rerr = bufs, sizes, offset, 0, nil
-	err = i.raw.Read(i.readFn)
-	n, rerr := i.rn, i.rerr
-	i.rbufs, i.rsizes, i.rerr = nil, nil, nil // keep no reference to the caller's buffers
-	if err == nil {
-		err = rerr
-	}
-	if err != nil && (i.closed.Load() || errors.Is(err, os.ErrClosed)) {
-		err = net.ErrClosed
-	}
-	return n, err
-}
-
-// readBatch is readFn: it reads packets until the batch is full or none
-// is queued, and asks the netpoller to wait only while it has none.
-func (i *Interceptor) readBatch(fd uintptr) bool {
-	for i.rn < len(i.rbufs) {
-		m, err := unix.Read(int(fd), i.rbufs[i.rn][i.roff:])
-		switch err {
-		case nil:
-			i.rsizes[i.rn] = m
-			i.rn++
-		case unix.EINTR:
-		case unix.EAGAIN:
-			return i.rn > 0
-		default:
-			i.rerr = err
-			return true
-		}
-	}
-	return true
+	return i.read(bufs, sizes, offset)
 }
 
 // Write writes each bufs[k][offset:] as one IPv4 or IPv6 packet, which the
@@ -300,19 +208,7 @@ func (i *Interceptor) readBatch(fd uintptr) bool {
 // returning how many packets were written. Safe for concurrent use; it
 // does not allocate.
 func (i *Interceptor) Write(bufs [][]byte, offset int) (n int, err error) {
-	for _, b := range bufs {
-		if offset < 0 || offset > len(b) {
-			return n, errOffset
-		}
-		if _, err := i.file.Write(b[offset:]); err != nil {
-			if i.closed.Load() || errors.Is(err, os.ErrClosed) {
-				return n, net.ErrClosed
-			}
-			return n, err
-		}
-		n++
-	}
-	return n, nil
+	return i.write(bufs, offset)
 }
 
 // Close removes the rules, the routes and the device, in that order;
@@ -342,19 +238,19 @@ func (i *Interceptor) teardown() error {
 	var errs []error
 	for k := len(i.rules) - 1; k >= 0; k-- {
 		if err := i.nl.RuleDel(&i.rules[k]); err != nil && !gone(err) {
-			errs = append(errs, netAdmin(fmt.Sprintf("remove %s", describeRule(i.rules[k])), err))
+			errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove %s", describeRule(i.rules[k])), err))
 		}
 	}
 	for k := len(i.routes) - 1; k >= 0; k-- {
 		if err := i.nl.RouteDel(&i.routes[k]); err != nil && !gone(err) {
-			errs = append(errs, netAdmin(fmt.Sprintf("remove %s", describeRoute(i.routes[k], i.cfg.Name)), err))
+			errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove %s", describeRoute(i.routes[k], i.cfg.Name)), err))
 		}
 	}
 	// Deleting the link removes the device even if a child process holds a
 	// copy of the descriptor; closing the descriptor then wakes any Read.
 	if i.link != nil {
 		if err := i.nl.LinkDel(i.link); err != nil && !gone(err) {
-			errs = append(errs, netAdmin(fmt.Sprintf("remove TUN device %s", i.cfg.Name), err))
+			errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove TUN device %s", i.cfg.Name), err))
 		}
 	}
 	if i.file != nil {
@@ -379,7 +275,7 @@ func Cleanup(cfg InterceptConfig) error {
 	}
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	if err := checkNetAdmin(); err != nil {
+	if err := modeTransparent.checkNetAdmin(); err != nil {
 		return err
 	}
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
@@ -396,15 +292,9 @@ func Cleanup(cfg InterceptConfig) error {
 // it stays, and removeStale fails before touching anything.
 func removeStale(h *netlink.Handle, cfg InterceptConfig) error {
 	log := cfg.Logger
-	link, err := h.LinkByName(cfg.Name)
-	var notFound netlink.LinkNotFoundError
-	switch {
-	case errors.As(err, &notFound):
-		link = nil
-	case err != nil:
-		return netAdmin(fmt.Sprintf("look for a device named %s", cfg.Name), err)
-	case link.Type() != "tuntap":
-		return fmt.Errorf("transparent mode: a %s device named %s exists and is not iketcp's: remove it, or choose another TUN device name", link.Type(), cfg.Name)
+	link, err := findStaleTUN(h, modeTransparent, cfg.Name)
+	if err != nil {
+		return err
 	}
 
 	var errs []error
@@ -422,7 +312,7 @@ func removeStale(h *netlink.Handle, cfg InterceptConfig) error {
 				continue
 			}
 			if err := h.RuleDel(&r); err != nil && !gone(err) {
-				errs = append(errs, netAdmin(fmt.Sprintf("remove stale %s", describeRule(r)), err))
+				errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove stale %s", describeRule(r)), err))
 				continue
 			}
 			log.Warn("transparent mode: removed a policy rule that an earlier run left", "rule", describeRule(r))
@@ -434,22 +324,15 @@ func removeStale(h *netlink.Handle, cfg InterceptConfig) error {
 		}
 		for _, r := range routes {
 			if err := h.RouteDel(&r); err != nil && !gone(err) {
-				errs = append(errs, netAdmin(fmt.Sprintf("remove stale %s", describeRoute(r, "")), err))
+				errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove stale %s", describeRoute(r, "")), err))
 				continue
 			}
 			log.Warn("transparent mode: removed a route that an earlier run left", "route", describeRoute(r, ""))
 		}
 	}
 	if link != nil {
-		if t, ok := link.(*netlink.Tuntap); ok && t.NonPersist {
-			// A device without the persist flag lives only while a
-			// process holds it open.
-			log.Warn("transparent mode: removing a TUN device that a running process still holds: is another iketcp running with the same device name?", "device", cfg.Name)
-		}
-		if err := h.LinkDel(link); err != nil && !gone(err) {
-			errs = append(errs, netAdmin(fmt.Sprintf("remove stale TUN device %s", cfg.Name), err))
-		} else {
-			log.Warn("transparent mode: removed a TUN device that an earlier run left", "device", cfg.Name)
+		if err := removeStaleTUN(h, modeTransparent, link, log); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -610,85 +493,6 @@ func describeRoute(r netlink.Route, dev string) string {
 	return fmt.Sprintf("%sroute %s dev %s table %d", fam, dst, dev, r.Table)
 }
 
-// openTUN creates the TUN device (IFF_TUN|IFF_NO_PI, not persistent) and
-// returns its non-blocking descriptor.
-func openTUN(name string) (*os.File, error) {
-	if _, err := os.Stat("/dev/net/tun"); err != nil {
-		return nil, fmt.Errorf("transparent mode needs the TUN driver, and %w: load it (modprobe tun) or, in a container, pass the device in", err)
-	}
-	// water opens the device without close-on-exec: hold off forks until
-	// it is set, so that no child process keeps the device alive. (When
-	// its ioctl fails, water leaks the descriptor; the checks before this
-	// make that rare, and the process usually exits on the error.)
-	syscall.ForkLock.RLock()
-	defer syscall.ForkLock.RUnlock()
-	ifce, err := water.New(water.Config{
-		DeviceType:             water.TUN,
-		PlatformSpecificParams: water.PlatformSpecificParams{Name: name},
-	})
-	if err != nil {
-		switch {
-		case errors.Is(err, unix.EBUSY):
-			return nil, fmt.Errorf("transparent mode: TUN device %s is busy: another process holds it; choose another device name", name)
-		case errors.Is(err, unix.EACCES):
-			return nil, fmt.Errorf("transparent mode: open /dev/net/tun: %w (CAP_NET_ADMIN does not override its file mode: let this user read and write it, as mode 0666 does)", err)
-		}
-		return nil, netAdmin(fmt.Sprintf("create TUN device %s", name), err)
-	}
-	f, ok := ifce.ReadWriteCloser.(*os.File)
-	if !ok {
-		ifce.Close()
-		return nil, fmt.Errorf("transparent mode: TUN device %s: unexpected %T", name, ifce.ReadWriteCloser)
-	}
-	// Not f.Fd(), which would make the descriptor blocking.
-	raw, err := f.SyscallConn()
-	if err == nil {
-		err = raw.Control(func(fd uintptr) { unix.CloseOnExec(int(fd)) })
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("transparent mode: TUN device %s: %w", name, err)
-	}
-	return f, nil
-}
-
-// checkNetAdmin fails with ErrNeedsNetAdmin when the calling thread lacks
-// CAP_NET_ADMIN in its effective set. If the set cannot be read, the
-// kernel's own EPERM will tell later.
-func checkNetAdmin() error {
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var data [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return nil
-	}
-	if data[unix.CAP_NET_ADMIN/32].Effective&(1<<(unix.CAP_NET_ADMIN%32)) == 0 {
-		return ErrNeedsNetAdmin
-	}
-	return nil
-}
-
-// netAdmin wraps the error of a step: EPERM (as in a user namespace that
-// does not own the network namespace) as ErrNeedsNetAdmin.
-func netAdmin(what string, err error) error {
-	if errors.Is(err, unix.EPERM) {
-		return fmt.Errorf("%w: %s: %v", ErrNeedsNetAdmin, what, err)
-	}
-	return fmt.Errorf("transparent mode: %s: %w", what, err)
-}
-
-// gone reports whether a removal failed only because the object is
-// already gone.
-func gone(err error) bool {
-	var notFound netlink.LinkNotFoundError
-	return errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENODEV) || errors.As(err, &notFound)
-}
-
-// setSysctl writes a sysctl of the calling thread's network namespace;
-// key uses slashes (net/ipv4/conf/NAME/rp_filter).
-func setSysctl(key, value string) error {
-	return os.WriteFile("/proc/sys/"+key, []byte(value), 0)
-}
-
 // SetMark returns a Control function for net.Dialer and net.ListenConfig
 // that sets SO_MARK to mark on the socket, so that its traffic bypasses
 // the interception. Setting a mark needs CAP_NET_ADMIN (or, since Linux
@@ -702,7 +506,7 @@ func SetMark(mark uint32) func(network, address string, c syscall.RawConn) error
 			return err
 		}
 		if serr != nil {
-			return netAdmin(fmt.Sprintf("set the bypass mark %#x on a socket", mark), serr)
+			return modeTransparent.netAdmin(fmt.Sprintf("set the bypass mark %#x on a socket", mark), serr)
 		}
 		return nil
 	}

@@ -352,7 +352,7 @@ func TestNeedsNetAdmin(t *testing.T) {
 		_, err := Intercept(InterceptConfig{Peers: []netip.Addr{peerV4}})
 		errs = append(errs, err, Cleanup(InterceptConfig{}))
 		// The kernel's own refusal, past the up-front check.
-		f, err := openTUN("iketcp9")
+		f, err := openTUN(modeTransparent, "iketcp9")
 		if err == nil {
 			f.Close()
 		}

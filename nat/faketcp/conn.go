@@ -33,15 +33,15 @@ type Conn struct {
 	// before the conn is handed out, read-only afterwards.
 	sendMSS int
 
-	handler  atomic.Pointer[func([]Payload)]
-	ipID     atomic.Uint32 // IPv4 identification of the last packet sent
+	handler atomic.Pointer[func([]Payload)]
+	ipID    atomic.Uint32 // IPv4 identification of the last packet sent
 
 	// hmu is held while the handler runs, whoever runs it, so a conn's
 	// datagrams reach it one batch at a time and in order. It guards
 	// early: copies of the datagrams that arrived before SetHandler, up
 	// to maxEarly, which SetHandler delivers first.
-	hmu   sync.Mutex
-	early []Payload
+	hmu      sync.Mutex
+	early    []Payload
 	counters connCounters
 	doneOnce sync.Once
 

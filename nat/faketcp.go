@@ -1,0 +1,136 @@
+package nat
+
+import (
+	"fmt"
+	"log/slog"
+	"net/netip"
+)
+
+// FakeTCPRole says which end of a fake-TCP connection a FakeTCPNet serves.
+type FakeTCPRole uint8
+
+const (
+	// FakeTCPClient: the endpoint opens connections, and the kernel
+	// masquerades them as its own on the way out.
+	FakeTCPClient FakeTCPRole = iota
+	// FakeTCPServer: the kernel hands the endpoint the connections that
+	// arrive for a TCP port of its own addresses.
+	FakeTCPServer
+)
+
+func (r FakeTCPRole) String() string {
+	switch r {
+	case FakeTCPClient:
+		return "client"
+	case FakeTCPServer:
+		return "server"
+	}
+	return fmt.Sprintf("FakeTCPRole(%d)", uint8(r))
+}
+
+// DefaultFakeTCPName is the default of FakeTCPConfig.Name.
+const DefaultFakeTCPName = "iketcpft0"
+
+// defaultFakeTCPNet4 is the default IPv4 subnet of fake-TCP mode's TUN
+// device: the last /30 of the shared address space of RFC 6598, which
+// carriers use between their NAT and their customers, and which a host's
+// own networks rarely reach to the end of. The kernel's side is
+// 100.127.255.253, the endpoint 100.127.255.254.
+var defaultFakeTCPNet4 = netip.MustParsePrefix("100.127.255.252/30")
+
+// FakeTCPConfig configures SetupFakeTCP. Zero values mean the defaults.
+type FakeTCPConfig struct {
+	Role FakeTCPRole
+	// Name is the TUN device's name (default "iketcpft0"); the nftables
+	// table is "iketcp_faketcp_" followed by it. One Name serves one
+	// FakeTCPNet at a time in a network namespace.
+	Name string
+	// Net4 is the TUN device's IPv4 subnet, a /30 that no other network of
+	// the host uses: the kernel's side gets its first host address, the
+	// userspace endpoint the second (default 100.127.255.252/30: kernel
+	// .253, endpoint .254).
+	Net4 netip.Prefix
+	// Net6 is the TUN device's IPv6 subnet, a /126, used the same way; the
+	// zero Prefix (the default) means IPv4 only.
+	Net6 netip.Prefix
+	// Port, for a server, is the TCP port whose incoming connections to
+	// the host's own addresses go to the endpoint, at the same port. A
+	// server needs one; a client has none (its TCP stack picks its source
+	// ports), so a client's Port must be 0.
+	Port uint16
+	// Mark, if not 0, is the firewall mark that the kernel gives the
+	// packets it forwards from the endpoint, before it routes them: policy
+	// rules can route them by it (transparent mode's bypass rule, say).
+	Mark   uint32
+	Logger *slog.Logger
+}
+
+// withDefaults returns c with defaults filled in, checked for a setup if
+// forSetup; a clean-up needs only the Name.
+func (c FakeTCPConfig) withDefaults(forSetup bool) (FakeTCPConfig, error) {
+	if c.Name == "" {
+		c.Name = DefaultFakeTCPName
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if err := checkName(c.Name); err != nil {
+		return c, err
+	}
+	if !forSetup {
+		return c, nil
+	}
+	switch c.Role {
+	case FakeTCPClient:
+		if c.Port != 0 {
+			return c, fmt.Errorf("fake-TCP mode: a client has no listening port, but Port is %d: leave it 0, or set Role to FakeTCPServer", c.Port)
+		}
+	case FakeTCPServer:
+		if c.Port == 0 {
+			return c, fmt.Errorf("fake-TCP mode: a server needs the TCP port its connections arrive at (Port)")
+		}
+	default:
+		return c, fmt.Errorf("fake-TCP mode: unknown role %d: want FakeTCPClient or FakeTCPServer", c.Role)
+	}
+	if !c.Net4.IsValid() {
+		c.Net4 = defaultFakeTCPNet4
+	}
+	if err := checkSubnet(c.Net4, false); err != nil {
+		return c, err
+	}
+	if c.Net6.IsValid() {
+		if err := checkSubnet(c.Net6, true); err != nil {
+			return c, err
+		}
+	}
+	return c, nil
+}
+
+// checkSubnet accepts an IPv4 /30 (v6 false) or an IPv6 /126 whose two
+// host addresses can be routed.
+func checkSubnet(p netip.Prefix, v6 bool) error {
+	want, bits, field, example := "IPv4", 30, "Net4", defaultFakeTCPNet4.String()
+	if v6 {
+		want, bits, field, example = "IPv6", 126, "Net6", "2001:db8:ffff::/126 (from a prefix of the host's own)"
+	}
+	a := p.Addr()
+	switch {
+	case a.Is4In6() || a.Is6() != v6 || p.Bits() != bits:
+		return fmt.Errorf("fake-TCP mode: %s %s: give an %s /%d, like %s", field, p, want, bits, example)
+	case p.Masked() != p:
+		return fmt.Errorf("fake-TCP mode: %s %s: host bits are set; the subnet is %s", field, p, p.Masked())
+	case a.Zone() != "" || a.IsLoopback() || a.IsMulticast() || a.IsLinkLocalUnicast() || a.IsUnspecified():
+		return fmt.Errorf("fake-TCP mode: %s %s: its addresses must be routable unicast (not loopback, link-local or multicast), like %s", field, p, example)
+	}
+	return nil
+}
+
+// modeError is a sentinel error of a mode other than transparent mode: its
+// own text, and errors.Is matches the shared sentinel.
+type modeError struct {
+	msg string
+	is  error
+}
+
+func (e *modeError) Error() string        { return e.msg }
+func (e *modeError) Is(target error) bool { return target == e.is }

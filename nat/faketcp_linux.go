@@ -1,0 +1,510 @@
+package nat
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// fakeTCPTablePrefix begins the name of each fake-TCP mode's nftables
+// table (family inet); the device's name ends it.
+const fakeTCPTablePrefix = "iketcp_faketcp_"
+
+// fakeTCPAddrs are the kernel's and the endpoint's addresses in p.
+func fakeTCPAddrs(p netip.Prefix) (kernel, endpoint netip.Addr) {
+	if !p.IsValid() {
+		return netip.Addr{}, netip.Addr{}
+	}
+	kernel = p.Addr().Next()
+	return kernel, kernel.Next()
+}
+
+// errFakeTCPNeedsNetAdmin is fake-TCP mode's ErrNeedsNetAdmin.
+var errFakeTCPNeedsNetAdmin = &modeError{"fake-TCP mode needs CAP_NET_ADMIN (run as root, or grant it: setcap cap_net_admin+ep iketcp)", ErrNeedsNetAdmin}
+
+// fakeTCPMu serializes, within the process, what SetupFakeTCP, Close and
+// CleanupFakeTCP decide together from the fake-TCP tables in a namespace
+// and its forwarding sysctls: who turned forwarding on, and who turns it
+// off. Lock order: a FakeTCPNet's mu, then fakeTCPMu.
+var fakeTCPMu sync.Mutex
+
+// FakeTCPNet is fake-TCP mode's plumbing, running: the TUN device between
+// the userspace TCP endpoint and the kernel, forwarding, and the nftables
+// table that masquerades (client) or redirects (server) the endpoint's
+// connections. Read and Write move the endpoint's IP packets; Close
+// removes all of it.
+type FakeTCPNet struct {
+	// Set by SetupFakeTCP, read-only afterwards.
+	cfg              FakeTCPConfig
+	log              *slog.Logger
+	kernel4, kernel6 netip.Addr // the kernel's side of the device
+	ep4, ep6         netip.Addr // the endpoint's
+	table            *nftables.Table
+	// tunDev is the device: its descriptor, the closed flag that Close
+	// sets first, and Read's state, which Read serializes.
+	tunDev
+
+	// mu guards what was installed, which teardown removes once. The
+	// handles (netlink, nftables, the sysctl files) are bound to the
+	// network namespace SetupFakeTCP ran in, so Close works from any
+	// thread; nl is nil once torn down.
+	mu      sync.Mutex
+	nl      *netlink.Handle
+	nft     *nftables.Conn
+	sysctls *sysctlFiles
+	link    netlink.Link
+	tableUp bool          // the table is installed
+	record  []sysctlValue // what the table says to restore, as installed
+}
+
+// SetupFakeTCP starts fake-TCP mode's plumbing in the calling thread's
+// network namespace (the process's, unless the caller moved its thread).
+// It removes what a crashed run left for the same Name (its TUN device and
+// its nftables table, restoring the forwarding that run changed), checks
+// that no address of the host lies in Net4 or Net6, creates the TUN device
+// (MTU 65535, no link-local address, rp_filter 0, forwarding on) with the
+// kernel's side at the first address of Net4 (and Net6) and the endpoint
+// as its point-to-point peer, installs the table "iketcp_faketcp_"+Name
+// (family inet):
+//
+//	client:  postrouting (nat, srcnat):  ip saddr ENDPOINT oifname != NAME masquerade
+//	server:  prerouting (nat, dstnat):   iifname != NAME fib daddr type local
+//	                                     tcp dport PORT dnat to ENDPOINT:PORT
+//	both:    forward (filter):           iifname NAME ct state invalid drop
+//	                                     iifname NAME ip saddr ENDPOINT accept
+//	                                     oifname NAME ip daddr ENDPOINT accept
+//	Net6:    output (filter):            oifname NAME MLD reports drop
+//	Mark:    prerouting (filter, mangle): iifname NAME meta mark set MARK
+//	restore: no hook; one comment per sysctl value to put back
+//
+// (the address rules also with ip6 for Net6), and turns on forwarding
+// (net.ipv4.ip_forward, and net.ipv6.conf.all.forwarding with Net6) where
+// it is off. On failure it undoes what it did. Without CAP_NET_ADMIN the
+// error wraps ErrNeedsNetAdmin.
+//
+// The table's forward chain accepts the endpoint's traffic only within
+// this table: a drop in another table's forward chain (or iptables'
+// FORWARD policy, as Docker sets it) still drops it, and must let it pass.
+// One Name serves one FakeTCPNet at a time; instances with different
+// Names and subnets share forwarding (see Close).
+func SetupFakeTCP(cfg FakeTCPConfig) (*FakeTCPNet, error) {
+	cfg, err := cfg.withDefaults(true)
+	if err != nil {
+		return nil, err
+	}
+	// One thread for the whole setup: the netlink sockets, the TUN device
+	// and the sysctl files are all the calling thread's namespace's.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := modeFakeTCP.checkNetAdmin(); err != nil {
+		return nil, err
+	}
+	h, nft, err := fakeTCPHandles()
+	if err != nil {
+		return nil, err
+	}
+	n := &FakeTCPNet{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		table:   &nftables.Table{Name: fakeTCPTablePrefix + cfg.Name, Family: nftables.TableFamilyINet},
+		nl:      h,
+		nft:     nft,
+		sysctls: newSysctlFiles(),
+	}
+	n.kernel4, n.ep4 = fakeTCPAddrs(cfg.Net4)
+	n.kernel6, n.ep6 = fakeTCPAddrs(cfg.Net6)
+
+	fakeTCPMu.Lock()
+	defer fakeTCPMu.Unlock()
+	err = removeStaleFakeTCP(h, nft, n.sysctls, cfg)
+	if err == nil {
+		err = n.setup()
+	}
+	if err != nil {
+		n.closed.Store(true)
+		if uerr := n.teardownLocked(); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("undoing it: %w", uerr))
+		}
+		return nil, err
+	}
+	args := []any{"role", cfg.Role, "device", cfg.Name, "table", n.table.Name, "endpoint", n.ep4}
+	if n.ep6.IsValid() {
+		args = append(args, "endpoint6", n.ep6)
+	}
+	if cfg.Role == FakeTCPServer {
+		args = append(args, "port", cfg.Port)
+	}
+	if cfg.Mark != 0 {
+		args = append(args, "mark", fmt.Sprintf("%#x", cfg.Mark))
+	}
+	n.log.Info("fake-TCP mode: the endpoint's network is up", args...)
+	return n, nil
+}
+
+// fakeTCPHandles opens the netlink sockets of a setup or a clean-up in the
+// calling thread's namespace.
+func fakeTCPHandles() (*netlink.Handle, *nftables.Conn, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, nil, fmt.Errorf("fake-TCP mode: open a netlink socket: %w", err)
+	}
+	// Lasting: the socket, made now, stays in this namespace for Close.
+	nft, err := nftables.New(nftables.AsLasting())
+	if err != nil {
+		h.Close()
+		return nil, nil, modeFakeTCP.netAdmin("open an nftables netlink socket (is nf_tables available?)", err)
+	}
+	return h, nft, nil
+}
+
+// setup creates the device, the table and turns forwarding on, recording
+// each as it goes so that teardown can undo a partial setup.
+func (n *FakeTCPNet) setup() error {
+	cfg := &n.cfg
+	v6 := cfg.Net6.IsValid()
+	if err := n.checkSubnetsFree(); err != nil {
+		return err
+	}
+	if err := n.open(modeFakeTCP, cfg.Name); err != nil {
+		return err
+	}
+	link, err := n.nl.LinkByName(cfg.Name)
+	if err != nil {
+		return modeFakeTCP.netAdmin(fmt.Sprintf("find the new TUN device %s", cfg.Name), err)
+	}
+	n.link = link
+	// Before the device is up, so that it never gets a link-local address
+	// and sends nothing of its own to the endpoint. Where IPv6 is off this
+	// fails, which matters only with Net6.
+	if err := n.nl.LinkSetIP6AddrGenMode(link, in6AddrGenModeNone); err != nil && v6 {
+		return modeFakeTCP.netAdmin(fmt.Sprintf("turn off IPv6 address generation on %s (is IPv6 disabled?)", cfg.Name), err)
+	}
+	if err := n.nl.LinkSetMTU(link, MTU); err != nil {
+		return modeFakeTCP.netAdmin(fmt.Sprintf("set MTU %d on %s", MTU, cfg.Name), err)
+	}
+	// The endpoint's address is the device's peer, so even a strict
+	// reverse-path filter passes what it writes; the device's own 0 leaves
+	// it to net.ipv4.conf.all.rp_filter (the higher of the two counts).
+	// Its forwarding is on, whatever net.ipv4.conf.default says, so that
+	// the kernel forwards what the endpoint writes. Both go with the
+	// device.
+	if err := setSysctl("net/ipv4/conf/"+cfg.Name+"/rp_filter", "0"); err != nil {
+		n.log.Warn("fake-TCP mode: could not turn off the TUN device's reverse-path filter; the endpoint's packets still pass it",
+			"device", cfg.Name, "err", err)
+	}
+	devForwarding := "net/ipv4/conf/" + cfg.Name + "/forwarding"
+	if on, err := os.ReadFile("/proc/sys/" + devForwarding); err != nil || strings.TrimSpace(string(on)) == "0" {
+		if err := setSysctl(devForwarding, "1"); err != nil {
+			return sysctlError("turn on forwarding from the TUN device", sysctlName(devForwarding), err)
+		}
+	}
+	if v6 {
+		off, err := os.ReadFile("/proc/sys/net/ipv6/conf/" + cfg.Name + "/disable_ipv6")
+		if err != nil || strings.TrimSpace(string(off)) != "0" {
+			return fmt.Errorf("fake-TCP mode: Net6 is set, but IPv6 is off on this host (net.ipv6.conf.all and default.disable_ipv6, or ipv6.disable=1): turn it on or leave Net6 empty")
+		}
+	}
+	if err := n.nl.LinkSetUp(link); err != nil {
+		return modeFakeTCP.netAdmin(fmt.Sprintf("bring %s up", cfg.Name), err)
+	}
+	// Up first: an IPv6 address added while the device is down gets its
+	// peer route only later.
+	for _, a := range []struct{ kernel, ep netip.Addr }{{n.kernel4, n.ep4}, {n.kernel6, n.ep6}} {
+		if !a.kernel.IsValid() {
+			continue
+		}
+		addr := &netlink.Addr{IPNet: hostNet(a.kernel), Peer: hostNet(a.ep), Flags: unix.IFA_F_NODAD}
+		if err := n.nl.AddrAdd(link, addr); err != nil {
+			return modeFakeTCP.netAdmin(fmt.Sprintf("give %s the address %s peer %s", cfg.Name, a.kernel, a.ep), err)
+		}
+	}
+	for _, ep := range []netip.Addr{n.ep4, n.ep6} {
+		if err := n.waitRoute(ep); err != nil {
+			return err
+		}
+	}
+	if err := installed("device " + cfg.Name); err != nil {
+		return err
+	}
+
+	// The table first, with what to restore in it, then forwarding: a
+	// crash between the two leaves a record of values not yet changed,
+	// which a clean-up puts back harmlessly.
+	plan, err := n.planForwarding(v6)
+	if err != nil {
+		return err
+	}
+	if err := n.installTable(); err != nil {
+		return err
+	}
+	if err := installed("nftables table " + n.table.Name); err != nil {
+		return err
+	}
+	for _, key := range plan {
+		if err := n.sysctls.write(key, "1"); err != nil {
+			what := "turn on IPv4 forwarding"
+			if strings.HasPrefix(key, "net/ipv6/") {
+				what = "turn on IPv6 forwarding"
+			}
+			return sysctlError(what, sysctlName(key), err)
+		}
+		n.log.Info("fake-TCP mode: turned on forwarding; Close turns it off again", "sysctl", sysctlName(key))
+		if err := installed(key + "=1"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkSubnetsFree fails if an address of the host lies in Net4 or Net6:
+// each instance needs subnets of its own, or the kernel would route the
+// endpoint's replies elsewhere.
+func (n *FakeTCPNet) checkSubnetsFree() error {
+	addrs, err := n.nl.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return modeFakeTCP.netAdmin("list the host's addresses", err)
+	}
+	for _, a := range addrs {
+		addr, ok := netip.AddrFromSlice(a.IP)
+		if !ok {
+			continue
+		}
+		addr = addr.Unmap()
+		for _, p := range []struct {
+			field string
+			net   netip.Prefix
+		}{{"Net4", n.cfg.Net4}, {"Net6", n.cfg.Net6}} {
+			if p.net.IsValid() && p.net.Contains(addr) {
+				dev := fmt.Sprintf("#%d", a.LinkIndex)
+				if link, err := n.nl.LinkByIndex(a.LinkIndex); err == nil {
+					dev = link.Attrs().Name
+				}
+				return fmt.Errorf("fake-TCP mode: %s %s is in use: %s has the address %s; give each fake-TCP device a subnet of its own", p.field, p.net, dev, addr)
+			}
+		}
+	}
+	return nil
+}
+
+// routeWait bounds how long setup waits for the route to the endpoint.
+const routeWait = 5 * time.Second
+
+// waitRoute waits until the kernel routes ep (if valid) through the
+// device. The IPv6 peer route comes from the address's duplicate address
+// detection, which runs later in a kernel worker even when it has nothing
+// to detect; until then the kernel drops what it would forward to the
+// endpoint.
+func (n *FakeTCPNet) waitRoute(ep netip.Addr) error {
+	if !ep.IsValid() {
+		return nil
+	}
+	var err error
+	for start := time.Now(); time.Since(start) < routeWait; time.Sleep(5 * time.Millisecond) {
+		var routes []netlink.Route
+		routes, err = n.nl.RouteGet(ep.AsSlice())
+		if err == nil && len(routes) > 0 && routes[0].LinkIndex == n.link.Attrs().Index {
+			if waited := time.Since(start); waited > 5*time.Millisecond {
+				n.log.Debug("fake-TCP mode: waited for the route to the endpoint", "endpoint", ep, "waited", waited)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("fake-TCP mode: the kernel did not route the endpoint's address %s through %s within %v (last lookup: %v)", ep, n.cfg.Name, routeWait, err)
+}
+
+// hostNet is a as a host route's network.
+func hostNet(a netip.Addr) *net.IPNet {
+	return &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}
+}
+
+// Name is the TUN device's name.
+func (n *FakeTCPNet) Name() string { return n.cfg.Name }
+
+// Endpoint4 is the userspace endpoint's IPv4 address: the TCP stack's own
+// address, the source of what it writes (the kernel's side is the one
+// before it).
+func (n *FakeTCPNet) Endpoint4() netip.Addr { return n.ep4 }
+
+// Endpoint6 is the endpoint's IPv6 address, or the zero Addr without Net6.
+func (n *FakeTCPNet) Endpoint6() netip.Addr { return n.ep6 }
+
+// MTU is the TUN device's MTU, the size of Read buffers that never cut a
+// packet. It is not the path's: see the package documentation.
+func (n *FakeTCPNet) MTU() int { return MTU }
+
+// BatchSize is the number of buffers a Read should be given.
+func (n *FakeTCPNet) BatchSize() int { return batchSize }
+
+// Read reads up to len(bufs) packets that the kernel forwards to the
+// endpoint, each into bufs[k][offset:], and their sizes into sizes[k]. It
+// blocks until a packet is there, then takes as many as are queued
+// without blocking again. A packet longer than its buffer is cut to the
+// buffer's length, silently, as the device does: a size equal to the room
+// in the buffer, with an IP length field beyond it, tells; buffers of MTU
+// bytes after the offset never cut one. The n packets are valid even when
+// err is not nil. After Close it returns net.ErrClosed. Calls are
+// serialized; none allocates.
+func (n *FakeTCPNet) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return n.read(bufs, sizes, offset)
+}
+
+// Write writes each bufs[k][offset:] as one IPv4 or IPv6 packet from the
+// endpoint, which the kernel then forwards (source Endpoint4 or Endpoint6).
+// It stops at the first error, returning how many packets were written.
+// Safe for concurrent use; it does not allocate.
+func (n *FakeTCPNet) Write(bufs [][]byte, offset int) (int, error) {
+	return n.write(bufs, offset)
+}
+
+// Close removes the table and the device, and turns forwarding back to
+// what it was, unless another fake-TCP table's device still runs in the
+// namespace (that one's Close does it then); blocked Reads return
+// net.ErrClosed. It is idempotent, and works from any thread.
+func (n *FakeTCPNet) Close() error {
+	if n.closed.Swap(true) {
+		return nil
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	fakeTCPMu.Lock()
+	defer fakeTCPMu.Unlock()
+	err := n.teardownLocked()
+	if err != nil {
+		n.log.Error("fake-TCP mode: clean-up incomplete (run the clean-up command to finish it)", "device", n.cfg.Name, "err", err)
+	} else {
+		n.log.Info("fake-TCP mode: removed its table and device", "device", n.cfg.Name, "table", n.table.Name)
+	}
+	return err
+}
+
+// teardownLocked removes, once, whatever setup recorded: the table, the
+// device, then forwarding. The caller holds fakeTCPMu, and n.mu unless n
+// was never returned.
+func (n *FakeTCPNet) teardownLocked() error {
+	if n.nl == nil {
+		return nil
+	}
+	var errs []error
+	record := n.record
+	if n.tableUp {
+		// Another instance may have handed its record over since.
+		if r, err := readRecord(n.nft, n.table); err == nil {
+			record = r
+		} else {
+			n.log.Warn("fake-TCP mode: could not read back what to restore from the table; using what it was given", "table", n.table.Name, "err", err)
+		}
+		n.nft.DelTable(n.table)
+		if err := n.nft.Flush(); err != nil && !gone(err) {
+			errs = append(errs, modeFakeTCP.netAdmin("remove nftables table "+n.table.Name, err))
+		}
+	}
+	// Deleting the link removes the device even if a child process holds a
+	// copy of the descriptor; closing the descriptor then wakes any Read.
+	if n.link != nil {
+		if err := n.nl.LinkDel(n.link); err != nil && !gone(err) {
+			errs = append(errs, modeFakeTCP.netAdmin(fmt.Sprintf("remove TUN device %s", n.cfg.Name), err))
+		}
+	}
+	if n.file != nil {
+		if err := n.file.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close TUN device %s: %w", n.cfg.Name, err))
+		}
+	}
+	if n.tableUp {
+		if err := settleRecord(n.nl, n.nft, n.sysctls, n.cfg.Name, record, n.log); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	n.tableUp, n.link, n.record = false, nil, nil
+	n.sysctls.close()
+	n.nft.CloseLasting()
+	n.nl.Close()
+	n.nl = nil
+	return errors.Join(errs...)
+}
+
+// CleanupFakeTCP removes what a crashed run left for cfg's Name in the
+// calling thread's network namespace: the TUN device, the nftables table,
+// and forwarding turned on, which it turns back to what the table says it
+// was unless another fake-TCP table's device still runs. It is the first
+// step of SetupFakeTCP, on its own; only Name and Logger matter. Without
+// CAP_NET_ADMIN the error wraps ErrNeedsNetAdmin.
+func CleanupFakeTCP(cfg FakeTCPConfig) error {
+	cfg, err := cfg.withDefaults(false)
+	if err != nil {
+		return err
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := modeFakeTCP.checkNetAdmin(); err != nil {
+		return err
+	}
+	h, nft, err := fakeTCPHandles()
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	defer nft.CloseLasting()
+	files := newSysctlFiles()
+	defer files.close()
+	fakeTCPMu.Lock()
+	defer fakeTCPMu.Unlock()
+	return removeStaleFakeTCP(h, nft, files, cfg)
+}
+
+// removeStaleFakeTCP removes the table and the TUN device of cfg.Name, and
+// settles what the table says to restore. A device of that name that is
+// not a TUN device is not iketcp's: it stays, and removeStaleFakeTCP fails
+// before touching anything.
+func removeStaleFakeTCP(h *netlink.Handle, nft *nftables.Conn, files *sysctlFiles, cfg FakeTCPConfig) error {
+	log := cfg.Logger
+	link, err := findStaleTUN(h, modeFakeTCP, cfg.Name)
+	if err != nil {
+		return err
+	}
+	tables, err := fakeTCPTables(nft)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	name := fakeTCPTablePrefix + cfg.Name
+	for _, t := range tables {
+		if t.Name != name {
+			continue
+		}
+		record, err := readRecord(nft, t)
+		if err != nil {
+			log.Warn("fake-TCP mode: an earlier run's table has no readable record of the forwarding it changed; check net.ipv4.ip_forward and net.ipv6.conf.all.forwarding by hand",
+				"table", t.Name, "err", err)
+		}
+		nft.DelTable(t)
+		if err := nft.Flush(); err != nil && !gone(err) {
+			errs = append(errs, modeFakeTCP.netAdmin("remove stale nftables table "+t.Name, err))
+			continue
+		}
+		log.Warn("fake-TCP mode: removed an nftables table that an earlier run left", "table", t.Name)
+		if err := settleRecord(h, nft, files, cfg.Name, record, log); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if link != nil {
+		if err := removeStaleTUN(h, modeFakeTCP, link, log); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("fake-TCP mode: removing what an earlier run left: %w", err)
+	}
+	return nil
+}
