@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 
 	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/control"
 )
@@ -24,6 +26,10 @@ import (
 // Flags shared by server and client.
 func commonFlags(role string) []cli.Flag {
 	return []cli.Flag{
+		&cli.StringFlag{Name: "encap", Value: "rfc9329", Usage: "rfc9329 (standard TCP encapsulation) or fake-tcp (each datagram in a TCP-shaped segment that no kernel TCP stream owns; both ends must be iketcp; needs CAP_NET_ADMIN)", EnvVars: envVar("encap")},
+		&cli.StringFlag{Name: "fake-tcp-seq", Value: "live", Usage: "fake-tcp: live (sequence numbers advance, acks track the peer) or frozen (FortiOS's constant sequence number: strict anti-replay middleboxes drop it; for interoperability tests and demonstrations only)", EnvVars: envVar("fake-tcp-seq")},
+		&cli.StringFlag{Name: "fake-tcp-net", Usage: "fake-tcp: the /30 of the TUN device that connects the userspace TCP endpoint to the network, unused by anything else on the host (default 100.127.255.252/30)", EnvVars: envVar("fake-tcp-net")},
+		&cli.StringFlag{Name: "fake-tcp-name", Value: nat.DefaultFakeTCPName, Usage: "fake-tcp: the TUN device's name", EnvVars: envVar("fake-tcp-name")},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: envVar("log-level")},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: envVar("log-format")},
 		&cli.StringFlag{Name: "control", Value: control.DefaultPath(role), Usage: "unix socket that `iketcp status` reads", EnvVars: envVar("control")},
@@ -149,6 +155,9 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if e := c.String("encap"); e != "rfc9329" && e != "fake-tcp" {
+		return fmt.Errorf("--encap %q: want rfc9329 or fake-tcp", e)
+	}
 	backend, err := resolveUDP(c.String("backend"))
 	if err != nil {
 		return fmt.Errorf("--backend: %w", err)
@@ -168,12 +177,77 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if c.String("encap") == "fake-tcp" {
+		_, port, err := net.SplitHostPort(c.String("listen"))
+		p, perr := strconv.ParseUint(port, 10, 16)
+		if err != nil || perr != nil || p == 0 {
+			return fmt.Errorf("--listen %q: fake-tcp needs a port (e.g. :4500)", c.String("listen"))
+		}
+		stack, stop, err := startFakeTCP(c, log, nat.FakeTCPServer, uint16(p))
+		if err != nil {
+			return err
+		}
+		defer stop()
+		ln, err := stack.Listen(uint16(p))
+		if err != nil {
+			return err
+		}
+		return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
+			func(ctx context.Context) error { return srv.ServeFakeTCP(ctx, ln, c.String("listen")) })
+	}
 	ln, err := relay.ListenTCP(c.Context, c.String("listen"))
 	if err != nil {
 		return err
 	}
 	return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
 		func(ctx context.Context) error { return srv.Serve(ctx, ln) })
+}
+
+// startFakeTCP sets up fake-TCP mode's device and NAT rules and a TCP
+// stack on them. stop closes the stack (its conns send FIN), then the
+// device, rules and routes, and waits for the stack's reader.
+func startFakeTCP(c *cli.Context, log *slog.Logger, role nat.FakeTCPRole, port uint16) (*faketcp.Stack, func(), error) {
+	seq, err := parseSeqMode(c.String("fake-tcp-seq"))
+	if err != nil {
+		return nil, nil, err
+	}
+	var net4 netip.Prefix // zero: nat's default
+	if v := c.String("fake-tcp-net"); v != "" {
+		if net4, err = netip.ParsePrefix(v); err != nil {
+			return nil, nil, fmt.Errorf("--fake-tcp-net %q: %w (want a /30, e.g. 100.127.255.252/30)", v, err)
+		}
+	}
+	fnet, err := nat.SetupFakeTCP(nat.FakeTCPConfig{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port, Logger: log})
+	if err != nil {
+		return nil, nil, err
+	}
+	stack, err := faketcp.NewStack(fnet, faketcp.Config{Local: fnet.Endpoint4(), Seq: seq, Logger: log})
+	if err != nil {
+		fnet.Close()
+		return nil, nil, err
+	}
+	log.Info("fake-TCP ready", "device", fnet.Name(), "endpoint", fnet.Endpoint4().String(), "seq", seq.String())
+	if seq == faketcp.SeqFrozen {
+		log.Warn("fake-TCP sequence numbers are frozen (FortiOS's behaviour): strict anti-replay middleboxes drop such segments; use this for interoperability tests and demonstrations only")
+	}
+	stop := func() {
+		stack.Close()
+		if err := fnet.Close(); err != nil {
+			log.Error("removing fake-TCP's device and rules", "err", err)
+		}
+		<-stack.Done()
+	}
+	return stack, stop, nil
+}
+
+func parseSeqMode(s string) (faketcp.SeqMode, error) {
+	switch s {
+	case "live":
+		return faketcp.SeqLive, nil
+	case "frozen":
+		return faketcp.SeqFrozen, nil
+	}
+	return 0, fmt.Errorf("--fake-tcp-seq %q: want live or frozen", s)
 }
 
 func runClient(c *cli.Context) error {
@@ -209,6 +283,21 @@ func runClient(c *cli.Context) error {
 		DialTimeout:       c.Duration("dial-timeout"),
 		ReconnectMax:      c.Duration("reconnect-max"),
 		Version:           versionString(),
+	}
+	switch c.String("encap") {
+	case "rfc9329":
+	case "fake-tcp":
+		if mode == fallback.ModeUDP {
+			return errors.New("--encap fake-tcp carries the TCP transport; --transport udp never uses it")
+		}
+		stack, stop, err := startFakeTCP(c, log, nat.FakeTCPClient, 0)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		cfg.FakeTCP = stack
+	default:
+		return fmt.Errorf("--encap %q: want rfc9329 or fake-tcp", c.String("encap"))
 	}
 	peers := c.StringSlice("peer")
 	if c.Bool("tun") {
