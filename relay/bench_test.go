@@ -4,15 +4,13 @@ import (
 	"bytes"
 	"net"
 	"net/netip"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/nat"
-	"github.com/iketcp/iketcp/relay/udpbatch"
+	"github.com/iketcp/iketcp/relay/relaytest"
 )
 
 // BenchmarkRelay measures 1400-byte ESP datagrams per second over
@@ -34,16 +32,16 @@ func BenchmarkRelay(b *testing.B) {
 		}
 		defer tx.Close()
 		growSocketBuffers(tx)
-		measureFlow(b, tx, rx)
+		relaytest.MeasureFlow(b, tx, rx)
 	})
 	b.Run("iketcp", func(b *testing.B) {
 		r := newRig(b, rigOptions{})
 		r.establish(0x4242, 0xc9, 0xd9)
-		measureFlow(b, r.site, r.backend)
+		relaytest.MeasureFlow(b, r.site, r.backend)
 	})
 	b.Run("iketcp-transparent", func(b *testing.B) {
 		r := newRig(b, rigOptions{noCl: true})
-		measureFlow(b, startTransparentClient(b, r), r.backend)
+		relaytest.MeasureFlow(b, startTransparentClient(b, r), r.backend)
 	})
 }
 
@@ -90,71 +88,4 @@ func startTransparentClient(tb testing.TB, r *rig) *net.UDPConn {
 		tb.Fatal("the IKE message from the daemon did not come through the TUN")
 	}
 	return daemon
-}
-
-// measureFlow sends b.N datagrams on tx and receives them on rx, both in
-// batches (sendmmsg/recvmmsg) so that the endpoints are faster than what
-// they measure, with at most window datagrams in flight so that the kernel
-// does not drop them for want of buffer. A datagram still missing after a
-// read timeout counts as lost (reported per op) and the flow goes on, so a
-// drop cannot hang it.
-func measureFlow(b *testing.B, tx, rx *net.UDPConn) {
-	const chunk, window = 64, DefaultQueueLen // in flight: no more than a flow queue holds
-	payload := espDatagram(0xc9, 1, 1400)
-	txb := udpbatch.New(tx, udpbatch.Options{BatchSize: chunk})
-	rxb := udpbatch.New(rx, udpbatch.Options{BatchSize: chunk})
-	out := make([]udpbatch.Message, chunk)
-	for i := range out {
-		out[i].Buf = payload
-	}
-	credits := make(chan struct{}, window/chunk+1)
-	for range window / chunk {
-		credits <- struct{}{}
-	}
-	var lost atomic.Int64
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		in := make([]udpbatch.Message, chunk)
-		for i := range in {
-			in[i].Buf = make([]byte, 2048)
-		}
-		for got, stalls := 0, 0; got < b.N; {
-			rx.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-			n, err := rxb.ReadBatch(in)
-			if err != nil {
-				if stalls++; stalls > 50 {
-					b.Error("receiver stalled 50 times")
-					return
-				}
-				skip := min(chunk-got%chunk, b.N-got) // the rest of this chunk is not coming
-				got += skip
-				lost.Add(int64(skip))
-				credits <- struct{}{}
-				continue
-			}
-			for range n {
-				if got++; got%chunk == 0 {
-					credits <- struct{}{}
-				}
-			}
-		}
-	}()
-	b.SetBytes(int64(len(payload)))
-	b.ReportAllocs()
-	b.ResetTimer()
-	for sent := 0; sent < b.N; sent += chunk {
-		select {
-		case <-credits:
-		case <-done:
-			b.Fatal("receiver gave up")
-		}
-		if _, err := txb.WriteBatch(out[:min(chunk, b.N-sent)]); err != nil {
-			b.Fatal(err)
-		}
-	}
-	<-done
-	b.StopTimer()
-	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "datagrams/s")
-	b.ReportMetric(float64(lost.Load())/float64(b.N), "lost/op")
 }

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/relay/relaytest"
 )
 
 func TestMain(m *testing.M) {
@@ -44,15 +45,8 @@ func ikeDatagram(ispi, rspi uint64, xchg framing.ExchangeType, flags uint8, size
 	return b
 }
 
-func espDatagram(spi, seq uint32, size int) []byte {
-	b := make([]byte, size)
-	binary.BigEndian.PutUint32(b, spi)
-	binary.BigEndian.PutUint32(b[4:], seq)
-	for i := 8; i < size; i++ {
-		b[i] = byte(seq) + byte(i)
-	}
-	return b
-}
+// espDatagram builds an ESP packet (relaytest.ESP).
+var espDatagram = relaytest.ESP
 
 // rig is a client and a server relaying between two fake IKE daemons on
 // loopback: site (talks to the client) and backend (the server's).
