@@ -18,14 +18,20 @@ FUZZTIME    ?= 5s
 BENCHCOUNT  ?= 5
 
 # BENCH_RATIOS reads `go test -bench` output and prints, for each benchmark
-# with sub-benchmarks, every variant's median MB/s over its baseline's.
+# with sub-benchmarks, every variant's median over its baseline's: MB/s
+# (higher is better) where reported, else rtt-p50-ms (lower is better).
 # Baselines are the variants named baseline-copy, append-copy, single or
 # udp-direct.
 define BENCH_RATIOS
-/^Benchmark.*MB\/s/ {
+/^Benchmark/ {
 	name = $$1; sub(/-[0-9]+$$/, "", name)
-	for (i = 2; i <= NF; i++) if ($$i == "MB/s") v = $$(i-1)
-	n[name]++; vals[name, n[name]] = v
+	v = ""; unit = ""
+	for (i = 2; i <= NF; i++) {
+		if ($$i == "MB/s") { v = $$(i-1); unit = "MB/s" }
+		if ($$i == "rtt-p50-ms" && unit == "") { v = $$(i-1); unit = "ms p50 RTT" }
+	}
+	if (unit == "") next
+	n[name]++; vals[name, n[name]] = v; units[name] = unit
 }
 function median(name,    k, j, t, m, a) {
 	m = n[name]
@@ -34,7 +40,7 @@ function median(name,    k, j, t, m, a) {
 	return a[int((m + 1) / 2)]
 }
 END {
-	print "\nratios to the baseline measured in the same run (median MB/s):"
+	print "\nratios to the baseline measured in the same run (medians):"
 	for (name in n) {
 		split(name, p, "/")
 		if (p[2] ~ /^(baseline-copy|append-copy|single|udp-direct)$$/) base[p[1]] = name
@@ -43,7 +49,7 @@ END {
 		split(name, p, "/")
 		if (!(p[1] in base) || base[p[1]] == name) continue
 		b = base[p[1]]
-		printf "  %-34s %9.1f MB/s  vs %-28s %9.1f MB/s  ratio %.2f\n", name, median(name), b, median(b), median(name) / median(b)
+		printf "  %-36s %10.1f %s  vs %-34s %10.1f  ratio %.2f\n", name, median(name), units[name], b, median(b), median(name) / median(b)
 	}
 }
 endef
@@ -81,7 +87,7 @@ alloc:
 
 # Each fuzz target of each package that has some, for a short while;
 # findings land in that package's testdata/fuzz.
-FUZZ_PACKAGES := ./framing ./nat/packet
+FUZZ_PACKAGES := ./framing ./nat/packet ./nat/faketcp
 fuzz:
 	@for pkg in $(FUZZ_PACKAGES); do \
 		for target in $$($(GO) test -list 'Fuzz.*' $$pkg | grep ^Fuzz); do \
@@ -97,7 +103,7 @@ test: deps lint unit alloc fuzz
 # Benchmarks, then each variant's throughput as a ratio to the baseline
 # measured in the same run (median over BENCHCOUNT runs).
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./nat/packet ./relay/... | tee $(BIN)/bench.txt
+	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./nat/packet ./nat/faketcp ./relay/... ./integration | tee $(BIN)/bench.txt
 	@awk "$$BENCH_RATIOS" $(BIN)/bench.txt
 
 demo: deps build

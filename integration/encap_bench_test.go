@@ -1,0 +1,313 @@
+package integration
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/integration/lab"
+	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/faketcp"
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/relaytest"
+)
+
+// The encapsulation benchmarks run iketcp's relays in this process, with
+// only their network-facing sockets and devices in the lab's namespaces:
+// a "daemon" socket sends to the client (both on this host's loopback),
+// the client reaches the server across the carrier, and the server hands
+// the datagrams to a "backend" socket (loopback again). The baseline,
+// udp-direct, sends the same datagrams from the site to the hub across
+// the same carrier with no relay at all.
+
+const (
+	floodSPI = 0xc9
+	probeSPI = 0xbe
+	// bottleneck is the carrier's rate toward the hub in the loaded
+	// benchmark, and bottleneckQueue how much delay its queue may hold.
+	bottleneck      = 20_000_000
+	bottleneckQueue = 30 * time.Millisecond
+)
+
+var encaps = []string{"udp-direct", "rfc9329", "fake-tcp"}
+
+// encapPath is one way across the lab: tx is the sending daemon's socket,
+// rx the receiving one's. Datagrams written to rx's sender come back to
+// tx the same way.
+type encapPath struct {
+	tx, rx *net.UDPConn
+}
+
+// newEncapPath builds the lab (with the carrier limited to rateBits if
+// not zero) and a path across it of kind encap.
+func newEncapPath(b *testing.B, encap string, rateBits int) encapPath {
+	b.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	b.Cleanup(cancel)
+	l := lab.NewForTest(b, lab.Options{Logf: func(string, ...any) {}})
+	if rateBits > 0 {
+		if err := l.LimitRate(ctx, rateBits, bottleneckQueue); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if encap == "udp-direct" {
+		pc, err := l.Hub.ListenPacket("udp", net.JoinHostPort(lab.HubOuter, "6000"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		c, err := l.Site.Dial(ctx, "udp", net.JoinHostPort(lab.HubOuter, "6000"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { pc.Close(); c.Close() })
+		return encapPath{tx: c.(*net.UDPConn), rx: pc.(*net.UDPConn)}
+	}
+
+	rx, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { rx.Close() })
+	quiet := slog.New(slog.DiscardHandler)
+	srv, err := relay.NewServer(relay.ServerConfig{Backend: rx.LocalAddr().(*net.UDPAddr).AddrPort(), Logger: quiet})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ccfg := relay.ClientConfig{Peer: net.JoinHostPort(lab.HubOuter, "4500"), Logger: quiet}
+	var serve func(context.Context) error
+	switch encap {
+	case "rfc9329":
+		ln, err := l.Hub.Listen("tcp", net.JoinHostPort(lab.HubOuter, "4500"))
+		if err != nil {
+			b.Fatal(err)
+		}
+		serve = func(ctx context.Context) error { return srv.Serve(ctx, ln) }
+		ccfg.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return l.Site.Dial(ctx, network, addr)
+		}
+	case "fake-tcp":
+		hubStack := fakeTCPStack(b, l.Hub, nat.FakeTCPServer, "100.64.251.0/30", 4500)
+		ln, err := hubStack.Listen(4500)
+		if err != nil {
+			b.Fatal(err)
+		}
+		serve = func(ctx context.Context) error { return srv.ServeFakeTCP(ctx, ln, lab.HubOuter+":4500") }
+		ccfg.FakeTCP = fakeTCPStack(b, l.Site, nat.FakeTCPClient, "100.64.250.0/30", 0)
+	default:
+		b.Fatalf("unknown encapsulation %q", encap)
+	}
+	cl, err := relay.NewClient(ccfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pc, err := relay.ListenUDP("127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); serve(ctx) }()
+	go func() { defer wg.Done(); cl.Serve(ctx, pc) }()
+	b.Cleanup(func() { cancel(); wg.Wait() })
+	tx, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { tx.Close() })
+	// An IKE message first: it makes the server's session, whose
+	// connection then carries ESP of any SPI.
+	ike := make([]byte, framing.MarkerSize+framing.IKEHeaderSize)
+	ike[4+7], ike[4+17], ike[4+18], ike[4+19], ike[4+27] = 1, 0x20, byte(framing.IKESAInit), framing.FlagInitiator, framing.IKEHeaderSize
+	buf := make([]byte, 2048)
+	for try := 0; ; try++ {
+		if try == 50 {
+			b.Fatalf("%s: the path never carried its first datagram", encap)
+		}
+		tx.Write(ike)
+		rx.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, _, err := rx.ReadFromUDPAddrPort(buf); err == nil {
+			break
+		}
+	}
+	rx.SetReadDeadline(time.Time{})
+	return encapPath{tx: tx, rx: rx}
+}
+
+// fakeTCPStack sets up fake-TCP's device and rules in ns and a stack on
+// them, for the benchmark's life.
+func fakeTCPStack(b *testing.B, ns *lab.Namespace, role nat.FakeTCPRole, net4 string, port uint16) *faketcp.Stack {
+	b.Helper()
+	var fnet *nat.FakeTCPNet
+	err := ns.Do(func() (err error) {
+		fnet, err = nat.SetupFakeTCP(nat.FakeTCPConfig{Role: role, Net4: netip.MustParsePrefix(net4), Port: port,
+			Logger: slog.New(slog.DiscardHandler)})
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	stack, err := faketcp.NewStack(fnet, faketcp.Config{Local: fnet.Endpoint4(), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		fnet.Close()
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		stack.Close()
+		fnet.Close()
+		<-stack.Done()
+	})
+	return stack
+}
+
+// BenchmarkEncapThroughput moves 1400-byte ESP packets across the carrier
+// as fast as they go: udp-direct is the baseline, rfc9329 and fake-tcp
+// the relays.
+func BenchmarkEncapThroughput(b *testing.B) {
+	for _, encap := range encaps {
+		b.Run(encap, func(b *testing.B) {
+			p := newEncapPath(b, encap, 0)
+			relaytest.MeasureFlow(b, p.tx, p.rx)
+		})
+	}
+}
+
+// BenchmarkEncapLoadedRTT measures the round trip of small probes while a
+// flood in the same flow saturates a bottleneck (the carrier passes 20
+// Mbit/s and queues at most 30 ms). Over TCP the probes wait behind
+// everything the flood has queued in the stream; over fake-TCP, as over
+// UDP, the bottleneck drops what does not fit and nothing waits. Each op
+// is a window of probesPerOp probes, one every 20 ms whether or not the
+// one before came back; reported over all windows: the median and 99th
+// percentile round trip, and probe loss.
+func BenchmarkEncapLoadedRTT(b *testing.B) {
+	const probesPerOp = 100
+	for _, encap := range encaps {
+		b.Run(encap, func(b *testing.B) {
+			p := newEncapPath(b, encap, bottleneck)
+			stop := make(chan struct{})
+			var wg sync.WaitGroup
+			wg.Add(2)
+			go func() { defer wg.Done(); flood(p.tx, stop) }()
+			go func() { defer wg.Done(); echoProbes(p.rx, stop) }()
+			defer func() { close(stop); wg.Wait() }()
+			time.Sleep(1500 * time.Millisecond) // let the queues fill
+			b.ResetTimer()
+
+			var rtts []time.Duration
+			lost := 0
+			for range b.N {
+				r, l, err := probe(p.tx, probesPerOp, 20*time.Millisecond)
+				if err != nil {
+					b.Fatal(err)
+				}
+				rtts, lost = append(rtts, r...), lost+l
+			}
+			b.ReportMetric(float64(lost)/float64(b.N*probesPerOp), "probe-loss")
+			if len(rtts) == 0 {
+				b.Logf("%s: all %d probes were lost at the bottleneck", encap, b.N*probesPerOp)
+				return
+			}
+			slices.Sort(rtts)
+			ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+			b.ReportMetric(ms(rtts[len(rtts)/2]), "rtt-p50-ms")
+			b.ReportMetric(ms(rtts[min(len(rtts)*99/100, len(rtts)-1)]), "rtt-p99-ms")
+		})
+	}
+}
+
+// flood sends 1400-byte ESP packets on tx at twice the bottleneck's rate
+// until stop.
+func flood(tx *net.UDPConn, stop <-chan struct{}) {
+	pkt := relaytest.ESP(floodSPI, 1, 1400)
+	const perTick = 2 * bottleneck / 8 / 1400 / 1000 // packets a millisecond
+	t := time.NewTicker(time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+			for range max(perTick, 1) {
+				tx.Write(pkt)
+			}
+		}
+	}
+}
+
+// echoProbes sends every probe rx receives back to its sender, and drops
+// the flood, until stop.
+func echoProbes(rx *net.UDPConn, stop <-chan struct{}) {
+	buf := make([]byte, 2048)
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		rx.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		n, from, err := rx.ReadFromUDPAddrPort(buf)
+		if err != nil || n < 16 || binary.BigEndian.Uint32(buf) != probeSPI {
+			continue
+		}
+		rx.WriteToUDPAddrPort(buf[:n], from)
+	}
+}
+
+// probe sends n probes on tx every interval, each carrying its number and
+// send time, and collects the round trips of those that come back within
+// 3 s of the last one sent.
+func probe(tx *net.UDPConn, n int, interval time.Duration) (rtts []time.Duration, lost int, err error) {
+	sent := make([]time.Time, n)
+	got := make([]bool, n)
+	deadline := time.Now().Add(time.Duration(n)*interval + 3*time.Second)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for received := 0; received < n; {
+			tx.SetReadDeadline(deadline)
+			m, err := tx.Read(buf)
+			if err != nil {
+				return
+			}
+			if m < 16 || binary.BigEndian.Uint32(buf) != probeSPI {
+				continue
+			}
+			i := int(binary.BigEndian.Uint32(buf[4:]))
+			if i >= n || got[i] {
+				continue
+			}
+			got[i] = true
+			rtts = append(rtts, time.Since(time.Unix(0, int64(binary.BigEndian.Uint64(buf[8:])))))
+			received++
+		}
+	}()
+	pkt := relaytest.ESP(probeSPI, 0, 100)
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for i := range n {
+		binary.BigEndian.PutUint32(pkt[4:], uint32(i))
+		sent[i] = time.Now()
+		binary.BigEndian.PutUint64(pkt[8:], uint64(sent[i].UnixNano()))
+		if _, err := tx.Write(pkt); err != nil && !errors.Is(err, net.ErrClosed) {
+			return nil, 0, fmt.Errorf("probe %d: %w", i, err)
+		}
+		<-t.C
+	}
+	<-done
+	for _, ok := range got {
+		if !ok {
+			lost++
+		}
+	}
+	return rtts, lost, nil
+}
