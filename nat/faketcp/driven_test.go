@@ -144,9 +144,16 @@ func TestDrivenStack(t *testing.T) {
 		if len(got) != 2 || got[0] != "one" || got[1] != "two" {
 			t.Errorf("handler got %q", got)
 		}
-		if replies := dev.take(); len(replies) != 0 {
-			t.Errorf("%d replies to data", len(replies))
+		// The accepting side acknowledges its first data at once, to
+		// show its scaled window; then it delays its ACKs.
+		if replies := dev.take(); len(replies) != 1 {
+			t.Errorf("%d replies to the first data, want 1 ACK", len(replies))
 		}
+		feed(s, now, r.segment(flagACK|flagPSH, []byte("three")))
+		if replies := dev.take(); len(replies) != 0 {
+			t.Errorf("%d replies to later data, want none (delayed ACK)", len(replies))
+		}
+		got = got[:2]
 		// A keepalive probe: seq one before the next.
 		r.seq--
 		feed(s, now, r.segment(flagACK, nil))

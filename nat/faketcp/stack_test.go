@@ -745,9 +745,17 @@ func TestTimers(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			p := newPair(t, pairOptions{})
 			p.server.SetHandler(func([]Payload) {})
+			// The first data is acknowledged at once (it shows the
+			// server's scaled window); the delay applies from then on.
 			if err := p.client.Send([][]byte{datagram(0, 1000)}, Headroom); err != nil {
 				t.Fatal(err)
 			}
+			time.Sleep(10 * time.Millisecond)
+			synctest.Wait()
+			if err := p.client.Send([][]byte{datagram(1, 1000)}, Headroom); err != nil {
+				t.Fatal(err)
+			}
+			synctest.Wait()
 			before := p.server.Stats().ControlSent
 			time.Sleep(350 * time.Millisecond)
 			s := p.server.Stats()

@@ -118,11 +118,18 @@ type tcb struct {
 	// client enables keepalives, instead of both probing in step.
 	passive bool
 
-	state        connState
-	iss, irs     uint32
-	sndNxt       uint32
-	rcvNxt       uint32
-	ackSent      uint32 // the ack of the last segment sent
+	state    connState
+	iss, irs uint32
+	sndNxt   uint32
+	rcvNxt   uint32
+	ackSent  uint32 // the ack of the last segment sent
+	// windowShown is set once the conn has sent a segment other than its
+	// SYN or SYN-ACK. Until then the peer, and every stateful middlebox
+	// on the way (Linux conntrack among them), knows only the window field
+	// of our SYN-ACK, which is never scaled: they hold the sender to that
+	// many bytes past our ack. So the first data is acknowledged at once,
+	// which shows the scaled window.
+	windowShown  bool
 	peerMSS      uint16
 	peerWScale   bool // the peer's SYN offered window scaling
 	peerSACK     bool // the peer's SYN offered SACK
@@ -183,7 +190,7 @@ func (t *tcb) synEmit() emit {
 // ackEmit is a segment that carries the current ack: a pure ACK (flags
 // flagACK), a FIN or an RST with it. It notes the ack as sent.
 func (t *tcb) ackEmit(flags uint8, seq uint32) emit {
-	t.ackSent, t.unackedSince = t.rcvNxt, time.Time{}
+	t.ackSent, t.unackedSince, t.windowShown = t.rcvNxt, time.Time{}, true
 	return emit{flags: flags | flagACK, seq: seq, ack: t.rcvNxt}
 }
 
@@ -375,6 +382,8 @@ func (t *tcb) receiveEstablished(now time.Time, seg *segment) verdict {
 		// carries our sndNxt, which the peer expects, so it does not
 		// answer in turn.
 		v.reply = t.ackEmit(0, t.sndNxt)
+	case t.cfg.mode == SeqLive && seg.payloadLen > 0 && !t.windowShown:
+		v.reply = t.ackEmit(0, t.sndNxt) // shows our scaled window: see windowShown
 	case t.cfg.mode == SeqLive && t.rcvNxt-t.ackSent >= t.ackEvery():
 		v.reply = t.ackEmit(0, t.sndNxt)
 	}
@@ -458,6 +467,7 @@ func (t *tcb) tick(now time.Time) tickResult {
 // all carry. In SeqFrozen mode nothing moves: every segment carries iss+1
 // and irs+1.
 func (t *tcb) dataFields(total int) (seq, ack uint32) {
+	t.windowShown = true
 	if t.cfg.mode == SeqFrozen {
 		return t.iss + 1, t.irs + 1
 	}

@@ -322,7 +322,7 @@ func TestStateMachine(t *testing.T) {
 		{name: "lost ACK: the first data segment completes the handshake", steps: then(handshake()[:3], []step{
 			{act: lose, side: server},
 			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH", seq: cs(1), ack: ss(1)}},
-			{act: deliver, side: server, want: want{state: "ESTABLISHED", deliver: true}},
+			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(101), state: "ESTABLISHED", deliver: true}},
 		})},
 		{name: "lost ACK: the SYN-ACK sent again is acknowledged again", steps: then(handshake()[:3], []step{
 			{act: lose, side: server},
@@ -361,9 +361,10 @@ func TestStateMachine(t *testing.T) {
 		{name: "live: seq advances by payload length, ack follows the peer, across 2^32", steps: then(handshake(), []step{
 			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH", seq: cs(1), ack: ss(1)}},
 			{act: send, side: client, n: 200, want: want{emit: "ACK|PSH", seq: cs(101), ack: ss(1)}},
-			{act: deliver, side: server, want: want{deliver: true}},
+			{act: deliver, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(101), deliver: true}},
 			{act: deliver, side: server, want: want{deliver: true}},
 			{act: send, side: server, n: 50, want: want{emit: "ACK|PSH", seq: ss(1), ack: cs(301)}},
+			{act: deliver, side: client}, // the first data's ACK
 			{act: deliver, side: client, want: want{deliver: true}},
 			{act: send, side: client, n: 10, want: want{emit: "ACK|PSH", seq: cs(301), ack: ss(51)}},
 		})},
@@ -371,7 +372,7 @@ func TestStateMachine(t *testing.T) {
 			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
 			{act: send, side: client, n: 200, want: want{emit: "ACK|PSH"}},
 			{act: send, side: client, n: 300, want: want{emit: "ACK|PSH", seq: cs(301)}},
-			{act: deliver, side: server, want: want{deliver: true}},
+			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(101), deliver: true}},
 			{act: lose, side: server},
 			{act: deliver, side: server, want: want{deliver: true}},
 			{act: send, side: server, n: 1, want: want{emit: "ACK|PSH", ack: cs(601)}},
@@ -380,7 +381,7 @@ func TestStateMachine(t *testing.T) {
 			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
 			{act: send, side: client, n: 200, want: want{emit: "ACK|PSH"}},
 			{act: swap, side: server},
-			{act: deliver, side: server, want: want{deliver: true}},
+			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(301), deliver: true}},
 			{act: deliver, side: server, want: want{deliver: true}},
 			{act: send, side: server, n: 1, want: want{emit: "ACK|PSH", ack: cs(301)}},
 		})},
@@ -407,8 +408,8 @@ func TestStateMachine(t *testing.T) {
 		})},
 		{name: "keepalive after data: seq is one before the next; the listener's side waits half an interval more", steps: then(handshake(), []step{
 			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
-			{act: deliver, side: server, want: want{deliver: true}},
-			{at: time.Second, act: tick, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(101)}},
+			{act: deliver, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(101), deliver: true}},
+			{at: time.Second, act: tick, side: server},
 			{at: time.Second, act: deliver, side: client},
 			{at: 22499 * time.Millisecond, act: tick, side: server},
 			{at: 22500 * time.Millisecond, act: tick, side: server, want: want{emit: "ACK", seq: ss(0), ack: cs(101)}},
@@ -432,20 +433,32 @@ func TestStateMachine(t *testing.T) {
 			{at: 59999 * time.Millisecond, act: tick, side: client, want: want{state: "ESTABLISHED"}},
 			{at: 60 * time.Second, act: tick, side: client, want: want{emit: "RST|ACK", seq: cs(1), state: "-", ended: ErrTimeout}},
 		})},
+		{name: "the accepting side acks its first data at once, to show its scaled window", steps: then(handshake(), []step{
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(101), deliver: true}},
+		})},
 		{name: "delayed ACK of data when the receiver sends nothing", steps: then(handshake(), []step{
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(101), deliver: true}},
 			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
 			{act: deliver, side: server, want: want{deliver: true}},
 			{at: 199 * time.Millisecond, act: tick, side: server},
-			{at: 200 * time.Millisecond, act: tick, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(101)}},
+			{at: 200 * time.Millisecond, act: tick, side: server, want: want{emit: "ACK", seq: ss(1), ack: cs(201)}},
 			{at: 400 * time.Millisecond, act: tick, side: server},
+		})},
+		{name: "the dialling side's handshake ACK shows its window: no ACK at once", steps: then(handshake(), []step{
+			{act: send, side: server, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: client, want: want{deliver: true}},
 		})},
 		{name: "pure ACK after a quarter window of data", cfg: &smallWindow, steps: then(handshake(), []step{
 			{act: send, side: client, n: 1000, want: want{emit: "ACK|PSH"}},
 			{act: send, side: client, n: 1000, want: want{emit: "ACK|PSH"}},
 			{act: send, side: client, n: 1000, want: want{emit: "ACK|PSH"}},
+			{act: send, side: client, n: 1000, want: want{emit: "ACK|PSH"}},
+			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(1001), deliver: true}},
 			{act: deliver, side: server, want: want{deliver: true}},
 			{act: deliver, side: server, want: want{deliver: true}},
-			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(3001), deliver: true}},
+			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(4001), deliver: true}},
 		})},
 		{name: "close: FIN both ways, then linger", steps: then(handshake(), []step{
 			{act: closeIt, side: client, want: want{emit: "FIN|ACK", seq: cs(1), ack: ss(1), state: "FIN_WAIT", ended: ErrClosed}},
@@ -479,7 +492,7 @@ func TestStateMachine(t *testing.T) {
 		})},
 		{name: "segment larger than the MSS is dropped but acknowledged", steps: then(handshake(), []step{
 			{act: send, side: client, n: 1461, want: want{emit: "ACK|PSH"}},
-			{act: deliver, side: server, want: want{drop: dropOversize}},
+			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(1462), drop: dropOversize}},
 			{act: send, side: server, n: 1, want: want{emit: "ACK|PSH", ack: cs(1462)}},
 		})},
 		{name: "segments for no conn are answered with an RST", steps: []step{
