@@ -3,6 +3,8 @@ package faketcp
 import (
 	"encoding/binary"
 	"net/netip"
+
+	"github.com/iketcp/iketcp/nat/packet"
 )
 
 // Header sizes and the numbers of the headers built and parsed here.
@@ -111,7 +113,7 @@ func parsePacket(pkt []byte, local netip.Addr, is4 bool, in *inbound) verdictIP 
 		if headerLen < ipv4HeaderLen || totalLen < headerLen || totalLen > len(pkt) {
 			return packetMalformed
 		}
-		if checksumFold(checksumAdd(0, pkt[:headerLen])) != 0xffff {
+		if packet.ChecksumFold(packet.ChecksumAdd(0, pkt[:headerLen])) != 0xffff {
 			return packetMalformed
 		}
 		if binary.BigEndian.Uint16(pkt[6:8])&(ipv4MoreFragments|ipv4FragmentOffset) != 0 {
@@ -181,8 +183,8 @@ func parsePacket(pkt []byte, local netip.Addr, is4 bool, in *inbound) verdictIP 
 		return packetMalformed
 	}
 	sum := pseudoHeaderSum(src, dst)
-	sum = checksumAddWord(sum, uint64(len(tcp)))
-	if checksumFold(checksumAdd(sum, tcp)) != 0xffff {
+	sum = packet.ChecksumAddWord(sum, uint64(len(tcp)))
+	if packet.ChecksumFold(packet.ChecksumAdd(sum, tcp)) != 0xffff {
 		return packetBadChecksum
 	}
 	seg := segment{
@@ -241,12 +243,12 @@ func pseudoHeaderSum(src, dst netip.Addr) uint64 {
 	var sum uint64
 	if src.Is4() {
 		s, d := src.As4(), dst.As4()
-		sum = checksumAdd(checksumAdd(0, s[:]), d[:])
+		sum = packet.ChecksumAdd(packet.ChecksumAdd(0, s[:]), d[:])
 	} else {
 		s, d := src.As16(), dst.As16()
-		sum = checksumAdd(checksumAdd(0, s[:]), d[:])
+		sum = packet.ChecksumAdd(packet.ChecksumAdd(0, s[:]), d[:])
 	}
-	return checksumAddWord(sum, protoTCP)
+	return packet.ChecksumAddWord(sum, protoTCP)
 }
 
 // ipv4Broadcast is the limited broadcast address.
@@ -303,8 +305,8 @@ func (f *flow) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipID ui
 	binary.BigEndian.PutUint16(tcp[14:16], h.window)
 	binary.BigEndian.PutUint32(tcp[16:20], 0) // checksum and urgent pointer
 	copy(tcp[tcpHeaderLen:], opts)
-	sum := checksumAddWord(f.addrSum, uint64(tcpLen))
-	binary.BigEndian.PutUint16(tcp[16:18], ^checksumFold(checksumAdd(sum, tcp)))
+	sum := packet.ChecksumAddWord(f.addrSum, uint64(tcpLen))
+	binary.BigEndian.PutUint16(tcp[16:18], ^packet.ChecksumFold(packet.ChecksumAdd(sum, tcp)))
 
 	if f.is4 {
 		start = tcpStart - ipv4HeaderLen
@@ -320,7 +322,7 @@ func (f *flow) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipID ui
 		src, dst := f.local.Addr().As4(), f.remote.Addr().As4()
 		copy(ip[12:16], src[:])
 		copy(ip[16:20], dst[:])
-		binary.BigEndian.PutUint16(ip[10:12], ^checksumFold(checksumAdd(0, ip)))
+		binary.BigEndian.PutUint16(ip[10:12], ^packet.ChecksumFold(packet.ChecksumAdd(0, ip)))
 		return start
 	}
 	start = tcpStart - ipv6HeaderLen

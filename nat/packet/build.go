@@ -60,11 +60,11 @@ func PutUDP(buf []byte, payloadOff int, src, dst netip.AddrPort) (start int, err
 	} else {
 		addrs = buf[start+8 : start+40]
 	}
-	sum := checksumAdd(0, addrs)
-	sum = checksumAddWord(sum, ProtoUDP)
-	sum = checksumAddWord(sum, uint64(len(udp)))
-	sum = checksumAdd(sum, udp)
-	check := ^checksumFold(sum)
+	sum := ChecksumAdd(0, addrs)
+	sum = ChecksumAddWord(sum, ProtoUDP)
+	sum = ChecksumAddWord(sum, uint64(len(udp)))
+	sum = ChecksumAdd(sum, udp)
+	check := ^ChecksumFold(sum)
 	if check == 0 {
 		check = 0xffff // 0 would mean no checksum (RFC 768)
 	}
@@ -137,7 +137,7 @@ func putIPv4(buf []byte, payloadOff, transportLen int, proto uint8, src, dst net
 	src4, dst4 := src.Unmap().As4(), dst.Unmap().As4()
 	copy(h[12:16], src4[:])
 	copy(h[16:20], dst4[:])
-	binary.BigEndian.PutUint16(h[10:12], ^checksumFold(checksumAdd(0, h)))
+	binary.BigEndian.PutUint16(h[10:12], ^ChecksumFold(ChecksumAdd(0, h)))
 	return start, nil
 }
 

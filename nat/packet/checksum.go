@@ -17,11 +17,13 @@ import (
 //     little-endian gives the same sum with its two bytes swapped, so the
 //     loop uses the machine's own loads and swaps once at the end.
 
-// checksumAdd adds b to the running one's complement sum and returns the
-// new sum. b must start at an even offset of the data being checksummed;
+// ChecksumAdd adds b to a running one's complement sum (start from 0)
+// and returns the new sum; ChecksumFold turns it into the checksum. It is
+// shared by every packet builder of iketcp's (UDP here, TCP in
+// nat/faketcp). b must start at an even offset of the data being checksummed;
 // an odd trailing byte is padded with zero, so only the last piece of that
 // data may have an odd length.
-func checksumAdd(sum uint64, b []byte) uint64 {
+func ChecksumAdd(sum uint64, b []byte) uint64 {
 	var acc, carry uint64
 	for len(b) >= 64 {
 		acc, carry = bits.Add64(acc, binary.LittleEndian.Uint64(b[0:8]), carry)
@@ -44,20 +46,20 @@ func checksumAdd(sum uint64, b []byte) uint64 {
 		tail |= uint64(c) << (8 * i)
 	}
 	acc, carry = bits.Add64(acc, tail, carry)
-	swapped := checksumFold(checksumAddWord(acc, carry))
-	return checksumAddWord(sum, uint64(bits.ReverseBytes16(swapped)))
+	swapped := ChecksumFold(ChecksumAddWord(acc, carry))
+	return ChecksumAddWord(sum, uint64(bits.ReverseBytes16(swapped)))
 }
 
-// checksumAddWord adds v to the running one's complement sum with
+// ChecksumAddWord adds v to the running one's complement sum with
 // end-around carry. A v below 2^16 counts as one 16-bit word.
-func checksumAddWord(sum, v uint64) uint64 {
+func ChecksumAddWord(sum, v uint64) uint64 {
 	sum, carry := bits.Add64(sum, v, 0)
 	return sum + carry // cannot carry again: sum+v-2^64 < 2^64-1
 }
 
-// checksumFold folds a running sum to 16 bits. The checksum to send is its
+// ChecksumFold folds a running sum to 16 bits. The checksum to send is its
 // complement; data that includes a correct checksum folds to 0xffff.
-func checksumFold(sum uint64) uint16 {
+func ChecksumFold(sum uint64) uint16 {
 	sum = sum>>32 + sum&0xffffffff
 	sum = sum>>32 + sum&0xffffffff
 	sum = sum>>16 + sum&0xffff

@@ -122,7 +122,7 @@ func parseIPv4(pkt []byte, info *Info) error {
 	case totalLen > len(pkt):
 		return fmt.Errorf("%w: IPv4 total length %d, %d bytes read", ErrTruncated, totalLen, len(pkt))
 	}
-	if sum := checksumFold(checksumAdd(0, pkt[:headerLen])); sum != 0xffff {
+	if sum := ChecksumFold(ChecksumAdd(0, pkt[:headerLen])); sum != 0xffff {
 		return fmt.Errorf("%w: header sums to %#04x, not 0xffff", ErrChecksum, sum)
 	}
 	if binary.BigEndian.Uint16(pkt[6:8])&(ipv4MoreFragments|ipv4FragmentOffset) != 0 {

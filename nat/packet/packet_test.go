@@ -638,15 +638,15 @@ func TestChecksumMatchesReference(t *testing.T) {
 			}
 		}
 		want := referenceChecksum(data)
-		if got := ^checksumFold(checksumAdd(0, data)); got != want {
+		if got := ^ChecksumFold(ChecksumAdd(0, data)); got != want {
 			t.Fatalf("%d bytes: checksum %#04x, reference %#04x", n, got, want)
 		}
 		split := r.IntN(n/2+1) * 2
-		if got := ^checksumFold(checksumAdd(checksumAdd(0, data[:split]), data[split:])); got != want {
+		if got := ^ChecksumFold(ChecksumAdd(ChecksumAdd(0, data[:split]), data[split:])); got != want {
 			t.Fatalf("%d bytes split at %d: checksum %#04x, reference %#04x", n, split, got, want)
 		}
 	}
-	sum := checksumAddWord(^uint64(0), 1) // 2^64 wraps to 1 in one's complement
+	sum := ChecksumAddWord(^uint64(0), 1) // 2^64 wraps to 1 in one's complement
 	if sum != 1 {
 		t.Fatalf("end-around carry lost: %#x", sum)
 	}
