@@ -1,7 +1,8 @@
 # iketcp: carry IKEv2 and ESP over TCP (RFC 9329).
 #
 #   make demo    a real strongSwan tunnel through a UDP-blocking carrier
-#                (make demo-transparent: the same with the daemon unchanged)
+#                (make demo-transparent: the same with the daemon unchanged;
+#                 make demo-fake-tcp: fake-TCP through a strict middlebox)
 #   make test    everything CI checks: lint, unit, race, fuzz, integration
 #   make bench   benchmarks, with each one's ratio to its baseline
 #
@@ -55,7 +56,7 @@ END {
 endef
 export BENCH_RATIOS
 
-.PHONY: all build deps lint test unit alloc fuzz bench demo demo-transparent clean
+.PHONY: all build deps lint test unit alloc fuzz bench demo demo-transparent demo-fake-tcp clean
 
 all: build
 
@@ -103,7 +104,7 @@ test: deps lint unit alloc fuzz
 # Benchmarks, then each variant's throughput as a ratio to the baseline
 # measured in the same run (median over BENCHCOUNT runs).
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./nat/packet ./nat/faketcp ./relay/... ./integration | tee $(BIN)/bench.txt
+	$(GO) test -p 1 -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./nat/packet ./nat/faketcp ./relay/... ./integration | tee $(BIN)/bench.txt
 	@awk "$$BENCH_RATIOS" $(BIN)/bench.txt
 
 demo: deps build
@@ -112,6 +113,10 @@ demo: deps build
 # The same through transparent mode: the site's strongSwan unchanged.
 demo-transparent: deps build
 	$(BIN)/iketcp-lab demo --transparent --iketcp $(BIN)/iketcp
+
+# The same in fake-TCP mode, through a strict anti-replay middlebox.
+demo-fake-tcp: deps build
+	$(BIN)/iketcp-lab demo --fake-tcp --iketcp $(BIN)/iketcp
 
 clean:
 	rm -rf $(BIN)

@@ -24,6 +24,7 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/integration/lab"
+	"github.com/iketcp/iketcp/nat/antireplay"
 )
 
 func main() {
@@ -45,6 +46,7 @@ func main() {
 					&cli.StringFlag{Name: "iketcp", Value: defaultBinary(), Usage: "the iketcp binary to run"},
 					&cli.BoolFlag{Name: "keep", Usage: "keep the lab up until Ctrl-C, to explore it"},
 					&cli.BoolFlag{Name: "transparent", Usage: "transparent mode: the site's strongSwan keeps its normal configuration and iketcp client --tun intercepts its traffic"},
+					&cli.BoolFlag{Name: "fake-tcp", Usage: "fake-TCP mode, through a carrier that also checks TCP sequence numbers as an anti-replay NAT box does"},
 				},
 				Action: runDemo,
 			},
@@ -120,7 +122,7 @@ hub   (strongSwan, iketcp server)   lo 192.0.2.1      h0 203.0.113.2/24`))
 			fmt.Fprintln(os.Stderr, "teardown:", err)
 		}
 	}()
-	err = demo(setup, l, bin, c.Bool("transparent"))
+	err = demo(setup, l, bin, scenario{transparent: c.Bool("transparent"), fakeTCP: c.Bool("fake-tcp")})
 	if err == nil && c.Bool("keep") {
 		keep(ctx, l, bin)
 	}
@@ -130,9 +132,28 @@ hub   (strongSwan, iketcp server)   lo 192.0.2.1      h0 203.0.113.2/24`))
 	return err
 }
 
-func demo(ctx context.Context, l *lab.Lab, bin string, transparent bool) error {
+// scenario is what a demo shows beyond the default (explicit mode, RFC
+// 9329 through a carrier that drops UDP).
+type scenario struct {
+	transparent bool // the site's daemon unchanged, iketcp client --tun
+	fakeTCP     bool // fake-TCP, through a strict anti-replay middlebox
+}
+
+func demo(ctx context.Context, l *lab.Lab, bin string, sc scenario) error {
+	transparent := sc.transparent
 	if err := l.BlockUDP(ctx); err != nil {
 		return err
+	}
+	var opts lab.TunnelOptions
+	var mb *lab.Middlebox
+	if sc.fakeTCP {
+		say("The carrier also checks TCP sequence numbers, as an anti-replay NAT box does: repeats are dropped")
+		var err error
+		if mb, err = l.StartStrictMiddlebox(ctx, antireplay.Config{Window: 64 << 10}); err != nil {
+			return err
+		}
+		opts.ServerArgs = []string{"--encap", "fake-tcp", "--fake-tcp-net", "100.64.251.0/30"}
+		opts.ClientArgs = []string{"--encap", "fake-tcp", "--fake-tcp-net", "100.64.250.0/30"}
 	}
 	capture, err := l.Carrier.Capture(ctx, lab.CarrierHubIface, "tcp port 4500", filepath.Join(l.Dir, "carrier.pcap"))
 	if err != nil {
@@ -140,15 +161,13 @@ func demo(ctx context.Context, l *lab.Lab, bin string, transparent bool) error {
 	}
 	say("Starting strongSwan on both ends, iketcp server on the hub and iketcp client at the site")
 	var rulesBefore string
-	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{
-		Binary:      bin,
-		Transparent: transparent,
-		BeforeClient: func(ctx context.Context) error {
-			out, err := l.Site.Run(ctx, "ip", "rule")
-			rulesBefore = string(out)
-			return err
-		},
-	})
+	opts.Binary, opts.Transparent = bin, transparent
+	opts.BeforeClient = func(ctx context.Context) error {
+		out, err := l.Site.Run(ctx, "ip", "rule")
+		rulesBefore = string(out)
+		return err
+	}
+	tun, err := l.StartTunnel(ctx, opts)
 	if err != nil {
 		return err
 	}
@@ -164,10 +183,14 @@ site strongSwan: unchanged: remote_addrs = %s, default ports 500/4500 (MOBIKE on
 		}
 		fmt.Println(indent(string(out)))
 	} else {
-		fmt.Println(indent(fmt.Sprintf(`hub:  iketcp server --listen %s:%d --backend 127.0.0.1:4500
-site: iketcp client --listen 127.0.0.1:%d --peer %s:%d
+		encap := ""
+		if sc.fakeTCP {
+			encap = " --encap fake-tcp"
+		}
+		fmt.Println(indent(fmt.Sprintf(`hub:  iketcp server%s --listen %s:%d --backend 127.0.0.1:4500
+site: iketcp client%s --listen 127.0.0.1:%d --peer %s:%d
 site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (MOBIKE on)`,
-			lab.HubOuter, lab.ServerPort, lab.ClientListenPort, lab.HubOuter, lab.ServerPort, lab.ClientListenPort)))
+			encap, lab.HubOuter, lab.ServerPort, encap, lab.ClientListenPort, lab.HubOuter, lab.ServerPort, lab.ClientListenPort)))
 	}
 
 	say("Initiating the IKE SA from the site (swanctl --initiate)")
@@ -227,25 +250,35 @@ site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (
 	}
 	fmt.Println(indent(text))
 
-	say("Cutting the TCP connection (ss -K at the site), then pinging again")
-	l.Site.Run(ctx, "ss", "-K", "dst", lab.HubOuter, "dport", "=", fmt.Sprint(lab.ServerPort))
-	cut := time.Now()
-	resumed := time.Duration(0)
-	for range 20 {
-		if n, _ := l.Ping(ctx, l.Site, lab.SiteInner, lab.HubInner, 1, 0); n == 1 {
-			resumed = time.Since(cut)
-			break
+	if sc.fakeTCP {
+		say("A burst of 200 pings through the strict middlebox")
+		got, err := tun.PingThrough(ctx, 200, 10*time.Millisecond)
+		if err != nil {
+			return err
 		}
+		st := mb.Stats()
+		fmt.Printf("    %d of 200 replies; the middlebox accepted %d segments and dropped %d\n", got, st.Accepted, st.Dropped())
+	} else {
+		say("Cutting the TCP connection (ss -K at the site), then pinging again")
+		l.Site.Run(ctx, "ss", "-K", "dst", lab.HubOuter, "dport", "=", fmt.Sprint(lab.ServerPort))
+		cut := time.Now()
+		resumed := time.Duration(0)
+		for range 20 {
+			if n, _ := l.Ping(ctx, l.Site, lab.SiteInner, lab.HubInner, 1, 0); n == 1 {
+				resumed = time.Since(cut)
+				break
+			}
+		}
+		sas, err := tun.Site.ListSAs(ctx)
+		if err != nil || len(sas) != 1 {
+			return fmt.Errorf("site SAs after the cut: %v %v", sas, err)
+		}
+		if resumed == 0 {
+			return errors.New("traffic did not resume after the cut")
+		}
+		fmt.Printf("    traffic resumed after %v; IKE SA still %s/%s (same SA, no new IKE_SA_INIT)\n",
+			resumed.Round(time.Millisecond), sas[0].InitiatorSPI, sas[0].ResponderSPI)
 	}
-	sas, err := tun.Site.ListSAs(ctx)
-	if err != nil || len(sas) != 1 {
-		return fmt.Errorf("site SAs after the cut: %v %v", sas, err)
-	}
-	if resumed == 0 {
-		return errors.New("traffic did not resume after the cut")
-	}
-	fmt.Printf("    traffic resumed after %v; IKE SA still %s/%s (same SA, no new IKE_SA_INIT)\n",
-		resumed.Round(time.Millisecond), sas[0].InitiatorSPI, sas[0].ResponderSPI)
 
 	if err := capture.Stop(); err != nil {
 		return err
@@ -282,16 +315,32 @@ site strongSwan: remote_addrs = 127.0.0.1, remote_port = %d, local_port = 4500 (
 
 	say("What to notice")
 	notes := fmt.Sprintf(`- Neither strongSwan knows about TCP. The carrier forwarded %d TCP packets and
-  dropped every UDP packet it saw (%d, all of them the probes above).
+  dropped every UDP packet it saw (%d, all of them the probes above).`, tcp, probed)
+	if sc.fakeTCP {
+		resets, _ := lab.CountTCPFlags(capture.Path, lab.TCPFlagRST)
+		st := mb.Stats()
+		notes += fmt.Sprintf(`
+- Fake-TCP: each IKE and ESP packet travelled in a TCP segment of its own,
+  built by iketcp; no kernel TCP stream owns them, so nothing waits behind
+  a lost one. The carrier saw %d TCP resets: no kernel answered them.
+- Their sequence numbers advance like a healthy connection's, so the strict
+  middlebox dropped %d of %d. FortiOS's fortinet-esp repeats one sequence
+  number, and such a box drops it (see --fake-tcp-seq frozen in the README).
+- The hub's strongSwan sees its peer at %s: the iketcp server's own socket
+  for this session, whatever happens to the fake-TCP connection.`, resets, st.Dropped(), st.Accepted+st.Dropped(), backend)
+	} else {
+		notes += fmt.Sprintf(`
 - The TCP stream on the carrier begins with %q, RFC 9329's prefix, then
   length-framed IKE and ESP.
 - The hub's strongSwan sees its peer at %s: the iketcp server's own socket
   for this session. The port stays the same across reconnects, so MOBIKE
-  (on) never sees the peer move, and the SA survived the cut above.
+  (on) never sees the peer move, and the SA survived the cut above.`, prefix, backend)
+	}
+	notes += `
 - NAT keepalives stay off the TCP stream (RFC 9329 6.6); TCP keepalives
   refresh the carrier's NAT mapping instead.
 - iketcp status prints each session like FortiOS's "diagnose vpn ike
-  gateway list"; iketcp status --json gives the same for scripts.`, tcp, probed, prefix, backend)
+  gateway list"; iketcp status --json gives the same for scripts.`
 	if transparent {
 		notes += fmt.Sprintf(`
 - Transparent mode: the site's strongSwan kept its normal configuration.
