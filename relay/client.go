@@ -218,12 +218,8 @@ func (cl *Client) putDatagram(p *datagram) {
 // and run waits for the client's goroutines.
 func (cl *Client) run(ctx context.Context, closer io.Closer, ingress func(context.Context) error) error {
 	ctx, cancel := context.WithCancel(ctx)
-	cl.wg.Add(2)
-	go func() {
-		defer cl.wg.Done()
-		<-ctx.Done()
-		closer.Close()
-	}()
+	closeWhenDone(ctx, &cl.wg, closer)
+	cl.wg.Add(1)
 	go cl.expireFlows(ctx)
 
 	err := ingress(ctx)

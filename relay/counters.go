@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -132,6 +133,17 @@ func (s *sometimes) log(l *slog.Logger, level slog.Level, msg string, args ...an
 		args = append(args, "suppressed_since_last", n)
 	}
 	l.Log(context.Background(), level, msg, args...)
+}
+
+// closeWhenDone closes c once ctx ends, in a goroutine counted in wg:
+// what unblocks a loop reading c when the relay stops.
+func closeWhenDone(ctx context.Context, wg *sync.WaitGroup, c io.Closer) {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		<-ctx.Done()
+		c.Close()
+	}()
 }
 
 // sweepEvery calls sweep until ctx ends, often enough to expire things

@@ -168,12 +168,8 @@ func (s *Server) run(ctx context.Context, addr, encap string, ln io.Closer, acce
 	s.encap = encap
 	s.mu.Unlock()
 	ctx, cancel := context.WithCancel(ctx)
-	s.wg.Add(2)
-	go func() {
-		defer s.wg.Done()
-		<-ctx.Done()
-		ln.Close()
-	}()
+	closeWhenDone(ctx, &s.wg, ln)
+	s.wg.Add(1)
 	go s.expireSessions(ctx)
 
 	s.log.Info("server listening", "listen", addr, "encap", encap, "backend", s.cfg.Backend.String())
