@@ -18,6 +18,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/iketcp/iketcp/nat/nattest"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -44,7 +45,7 @@ const (
 
 // ftLab is the client's namespace (the test's own) wired to the server's.
 type ftLab struct {
-	server *netNS
+	server *nattest.NS
 }
 
 // newFakeTCPLab moves the test into a new namespace (enterNetns) and
@@ -59,14 +60,14 @@ func newFakeTCPLab(t *testing.T) *ftLab {
 	if err := noDAD(); err != nil {
 		t.Fatal(err)
 	}
-	l := &ftLab{server: newNetNS(t)}
-	if err := l.server.do(noDAD); err != nil {
+	l := &ftLab{server: nattest.New(t)}
+	if err := l.server.Do(noDAD); err != nil {
 		t.Fatal(err)
 	}
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: ftClientVeth},
 		PeerName:      ftServerVeth,
-		PeerNamespace: netlink.NsFd(l.server.fd),
+		PeerNamespace: netlink.NsFd(l.server.Fd()),
 	}
 	if err := netlink.LinkAdd(veth); err != nil {
 		t.Fatalf("add veth: %v", err)
@@ -81,7 +82,7 @@ func newFakeTCPLab(t *testing.T) *ftLab {
 	if err := up(ftClientVeth, ftClientV4, ftClientV6); err != nil {
 		t.Fatal(err)
 	}
-	if err := l.server.do(func() error { return up(ftServerVeth, ftServerV4, ftServerV6) }); err != nil {
+	if err := l.server.Do(func() error { return up(ftServerVeth, ftServerV4, ftServerV6) }); err != nil {
 		t.Fatal(err)
 	}
 	for start := time.Now(); ; time.Sleep(10 * time.Millisecond) {
@@ -134,10 +135,10 @@ func setupFakeTCP(t *testing.T, cfg FakeTCPConfig) *FakeTCPNet {
 
 // setupIn is setupFakeTCP in ns. Close, from the test's goroutine, is
 // then in another namespace.
-func setupIn(t *testing.T, ns *netNS, cfg FakeTCPConfig) *FakeTCPNet {
+func setupIn(t *testing.T, ns *nattest.NS, cfg FakeTCPConfig) *FakeTCPNet {
 	t.Helper()
 	var n *FakeTCPNet
-	if err := ns.do(func() error {
+	if err := ns.Do(func() error {
 		n = setupFakeTCP(t, cfg)
 		return nil
 	}); err != nil {
@@ -503,7 +504,7 @@ func checkFakeTCP(t *testing.T, v6 bool) {
 	setSysctlT(t, "net/ipv4/conf/all/rp_filter", "1")
 	capC := startCapture(t, ftClientVeth)
 	var capS *capture
-	if err := l.server.do(func() error {
+	if err := l.server.Do(func() error {
 		capS = startCapture(t, ftServerVeth)
 		return setSysctl("net/ipv4/conf/all/rp_filter", "1")
 	}); err != nil {
@@ -597,7 +598,7 @@ func checkFakeTCP(t *testing.T, v6 bool) {
 	noMore(t, "the client's device", cin, wait)
 	noMore(t, "the server's device", sin, 100*time.Millisecond)
 	checkWire(t, capC, capC.drain(t))
-	if err := l.server.do(func() error { checkWire(t, capS, capS.drain(t)); return nil }); err != nil {
+	if err := l.server.Do(func() error { checkWire(t, capS, capS.drain(t)); return nil }); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -643,7 +644,7 @@ func TestFakeTCPSuperPackets(t *testing.T) {
 	client := setupFakeTCP(t, FakeTCPConfig{Role: FakeTCPClient, Name: "ftcli", Net4: ftClientNet4})
 	cin := rawPump(t, client)
 	ep := netip.AddrPortFrom(client.Endpoint4(), 5000)
-	if err := l.server.do(func() error {
+	if err := l.server.Do(func() error {
 		return netlink.RouteAdd(&netlink.Route{Dst: prefix(client.Endpoint4(), 30), Gw: ftClientV4.AsSlice()})
 	}); err != nil {
 		t.Fatal(err)
@@ -655,7 +656,7 @@ func TestFakeTCPSuperPackets(t *testing.T) {
 		err error
 	}
 	dialDone := make(chan dialed, 1)
-	go l.server.do(func() error {
+	go l.server.Do(func() error {
 		c, err := dialTCP(ep)
 		dialDone <- dialed{c, err}
 		return nil
@@ -834,9 +835,9 @@ func TestFakeTCPCloseRestoresEverything(t *testing.T) {
 	setSysctlT(t, "net/ipv4/conf/"+ftClientVeth+"/forwarding", "1")
 	setSysctlT(t, "net/ipv6/conf/"+ftClientVeth+"/forwarding", "1")
 	before := stableFTSnapshot(t)
-	other := newNetNS(t)
+	other := nattest.New(t)
 	var otherBefore string
-	if err := other.do(func() error { otherBefore = ftSnapshot(t); return nil }); err != nil {
+	if err := other.Do(func() error { otherBefore = ftSnapshot(t); return nil }); err != nil {
 		t.Fatal(err)
 	}
 
@@ -878,7 +879,7 @@ func TestFakeTCPCloseRestoresEverything(t *testing.T) {
 		readErr <- err
 	}()
 	time.Sleep(50 * time.Millisecond)
-	if err := other.do(n.Close); err != nil {
+	if err := other.Do(n.Close); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	select {
@@ -890,7 +891,7 @@ func TestFakeTCPCloseRestoresEverything(t *testing.T) {
 		t.Fatal("Close did not wake a blocked Read")
 	}
 	sameSnapshot(t, "Close", before, ftSnapshot(t))
-	if err := other.do(func() error { sameSnapshot(t, "Close from this namespace", otherBefore, ftSnapshot(t)); return nil }); err != nil {
+	if err := other.Do(func() error { sameSnapshot(t, "Close from this namespace", otherBefore, ftSnapshot(t)); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if err := n.Close(); err != nil {
@@ -1074,7 +1075,7 @@ func TestFakeTCPIPv6Off(t *testing.T) {
 func TestFakeTCPNeedsNetAdmin(t *testing.T) {
 	requireNetns(t)
 	var errs []error
-	err := onNewThread(func() error {
+	err := nattest.OnNewThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			return err
 		}
@@ -1237,7 +1238,7 @@ func TestFakeTCPOutOfWindowFromPeer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = l.server.do(func() error {
+	err = l.server.Do(func() error {
 		sl, err := netlink.LinkByName(ftServerVeth)
 		if err != nil {
 			return err

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iketcp/iketcp/nat/nattest"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -335,7 +336,7 @@ func TestIPv6Off(t *testing.T) {
 func TestNeedsNetAdmin(t *testing.T) {
 	requireNetns(t)
 	var errs []error
-	err := onNewThread(func() error {
+	err := nattest.OnNewThread(func() error {
 		// A namespace of its own first, while the thread may still make one.
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			return err

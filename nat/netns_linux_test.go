@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iketcp/iketcp/nat/nattest"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -28,42 +29,14 @@ import (
 // are missing, and fails it instead under CI=true.
 func requireNetns(t *testing.T) {
 	t.Helper()
-	var missing []string
-	if os.Geteuid() != 0 {
-		missing = append(missing, "root")
-	} else {
-		for _, c := range []struct {
-			cap  int
-			name string
-		}{{unix.CAP_SYS_ADMIN, "CAP_SYS_ADMIN"}, {unix.CAP_NET_ADMIN, "CAP_NET_ADMIN"}} {
-			if !haveCap(c.cap) {
-				missing = append(missing, c.name)
-			}
-		}
-	}
+	missing := nattest.Missing()
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		missing = append(missing, "/dev/net/tun (modprobe tun)")
 	}
 	if _, err := exec.LookPath("ip"); err != nil {
 		missing = append(missing, "the ip command (Debian package iproute2)")
 	}
-	if len(missing) == 0 {
-		return
-	}
-	msg := "needs " + strings.Join(missing, ", ") + " to build network namespaces with a TUN device"
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg + "; CI=true, so this is a failure, not a skip")
-	}
-	t.Skip(msg)
-}
-
-func haveCap(c int) bool {
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var data [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &data[0]); err != nil {
-		return false
-	}
-	return data[c/32].Effective&(1<<(c%32)) != 0
+	nattest.SkipOrFail(t, missing, "to build network namespaces with a TUN device")
 }
 
 // enterNetns moves the calling test goroutine, for the rest of its life,
@@ -86,60 +59,6 @@ func enterNetns(t *testing.T) {
 	if err := netlink.LinkSetUp(lo); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// netNS is a second namespace, held by a descriptor, that the test enters
-// only through do.
-type netNS struct{ fd int }
-
-// newNetNS creates a namespace with lo up; it lives until the test's end
-// and whatever sockets were made in it are closed.
-func newNetNS(t *testing.T) *netNS {
-	t.Helper()
-	ns := &netNS{fd: -1}
-	err := onNewThread(func() error {
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			return fmt.Errorf("unshare(CLONE_NEWNET): %w", err)
-		}
-		fd, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		ns.fd = fd
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
-	if ns.fd >= 0 {
-		t.Cleanup(func() { unix.Close(ns.fd) })
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ns
-}
-
-// do runs f on a fresh thread inside ns; the thread ends with f.
-func (ns *netNS) do(f func() error) error {
-	return onNewThread(func() error {
-		if err := unix.Setns(ns.fd, unix.CLONE_NEWNET); err != nil {
-			return fmt.Errorf("setns: %w", err)
-		}
-		return f()
-	})
-}
-
-// onNewThread runs f in a goroutine locked to its thread and lets the
-// goroutine end locked, so that the thread, whatever f did to it, ends too.
-func onNewThread(f func() error) error {
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		done <- f()
-	}()
-	return <-done
 }
 
 // ip runs the ip command in the calling thread's namespace (the child
@@ -208,7 +127,7 @@ var (
 
 // lab is the test's namespace wired to a peer namespace.
 type lab struct {
-	peer *netNS
+	peer *nattest.NS
 }
 
 // newLab moves the test into a new namespace (enterNetns) and wires it to
@@ -224,14 +143,14 @@ func newLab(t *testing.T) *lab {
 	if err := noDAD(); err != nil {
 		t.Fatal(err)
 	}
-	l := &lab{peer: newNetNS(t)}
-	if err := l.peer.do(noDAD); err != nil {
+	l := &lab{peer: nattest.New(t)}
+	if err := l.peer.Do(noDAD); err != nil {
 		t.Fatal(err)
 	}
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: "site0"},
 		PeerName:      "peer0",
-		PeerNamespace: netlink.NsFd(l.peer.fd),
+		PeerNamespace: netlink.NsFd(l.peer.Fd()),
 	}
 	if err := netlink.LinkAdd(veth); err != nil {
 		t.Fatalf("add veth: %v", err)
@@ -251,7 +170,7 @@ func newLab(t *testing.T) *lab {
 	must(addAddr(link, siteV6, 64))
 	must(netlink.RouteAdd(&netlink.Route{Dst: prefix(peerV4, 24), Gw: hopV4.AsSlice()}))
 	must(netlink.RouteAdd(&netlink.Route{Dst: prefix(peerV6, 64), Gw: hopV6.AsSlice()}))
-	must(l.peer.do(func() error {
+	must(l.peer.Do(func() error {
 		link, err := netlink.LinkByName("peer0")
 		if err != nil {
 			return err
@@ -295,7 +214,7 @@ func prefix(a netip.Addr, bits int) *net.IPNet {
 func (l *lab) listenUDP(t *testing.T, at netip.AddrPort) *net.UDPConn {
 	t.Helper()
 	var c *net.UDPConn
-	err := l.peer.do(func() (err error) {
+	err := l.peer.Do(func() (err error) {
 		c, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(at))
 		return err
 	})
@@ -310,7 +229,7 @@ func (l *lab) listenUDP(t *testing.T, at netip.AddrPort) *net.UDPConn {
 func (l *lab) listenTCP(t *testing.T, at netip.AddrPort) *net.TCPListener {
 	t.Helper()
 	var ln *net.TCPListener
-	err := l.peer.do(func() (err error) {
+	err := l.peer.Do(func() (err error) {
 		ln, err = net.ListenTCP("tcp", net.TCPAddrFromAddrPort(at))
 		return err
 	})

@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iketcp/iketcp/nat/nattest"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -65,23 +65,13 @@ func noTailLossProbes() error {
 // instead under CI=true.
 func requireRoot(t *testing.T) string {
 	t.Helper()
-	var missing []string
-	if os.Geteuid() != 0 {
-		missing = append(missing, "root")
-	}
+	missing := nattest.Missing()
 	ipt := iptablesPath()
 	if ipt == "" {
 		missing = append(missing, "iptables-legacy or iptables-nft (Debian package iptables)")
 	}
-	if len(missing) == 0 {
-		return ipt
-	}
-	msg := "needs " + strings.Join(missing, " and ") + " to build network namespaces with an NFQUEUE rule"
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg + "; CI=true, so this is a failure, not a skip")
-	}
-	t.Skip(msg)
-	return ""
+	nattest.SkipOrFail(t, missing, "to build network namespaces with an NFQUEUE rule")
+	return ipt
 }
 
 // iptablesPath prefers iptables-legacy: it leaves the namespace's
@@ -97,78 +87,24 @@ func iptablesPath() string {
 	return ""
 }
 
-// netNS is a namespace held by a descriptor; the test enters it only
-// through do.
-type netNS struct{ fd int }
-
-func newNetNS(t *testing.T) *netNS {
-	t.Helper()
-	ns := &netNS{fd: -1}
-	err := onNewThread(func() error {
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			return fmt.Errorf("unshare(CLONE_NEWNET): %w", err)
-		}
-		fd, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		ns.fd = fd
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
-	if ns.fd >= 0 {
-		t.Cleanup(func() { unix.Close(ns.fd) })
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ns
-}
-
-// do runs f on a fresh thread inside ns; the thread ends with f. Sockets
-// made in f stay in ns; programs f runs (os/exec forks from the locked
-// thread) run in ns.
-func (ns *netNS) do(f func() error) error {
-	return onNewThread(func() error {
-		if err := unix.Setns(ns.fd, unix.CLONE_NEWNET); err != nil {
-			return fmt.Errorf("setns: %w", err)
-		}
-		return f()
-	})
-}
-
-// onNewThread runs f on a goroutine locked to its thread and lets it end
-// locked, so that the thread, whatever f did to it, ends too.
-func onNewThread(f func() error) error {
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		done <- f()
-	}()
-	return <-done
-}
-
-type topology struct{ left, mid, right *netNS }
+type topology struct{ left, mid, right *nattest.NS }
 
 func newTopology(t *testing.T) *topology {
 	t.Helper()
-	tp := &topology{left: newNetNS(t), mid: newNetNS(t), right: newNetNS(t)}
+	tp := &topology{left: nattest.New(t), mid: nattest.New(t), right: nattest.New(t)}
 	must := func(err error) {
 		t.Helper()
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	must(tp.mid.do(func() error {
+	must(tp.mid.Do(func() error {
 		for _, v := range []struct {
 			name, peer string
-			ns         *netNS
+			ns         *nattest.NS
 			addr       netip.Addr
 		}{{"m-left", "l0", tp.left, midLeft}, {"m-right", "r0", tp.right, midRight}} {
-			veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: v.name}, PeerName: v.peer, PeerNamespace: netlink.NsFd(v.ns.fd)}
+			veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: v.name}, PeerName: v.peer, PeerNamespace: netlink.NsFd(v.ns.Fd())}
 			if err := netlink.LinkAdd(veth); err != nil {
 				return fmt.Errorf("add veth %s: %w", v.name, err)
 			}
@@ -181,19 +117,19 @@ func newTopology(t *testing.T) *topology {
 		}
 		return netlink.RouteAdd(&netlink.Route{Dst: hostPrefix(sinkAddr), Gw: rightAddr.AsSlice()})
 	}))
-	must(tp.left.do(func() error {
+	must(tp.left.Do(func() error {
 		return errors.Join(upWithAddr("l0", leftAddr), noTailLossProbes(),
 			netlink.RouteAdd(&netlink.Route{Dst: net24(rightAddr), Gw: midLeft.AsSlice()}))
 	}))
-	must(tp.right.do(func() error {
+	must(tp.right.Do(func() error {
 		return errors.Join(upWithAddr("r0", rightAddr), noTailLossProbes(),
 			netlink.RouteAdd(&netlink.Route{Dst: net24(leftAddr), Gw: midRight.AsSlice()}))
 	}))
 	for _, c := range []struct {
-		ns   *netNS
+		ns   *nattest.NS
 		link string
 	}{{tp.left, "l0"}, {tp.right, "r0"}} {
-		must(c.ns.do(func() error { return waitOperUp(c.link) }))
+		must(c.ns.Do(func() error { return waitOperUp(c.link) }))
 	}
 	return tp
 }
@@ -236,14 +172,14 @@ func net24(a netip.Addr) *net.IPNet {
 func (tp *topology) middlebox(t *testing.T, ipt string, cfg Config) (*Tracker, *Queue) {
 	t.Helper()
 	var q *Queue
-	if err := tp.mid.do(func() (err error) {
+	if err := tp.mid.Do(func() (err error) {
 		q, err = OpenQueue(testQueue)
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 	rule := []string{"FORWARD", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", fmt.Sprint(testQueue)}
-	if err := tp.mid.do(func() error {
+	if err := tp.mid.Do(func() error {
 		out, err := exec.Command(ipt, append([]string{"-w", "5", "-A"}, rule...)...).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("%s -A %s: %w: %s", ipt, strings.Join(rule, " "), err, out)
@@ -259,7 +195,7 @@ func (tp *topology) middlebox(t *testing.T, ipt string, cfg Config) (*Tracker, *
 	go func() { runErr <- Run(ctx, q, tr) }()
 	t.Cleanup(func() {
 		// The rule goes first, so that nothing meets an unbound queue.
-		if err := tp.mid.do(func() error {
+		if err := tp.mid.Do(func() error {
 			out, err := exec.Command(ipt, append([]string{"-w", "5", "-D"}, rule...)...).CombinedOutput()
 			if err != nil {
 				return fmt.Errorf("%s -D: %w: %s", ipt, err, out)
@@ -291,7 +227,7 @@ func TestMiddleboxInNamespaces(t *testing.T) {
 
 	// A real kernel TCP connection through mid: data both ways.
 	var ln net.Listener
-	if err := tp.right.do(func() (err error) {
+	if err := tp.right.Do(func() (err error) {
 		ln, err = net.Listen("tcp", netip.AddrPortFrom(rightAddr, 0).String())
 		return err
 	}); err != nil {
@@ -307,7 +243,7 @@ func TestMiddleboxInNamespaces(t *testing.T) {
 		serverErr <- echoOnce(ln)
 	}()
 	var conn net.Conn
-	if err := tp.left.do(func() (err error) {
+	if err := tp.left.Do(func() (err error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		var d net.Dialer
@@ -464,7 +400,7 @@ func exchange(conn net.Conn, n int) error {
 func (tp *topology) rawSocket(t *testing.T) int {
 	t.Helper()
 	fd := -1
-	if err := tp.left.do(func() (err error) {
+	if err := tp.left.Do(func() (err error) {
 		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 		return err
 	}); err != nil {
@@ -480,7 +416,7 @@ type sniffer struct{ fd int }
 func (tp *topology) sniff(t *testing.T, iface string) *sniffer {
 	t.Helper()
 	s := &sniffer{fd: -1}
-	if err := tp.right.do(func() error {
+	if err := tp.right.Do(func() error {
 		link, err := netlink.LinkByName(iface)
 		if err != nil {
 			return err
@@ -550,10 +486,10 @@ func htons(v uint16) uint16 {
 
 // kernelQueues lists the queue numbers bound in ns, as the kernel reports
 // them in /proc/thread-self/net/netfilter/nfnetlink_queue.
-func kernelQueues(t *testing.T, ns *netNS) []string {
+func kernelQueues(t *testing.T, ns *nattest.NS) []string {
 	t.Helper()
 	var queues []string
-	if err := ns.do(func() error {
+	if err := ns.Do(func() error {
 		b, err := os.ReadFile("/proc/thread-self/net/netfilter/nfnetlink_queue")
 		if err != nil {
 			return err
@@ -574,10 +510,10 @@ func kernelQueues(t *testing.T, ns *netNS) []string {
 // and unbinding on both ways out.
 func TestQueueLifecycle(t *testing.T) {
 	requireRoot(t)
-	ns := newNetNS(t)
+	ns := nattest.New(t)
 	open := func() (*Queue, error) {
 		var q *Queue
-		err := ns.do(func() (err error) {
+		err := ns.Do(func() (err error) {
 			q, err = OpenQueue(9)
 			return err
 		})
@@ -649,14 +585,14 @@ func TestQueueFailsClosed(t *testing.T) {
 	ipt := requireRoot(t)
 	tp := newTopology(t)
 	var q *Queue
-	if err := tp.mid.do(func() (err error) {
+	if err := tp.mid.Do(func() (err error) {
 		q, err = OpenQueue(testQueue)
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 	defer q.Close()
-	if err := tp.mid.do(func() error {
+	if err := tp.mid.Do(func() error {
 		out, err := exec.Command(ipt, "-w", "5", "-A", "FORWARD", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", fmt.Sprint(testQueue)).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("%w: %s", err, out)
@@ -666,7 +602,7 @@ func TestQueueFailsClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 	var ln net.Listener
-	if err := tp.right.do(func() (err error) {
+	if err := tp.right.Do(func() (err error) {
 		ln, err = net.Listen("tcp", netip.AddrPortFrom(rightAddr, 0).String())
 		return err
 	}); err != nil {
@@ -674,7 +610,7 @@ func TestQueueFailsClosed(t *testing.T) {
 	}
 	defer ln.Close()
 	dial := func() error {
-		return tp.left.do(func() error {
+		return tp.left.Do(func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 			defer cancel()
 			var d net.Dialer
