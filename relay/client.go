@@ -329,6 +329,12 @@ func (cl *Client) newFlowLocked(ctx context.Context, key flowKey) *flow {
 		queue:     make(chan *datagram, cl.cfg.queueLen()),
 		transport: fallback.New(fallback.Config{Mode: cl.cfg.Transport, Threshold: cl.cfg.FallbackThreshold, Race: cl.cfg.Race}),
 	}
+	switch cl.cfg.Transport {
+	case fallback.ModeTCP:
+		f.fixed = fallback.TCP
+	case fallback.ModeUDP:
+		f.fixed = fallback.UDP
+	}
 	f.ctx, f.cancel = context.WithCancel(ctx)
 	cl.flows[key] = f
 	cl.counters.SessionsCreated.Add(1)
@@ -388,6 +394,9 @@ type flow struct {
 	book      saBook
 	ports     daemonPorts // transparent mode: where replies go
 
+	// fixed is the route of a fixed transport (tcp, udp); zero when the
+	// machine decides (auto).
+	fixed fallback.Route
 	// tmu guards transport, which the ingress and both paths' readers use.
 	tmu       sync.Mutex
 	transport *fallback.Machine
@@ -412,8 +421,12 @@ func (f *flow) stop() {
 }
 
 // outbound asks the transport machine where a datagram of the daemon's
-// goes, and logs any change of transport.
+// goes, and logs any change of transport. A fixed transport (tcp, udp)
+// never changes: it is answered without the lock.
 func (f *flow) outbound(now time.Time, msg *framing.Message) fallback.Route {
+	if f.fixed != 0 {
+		return f.fixed
+	}
 	f.tmu.Lock()
 	route, ch := f.transport.Outbound(now, msg)
 	f.tmu.Unlock()
