@@ -9,7 +9,7 @@
 // Machine is the state machine, one per flow. It is pure: it owns no
 // sockets and reads no clock (every event carries its time), so its
 // transitions are table-tested. The caller sends each of the daemon's
-// datagrams on the Route Outbound returns, reports what the peer sends
+// datagrams on the Transport Outbound returns, reports what the peer sends
 // with Inbound, and logs the Changes both return.
 //
 // The rules, after RFC 9329 5.1:
@@ -83,7 +83,8 @@ func CheckThreshold(d time.Duration) error {
 	return nil
 }
 
-// Transport is a path a datagram travels.
+// Transport is a set of paths a datagram travels: UDP, TCP, or both
+// (UDP|TCP) while a race is on.
 type Transport uint8
 
 // Transports.
@@ -103,9 +104,6 @@ func (t Transport) String() string {
 	}
 	return "none"
 }
-
-// Route is where to send one datagram: UDP, TCP, or both (UDP|TCP).
-type Route = Transport
 
 // Config configures a Machine.
 type Config struct {
@@ -131,7 +129,7 @@ const (
 // Change is a transition a caller should log: the transport went from
 // From to To, for Reason.
 type Change struct {
-	From, To Route
+	From, To Transport
 	Reason   string
 }
 
@@ -152,7 +150,7 @@ type Machine struct {
 	cfg Config
 
 	state state
-	cur   Route     // where datagrams go now
+	cur   Transport // where datagrams go now
 	since time.Time // start of the current probe, fallback or race
 	// ike is the initiator SPI of the IKE SA being probed or settled; zero
 	// until the daemon starts one (a flow may start mid-SA, after a
@@ -187,7 +185,7 @@ func New(cfg Config) *Machine {
 
 // Outbound tells the machine the daemon sends msg at now, and returns
 // where to send it, and the transition it caused, if any.
-func (m *Machine) Outbound(now time.Time, msg *framing.Message) (Route, *Change) {
+func (m *Machine) Outbound(now time.Time, msg *framing.Message) (Transport, *Change) {
 	if m.cfg.Mode != ModeFallback {
 		return m.cur, nil
 	}
@@ -257,7 +255,7 @@ func (m *Machine) Inbound(now time.Time, via Transport, msg *framing.Message) *C
 }
 
 // Current returns where datagrams go now and why.
-func (m *Machine) Current() (Route, string) { return m.cur, m.reason }
+func (m *Machine) Current() (Transport, string) { return m.cur, m.reason }
 
 // noteRequest remembers the daemon's requests and reports whether msg
 // retransmits the last one.

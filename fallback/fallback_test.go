@@ -47,7 +47,7 @@ type step struct {
 	out    *framing.Message
 	in     *framing.Message
 	via    Transport
-	want   Route
+	want   Transport
 	change string
 }
 
@@ -59,7 +59,7 @@ func run(t *testing.T, cfg Config, steps []step) *Machine {
 		now := start.Add(time.Duration(s.at * float64(time.Second)))
 		var ch *Change
 		if s.out != nil {
-			var r Route
+			var r Transport
 			r, ch = m.Outbound(now, s.out)
 			if r != s.want {
 				t.Fatalf("step %d (t=%vs): route %v, want %v", i, s.at, r, s.want)

@@ -17,8 +17,11 @@ import (
 	"github.com/iketcp/iketcp/integration/lab"
 	"github.com/iketcp/iketcp/nat"
 	"github.com/iketcp/iketcp/nat/faketcp"
-	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/client"
+	"github.com/iketcp/iketcp/relay/fakelink"
 	"github.com/iketcp/iketcp/relay/relaytest"
+	"github.com/iketcp/iketcp/relay/server"
+	"github.com/iketcp/iketcp/relay/streamlink"
 )
 
 // The encapsulation benchmarks run iketcp's relays in this process, with
@@ -78,11 +81,11 @@ func newEncapPath(b *testing.B, encap string, rateBits int) encapPath {
 	}
 	b.Cleanup(func() { rx.Close() })
 	quiet := slog.New(slog.DiscardHandler)
-	srv, err := relay.NewServer(relay.ServerConfig{Backend: rx.LocalAddr().(*net.UDPAddr).AddrPort(), Logger: quiet})
+	srv, err := server.New(server.Config{Backend: rx.LocalAddr().(*net.UDPAddr).AddrPort(), Logger: quiet})
 	if err != nil {
 		b.Fatal(err)
 	}
-	ccfg := relay.ClientConfig{Peer: net.JoinHostPort(lab.HubOuter, "4500"), Logger: quiet}
+	ccfg := client.Config{Peer: net.JoinHostPort(lab.HubOuter, "4500"), Logger: quiet}
 	var serve func(context.Context) error
 	switch encap {
 	case "rfc9329":
@@ -90,26 +93,30 @@ func newEncapPath(b *testing.B, encap string, rateBits int) encapPath {
 		if err != nil {
 			b.Fatal(err)
 		}
-		serve = func(ctx context.Context) error { return srv.Serve(ctx, ln) }
-		ccfg.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		links := streamlink.NewListener(ln, streamlink.Config{Counters: srv.Counters(), Logger: quiet})
+		serve = func(ctx context.Context) error { return srv.Serve(ctx, links) }
+		d := streamlink.NewDialer(streamlink.Config{Logger: quiet})
+		d.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return l.Site.Dial(ctx, network, addr)
 		}
+		ccfg.Dialer = d
 	case "fake-tcp":
 		hubStack := fakeTCPStack(b, l.Hub, nat.FakeTCPServer, "100.64.251.0/30", 4500)
 		ln, err := hubStack.Listen(4500)
 		if err != nil {
 			b.Fatal(err)
 		}
-		serve = func(ctx context.Context) error { return srv.ServeFakeTCP(ctx, ln, lab.HubOuter+":4500") }
-		ccfg.FakeTCP = fakeTCPStack(b, l.Site, nat.FakeTCPClient, "100.64.250.0/30", 0)
+		links := fakelink.NewListener(ln, lab.HubOuter+":4500")
+		serve = func(ctx context.Context) error { return srv.Serve(ctx, links) }
+		ccfg.Dialer = &fakelink.Dialer{Stack: fakeTCPStack(b, l.Site, nat.FakeTCPClient, "100.64.250.0/30", 0)}
 	default:
 		b.Fatalf("unknown encapsulation %q", encap)
 	}
-	cl, err := relay.NewClient(ccfg)
+	cl, err := client.New(ccfg)
 	if err != nil {
 		b.Fatal(err)
 	}
-	pc, err := relay.ListenUDP("127.0.0.1:0")
+	pc, err := client.ListenUDP("127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}

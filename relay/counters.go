@@ -1,41 +1,44 @@
 package relay
 
 import (
-	"context"
-	"io"
-	"log/slog"
-	"sync"
 	"sync/atomic"
-	"time"
 )
 
-// Counters are the events a relay counts, shared by both roles. Names in
-// Snapshot are stable: scripts and dashboards read them.
+// Counters are the events a relay counts. Each field says which role
+// counts it; Snapshot lists the role's own. Names in a snapshot are
+// stable: scripts and dashboards read them.
+//
+// "In" and "out" are seen from the relay's far side: in is what came from
+// the far end (over whichever path) and went to the local daemon, out is
+// what went from the local daemon toward the far end.
 type Counters struct {
-	ConnsAccepted     atomic.Uint64 // server: TCP connections accepted
+	ConnsAccepted     atomic.Uint64 // server: links accepted
 	ConnsRejected     atomic.Uint64 // server: refused over the connection limit
-	ConnsDialed       atomic.Uint64 // client: TCP connections established
+	ConnsDialed       atomic.Uint64 // client: links established
 	DialFailures      atomic.Uint64 // client: connection attempts that failed
-	PrefixTimeouts    atomic.Uint64 // server: no prefix within the deadline
-	BadPrefix         atomic.Uint64 // server: stream began with something else
+	PrefixTimeouts    atomic.Uint64 // server: no IKETCP prefix within the deadline
+	BadPrefix         atomic.Uint64 // server: a stream that began with something else
 	BadLength         atomic.Uint64 // frame Length 0 or 1 (connection closed)
-	TruncatedFrames   atomic.Uint64 // stream ended inside a frame (discarded)
+	TruncatedFrames   atomic.Uint64 // a stream ended inside a frame (discarded)
 	OversizedFrames   atomic.Uint64 // frames over --max-datagram (skipped)
 	OversizedDgrams   atomic.Uint64 // datagrams over --max-datagram (dropped)
-	Malformed         atomic.Uint64 // frames that are neither IKE, ESP nor keepalive
+	Malformed         atomic.Uint64 // datagrams that are neither IKE, ESP nor a keepalive
 	UnknownSPI        atomic.Uint64 // server: ESP for no known session (dropped)
 	GarbageCloses     atomic.Uint64 // server: connections closed for sustained garbage
 	KeepalivesDropped atomic.Uint64 // NAT keepalives not carried over TCP (RFC 9329 6.6)
-	NoPath            atomic.Uint64 // datagrams for a session with no connection (dropped)
+	NoPath            atomic.Uint64 // datagrams for a session or flow with no link (dropped)
 	QueueFull         atomic.Uint64 // client: datagrams dropped on a full flow queue
-	Foreign           atomic.Uint64 // transparent mode: intercepted packets for no configured peer
-	SessionsCreated   atomic.Uint64
-	SessionsExpired   atomic.Uint64
-	SessionsRejected  atomic.Uint64 // over the session or flow limit
-	Rebinds           atomic.Uint64 // sessions that moved to a new connection
-	PacketsIn         atomic.Uint64 // datagrams that arrived over TCP and were relayed
+	Foreign           atomic.Uint64 // client, transparent mode: intercepted packets for no configured peer
+	SessionsCreated   atomic.Uint64 // server
+	SessionsExpired   atomic.Uint64 // server: the client did not come back
+	SessionsRejected  atomic.Uint64 // server: over the session limit
+	FlowsCreated      atomic.Uint64 // client
+	FlowsExpired      atomic.Uint64 // client: the daemon went quiet
+	FlowsRejected     atomic.Uint64 // client: over the flow limit
+	Rebinds           atomic.Uint64 // server: sessions that moved to another connection
+	PacketsIn         atomic.Uint64 // datagrams from the far end relayed to the daemon
 	BytesIn           atomic.Uint64
-	PacketsOut        atomic.Uint64 // datagrams relayed onto TCP
+	PacketsOut        atomic.Uint64 // datagrams from the daemon relayed to the far end
 	BytesOut          atomic.Uint64
 	WriteErrors       atomic.Uint64 // failed or timed-out writes
 }
@@ -46,118 +49,92 @@ type Counter struct {
 	Value uint64 `json:"value"`
 }
 
-// Snapshot returns every counter with its stable name, in a fixed order.
-func (c *Counters) Snapshot() []Counter {
-	return []Counter{
-		{"conns_accepted", c.ConnsAccepted.Load()},
-		{"conns_rejected", c.ConnsRejected.Load()},
-		{"conns_dialed", c.ConnsDialed.Load()},
-		{"dial_failures", c.DialFailures.Load()},
-		{"prefix_timeouts", c.PrefixTimeouts.Load()},
-		{"bad_prefix", c.BadPrefix.Load()},
-		{"bad_length", c.BadLength.Load()},
-		{"truncated_frames", c.TruncatedFrames.Load()},
-		{"oversized_frames", c.OversizedFrames.Load()},
-		{"oversized_datagrams", c.OversizedDgrams.Load()},
-		{"malformed", c.Malformed.Load()},
-		{"unknown_spi", c.UnknownSPI.Load()},
-		{"garbage_closes", c.GarbageCloses.Load()},
-		{"keepalives_dropped", c.KeepalivesDropped.Load()},
-		{"no_path", c.NoPath.Load()},
-		{"queue_full", c.QueueFull.Load()},
-		{"foreign_packets", c.Foreign.Load()},
-		{"sessions_created", c.SessionsCreated.Load()},
-		{"sessions_expired", c.SessionsExpired.Load()},
-		{"sessions_rejected", c.SessionsRejected.Load()},
-		{"rebinds", c.Rebinds.Load()},
-		{"packets_in", c.PacketsIn.Load()},
-		{"bytes_in", c.BytesIn.Load()},
-		{"packets_out", c.PacketsOut.Load()},
-		{"bytes_out", c.BytesOut.Load()},
-		{"write_errors", c.WriteErrors.Load()},
-	}
+// Roles, as Status and Snapshot name them.
+const (
+	RoleServer = "server"
+	RoleClient = "client"
+)
+
+// counterDef names a counter and the roles that count it.
+type counterDef struct {
+	name           string
+	server, client bool
+	get            func(*Counters) *atomic.Uint64
 }
 
-// flowStats counts one session's or flow's traffic. "In" is what arrived
-// over TCP from the peer, "out" what was sent to it.
-type flowStats struct {
+var counterDefs = []counterDef{
+	{"conns_accepted", true, false, func(c *Counters) *atomic.Uint64 { return &c.ConnsAccepted }},
+	{"conns_rejected", true, false, func(c *Counters) *atomic.Uint64 { return &c.ConnsRejected }},
+	{"conns_dialed", false, true, func(c *Counters) *atomic.Uint64 { return &c.ConnsDialed }},
+	{"dial_failures", false, true, func(c *Counters) *atomic.Uint64 { return &c.DialFailures }},
+	{"prefix_timeouts", true, false, func(c *Counters) *atomic.Uint64 { return &c.PrefixTimeouts }},
+	{"bad_prefix", true, false, func(c *Counters) *atomic.Uint64 { return &c.BadPrefix }},
+	{"bad_length", true, true, func(c *Counters) *atomic.Uint64 { return &c.BadLength }},
+	{"truncated_frames", true, true, func(c *Counters) *atomic.Uint64 { return &c.TruncatedFrames }},
+	{"oversized_frames", true, true, func(c *Counters) *atomic.Uint64 { return &c.OversizedFrames }},
+	{"oversized_datagrams", true, true, func(c *Counters) *atomic.Uint64 { return &c.OversizedDgrams }},
+	{"malformed", true, true, func(c *Counters) *atomic.Uint64 { return &c.Malformed }},
+	{"unknown_spi", true, false, func(c *Counters) *atomic.Uint64 { return &c.UnknownSPI }},
+	{"garbage_closes", true, false, func(c *Counters) *atomic.Uint64 { return &c.GarbageCloses }},
+	{"keepalives_dropped", true, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesDropped }},
+	{"no_path", true, true, func(c *Counters) *atomic.Uint64 { return &c.NoPath }},
+	{"queue_full", false, true, func(c *Counters) *atomic.Uint64 { return &c.QueueFull }},
+	{"foreign_packets", false, true, func(c *Counters) *atomic.Uint64 { return &c.Foreign }},
+	{"sessions_created", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsCreated }},
+	{"sessions_expired", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsExpired }},
+	{"sessions_rejected", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsRejected }},
+	{"flows_created", false, true, func(c *Counters) *atomic.Uint64 { return &c.FlowsCreated }},
+	{"flows_expired", false, true, func(c *Counters) *atomic.Uint64 { return &c.FlowsExpired }},
+	{"flows_rejected", false, true, func(c *Counters) *atomic.Uint64 { return &c.FlowsRejected }},
+	{"rebinds", true, false, func(c *Counters) *atomic.Uint64 { return &c.Rebinds }},
+	{"packets_in", true, true, func(c *Counters) *atomic.Uint64 { return &c.PacketsIn }},
+	{"bytes_in", true, true, func(c *Counters) *atomic.Uint64 { return &c.BytesIn }},
+	{"packets_out", true, true, func(c *Counters) *atomic.Uint64 { return &c.PacketsOut }},
+	{"bytes_out", true, true, func(c *Counters) *atomic.Uint64 { return &c.BytesOut }},
+	{"write_errors", true, true, func(c *Counters) *atomic.Uint64 { return &c.WriteErrors }},
+}
+
+// Snapshot returns the counters of role (RoleServer or RoleClient) with
+// their stable names, in a fixed order.
+func (c *Counters) Snapshot(role string) []Counter {
+	out := make([]Counter, 0, len(counterDefs))
+	for _, d := range counterDefs {
+		if role == RoleServer && d.server || role == RoleClient && d.client {
+			out = append(out, Counter{d.name, d.get(c).Load()})
+		}
+	}
+	return out
+}
+
+// Traffic counts one session's or flow's datagrams, in and out as
+// Counters counts them.
+type Traffic struct {
 	packetsIn, bytesIn   atomic.Uint64
 	packetsOut, bytesOut atomic.Uint64
 }
 
-// countIn counts n datagrams of b bytes in all that arrived over TCP,
-// in the flow's figures and the relay's.
-func (st *flowStats) countIn(c *Counters, n int, b uint64) {
-	st.packetsIn.Add(uint64(n))
-	st.bytesIn.Add(b)
+// CountIn counts n datagrams of b bytes in all, from the far end to the
+// daemon, in t and in c.
+func (t *Traffic) CountIn(c *Counters, n int, b uint64) {
+	t.packetsIn.Add(uint64(n))
+	t.bytesIn.Add(b)
 	c.PacketsIn.Add(uint64(n))
 	c.BytesIn.Add(b)
 }
 
-// countOut counts n datagrams of b bytes in all sent onto TCP.
-func (st *flowStats) countOut(c *Counters, n int, b uint64) {
-	st.packetsOut.Add(uint64(n))
-	st.bytesOut.Add(b)
+// CountOut counts n datagrams of b bytes in all, from the daemon to the
+// far end, in t and in c.
+func (t *Traffic) CountOut(c *Counters, n int, b uint64) {
+	t.packetsOut.Add(uint64(n))
+	t.bytesOut.Add(b)
 	c.PacketsOut.Add(uint64(n))
 	c.BytesOut.Add(b)
 }
 
-// sometimes logs an event at most once per interval and says how many
-// were left out in between, so an attack or a broken peer cannot flood
-// the log. The zero value logs at most once a second.
-type sometimes struct {
-	Interval time.Duration
-
-	mu         sync.Mutex // guards the following
-	last       time.Time
-	suppressed int
-}
-
-func (s *sometimes) log(l *slog.Logger, level slog.Level, msg string, args ...any) {
-	interval := s.Interval
-	if interval == 0 {
-		interval = time.Second
-	}
-	s.mu.Lock()
-	now := time.Now()
-	if !s.last.IsZero() && now.Sub(s.last) < interval {
-		s.suppressed++
-		s.mu.Unlock()
-		return
-	}
-	s.last = now
-	n := s.suppressed
-	s.suppressed = 0
-	s.mu.Unlock()
-	if n > 0 {
-		args = append(args, "suppressed_since_last", n)
-	}
-	l.Log(context.Background(), level, msg, args...)
-}
-
-// closeWhenDone closes c once ctx ends, in a goroutine counted in wg:
-// what unblocks a loop reading c when the relay stops.
-func closeWhenDone(ctx context.Context, wg *sync.WaitGroup, c io.Closer) {
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		<-ctx.Done()
-		c.Close()
-	}()
-}
-
-// sweepEvery calls sweep until ctx ends, often enough to expire things
-// idle for longer than idle within about a quarter of it: every idle/4,
-// but at least every ceiling and at most every 50 ms.
-func sweepEvery(ctx context.Context, idle, ceiling time.Duration, sweep func(now time.Time)) {
-	t := time.NewTicker(min(max(idle/4, 50*time.Millisecond), ceiling))
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			sweep(now)
-		}
-	}
+// Fill copies t into ss.
+func (t *Traffic) Fill(ss *SessionStatus) {
+	ss.PacketsIn = t.packetsIn.Load()
+	ss.BytesIn = t.bytesIn.Load()
+	ss.PacketsOut = t.packetsOut.Load()
+	ss.BytesOut = t.bytesOut.Load()
 }

@@ -1,22 +1,30 @@
-// Package relay moves datagrams between IKE daemons' UDP sockets and
-// RFC 9329 TCP streams. It owns the two ends of an iketcp pair:
+// Package relay is the shared vocabulary of iketcp's relays: what both
+// roles and every kind of link agree on, and nothing role- or wire-
+// specific.
 //
-//   - Client, beside the IKE daemon that initiates: it reads the daemon's
-//     datagrams from a local UDP socket, opens one TCP connection per local
-//     flow, and keeps reconnecting with backoff (and the IKETCP prefix)
-//     when the connection drops, so the daemon's SAs survive.
-//   - Server, beside the gateway's IKE daemon: it accepts TCP, checks the
-//     prefix, and relays each session's traffic to the backend daemon from a
-//     UDP socket of the session's own. Sessions are found by IKE and ESP
-//     SPIs, so a client that reconnects from a new address and port lands on
-//     its old session and the gateway never sees its peer move.
+//   - Link, the one connection abstraction (an RFC 9329 stream in
+//     relay/streamlink, a fake-TCP conn in relay/fakelink), with the
+//     Receiver it hands what it receives to, and the Dialer and Listener
+//     that open links for a client and accept them for a server;
+//   - Headroom, the room every datagram keeps in front of it so that
+//     links and the way to the daemon write their headers in place;
+//   - Counters, Traffic, SABook and Status: what a relay counts and how
+//     it describes itself to `iketcp status`;
+//   - Sometimes, the rate limit on every log line a remote party can
+//     trigger; ReadUDP and WriteUDP, the error policy of a relay's UDP
+//     loops; and the small helpers of a relay's lifecycle.
 //
-// Packet formats come from package framing; socket batching from
-// relay/udpbatch. Both sides count what they drop and why (Counters) and
-// describe themselves through Status, which the control socket serves.
+// The data path, top to bottom:
 //
-// Hot path: a datagram is read into a buffer with framing.Headroom in
-// front, its Length is written in place, and frames leave in one writev per
-// batch; the way back deframes in place from large reads and sends a batch
-// of datagrams with one sendmmsg. Nothing on that path allocates.
+//	IKE daemon ─UDP/TUN─▶ relay/client ─Link.Send─▶ relay/streamlink or relay/fakelink
+//	   ─wire─▶ Link.Serve ─Receiver─▶ relay/server ─UDP─▶ IKE daemon
+//
+// and back the same way. No package calls back into a higher one: a link
+// is handed a Receiver; the roles are handed links.
+//
+// Hot path: a datagram is read into a buffer with Headroom in front, its
+// link's header is written in place, and frames leave in one writev (or
+// one batch of segments) per burst; the way back deframes in place from
+// large reads and sends a batch of datagrams with one sendmmsg. Nothing on
+// that path allocates.
 package relay

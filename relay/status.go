@@ -10,7 +10,7 @@ import (
 // Status describes a running relay: what `iketcp status` prints and the
 // control socket serves as JSON.
 type Status struct {
-	Role     string          `json:"role"`           // "server" or "client"
+	Role     string          `json:"role"`           // RoleServer or RoleClient
 	Mode     string          `json:"mode,omitempty"` // client: "explicit" or "transparent"; server: its encapsulation, "rfc9329" or "fake-tcp"
 	Version  string          `json:"version,omitempty"`
 	PID      int             `json:"pid,omitempty"`
@@ -82,14 +82,14 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 	}
 	fmt.Fprintf(&b, " up: %s\n", ago(now, st.Started))
 	noun := "sessions"
-	if st.Role == "client" {
+	if st.Role == RoleClient {
 		noun = "flows"
 	}
 	fmt.Fprintf(&b, "%s: %d\n", noun, len(st.Sessions))
 	for _, s := range st.Sessions {
 		b.WriteString("\n")
 		fmt.Fprintf(&b, "name: %s-%d\n", strings.TrimSuffix(noun, "s"), s.ID)
-		if st.Role == "client" {
+		if st.Role == RoleClient {
 			fmt.Fprintf(&b, "addr: %s -> %s\n", s.Local, s.Peer)
 		} else {
 			fmt.Fprintf(&b, "addr: %s -> %s\n", s.Peer, s.Local)

@@ -20,7 +20,11 @@ import (
 	"github.com/iketcp/iketcp/nat"
 	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/client"
 	"github.com/iketcp/iketcp/relay/control"
+	"github.com/iketcp/iketcp/relay/fakelink"
+	"github.com/iketcp/iketcp/relay/server"
+	"github.com/iketcp/iketcp/relay/streamlink"
 )
 
 // Flags shared by server and client.
@@ -46,10 +50,10 @@ func serverCommand() *cli.Command {
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: ":4500", Usage: "TCP address to accept clients on", EnvVars: envVar("listen")},
 			&cli.StringFlag{Name: "backend", Value: "127.0.0.1:4500", Usage: "the IKE daemon's UDP NAT-T address", EnvVars: envVar("backend")},
-			&cli.DurationFlag{Name: "prefix-timeout", Value: relay.DefaultPrefixTimeout, Usage: "close connections that do not send IKETCP within this time", EnvVars: envVar("prefix-timeout")},
-			&cli.DurationFlag{Name: "session-idle", Value: relay.DefaultSessionIdle, Usage: "how long a session waits for its client to reconnect", EnvVars: envVar("session-idle")},
-			&cli.IntFlag{Name: "max-conns", Value: relay.DefaultMaxConns, Usage: "most TCP connections at once", EnvVars: envVar("max-conns")},
-			&cli.IntFlag{Name: "max-sessions", Value: relay.DefaultMaxSessions, Usage: "most sessions at once", EnvVars: envVar("max-sessions")},
+			&cli.DurationFlag{Name: "prefix-timeout", Value: streamlink.DefaultPrefixTimeout, Usage: "close connections that do not send IKETCP within this time", EnvVars: envVar("prefix-timeout")},
+			&cli.DurationFlag{Name: "session-idle", Value: server.DefaultSessionIdle, Usage: "how long a session waits for its client to reconnect", EnvVars: envVar("session-idle")},
+			&cli.IntFlag{Name: "max-conns", Value: server.DefaultMaxConns, Usage: "most TCP connections at once", EnvVars: envVar("max-conns")},
+			&cli.IntFlag{Name: "max-sessions", Value: server.DefaultMaxSessions, Usage: "most sessions at once", EnvVars: envVar("max-sessions")},
 		}, commonFlags("server")...),
 		Action: runServer,
 	}
@@ -72,11 +76,11 @@ func clientCommand() *cli.Command {
 			&cli.IntFlag{Name: "tun-table", Value: 4500, Usage: "--tun: routing table for intercepted traffic (iketcp owns it: stale routes there are removed)", EnvVars: envVar("tun-table")},
 			&cli.UintFlag{Name: "tun-mark", Value: 0x4500, Usage: "--tun: fwmark on iketcp's own sockets, which bypass interception", EnvVars: envVar("tun-mark")},
 			&cli.IntFlag{Name: "tun-priority", Value: 100, Usage: "--tun: priority of iketcp's policy rules (bypass rule; interception rules at +1); must come before other rules that route the peers", EnvVars: envVar("tun-priority")},
-			&cli.IntFlag{Name: "max-flows", Value: relay.DefaultMaxFlows, Usage: "most local daemon addresses served at once", EnvVars: envVar("max-flows")},
-			&cli.DurationFlag{Name: "flow-idle", Value: relay.DefaultFlowIdle, Usage: "close a flow whose daemon has sent nothing for this long", EnvVars: envVar("flow-idle")},
-			&cli.IntFlag{Name: "queue-len", Value: relay.DefaultQueueLen, Usage: "datagrams held per flow while its connection is down or busy", EnvVars: envVar("queue-len")},
-			&cli.DurationFlag{Name: "dial-timeout", Value: relay.DefaultDialTimeout, Usage: "give up a connection attempt after this long", EnvVars: envVar("dial-timeout")},
-			&cli.DurationFlag{Name: "reconnect-max", Value: relay.DefaultReconnectMax, Usage: "longest wait between reconnection attempts", EnvVars: envVar("reconnect-max")},
+			&cli.IntFlag{Name: "max-flows", Value: client.DefaultMaxFlows, Usage: "most local daemon addresses served at once", EnvVars: envVar("max-flows")},
+			&cli.DurationFlag{Name: "flow-idle", Value: client.DefaultFlowIdle, Usage: "close a flow whose daemon has sent nothing for this long", EnvVars: envVar("flow-idle")},
+			&cli.IntFlag{Name: "queue-len", Value: client.DefaultQueueLen, Usage: "datagrams held per flow while its connection is down or busy", EnvVars: envVar("queue-len")},
+			&cli.DurationFlag{Name: "dial-timeout", Value: client.DefaultDialTimeout, Usage: "give up a connection attempt after this long", EnvVars: envVar("dial-timeout")},
+			&cli.DurationFlag{Name: "reconnect-max", Value: client.DefaultReconnectMax, Usage: "longest wait between reconnection attempts", EnvVars: envVar("reconnect-max")},
 		}, commonFlags("client")...),
 		Action: runClient,
 	}
@@ -162,17 +166,16 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("--backend: %w", err)
 	}
-	srv, err := relay.NewServer(relay.ServerConfig{
-		Backend:       backend,
-		Logger:        log,
-		PrefixTimeout: c.Duration("prefix-timeout"),
-		SessionIdle:   c.Duration("session-idle"),
-		MaxConns:      c.Int("max-conns"),
-		MaxSessions:   c.Int("max-sessions"),
-		MaxDatagram:   c.Int("max-datagram"),
-		ConnBuffer:    c.Int("conn-buffer"),
-		WriteTimeout:  c.Duration("write-timeout"),
-		Version:       versionString(),
+	counters := new(relay.Counters)
+	srv, err := server.New(server.Config{
+		Backend:     backend,
+		Counters:    counters,
+		Logger:      log,
+		SessionIdle: c.Duration("session-idle"),
+		MaxConns:    c.Int("max-conns"),
+		MaxSessions: c.Int("max-sessions"),
+		MaxDatagram: c.Int("max-datagram"),
+		Version:     versionString(),
 	})
 	if err != nil {
 		return err
@@ -192,15 +195,29 @@ func runServer(c *cli.Context) error {
 		if err != nil {
 			return err
 		}
+		links := fakelink.NewListener(ln, c.String("listen"))
 		return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
-			func(ctx context.Context) error { return srv.ServeFakeTCP(ctx, ln, c.String("listen")) })
+			func(ctx context.Context) error { return srv.Serve(ctx, links) })
 	}
-	ln, err := relay.ListenTCP(c.Context, c.String("listen"))
+	links, err := streamlink.Listen(c.Context, c.String("listen"), linkConfig(c, counters, log))
 	if err != nil {
 		return err
 	}
 	return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
-		func(ctx context.Context) error { return srv.Serve(ctx, ln) })
+		func(ctx context.Context) error { return srv.Serve(ctx, links) })
+}
+
+// linkConfig is the configuration of RFC 9329 links from the flags both
+// roles share.
+func linkConfig(c *cli.Context, counters *relay.Counters, log *slog.Logger) streamlink.Config {
+	return streamlink.Config{
+		MaxDatagram:   c.Int("max-datagram"),
+		BufferSize:    c.Int("conn-buffer"),
+		WriteTimeout:  c.Duration("write-timeout"),
+		PrefixTimeout: c.Duration("prefix-timeout"), // the server's; zero on a client
+		Counters:      counters,
+		Logger:        log,
+	}
 }
 
 // startFakeTCP sets up fake-TCP mode's device and NAT rules and a TCP
@@ -268,7 +285,9 @@ func runClient(c *cli.Context) error {
 	if p := c.Uint("udp-port"); p == 0 || p > 65535 {
 		return fmt.Errorf("--udp-port %d: want 1 to 65535", p)
 	}
-	cfg := relay.ClientConfig{
+	counters := new(relay.Counters)
+	cfg := client.Config{
+		Counters:          counters,
 		Transport:         mode,
 		FallbackThreshold: c.Duration("fallback-threshold"),
 		Race:              c.Bool("race"),
@@ -278,14 +297,13 @@ func runClient(c *cli.Context) error {
 		FlowIdle:          c.Duration("flow-idle"),
 		QueueLen:          c.Int("queue-len"),
 		MaxDatagram:       c.Int("max-datagram"),
-		ConnBuffer:        c.Int("conn-buffer"),
-		WriteTimeout:      c.Duration("write-timeout"),
 		DialTimeout:       c.Duration("dial-timeout"),
 		ReconnectMax:      c.Duration("reconnect-max"),
 		Version:           versionString(),
 	}
 	switch c.String("encap") {
 	case "rfc9329":
+		cfg.Dialer = streamlink.NewDialer(linkConfig(c, counters, log))
 	case "fake-tcp":
 		if mode == fallback.ModeUDP {
 			return errors.New("--encap fake-tcp carries the TCP transport; --transport udp never uses it")
@@ -295,7 +313,7 @@ func runClient(c *cli.Context) error {
 			return err
 		}
 		defer stop()
-		cfg.FakeTCP = stack
+		cfg.Dialer = &fakelink.Dialer{Stack: stack}
 	default:
 		return fmt.Errorf("--encap %q: want rfc9329 or fake-tcp", c.String("encap"))
 	}
@@ -310,11 +328,11 @@ func runClient(c *cli.Context) error {
 	if _, _, err := net.SplitHostPort(cfg.Peer); err != nil {
 		return fmt.Errorf("--peer %q: %w (want the iketcp server's host:port, e.g. 203.0.113.2:4500; or use --tun)", cfg.Peer, err)
 	}
-	cl, err := relay.NewClient(cfg)
+	cl, err := client.New(cfg)
 	if err != nil {
 		return err
 	}
-	pc, err := relay.ListenUDP(c.String("listen"))
+	pc, err := client.ListenUDP(c.String("listen"))
 	if err != nil {
 		return err
 	}
@@ -325,7 +343,7 @@ func runClient(c *cli.Context) error {
 // runTransparentClient intercepts the daemon's traffic to peers through a
 // TUN device and relays it; the device, rules and routes are removed on
 // the way out, whatever ends the run.
-func runTransparentClient(c *cli.Context, log *slog.Logger, cfg relay.ClientConfig, peerArgs []string) error {
+func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, peerArgs []string) error {
 	if c.IsSet("listen") {
 		return errors.New("--listen is for explicit mode; with --tun the daemon keeps its own ports")
 	}
@@ -363,7 +381,10 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg relay.ClientConf
 	cfg.Peers = peers
 	cfg.TCPPort = uint16(port)
 	cfg.Control = nat.SetMark(tun.Mark()) // iketcp's own sockets bypass the TUN
-	cl, err := relay.NewClient(cfg)
+	if d, ok := cfg.Dialer.(*streamlink.Dialer); ok {
+		d.Control = cfg.Control
+	}
+	cl, err := client.New(cfg)
 	if err != nil {
 		return err
 	}

@@ -77,21 +77,6 @@ type Options struct {
 	forceFallback bool
 }
 
-// BatchConn is the batch-shaped surface of the relay's UDP side. *Conn
-// implements it; tests of the relay may substitute their own.
-type BatchConn interface {
-	// ReadBatch blocks until at least one datagram has arrived and fills
-	// msgs[:n]. One reader at a time.
-	ReadBatch(msgs []Message) (n int, err error)
-	// WriteBatch sends msgs in order and reports how many were sent. Safe
-	// for concurrent use.
-	WriteBatch(msgs []Message) (n int, err error)
-	// BatchSize is the most datagrams one system call moves.
-	BatchSize() int
-}
-
-var _ BatchConn = (*Conn)(nil)
-
 // Conn moves batches of datagrams over one *net.UDPConn.
 //
 // ReadBatch calls are serialised by rmu; WriteBatch calls run in parallel,

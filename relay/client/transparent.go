@@ -1,4 +1,4 @@
-package relay
+package client
 
 import (
 	"context"
@@ -13,13 +13,14 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/nat/packet"
+	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
-// PacketDevice is transparent mode's side toward the daemon: a TUN device
-// that carries the daemon's intercepted IP packets (nat.Interceptor is
-// one). Read and Write are batch-shaped, like wireguard-go's tun.Device.
-type PacketDevice interface {
+// Device is transparent mode's side toward the daemon: a TUN device that
+// carries the daemon's intercepted IP packets. Read and Write are
+// batch-shaped, like wireguard-go's tun.Device.
+type Device interface {
 	// BatchSize is the most packets one Read returns.
 	BatchSize() int
 	// Read blocks until at least one packet has arrived, then reads as
@@ -37,24 +38,39 @@ type PacketDevice interface {
 // peer to the port the daemon used. Each daemon-peer pair is one flow,
 // dialled at the peer's TCPPort. ServeTUN returns when ctx is done (nil)
 // or dev fails; it closes dev.
-func (cl *Client) ServeTUN(ctx context.Context, dev PacketDevice, name string) error {
+func (cl *Client) ServeTUN(ctx context.Context, dev Device, name string) error {
 	if len(cl.cfg.Peers) == 0 {
-		return errors.New("relay: transparent mode needs the IKE peers' addresses")
+		return errors.New("transparent mode needs the IKE peers' addresses")
 	}
+	batch := min(max(dev.BatchSize(), 1), clientBatch)
+	side := &tunSide{cl: cl, dev: dev, bufs: make([][]byte, batch), sizes: make([]int, batch)}
 	cl.mu.Lock()
 	cl.mode = modeTransparent
 	cl.listen = "tun " + name
-	cl.dev = dev
-	cl.deliver = cl.deliverTUN
+	cl.side = side
 	cl.mu.Unlock()
 	cl.log.Info("client intercepting", "mode", modeTransparent, "device", name, "peers", fmt.Sprint(cl.cfg.Peers),
 		"tcp_port", cl.cfg.tcpPort())
-	return cl.run(ctx, dev, cl.readTUN)
+	return cl.run(ctx, side)
 }
 
+// tunSide is transparent mode's daemon side: the TUN device that
+// intercepts the daemon's packets to its peers, each daemon and peer a
+// flow.
+type tunSide struct {
+	cl    *Client
+	dev   Device
+	bufs  [][]byte // read's scratch
+	sizes []int
+	info  packet.Info
+}
+
+func (s *tunSide) batchSize() int { return len(s.bufs) }
+func (s *tunSide) Close() error   { return s.dev.Close() }
+
 // isPeer reports whether a is one of the configured peers.
-func (cl *Client) isPeer(a netip.Addr) bool {
-	for _, p := range cl.cfg.Peers {
+func (s *tunSide) isPeer(a netip.Addr) bool {
+	for _, p := range s.cl.cfg.Peers {
 		if p.Unmap() == a {
 			return true
 		}
@@ -62,115 +78,103 @@ func (cl *Client) isPeer(a netip.Addr) bool {
 	return false
 }
 
-// readTUN reads batches of the daemon's packets from the device, turns
-// each into a datagram in port-4500 form in place, and hands it to the
-// flow of its daemon and peer.
-func (cl *Client) readTUN(ctx context.Context) error {
-	batch := min(max(cl.dev.BatchSize(), 1), clientBatch)
-	dgs := make([]*datagram, batch)
-	bufs := make([][]byte, batch)
-	sizes := make([]int, batch)
-	for i := range dgs {
-		dgs[i] = cl.getDatagram()
-		bufs[i] = dgs[i].buf
+// read reads a batch of the daemon's packets and turns each into a
+// datagram in port-4500 form in place. Packets land relay.Headroom into
+// their buffers, so that a datagram cut out of one keeps room for a
+// link's headers in front of it.
+func (s *tunSide) read(in []arrival) (int, error) {
+	cl := s.cl
+	bufs := s.bufs[:len(in)]
+	for i := range in {
+		bufs[i] = in[i].d.buf
 	}
-	// Packets land linkHeadroom into their buffers, so that a datagram cut
-	// out of one keeps room for a link's headers in front of it.
-	defer func() {
-		for _, d := range dgs {
-			cl.putDatagram(d)
-		}
-	}()
-	var info packet.Info
 	for {
-		n, err := cl.dev.Read(bufs, sizes, linkHeadroom)
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) || errors.Is(err, errDeviceClosed) {
-				return err
+		n, err := s.dev.Read(bufs, s.sizes, relay.Headroom)
+		if err == nil {
+			for i := range in[:n] {
+				s.parse(&in[i], s.sizes[i])
 			}
-			cl.log.Warn("read from the TUN device failed", "err", err)
-			time.Sleep(10 * time.Millisecond) // do not spin on a persistent error
-			continue
+			return n, nil
 		}
-		now := time.Now().UnixNano()
-		cl.mu.Lock()
-		for i := range n {
-			d := dgs[i]
-			pkt := d.buf[linkHeadroom : linkHeadroom+sizes[i]]
-			if err := packet.Parse(pkt, &info); err != nil {
-				if errors.Is(err, packet.ErrTruncated) && sizes[i] == len(d.buf)-linkHeadroom {
-					// The device cut a packet longer than the buffer.
-					cl.counters.OversizedDgrams.Add(1)
-					cl.logOversize.log(cl.log, slog.LevelWarn, "intercepted packet dropped: larger than --max-datagram",
-						"max", cl.cfg.maxDatagram())
-					continue
-				}
-				cl.counters.Malformed.Add(1)
-				cl.logDrop.log(cl.log, slog.LevelWarn, "intercepted packet dropped", "err", err, "len", sizes[i])
-				continue
-			}
-			if !cl.isPeer(info.Dst) {
-				cl.counters.Foreign.Add(1)
-				cl.logDrop.log(cl.log, slog.LevelWarn, "intercepted packet for an address that is not a --peer dropped",
-					"dst", info.Dst.String())
-				continue
-			}
-			d.off, d.n = linkHeadroom+info.PayloadOffset, info.PayloadLen
-			if info.Proto != packet.ProtoESP && info.DstPort == 500 {
-				// Port 500 carries IKE without the non-ESP marker: add it in
-				// place over the UDP header, which is done with.
-				d.off -= framing.MarkerSize
-				clear(d.buf[d.off : d.off+framing.MarkerSize])
-				d.n += framing.MarkerSize
-			}
-			key := flowKey{daemon: netip.AddrPortFrom(info.Src, 0), peer: info.Dst}
-			f, kind, took := cl.takeLocked(ctx, key, d, now)
-			if f != nil {
-				f.ports.note(kind, info.Proto == packet.ProtoESP, info.SrcPort, info.DstPort)
-			}
-			if took {
-				dgs[i] = cl.getDatagram()
-				bufs[i] = dgs[i].buf
-			}
+		if errors.Is(err, net.ErrClosed) {
+			return 0, err
 		}
-		cl.flushUDPLocked()
-		cl.mu.Unlock()
+		cl.logDrop.Log(cl.log, slog.LevelWarn, "read from the TUN device failed", "err", err)
+		time.Sleep(10 * time.Millisecond) // do not spin on a persistent error
 	}
 }
 
-// errDeviceClosed lets a PacketDevice say it was closed without wrapping
-// net.ErrClosed; devices may return either.
-var errDeviceClosed = errors.New("device closed")
+// parse turns one packet of size bytes into an arrival, or marks it to
+// skip, counted.
+func (s *tunSide) parse(a *arrival, size int) {
+	cl := s.cl
+	d := a.d
+	*a = arrival{d: d}
+	pkt := d.buf[relay.Headroom : relay.Headroom+size]
+	info := &s.info
+	if err := packet.Parse(pkt, info); err != nil {
+		a.skip = true
+		if errors.Is(err, packet.ErrTruncated) && size == len(d.buf)-relay.Headroom {
+			// The device cut a packet longer than the buffer.
+			cl.counters.OversizedDgrams.Add(1)
+			cl.logOversize.Log(cl.log, slog.LevelWarn, "intercepted packet dropped: larger than --max-datagram",
+				"max", cl.cfg.maxDatagram())
+			return
+		}
+		cl.counters.Malformed.Add(1)
+		cl.logDrop.Log(cl.log, slog.LevelWarn, "intercepted packet dropped", "err", err, "len", size)
+		return
+	}
+	if !s.isPeer(info.Dst) {
+		a.skip = true
+		cl.counters.Foreign.Add(1)
+		cl.logDrop.Log(cl.log, slog.LevelWarn, "intercepted packet for an address that is not a --peer dropped",
+			"dst", info.Dst.String())
+		return
+	}
+	d.off, d.n = relay.Headroom+info.PayloadOffset, info.PayloadLen
+	if info.Proto != packet.ProtoESP && info.DstPort == 500 {
+		// Port 500 carries IKE without the non-ESP marker: add it in
+		// place over the UDP header, which is done with.
+		d.off -= framing.MarkerSize
+		clear(d.buf[d.off : d.off+framing.MarkerSize])
+		d.n += framing.MarkerSize
+	}
+	a.key = flowKey{daemon: netip.AddrPortFrom(info.Src, 0), peer: info.Dst}
+	a.intercepted, a.rawESP = true, info.Proto == packet.ProtoESP
+	a.srcPort, a.dstPort = info.SrcPort, info.DstPort
+}
 
-// deliverTUN is transparent mode's return path: each payload becomes an
-// IP packet from the peer to the daemon's port, its headers written in
-// place in front of it (every link keeps linkHeadroom free), and goes
-// into the device. Packets are written one at a time because each one's
-// headers overwrite the tail of the payload before it.
-func (cl *Client) deliverTUN(f *flow, ps []payload, _ *[]udpbatch.Message) error {
+// deliver is transparent mode's return path: each datagram becomes an IP
+// packet from the peer to the daemon's port, its headers written in place
+// in front of it (every link leaves relay.Headroom free), and goes into
+// the device. Packets are written one at a time because each one's
+// headers overwrite the tail of the datagram before it.
+func (s *tunSide) deliver(f *flow, burst []relay.Datagram, _ *[]udpbatch.Message) error {
+	cl := s.cl
 	ports := f.ports.load()
 	daemon, peer := f.key.daemon.Addr(), f.key.peer
 	var one [1][]byte
 	var sent int
 	var bytes uint64
 	var lastErr error
-	for _, r := range ps {
-		buf := r.buf
-		end := r.off + r.n
+	for _, r := range burst {
+		buf := r.Buf
+		end := r.Off + r.N
 		var start int
 		var err error
-		switch framing.Classify(buf[r.off:end]) {
+		switch framing.Classify(buf[r.Off:end]) {
 		case framing.KindIKE:
-			off := r.off
+			off := r.Off
 			if ports.ikePeer == 500 {
 				off += framing.MarkerSize // port 500 carries IKE without the marker
 			}
 			start, err = packet.PutUDP(buf[:end], off, netip.AddrPortFrom(peer, ports.ikePeer), netip.AddrPortFrom(daemon, ports.ikeDaemon))
 		case framing.KindESP:
 			if ports.espRaw {
-				start, err = packet.PutESP(buf[:end], r.off, peer, daemon)
+				start, err = packet.PutESP(buf[:end], r.Off, peer, daemon)
 			} else {
-				start, err = packet.PutUDP(buf[:end], r.off, netip.AddrPortFrom(peer, ports.espPeer), netip.AddrPortFrom(daemon, ports.espDaemon))
+				start, err = packet.PutUDP(buf[:end], r.Off, netip.AddrPortFrom(peer, ports.espPeer), netip.AddrPortFrom(daemon, ports.espDaemon))
 			}
 		default:
 			cl.counters.Malformed.Add(1)
@@ -178,7 +182,7 @@ func (cl *Client) deliverTUN(f *flow, ps []payload, _ *[]udpbatch.Message) error
 		}
 		if err == nil {
 			one[0] = buf[start:end]
-			_, err = cl.dev.Write(one[:], 0)
+			_, err = s.dev.Write(one[:], 0)
 		}
 		if err != nil {
 			cl.counters.WriteErrors.Add(1)
@@ -186,9 +190,9 @@ func (cl *Client) deliverTUN(f *flow, ps []payload, _ *[]udpbatch.Message) error
 			continue
 		}
 		sent++
-		bytes += uint64(r.n)
+		bytes += uint64(r.N)
 	}
-	f.stats.countIn(&cl.counters, sent, bytes)
+	f.traffic.CountIn(cl.counters, sent, bytes)
 	return lastErr
 }
 
@@ -238,7 +242,7 @@ func (p *daemonPorts) load() portSet {
 		espRaw: p.espRaw.Load(),
 	}
 	if ps.ikePeer == 0 {
-		ps.ikeDaemon, ps.ikePeer = orDefault(ps.espDaemon, 4500), orDefault(ps.espPeer, 4500)
+		ps.ikeDaemon, ps.ikePeer = relay.OrDefault(ps.espDaemon, 4500), relay.OrDefault(ps.espPeer, 4500)
 	}
 	if ps.espPeer == 0 {
 		ps.espDaemon, ps.espPeer = 4500, 4500

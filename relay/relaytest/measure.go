@@ -1,6 +1,8 @@
 // Package relaytest holds what tests and benchmarks of iketcp's relays
-// share: fake IKE and ESP datagrams, and a harness that measures how many
-// datagrams a path moves.
+// share: fake IKE and ESP datagrams, a rig of a client and a server
+// between two fake daemons on loopback, a victim session that attack tests
+// must leave untouched, the hot-path allocation check, and a harness that
+// measures how many datagrams a path moves.
 package relaytest
 
 import (

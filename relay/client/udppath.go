@@ -1,4 +1,4 @@
-package relay
+package client
 
 import (
 	"context"
@@ -6,10 +6,9 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
-	"syscall"
-	"time"
 
 	"github.com/iketcp/iketcp/fallback"
+	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
@@ -48,16 +47,16 @@ func (cl *Client) udpLocked(f *flow) *udpPath {
 	c, err := d.DialContext(ctx, "udp", f.udpTarget)
 	if err != nil {
 		cl.counters.DialFailures.Add(1)
-		cl.logDial.log(cl.log, slog.LevelWarn, "cannot open the UDP path", "flow", f.id, "peer", f.udpTarget, "err", err)
+		cl.logDial.Log(cl.log, slog.LevelWarn, "cannot open the UDP path", "flow", f.id, "peer", f.udpTarget, "err", err)
 		return nil
 	}
 	uc := c.(*net.UDPConn)
-	growSocketBuffers(uc)
+	relay.GrowSocketBuffers(uc)
 	u := &udpPath{bc: udpbatch.New(uc, udpbatch.Options{BatchSize: clientBatch, Logger: cl.log})}
 	f.udp.Store(u)
 	cl.log.Info("UDP path open", "flow", f.id, "local", uc.LocalAddr().String(), "peer", f.udpTarget)
 	cl.wg.Add(1)
-	go cl.readUDP(f, u)
+	go f.readUDP(u)
 	return u
 }
 
@@ -72,7 +71,7 @@ func (cl *Client) queueUDPLocked(f *flow, d *datagram) {
 	if len(f.udpOut) == 0 {
 		cl.udpSends = append(cl.udpSends, f)
 	}
-	f.udpOut = append(f.udpOut, udpbatch.Message{Buf: d.buf[d.off : d.off+d.n]})
+	f.udpOut = append(f.udpOut, udpbatch.Message{Buf: d.bytes()})
 }
 
 // sendUDPNow sends d's datagram on the flow's UDP path at once. cl.mu
@@ -83,7 +82,7 @@ func (cl *Client) sendUDPNow(f *flow, d *datagram) {
 		cl.counters.WriteErrors.Add(1)
 		return
 	}
-	one := [1]udpbatch.Message{{Buf: d.buf[d.off : d.off+d.n]}}
+	one := [1]udpbatch.Message{{Buf: d.bytes()}}
 	n, err := u.bc.WriteBatch(one[:])
 	cl.countUDPSent(f, one[:n], err)
 }
@@ -93,7 +92,7 @@ func (cl *Client) sendUDPNow(f *flow, d *datagram) {
 func (cl *Client) flushUDPLocked() {
 	for i, f := range cl.udpSends {
 		if u := f.udp.Load(); u != nil {
-			n, err := writeAll(u.bc, f.udpOut)
+			n, err := relay.WriteUDP(u.bc, f.udpOut)
 			cl.countUDPSent(f, f.udpOut[:n], err)
 		}
 		clear(f.udpOut)
@@ -108,56 +107,43 @@ func (cl *Client) countUDPSent(f *flow, sent []udpbatch.Message, err error) {
 	for i := range sent {
 		bytes += uint64(len(sent[i].Buf))
 	}
-	f.stats.countOut(&cl.counters, len(sent), bytes)
+	f.traffic.CountOut(cl.counters, len(sent), bytes)
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		cl.counters.WriteErrors.Add(1)
-		cl.logDrop.log(cl.log, slog.LevelWarn, "send on the UDP path failed", "flow", f.id, "peer", f.udpTarget, "err", err)
+		cl.logDrop.Log(cl.log, slog.LevelWarn, "send on the UDP path failed", "flow", f.id, "peer", f.udpTarget, "err", err)
 	}
 }
 
 // readUDP relays what the peer sends on the flow's UDP path to the daemon
 // and tells the transport machine, until the path is closed.
-func (cl *Client) readUDP(f *flow, u *udpPath) {
+func (f *flow) readUDP(u *udpPath) {
+	cl := f.cl
 	defer cl.wg.Done()
 	bufs := make([][]byte, clientBatch)
 	msgs := make([]udpbatch.Message, clientBatch)
 	for i := range bufs {
-		bufs[i] = make([]byte, linkHeadroom+cl.cfg.maxDatagram())
-		msgs[i].Buf = bufs[i][linkHeadroom:]
+		bufs[i] = make([]byte, relay.Headroom+cl.cfg.maxDatagram())
+		msgs[i].Buf = bufs[i][relay.Headroom:]
 	}
-	ps := make([]payload, 0, clientBatch)
-	var scratch []udpbatch.Message
-	var r peerReader
+	burst := make([]relay.Datagram, 0, clientBatch)
+	r := newPeerReader(f, fallback.UDP)
 	for {
-		n, err := u.bc.ReadBatch(msgs)
+		// A connected UDP socket reports an ICMP unreachable from the
+		// peer as an error: nothing listens on its NAT-T port, or a
+		// middlebox refuses. The fallback machine sees the silence.
+		n, err := relay.ReadUDP(u.bc, msgs, cl.counters, func(err error) {
+			cl.logDial.Log(cl.log, slog.LevelWarn, "UDP path: receive failed", "flow", f.id, "peer", f.udpTarget, "err", err)
+		})
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) || f.ctx.Err() != nil {
-				return
-			}
-			// A connected UDP socket reports an ICMP unreachable from the
-			// peer here: nothing listens on its NAT-T port, or a middlebox
-			// refuses. The fallback machine sees the silence.
-			cl.logDial.log(cl.log, slog.LevelWarn, "UDP path: receive failed", "flow", f.id, "peer", f.udpTarget, "err", err)
-			if !errors.Is(err, syscall.ECONNREFUSED) {
-				time.Sleep(10 * time.Millisecond) // do not spin on a persistent error
-			}
-			continue
+			return
 		}
-		now := time.Now()
 		for i := range msgs[:n] {
-			m := &msgs[i]
-			if m.Truncated {
-				cl.counters.OversizedDgrams.Add(1)
-				continue
-			}
-			if f.fromPeer(now, fallback.UDP, m.Buf[:m.N], &r) {
-				ps = append(ps, payload{bufs[i], linkHeadroom, m.N})
+			if m := &msgs[i]; !m.Truncated {
+				burst = append(burst, relay.Datagram{Buf: bufs[i], Off: relay.Headroom, N: m.N})
 			}
 		}
-		if len(ps) > 0 {
-			f.toDaemon(ps, &scratch)
-		}
-		clear(ps)
-		ps = ps[:0]
+		r.Receive(burst)
+		clear(burst)
+		burst = burst[:0]
 	}
 }

@@ -1,4 +1,4 @@
-package relay
+package fakelink_test
 
 import (
 	"bytes"
@@ -9,8 +9,19 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/iketcp/iketcp/nat/faketcp"
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/client"
+	"github.com/iketcp/iketcp/relay/fakelink"
+	"github.com/iketcp/iketcp/relay/relaytest"
+	"github.com/iketcp/iketcp/relay/server"
 )
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
 
 // pipeEnd is one end of an in-memory wire between two fake-TCP stacks:
 // what one end writes, the other reads. It stands in for the TUN devices
@@ -72,9 +83,10 @@ func (p *pipeEnd) close() { p.once.Do(func() { close(p.closed) }) }
 // fakeRig is a client and a server joined by fake-TCP stacks over a pipe,
 // with the rig's fake daemons on their UDP sides.
 type fakeRig struct {
-	*rig
+	*relaytest.Rig
 	clientEnd, serverEnd *pipeEnd
 	clientStack          *faketcp.Stack
+	links                *recordingListener
 }
 
 var (
@@ -86,11 +98,11 @@ func newFakeRig(t *testing.T, seq faketcp.SeqMode) *fakeRig {
 	t.Helper()
 	cEnd, sEnd := newPipe()
 	t.Cleanup(cEnd.close)
-	sStack, err := faketcp.NewStack(sEnd, faketcp.Config{Local: fakeServerAddr, Seq: seq, Logger: testLogger(t)})
+	sStack, err := faketcp.NewStack(sEnd, faketcp.Config{Local: fakeServerAddr, Seq: seq, Logger: relaytest.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	cStack, err := faketcp.NewStack(cEnd, faketcp.Config{Local: fakeClientAddr, Seq: seq, Logger: testLogger(t)})
+	cStack, err := faketcp.NewStack(cEnd, faketcp.Config{Local: fakeClientAddr, Seq: seq, Logger: relaytest.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,23 +112,24 @@ func newFakeRig(t *testing.T, seq faketcp.SeqMode) *fakeRig {
 	}
 	// The rig's backend daemon, with a server and a client of their own
 	// over the stacks.
-	r := newRig(t, rigOptions{noCl: true})
-	srv, err := NewServer(ServerConfig{Backend: r.backend.LocalAddr().(*net.UDPAddr).AddrPort(), Logger: testLogger(t)})
+	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true})
+	srv, err := server.New(server.Config{Backend: r.Backend.LocalAddr().(*net.UDPAddr).AddrPort(), Logger: relaytest.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.srv = srv
+	r.Srv = srv
 	srvDone := make(chan error, 1)
 	ctx, cancel := context.WithCancel(context.Background())
-	go func() { srvDone <- srv.ServeFakeTCP(ctx, ln, fakeServerAddr.String()+":4500") }()
-	cl, err := NewClient(ClientConfig{
-		Peer: netip.AddrPortFrom(fakeServerAddr, 4500).String(), FakeTCP: cStack,
-		Logger: testLogger(t), ReconnectMin: 20 * time.Millisecond,
+	links := &recordingListener{Listener: fakelink.NewListener(ln, fakeServerAddr.String()+":4500")}
+	go func() { srvDone <- srv.Serve(ctx, links) }()
+	cl, err := client.New(client.Config{
+		Peer: netip.AddrPortFrom(fakeServerAddr, 4500).String(), Dialer: &fakelink.Dialer{Stack: cStack},
+		Logger: relaytest.Logger(t), ReconnectMin: 20 * time.Millisecond,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	pc, err := ListenUDP("127.0.0.1:0")
+	pc, err := client.ListenUDP("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +139,7 @@ func newFakeRig(t *testing.T, seq faketcp.SeqMode) *fakeRig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.cl, r.site = cl, site
+	r.Cl, r.Site = cl, site
 	t.Cleanup(func() {
 		cancel()
 		for _, done := range []chan error{clDone, srvDone} {
@@ -138,24 +151,51 @@ func newFakeRig(t *testing.T, seq faketcp.SeqMode) *fakeRig {
 		cStack.Close()
 		sStack.Close()
 	})
-	return &fakeRig{rig: r, clientEnd: cEnd, serverEnd: sEnd, clientStack: cStack}
+	return &fakeRig{Rig: r, clientEnd: cEnd, serverEnd: sEnd, clientStack: cStack, links: links}
+}
+
+// recordingListener remembers the links the server accepts, so that a
+// test can close the server's side of one.
+type recordingListener struct {
+	relay.Listener
+	mu       sync.Mutex
+	accepted []relay.Link
+}
+
+func (l *recordingListener) Accept(ctx context.Context) (relay.Link, error) {
+	link, err := l.Listener.Accept(ctx)
+	if err == nil {
+		l.mu.Lock()
+		l.accepted = append(l.accepted, link)
+		l.mu.Unlock()
+	}
+	return link, err
+}
+
+// closeAll closes the server's side of every link accepted so far.
+func (l *recordingListener) closeAll() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, link := range l.accepted {
+		link.Close()
+	}
 }
 
 func TestFakeTCPEndToEnd(t *testing.T) {
 	r := newFakeRig(t, faketcp.SeqLive)
-	from := r.establish(0xfa1e, 0xc3, 0xd3)
+	from := r.Establish(0xfa1e, 0xc3, 0xd3)
 	// Keepalives stay home, as on TCP.
-	r.site.Write([]byte{0xff})
-	expectNothing(t, r.backend, "keepalive over fake-TCP")
+	r.Site.Write([]byte{0xff})
+	relaytest.ExpectNothing(t, r.Backend, "keepalive over fake-TCP")
 	for i := range 100 {
-		r.site.Write(espDatagram(0xc3, uint32(i+2), 200+i))
+		r.Site.Write(relaytest.ESP(0xc3, uint32(i+2), 200+i))
 	}
 	for i := range 100 {
-		if got, _ := recv(t, r.backend); len(got) != 200+i {
+		if got, _ := relaytest.Recv(t, r.Backend); len(got) != 200+i {
 			t.Fatalf("datagram %d: %d bytes, want %d", i, len(got), 200+i)
 		}
 	}
-	st := r.srv.Status()
+	st := r.Srv.Status()
 	if st.Mode != "fake-tcp" || len(st.Sessions) != 1 || st.Sessions[0].Local != from.String() {
 		t.Fatalf("server status: mode %q, sessions %+v", st.Mode, st.Sessions)
 	}
@@ -170,33 +210,29 @@ func TestFakeTCPEndToEnd(t *testing.T) {
 // the same backend socket.
 func TestFakeTCPReconnect(t *testing.T) {
 	r := newFakeRig(t, faketcp.SeqLive)
-	from := r.establish(0xfa2e, 0xc4, 0xd4)
-	st := r.srv.Status()
+	from := r.Establish(0xfa2e, 0xc4, 0xd4)
+	st := r.Srv.Status()
 	if len(st.Sessions) != 1 {
 		t.Fatalf("sessions: %+v", st.Sessions)
 	}
 	// Close the server's side of the conn: its stack sends FIN and forgets.
-	r.srv.mu.Lock()
-	for c := range r.srv.conns {
-		c.close()
-	}
-	r.srv.mu.Unlock()
+	r.links.closeAll()
 	deadline := time.Now().Add(5 * time.Second)
 	buf := make([]byte, 2048)
 	for seq := uint32(10); ; seq++ {
 		if time.Now().After(deadline) {
 			t.Fatal("traffic did not resume over a new fake-TCP conn")
 		}
-		r.site.Write(espDatagram(0xc4, seq, 300))
-		r.backend.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
-		if _, from2, err := r.backend.ReadFromUDPAddrPort(buf); err == nil {
+		r.Site.Write(relaytest.ESP(0xc4, seq, 300))
+		r.Backend.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		if _, from2, err := r.Backend.ReadFromUDPAddrPort(buf); err == nil {
 			if from2 != from {
 				t.Fatalf("the session moved to %v from %v", from2, from)
 			}
 			break
 		}
 	}
-	if got := r.srv.Status().Sessions[0].Connections; got != 2 {
+	if got := r.Srv.Status().Sessions[0].Connections; got != 2 {
 		t.Fatalf("session carried by %d connections, want 2", got)
 	}
 }
@@ -205,29 +241,29 @@ func TestFakeTCPReconnect(t *testing.T) {
 // checks sequence numbers (the pipe does not).
 func TestFakeTCPFrozen(t *testing.T) {
 	r := newFakeRig(t, faketcp.SeqFrozen)
-	r.establish(0xf0f0, 0xc5, 0xd5)
+	r.Establish(0xf0f0, 0xc5, 0xd5)
 	for i := range 20 {
-		r.site.Write(espDatagram(0xc5, uint32(i+2), 600))
-		recv(t, r.backend)
+		r.Site.Write(relaytest.ESP(0xc5, uint32(i+2), 600))
+		relaytest.Recv(t, r.Backend)
 	}
 }
 
 // TestFakeTCPHotPathDoesNotAllocate is the fake-TCP twin of
 // TestHotPathDoesNotAllocate.
 func TestFakeTCPHotPathDoesNotAllocate(t *testing.T) {
-	if raceEnabled {
+	if relaytest.RaceEnabled {
 		t.Skip("the race detector allocates on its own; make test runs this check without -race")
 	}
 	r := newFakeRig(t, faketcp.SeqLive)
 	// The in-memory pipe clones every packet it carries: 2 per round trip.
-	checkHotPath(t, r.rig, r.establish(0x4244, 0xc9, 0xd9), 2)
+	relaytest.CheckHotPath(t, r.Rig, r.Establish(0x4244, 0xc9, 0xd9), 2)
 }
 
 // TestFakeTCPGarbageClosesOnlyItsConn: sustained garbage on one fake-TCP
 // conn closes that conn, counted, while the relay's own flow carries on.
 func TestFakeTCPGarbageClosesOnlyItsConn(t *testing.T) {
 	r := newFakeRig(t, faketcp.SeqLive)
-	from := r.establish(0xfa3e, 0xc6, 0xd6)
+	from := r.Establish(0xfa3e, 0xc6, 0xd6)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	bad, err := r.clientStack.Dial(ctx, netip.AddrPortFrom(fakeServerAddr, 4500))
@@ -236,8 +272,8 @@ func TestFakeTCPGarbageClosesOnlyItsConn(t *testing.T) {
 	}
 	bad.SetHandler(func([]faketcp.Payload) {})
 	var burst [][]byte
-	for i := range garbageLimit {
-		burst = append(burst, append(make([]byte, faketcp.Headroom), espDatagram(0x0bad0000+uint32(i), 1, 60)...))
+	for i := range server.GarbageLimit {
+		burst = append(burst, append(make([]byte, faketcp.Headroom), relaytest.ESP(0x0bad0000+uint32(i), 1, 60)...))
 	}
 	if err := bad.Send(burst, faketcp.Headroom); err != nil {
 		t.Fatal(err)
@@ -247,9 +283,9 @@ func TestFakeTCPGarbageClosesOnlyItsConn(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("the server did not close the conn that sent garbage")
 	}
-	eventually(t, "garbage_closes", func() bool { return counter(r.srv.Counters(), "garbage_closes") == 1 })
-	r.site.Write(espDatagram(0xc6, 2, 300))
-	if got, from2 := recv(t, r.backend); len(got) != 300 || from2 != from {
+	relaytest.Eventually(t, "garbage_closes", func() bool { return relaytest.Counter(r.Srv.Counters(), "garbage_closes") == 1 })
+	r.Site.Write(relaytest.ESP(0xc6, 2, 300))
+	if got, from2 := relaytest.Recv(t, r.Backend); len(got) != 300 || from2 != from {
 		t.Fatal("the relay's own flow was harmed")
 	}
 }

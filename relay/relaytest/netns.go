@@ -1,4 +1,4 @@
-package relay
+package relaytest
 
 import (
 	"testing"
@@ -6,12 +6,12 @@ import (
 	"github.com/iketcp/iketcp/nat/nattest"
 )
 
-// inPrivateNetns runs fn on a thread of its own inside a new, anonymous
+// InPrivateNetns runs fn on a thread of its own inside a new, anonymous
 // network namespace with lo up. Sockets, devices and routes fn creates
 // live in that namespace; the rest of the process stays in its own, so
 // the host's routing is never touched. Without root tb is skipped, or
 // failed under CI=true.
-func inPrivateNetns(tb testing.TB, fn func() error) {
+func InPrivateNetns(tb testing.TB, fn func() error) {
 	tb.Helper()
 	nattest.SkipOrFail(tb, nattest.Missing(), "to build a network namespace with a TUN device")
 	if err := nattest.New(tb).Do(fn); err != nil {

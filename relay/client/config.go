@@ -1,0 +1,88 @@
+package client
+
+import (
+	"log/slog"
+	"net/netip"
+	"syscall"
+	"time"
+
+	"github.com/iketcp/iketcp/fallback"
+	"github.com/iketcp/iketcp/relay"
+)
+
+// Defaults of Config's zero fields.
+const (
+	DefaultMaxFlows     = 64
+	DefaultFlowIdle     = 2 * time.Minute
+	DefaultQueueLen     = 256
+	DefaultDialTimeout  = 5 * time.Second
+	DefaultReconnectMin = 100 * time.Millisecond
+	DefaultReconnectMax = 5 * time.Second
+)
+
+// Config configures a Client. Zero values mean the defaults.
+type Config struct {
+	// Peer is the iketcp server in explicit mode (Serve), host:port. It is
+	// resolved at each dial.
+	Peer string
+	// Peers are the IKE peers whose traffic transparent mode (ServeTUN)
+	// carries; each is dialled at TCPPort. Packets to other addresses are
+	// dropped and counted.
+	Peers []netip.Addr
+	// TCPPort is the iketcp server's port on each of Peers (default 4500).
+	TCPPort uint16
+	// Transport is how flows reach the peer: ModeTCP (the default: links
+	// to the iketcp server), ModeUDP (datagrams to the peer's UDPPort: a
+	// plain NAT-T relay), or ModeFallback (UDP first, a link when UDP
+	// stays unanswered for FallbackThreshold; with Race, a link alongside
+	// UDP after the first unanswered retransmission).
+	Transport         fallback.Mode
+	FallbackThreshold time.Duration
+	Race              bool
+	// UDPPort is the peer's UDP NAT-T port for the UDP transport (default
+	// 4500): the IKE daemon's own, not iketcp's.
+	UDPPort uint16
+	// Control, if set, is applied to every UDP socket the client opens
+	// toward a peer (transparent mode marks them to bypass its
+	// interception); the Dialer's sockets need it too.
+	Control func(network, address string, c syscall.RawConn) error
+	// Dialer opens the links of the TCP transport; nil means RFC 9329
+	// streams (relay/streamlink) with the defaults.
+	Dialer relay.Dialer
+	// Counters, if set, is where the client counts; its links' dialer
+	// should count there too. Nil means counters of the client's own.
+	Counters *relay.Counters
+	Logger   *slog.Logger
+	// MaxFlows bounds local flows (daemon addresses) served at once.
+	MaxFlows int
+	// FlowIdle closes a flow, and its link, when the daemon has sent
+	// nothing (not even a keepalive) for that long.
+	FlowIdle time.Duration
+	// QueueLen bounds the datagrams waiting for a flow's link.
+	QueueLen int
+	// MaxDatagram is the largest datagram relayed either way.
+	MaxDatagram int
+	// DialTimeout bounds one connection attempt.
+	DialTimeout time.Duration
+	// ReconnectMin and ReconnectMax bound the backoff between attempts.
+	ReconnectMin, ReconnectMax time.Duration
+	// Version is reported in Status.
+	Version string
+}
+
+func (c *Config) logger() *slog.Logger    { return relay.OrDefault(c.Logger, slog.Default()) }
+func (c *Config) maxFlows() int           { return relay.OrDefault(c.MaxFlows, DefaultMaxFlows) }
+func (c *Config) flowIdle() time.Duration { return relay.OrDefault(c.FlowIdle, DefaultFlowIdle) }
+func (c *Config) queueLen() int           { return relay.OrDefault(c.QueueLen, DefaultQueueLen) }
+func (c *Config) maxDatagram() int        { return relay.OrDefault(c.MaxDatagram, relay.DefaultMaxDatagram) }
+func (c *Config) dialTimeout() time.Duration {
+	return relay.OrDefault(c.DialTimeout, DefaultDialTimeout)
+}
+func (c *Config) reconnectMin() time.Duration {
+	return relay.OrDefault(c.ReconnectMin, DefaultReconnectMin)
+}
+func (c *Config) reconnectMax() time.Duration {
+	return relay.OrDefault(c.ReconnectMax, DefaultReconnectMax)
+}
+func (c *Config) tcpPort() uint16 { return relay.OrDefault(c.TCPPort, 4500) }
+func (c *Config) udpPort() uint16 { return relay.OrDefault(c.UDPPort, 4500) }

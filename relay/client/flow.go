@@ -1,0 +1,257 @@
+package client
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/iketcp/iketcp/fallback"
+	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/udpbatch"
+)
+
+// Flow states, for Status.
+const (
+	stateConnecting int32 = iota
+	stateUp
+	stateWaiting
+)
+
+// flow is one daemon (toward one peer, in transparent mode) and the paths
+// that carry it: a link to the iketcp server, a UDP socket to the peer,
+// or both, as its transport machine decides.
+type flow struct {
+	cl        *Client
+	id        uint64
+	key       flowKey
+	dial      string // the iketcp server, host:port
+	udpTarget string // the peer's UDP NAT-T address, host:port
+	created   time.Time
+	queue     chan *datagram  // for the link
+	ctx       context.Context // ends the flow
+	cancel    context.CancelFunc
+
+	lastLocal atomic.Int64 // unix ns of the daemon's last datagram
+	lastPeer  atomic.Int64 // unix ns of the last datagram from the far end
+	state     atomic.Int32
+	conns     atomic.Uint64
+	traffic   relay.Traffic
+	book      relay.SABook
+	ports     daemonPorts // transparent mode: where replies go
+
+	// fixed is the transport of a fixed mode (tcp, udp); zero when the
+	// machine decides (auto).
+	fixed fallback.Transport
+	// tmu guards transport, which the ingress and both paths' readers use.
+	tmu       sync.Mutex
+	transport *fallback.Machine
+
+	// Guarded by Client.mu.
+	linkStarted bool               // runLink is running
+	udpOut      []udpbatch.Message // UDP sends waiting for flushUDPLocked
+
+	udp atomic.Pointer[udpPath] // opened on the first UDP send
+
+	mu   sync.Mutex // guards the following
+	peer string     // remote address of the current link
+}
+
+func newFlow(ctx context.Context, cl *Client, key flowKey, dial string) *flow {
+	f := &flow{
+		cl:        cl,
+		id:        cl.nextID.Add(1),
+		key:       key,
+		dial:      dial,
+		udpTarget: cl.udpTarget(key),
+		created:   time.Now(),
+		queue:     make(chan *datagram, cl.cfg.queueLen()),
+		transport: fallback.New(fallback.Config{Mode: cl.cfg.Transport, Threshold: cl.cfg.FallbackThreshold, Race: cl.cfg.Race}),
+	}
+	switch cl.cfg.Transport {
+	case fallback.ModeTCP:
+		f.fixed = fallback.TCP
+	case fallback.ModeUDP:
+		f.fixed = fallback.UDP
+	}
+	f.ctx, f.cancel = context.WithCancel(ctx)
+	return f
+}
+
+// stop ends the flow: its link, and its UDP path, whose socket it closes.
+func (f *flow) stop() {
+	f.cancel()
+	if u := f.udp.Load(); u != nil {
+		u.bc.Close()
+	}
+}
+
+// enqueue puts d in the link's queue, or counts it dropped when the queue
+// is full. It reports whether the queue took d.
+func (f *flow) enqueue(d *datagram) bool {
+	select {
+	case f.queue <- d:
+		return true
+	default:
+		f.cl.counters.QueueFull.Add(1)
+		f.cl.logDrop.Log(f.cl.log, slog.LevelWarn, "datagram dropped: flow queue full (connection down or too slow)",
+			"flow", f.id, "queue", cap(f.queue))
+		return false
+	}
+}
+
+// outbound asks the transport machine where a datagram of the daemon's
+// goes, and logs any change of transport. A fixed transport (tcp, udp)
+// never changes: it is answered without the lock.
+func (f *flow) outbound(now time.Time, msg *framing.Message) fallback.Transport {
+	if f.fixed != 0 {
+		return f.fixed
+	}
+	f.tmu.Lock()
+	route, ch := f.transport.Outbound(now, msg)
+	f.tmu.Unlock()
+	f.logChange(ch)
+	return route
+}
+
+// inbound tells the transport machine about an IKE message from the peer
+// that arrived over via.
+func (f *flow) inbound(now time.Time, via fallback.Transport, msg *framing.Message) {
+	if f.fixed != 0 {
+		return // only IKE answers a probe; spare the lock
+	}
+	f.tmu.Lock()
+	ch := f.transport.Inbound(now, via, msg)
+	f.tmu.Unlock()
+	f.logChange(ch)
+}
+
+// current returns where the flow's datagrams go now and why.
+func (f *flow) current() (fallback.Transport, string) {
+	f.tmu.Lock()
+	defer f.tmu.Unlock()
+	return f.transport.Current()
+}
+
+// logChange logs a change of transport: one line a user can read, such as
+// "transport udp->tcp for 203.0.113.2: no answer to IKE_SA_INIT in 15s".
+func (f *flow) logChange(ch *fallback.Change) {
+	if ch == nil {
+		return
+	}
+	peer := f.key.peer.String()
+	if !f.key.peer.IsValid() {
+		peer, _, _ = net.SplitHostPort(f.udpTarget)
+	}
+	f.cl.log.Info(fmt.Sprintf("transport %v->%v for %s: %s", ch.From, ch.To, peer, ch.Reason), "flow", f.id)
+}
+
+// peerReader is the state of one reader of the far end's datagrams (the
+// link's, or the UDP path's): its scratch, and the burst it delivers.
+type peerReader struct {
+	f       *flow
+	via     fallback.Transport
+	msg     framing.Message
+	lastSPI uint32
+	keep    []relay.Datagram
+	scratch []udpbatch.Message
+}
+
+func newPeerReader(f *flow, via fallback.Transport) *peerReader {
+	return &peerReader{f: f, via: via, keep: make([]relay.Datagram, 0, clientBatch)}
+}
+
+// Receive delivers a burst from the far end to the daemon, after the
+// bookkeeping: IKE answers go to the transport machine, SAs to Status.
+// Malformed datagrams are dropped, and so are keepalives that came over
+// a link (RFC 9329 6.6).
+func (r *peerReader) Receive(burst []relay.Datagram) error {
+	now := time.Now()
+	for _, d := range burst {
+		if r.accept(now, d.Bytes()) {
+			r.keep = append(r.keep, d)
+		}
+	}
+	if len(r.keep) > 0 {
+		r.f.deliver(r.keep, &r.scratch)
+	}
+	clear(r.keep)
+	r.keep = r.keep[:0]
+	return nil
+}
+
+// accept does the bookkeeping for one datagram and reports whether it
+// goes on to the daemon.
+func (r *peerReader) accept(now time.Time, dg []byte) bool {
+	f := r.f
+	if r.msg.Decode(dg) != nil {
+		f.cl.counters.Malformed.Add(1)
+		return false
+	}
+	switch r.msg.Kind {
+	case framing.KindKeepalive:
+		if r.via == fallback.TCP {
+			f.cl.counters.KeepalivesDropped.Add(1)
+			return false
+		}
+	case framing.KindESP:
+		if r.msg.ESP.SPI != r.lastSPI {
+			r.lastSPI = r.msg.ESP.SPI
+			f.book.NoteESPIn(r.lastSPI)
+		}
+	case framing.KindIKE:
+		f.inbound(now, r.via, &r.msg)
+		f.book.NoteIKE(&r.msg.IKE)
+	}
+	return true
+}
+
+// deliver hands a burst of the far end's datagrams to the daemon.
+func (f *flow) deliver(burst []relay.Datagram, scratch *[]udpbatch.Message) {
+	if err := f.cl.side.deliver(f, burst, scratch); err != nil {
+		f.cl.logDrop.Log(f.cl.log, slog.LevelWarn, "delivery to the IKE daemon failed", "flow", f.id,
+			"daemon", f.key.daemon.String(), "err", err)
+	}
+	f.lastPeer.Store(time.Now().UnixNano())
+}
+
+// status describes the flow; mode is the client's.
+func (f *flow) status(mode string) relay.SessionStatus {
+	local := f.key.daemon.String()
+	if mode == modeTransparent {
+		local = f.key.daemon.Addr().String() // its ports are in Intercepted
+	}
+	route, why := f.current()
+	ss := relay.SessionStatus{
+		ID:              f.id,
+		Local:           local,
+		Intercepted:     f.ports.describe(),
+		Transport:       describeRoute(route),
+		TransportReason: why,
+		Created:         f.created,
+		LastActive:      time.Unix(0, max(f.lastLocal.Load(), f.lastPeer.Load())),
+		Connections:     f.conns.Load(),
+	}
+	switch {
+	case route&fallback.TCP == 0:
+		ss.State, ss.Peer = "up", f.udpTarget // UDP has no connection to lose
+	case f.state.Load() == stateUp:
+		ss.State = "up"
+	case f.state.Load() == stateConnecting:
+		ss.State = "connecting"
+	default:
+		ss.State = "waiting"
+	}
+	if ss.Peer == "" {
+		f.mu.Lock()
+		ss.Peer = relay.OrDefault(f.peer, f.dial)
+		f.mu.Unlock()
+	}
+	f.book.Fill(&ss)
+	f.traffic.Fill(&ss)
+	return ss
+}

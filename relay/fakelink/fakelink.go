@@ -1,0 +1,148 @@
+// Package fakelink is the fake-TCP link, for both roles: each datagram
+// travels in a TCP-shaped segment of its own, built by a userspace stack
+// (package nat/faketcp) that no kernel TCP stream owns, so nothing queues
+// behind a lost segment. IKE keeps its non-ESP marker and ESP travels raw,
+// as in RFC 9329, but without the Length or the prefix: the segment is
+// the frame. Both ends must be iketcp.
+package fakelink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync/atomic"
+
+	"github.com/iketcp/iketcp/nat/faketcp"
+	"github.com/iketcp/iketcp/relay"
+)
+
+// The stack builds its headers in the room the relay leaves.
+const _ = uint(relay.Headroom - faketcp.Headroom) // relay.Headroom >= faketcp.Headroom
+
+// burstSize is the most datagrams handed to the receiver at once.
+const burstSize = 64
+
+// Dialer opens fake-TCP links through a stack, for a client.
+type Dialer struct {
+	Stack *faketcp.Stack
+}
+
+// DialLink connects to addr (host:port) through the stack.
+func (d *Dialer) DialLink(ctx context.Context, addr string) (relay.Link, error) {
+	remote, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		ta, rerr := net.ResolveTCPAddr("tcp", addr)
+		if rerr != nil {
+			return nil, fmt.Errorf("fake-TCP peer %q: %w", addr, rerr)
+		}
+		remote = ta.AddrPort()
+	}
+	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	conn, err := d.Stack.Dial(ctx, remote)
+	if err != nil {
+		return nil, err
+	}
+	return &Link{conn: conn}, nil
+}
+
+// Listener accepts fake-TCP links from a stack's listener, for a server.
+type Listener struct {
+	ln   *faketcp.Listener
+	addr string
+}
+
+// NewListener accepts links from ln; addr is what logs and Status show.
+func NewListener(ln *faketcp.Listener, addr string) *Listener {
+	return &Listener{ln: ln, addr: addr}
+}
+
+func (l *Listener) Accept(ctx context.Context) (relay.Link, error) {
+	conn, err := l.ln.Accept(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &Link{conn: conn}, nil
+}
+
+func (l *Listener) Close() error  { return l.ln.Close() }
+func (l *Listener) Addr() string  { return l.addr }
+func (l *Listener) Encap() string { return "fake-tcp" }
+
+// Link is one fake-TCP conn.
+type Link struct {
+	conn   *faketcp.Conn
+	closed atomic.Bool
+}
+
+// Send sends each datagram as one segment, its headers built in place.
+func (l *Link) Send(bufs [][]byte) error { return l.conn.Send(bufs, relay.Headroom) }
+
+// Serve hands the segments' datagrams to rx, on the stack's reader
+// goroutine, until the conn ends.
+func (l *Link) Serve(rx relay.Receiver) error {
+	refused := make(chan error, 1)
+	burst := make([]relay.Datagram, 0, burstSize)
+	deliver := func() bool {
+		err := rx.Receive(burst)
+		clear(burst)
+		burst = burst[:0]
+		if err != nil {
+			refused <- err
+			l.conn.Close()
+		}
+		return err == nil
+	}
+	l.conn.SetHandler(func(batch []faketcp.Payload) {
+		if len(refused) > 0 {
+			return
+		}
+		for _, p := range batch {
+			burst = append(burst, relay.Datagram{Buf: p.Buf, Off: p.Off, N: p.N})
+			if len(burst) == cap(burst) && !deliver() {
+				return
+			}
+		}
+		if len(burst) > 0 {
+			deliver()
+		}
+	})
+	<-l.conn.Done()
+	l.conn.SetHandler(nil) // waits out a delivery in flight: rx is the caller's again
+	select {
+	case err := <-refused:
+		return err
+	default:
+	}
+	if l.closed.Load() {
+		return relay.ErrClosedHere
+	}
+	return ended(l.conn.Err())
+}
+
+// ended says why a fake-TCP conn ended.
+func ended(err error) error {
+	switch {
+	case errors.Is(err, faketcp.ErrReset):
+		return errors.New("peer reset the fake-TCP connection (restarted?)")
+	case errors.Is(err, faketcp.ErrTimeout):
+		return errors.New("fake-TCP connection timed out: nothing heard from the peer")
+	case errors.Is(err, faketcp.ErrPeerClosed):
+		return errors.New("peer closed the fake-TCP connection")
+	case errors.Is(err, faketcp.ErrClosed):
+		return relay.ErrClosedHere
+	case err != nil:
+		return err
+	}
+	return errors.New("fake-TCP connection ended")
+}
+
+// Close ends the conn (with a FIN); Serve returns.
+func (l *Link) Close() error {
+	l.closed.Store(true)
+	return l.conn.Close()
+}
+
+func (l *Link) LocalAddr() string  { return l.conn.LocalAddr().String() }
+func (l *Link) RemoteAddr() string { return l.conn.RemoteAddr().String() }

@@ -1,0 +1,92 @@
+package relay
+
+import (
+	"context"
+	"errors"
+)
+
+// Headroom is the room every datagram a link sends has in front of it, to
+// build the link's headers in place: the frame Length of an RFC 9329
+// stream, or the IP and TCP headers of a fake-TCP segment (IPv6 and TCP,
+// rounded up). Every datagram a link receives has at least as much room
+// in front of it, for the headers the way to the daemon adds (transparent
+// mode's IP and UDP headers).
+const Headroom = 64
+
+// A Link is one connection to the far iketcp (or RFC 9329 peer), of any
+// kind: an RFC 9329 stream (package relay/streamlink) or a fake-TCP conn
+// (package relay/fakelink). Both roles use the same links; only who opens
+// them differs.
+type Link interface {
+	// Send sends each bufs[k][Headroom:] as one datagram, in order;
+	// bufs[k][:Headroom] may be overwritten. Send is safe for concurrent
+	// use and does not keep bufs.
+	Send(bufs [][]byte) error
+	// Serve hands what the far end sends to rx, a burst at a time, until
+	// the link ends, and returns why: never nil. An error from rx ends
+	// the link with that error. Serve is called once.
+	Serve(rx Receiver) error
+	// Close ends the link; Serve returns. It is idempotent.
+	Close() error
+	// LocalAddr and RemoteAddr are the link's ends, for logs and Status.
+	LocalAddr() string
+	RemoteAddr() string
+}
+
+// A Receiver takes the datagrams a link receives.
+type Receiver interface {
+	// Receive takes a burst of datagrams. They alias the link's buffers
+	// and are valid only until Receive returns. The room in front of
+	// each, Buf[:Off] (at least Headroom bytes), may be overwritten once
+	// the datagrams before it in the burst are done with. A non-nil error
+	// ends the link: Serve returns it.
+	Receive(burst []Datagram) error
+}
+
+// Datagram is one received datagram, Buf[Off:Off+N], in port-4500 form
+// (IKE behind its non-ESP marker, raw ESP, or a keepalive).
+type Datagram struct {
+	Buf    []byte
+	Off, N int
+}
+
+// Bytes returns the datagram.
+func (d Datagram) Bytes() []byte { return d.Buf[d.Off : d.Off+d.N] }
+
+// A Dialer opens links to the far end for a client.
+type Dialer interface {
+	// DialLink opens a link to addr (host:port).
+	DialLink(ctx context.Context, addr string) (Link, error)
+}
+
+// A Listener accepts the links that clients open to a server.
+type Listener interface {
+	// Accept waits for the next link. It returns an error matching
+	// net.ErrClosed once the listener is closed; other errors are
+	// temporary (out of file descriptors, say), and the caller retries.
+	Accept(ctx context.Context) (Link, error)
+	Close() error
+	// Addr is what the listener listens on, for logs and Status.
+	Addr() string
+	// Encap names the links' kind, for logs and Status: "rfc9329" or
+	// "fake-tcp".
+	Encap() string
+}
+
+// ProtocolError ends a link whose far end broke the protocol (a wrong
+// prefix, a frame length of 0 or 1, sustained garbage): an event worth a
+// warning, unlike a peer that closes or a network that fails.
+type ProtocolError struct {
+	Reason string
+}
+
+func (e *ProtocolError) Error() string { return e.Reason }
+
+// IsProtocolError reports whether err is, or wraps, a *ProtocolError.
+func IsProtocolError(err error) bool {
+	var pe *ProtocolError
+	return errors.As(err, &pe)
+}
+
+// ErrClosedHere ends a link that this side closed.
+var ErrClosedHere = errors.New("closed by iketcp")

@@ -1,0 +1,225 @@
+// Package server is the server role of iketcp: beside the gateway's IKE
+// daemon, it accepts links from clients (RFC 9329 streams or fake-TCP
+// conns, through any relay.Listener) and relays each session's traffic
+// to the daemon from a UDP socket of the session's own, whose source port
+// never changes, so the daemon never sees its peer move.
+//
+// A session is the server's view of one client daemon's IKE traffic. It
+// is found by the IKE and ESP SPIs its frames carry (routes.go), so a
+// client that reconnects from a new address lands on its old session. A
+// conn is one accepted link: it routes each frame to its session and
+// sends the burst on to the sessions' backend sockets (conn.go); each
+// session's backend reader sends the daemon's answers back on the link
+// that carries the session (session.go).
+package server
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"maps"
+	"net"
+	"os"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/iketcp/iketcp/relay"
+)
+
+// Server accepts clients' links and relays them to a backend IKE daemon
+// over UDP, one backend socket per session.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	started  time.Time
+	counters *relay.Counters
+	slots    chan struct{} // one token per open connection
+
+	nextConnID, nextSessionID atomic.Uint64
+
+	mu        sync.Mutex // guards the following, and each session's routes
+	listeners []relay.Listener
+	sessions  map[uint64]*session
+	routes    routes
+	conns     map[*conn]struct{}
+	closing   bool
+
+	wg sync.WaitGroup // every goroutine the server starts
+
+	logRejected, logUnknownSPI, logMalformed, logBackend, logOversize relay.Sometimes
+}
+
+// New returns a server for cfg.
+func New(cfg Config) (*Server, error) {
+	if !cfg.Backend.IsValid() {
+		return nil, errors.New("server needs a backend address (the IKE daemon's UDP port, e.g. 127.0.0.1:4500)")
+	}
+	return &Server{
+		cfg:      cfg,
+		log:      cfg.logger(),
+		counters: relay.OrDefault(cfg.Counters, new(relay.Counters)),
+		started:  time.Now(),
+		slots:    make(chan struct{}, cfg.maxConns()),
+		sessions: make(map[uint64]*session),
+		routes:   newRoutes(),
+		conns:    make(map[*conn]struct{}),
+	}, nil
+}
+
+// Counters returns the server's live counters; the listeners' links count
+// into them too.
+func (s *Server) Counters() *relay.Counters { return s.counters }
+
+// Serve accepts links from every listener until ctx is done or one of
+// them fails, then closes the listeners and every connection and session
+// it made, waits for its goroutines and returns. It returns nil when ctx
+// ended it.
+func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
+	if len(listeners) == 0 {
+		return errors.New("server: nothing to listen on")
+	}
+	s.mu.Lock()
+	s.listeners = listeners
+	s.mu.Unlock()
+	parent := ctx
+	ctx, cancel := context.WithCancel(ctx)
+	for _, ln := range listeners {
+		relay.CloseWhenDone(ctx, &s.wg, ln)
+	}
+	s.wg.Add(1)
+	go s.expireSessions(ctx)
+
+	ended := make(chan error, len(listeners))
+	for _, ln := range listeners {
+		s.log.Info("server listening", "listen", ln.Addr(), "encap", ln.Encap(), "backend", s.cfg.Backend.String())
+		go func() { ended <- s.acceptLinks(ctx, ln) }()
+	}
+	err := <-ended
+	cancel()
+	for range len(listeners) - 1 {
+		<-ended
+	}
+	if parent.Err() != nil {
+		err = nil
+	}
+	s.shutdown()
+	s.wg.Wait()
+	return err
+}
+
+// acceptLinks admits the links ln accepts until ln is closed.
+func (s *Server) acceptLinks(ctx context.Context, ln relay.Listener) error {
+	var backoff time.Duration
+	for {
+		link, err := ln.Accept(ctx)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of file descriptors and the like: wait and retry, as
+			// net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("accept failed, retrying", "listen", ln.Addr(), "err", err, "in", backoff)
+			if !relay.SleepCtx(ctx, backoff) {
+				return nil
+			}
+			continue
+		}
+		backoff = 0
+		if !s.admit(link) {
+			link.Close()
+		}
+	}
+}
+
+// admit starts serving a new link, unless the connection limit is reached
+// or the server is shutting down; then the caller closes it.
+func (s *Server) admit(link relay.Link) bool {
+	select {
+	case s.slots <- struct{}{}:
+	default:
+		s.counters.ConnsRejected.Add(1)
+		s.logRejected.Log(s.log, slog.LevelWarn, "connection refused: connection limit reached (raise --max-conns)",
+			"remote", link.RemoteAddr(), "limit", cap(s.slots))
+		return false
+	}
+	c := s.newConn(link)
+	if c == nil { // shutting down
+		<-s.slots
+		return false
+	}
+	s.counters.ConnsAccepted.Add(1)
+	s.wg.Add(1)
+	go s.serveConn(c)
+	return true
+}
+
+// serveConn runs one connection until its link ends.
+func (s *Server) serveConn(c *conn) {
+	defer s.wg.Done()
+	defer func() { <-s.slots }()
+	s.log.Debug("connection accepted", "conn", c.id, "remote", c.remote)
+	err := c.link.Serve(c)
+	c.close()
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+	level := slog.LevelInfo
+	if relay.IsProtocolError(err) {
+		level = slog.LevelWarn
+	}
+	s.log.Log(context.Background(), level, "connection closed", "conn", c.id, "remote", c.remote,
+		"reason", err.Error(), "frames", c.frames, "duration", time.Since(c.accepted).Round(time.Millisecond).String())
+}
+
+// shutdown closes every connection and session.
+func (s *Server) shutdown() {
+	s.mu.Lock()
+	s.closing = true
+	conns := slices.Collect(maps.Keys(s.conns))
+	sessions := slices.Collect(maps.Values(s.sessions))
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.close()
+	}
+	for _, sess := range sessions {
+		s.removeSession(sess)
+	}
+}
+
+// Status describes the server and its sessions, oldest first.
+func (s *Server) Status() *relay.Status {
+	s.mu.Lock()
+	var addrs, encaps []string
+	for _, ln := range s.listeners {
+		addrs = append(addrs, ln.Addr())
+		if !slices.Contains(encaps, ln.Encap()) {
+			encaps = append(encaps, ln.Encap())
+		}
+	}
+	st := &relay.Status{
+		Role: relay.RoleServer, Mode: strings.Join(encaps, ","), Version: s.cfg.Version, PID: os.Getpid(),
+		Listen: strings.Join(addrs, ","), Backend: s.cfg.Backend.String(), Started: s.started,
+	}
+	sessions := slices.Collect(maps.Values(s.sessions))
+	s.mu.Unlock()
+	sort.Slice(sessions, func(i, j int) bool { return sessions[i].id < sessions[j].id })
+	for _, sess := range sessions {
+		st.Sessions = append(st.Sessions, sess.status())
+	}
+	st.Counters = s.counters.Snapshot(relay.RoleServer)
+	return st
+}
+
+// backendHint adds what to check to errors talking to the backend daemon.
+func backendHint(err error) string {
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return err.Error() + " (is the IKE daemon listening on the --backend address?)"
+	}
+	return err.Error()
+}

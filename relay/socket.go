@@ -1,0 +1,58 @@
+package relay
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"syscall"
+	"time"
+)
+
+// Defaults both roles share; each is a field of the roles' configs, where
+// zero means the default.
+const (
+	DefaultMaxDatagram  = 9216
+	DefaultConnBuffer   = 64 << 10
+	DefaultWriteTimeout = 10 * time.Second
+)
+
+// TCPKeepAlive is the keepalive iketcp's TCP connections use: it keeps NAT
+// mappings fresh and finds dead peers on idle connections (RFC 9329 6.7:
+// these only refresh middleboxes; IKE's own liveness checks stay
+// authoritative).
+var TCPKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 4}
+
+// socketBuffer is the receive and send buffer iketcp asks for on its UDP
+// sockets: a burst of datagrams from an IKE daemon must not overflow the
+// kernel's default (about 208 KiB) while the relay is writing to TCP.
+const socketBuffer = 4 << 20
+
+// GrowSocketBuffers raises a UDP socket's buffers to 4 MiB. With
+// CAP_NET_ADMIN it goes past the system's rmem_max/wmem_max (the FORCE
+// options); otherwise the kernel caps the request silently, which is the
+// best an unprivileged process can do.
+func GrowSocketBuffers(uc *net.UDPConn) {
+	uc.SetReadBuffer(socketBuffer)
+	uc.SetWriteBuffer(socketBuffer)
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return
+	}
+	rc.Control(func(fd uintptr) {
+		forceBuffers(int(fd), socketBuffer)
+	})
+}
+
+// ListenHint adds what to do to an error from listening or binding;
+// inUse says what to do when the address is taken.
+func ListenHint(err error, inUse string) error {
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("%w (%s)", err, inUse)
+	case errors.Is(err, syscall.EACCES):
+		return fmt.Errorf("%w (ports below 1024 need root or CAP_NET_BIND_SERVICE)", err)
+	case errors.Is(err, syscall.EADDRNOTAVAIL):
+		return fmt.Errorf("%w (no interface has that address)", err)
+	}
+	return err
+}

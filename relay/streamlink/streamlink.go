@@ -1,0 +1,284 @@
+// Package streamlink is the RFC 9329 link: a TCP connection (or anything
+// that behaves like one, such as TLS) carrying length-framed datagrams
+// behind the IKETCP prefix, for both roles. A Dialer opens links for a
+// client, writing the prefix; a Listener accepts them for a server, whose
+// links check the prefix before the first frame.
+//
+// Sending writes each datagram's Length in place in the room in front of
+// it and sends a batch of frames in one writev. Receiving reads in large
+// chunks and deframes in place: a burst of frames costs one read and no
+// copies, and goes to the relay.Receiver in one call.
+package streamlink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/relay"
+)
+
+// DefaultPrefixTimeout bounds a server's wait for the IKETCP prefix.
+const DefaultPrefixTimeout = 5 * time.Second
+
+// burstSize is the most frames handed to the receiver at once.
+const burstSize = 64
+
+// Config configures the links of a Dialer or a Listener. Zero values mean
+// the defaults.
+type Config struct {
+	// MaxDatagram is the largest datagram relayed either way; larger
+	// frames are counted and skipped.
+	MaxDatagram int
+	// BufferSize is each link's read buffer: its memory footprint.
+	BufferSize int
+	// WriteTimeout bounds a write; a link that takes no data for that
+	// long fails.
+	WriteTimeout time.Duration
+	// PrefixTimeout bounds a server link's wait for the IKETCP prefix.
+	PrefixTimeout time.Duration
+	// Counters counts what the links drop and why (nil: not counted).
+	Counters *relay.Counters
+	Logger   *slog.Logger
+}
+
+func (c *Config) maxDatagram() int {
+	return relay.OrDefault(c.MaxDatagram, relay.DefaultMaxDatagram)
+}
+func (c *Config) bufferSize() int {
+	return max(relay.OrDefault(c.BufferSize, relay.DefaultConnBuffer), c.maxDatagram()+relay.Headroom+framing.LengthSize)
+}
+func (c *Config) writeTimeout() time.Duration {
+	return relay.OrDefault(c.WriteTimeout, relay.DefaultWriteTimeout)
+}
+func (c *Config) prefixTimeout() time.Duration {
+	return relay.OrDefault(c.PrefixTimeout, DefaultPrefixTimeout)
+}
+
+// shared is what all links of one Dialer or Listener share: their config,
+// with the counters and logger filled in, and the rate limits of the log
+// lines a far end can trigger.
+type shared struct {
+	cfg          Config
+	log          *slog.Logger
+	logOversize  relay.Sometimes
+	prefixExpect bool // links expect the prefix: the server's side
+}
+
+func newShared(cfg Config, server bool) *shared {
+	if cfg.Counters == nil {
+		cfg.Counters = new(relay.Counters)
+	}
+	return &shared{cfg: cfg, log: relay.OrDefault(cfg.Logger, slog.Default()), prefixExpect: server}
+}
+
+// Dialer opens RFC 9329 links to a server, for a client.
+type Dialer struct {
+	// Dial opens the TCP connection; nil means a net.Dialer with
+	// relay.TCPKeepAlive and Control. Tests inject their own.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Control, if set, is applied to every socket the default dialer
+	// opens (transparent mode marks them to bypass its interception).
+	Control func(network, address string, c syscall.RawConn) error
+
+	once sync.Once
+	cfg  Config
+	sh   *shared
+}
+
+// NewDialer returns a dialer whose links use cfg.
+func NewDialer(cfg Config) *Dialer { return &Dialer{cfg: cfg} }
+
+// DialLink connects to addr and sends the IKETCP prefix.
+func (d *Dialer) DialLink(ctx context.Context, addr string) (relay.Link, error) {
+	d.once.Do(func() { d.sh = newShared(d.cfg, false) })
+	var nc net.Conn
+	var err error
+	if d.Dial != nil {
+		nc, err = d.Dial(ctx, "tcp", addr)
+	} else {
+		nd := net.Dialer{KeepAliveConfig: relay.TCPKeepAlive, Control: d.Control}
+		nc, err = nd.DialContext(ctx, "tcp", addr)
+	}
+	if err != nil {
+		return nil, err
+	}
+	nc.SetWriteDeadline(time.Now().Add(d.sh.cfg.writeTimeout()))
+	if _, err := io.WriteString(nc, framing.Prefix); err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("sending the IKETCP prefix: %w", err)
+	}
+	return newLink(nc, d.sh), nil
+}
+
+// Listener accepts RFC 9329 links, for a server.
+type Listener struct {
+	ln net.Listener
+	sh *shared
+}
+
+// Listen listens on the TCP address addr, with keepalives on accepted
+// connections. Its errors say what to do.
+func Listen(ctx context.Context, addr string, cfg Config) (*Listener, error) {
+	lc := net.ListenConfig{KeepAliveConfig: relay.TCPKeepAlive}
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, relay.ListenHint(err, "another TCP service (an IKE daemon with TCP support, a web server?) holds the port: stop it or choose another --listen")
+	}
+	return NewListener(ln, cfg), nil
+}
+
+// NewListener accepts links from ln.
+func NewListener(ln net.Listener, cfg Config) *Listener {
+	return &Listener{ln: ln, sh: newShared(cfg, true)}
+}
+
+// Accept waits for the next connection. Its link checks the prefix when
+// served.
+func (l *Listener) Accept(context.Context) (relay.Link, error) {
+	nc, err := l.ln.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return newLink(nc, l.sh), nil
+}
+
+func (l *Listener) Close() error  { return l.ln.Close() }
+func (l *Listener) Addr() string  { return l.ln.Addr().String() }
+func (l *Listener) Encap() string { return "rfc9329" }
+
+// Link is one RFC 9329 connection.
+type Link struct {
+	nc     net.Conn
+	sh     *shared
+	closed atomic.Bool
+
+	wmu     sync.Mutex // guards writes to nc and the following
+	vec     net.Buffers
+	vecBack [][]byte
+}
+
+func newLink(nc net.Conn, sh *shared) *Link {
+	return &Link{nc: nc, sh: sh, vecBack: make([][]byte, 0, burstSize)}
+}
+
+// Send writes the datagrams as frames, each Length written in place in
+// front of it, in one writev.
+func (l *Link) Send(bufs [][]byte) error {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
+	l.vecBack = l.vecBack[:0]
+	for _, b := range bufs {
+		f := b[relay.Headroom-framing.LengthSize:]
+		framing.PutLength(f, len(b)-relay.Headroom)
+		l.vecBack = append(l.vecBack, f)
+	}
+	l.vec = l.vecBack
+	_, err := l.vec.WriteTo(l.nc)
+	clear(l.vecBack)
+	return err
+}
+
+// Serve reads the stream until it ends: on a server's link the prefix
+// first, within its deadline, then frames, a burst at a time to rx.
+func (l *Link) Serve(rx relay.Receiver) error {
+	cfg := &l.sh.cfg
+	d := framing.NewDecoder(l.nc, cfg.bufferSize(), l.sh.prefixExpect)
+	d.SetHeadroom(relay.Headroom)
+	d.LimitPayload(cfg.maxDatagram())
+	if l.sh.prefixExpect {
+		if err := l.readPrefix(d); err != nil {
+			return err
+		}
+	}
+	burst := make([]relay.Datagram, 0, burstSize)
+	for {
+		p, err := d.Next()
+		if err != nil {
+			if errors.Is(err, framing.ErrTooLarge) {
+				cfg.Counters.OversizedFrames.Add(1)
+				l.sh.logOversize.Log(l.sh.log, slog.LevelWarn, "frame skipped: larger than --max-datagram",
+					"remote", l.RemoteAddr(), "err", err)
+				continue
+			}
+			return l.ended(err)
+		}
+		buf, off := d.Offset(p)
+		burst = append(burst, relay.Datagram{Buf: buf, Off: off, N: len(p)})
+		if d.Buffered() && len(burst) < cap(burst) {
+			continue
+		}
+		err = rx.Receive(burst)
+		clear(burst)
+		burst = burst[:0]
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// readPrefix reads the IKETCP prefix within the deadline.
+func (l *Link) readPrefix(d *framing.Decoder) error {
+	cfg := &l.sh.cfg
+	l.nc.SetReadDeadline(time.Now().Add(cfg.prefixTimeout()))
+	err := d.ReadPrefix()
+	if err == nil {
+		l.nc.SetReadDeadline(time.Time{})
+		return nil
+	}
+	var ne net.Error
+	var pe *framing.PrefixError
+	switch {
+	case l.closed.Load():
+		return relay.ErrClosedHere
+	case errors.As(err, &ne) && ne.Timeout():
+		cfg.Counters.PrefixTimeouts.Add(1)
+		return &relay.ProtocolError{Reason: fmt.Sprintf("no IKETCP prefix within %v", cfg.prefixTimeout())}
+	case errors.As(err, &pe):
+		cfg.Counters.BadPrefix.Add(1)
+		return &relay.ProtocolError{Reason: fmt.Sprintf("stream does not begin with IKETCP (got %q): not an RFC 9329 client", pe.Got)}
+	case err == io.EOF || errors.Is(err, framing.ErrTruncated):
+		cfg.Counters.BadPrefix.Add(1)
+		return &relay.ProtocolError{Reason: "closed before sending the IKETCP prefix"}
+	}
+	return &relay.ProtocolError{Reason: "read failed before the prefix: " + err.Error()}
+}
+
+// ended says why the stream ended, counting what the far end did wrong.
+func (l *Link) ended(err error) error {
+	cfg := &l.sh.cfg
+	switch {
+	case err == io.EOF:
+		if l.sh.prefixExpect {
+			return errors.New("peer closed the connection")
+		}
+		return errors.New("server closed the connection")
+	case errors.Is(err, framing.ErrTruncated):
+		cfg.Counters.TruncatedFrames.Add(1)
+		return fmt.Errorf("stream ended inside a frame (partial frame discarded): %w", err)
+	case errors.Is(err, framing.ErrBadLength):
+		cfg.Counters.BadLength.Add(1)
+		return &relay.ProtocolError{Reason: "invalid frame: " + err.Error()}
+	case l.closed.Load() || errors.Is(err, net.ErrClosed):
+		return relay.ErrClosedHere
+	}
+	return fmt.Errorf("read failed: %w", err)
+}
+
+// Close closes the connection; Serve returns.
+func (l *Link) Close() error {
+	l.closed.Store(true)
+	return l.nc.Close()
+}
+
+func (l *Link) LocalAddr() string  { return l.nc.LocalAddr().String() }
+func (l *Link) RemoteAddr() string { return l.nc.RemoteAddr().String() }
