@@ -87,13 +87,16 @@ func (d *Decoder) ReadPrefix() error {
 
 // Buffered reports whether the next call to Next will return a frame
 // without reading from the stream (and so without invalidating payloads
-// returned earlier).
+// returned earlier). A frame over the limit is never reported buffered,
+// even when it is: Next skips it and moves on to the frame after it,
+// which may need a read, so a caller that holds payloads must be done
+// with them before that call.
 func (d *Decoder) Buffered() bool {
 	if d.expectPrefix || d.end-d.start < LengthSize {
 		return false
 	}
 	n := int(binary.BigEndian.Uint16(d.buf[d.start:]))
-	return n >= LengthSize && d.end-d.start >= n
+	return n >= LengthSize && n <= d.maxFrame && d.end-d.start >= n
 }
 
 // Next returns the payload of the next frame: a datagram in port-4500 form

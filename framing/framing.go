@@ -61,6 +61,7 @@ const (
 	KindIKE                   // non-ESP marker, then an IKE message
 	KindESP                   // ESP packet, SPI first
 	KindKeepalive             // 1-byte NAT keepalive
+	KindControl               // iketcp control message (ESP-shaped, SPI ControlSPI)
 )
 
 func (k Kind) String() string {
@@ -71,6 +72,8 @@ func (k Kind) String() string {
 		return "ESP"
 	case KindKeepalive:
 		return "keepalive"
+	case KindControl:
+		return "control"
 	default:
 		return "invalid"
 	}
@@ -88,6 +91,9 @@ func Classify(p []byte) Kind {
 		}
 		return KindIKE
 	case len(p) >= ESPHeaderSize:
+		if binary.BigEndian.Uint32(p) == ControlSPI {
+			return KindControl
+		}
 		return KindESP
 	default:
 		return KindInvalid
@@ -125,6 +131,7 @@ var (
 	ErrShortESP   = errors.New("ESP packet shorter than its header")
 	ErrZeroSPI    = errors.New("ESP SPI is zero")
 	ErrNotMessage = errors.New("payload is neither IKE, ESP nor keepalive")
+	ErrControl    = errors.New("not an iketcp control message this version knows")
 )
 
 // PrefixError reports a stream whose first bytes are not the prefix.

@@ -326,14 +326,107 @@ func TestDecoderBufferedKeepsPayloads(t *testing.T) {
 	}
 }
 
+// chunkReader returns its chunks one Read at a time.
+type chunkReader struct{ chunks [][]byte }
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	if len(r.chunks) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.chunks[0])
+	if r.chunks[0] = r.chunks[0][n:]; len(r.chunks[0]) == 0 {
+		r.chunks = r.chunks[1:]
+	}
+	return n, nil
+}
+
+// TestDecoderOversizedFrameIsNotBuffered: a payload still held when the
+// next frame is over the limit must not be overwritten by the read that
+// the frame after it needs. Buffered says false before the oversized
+// frame, so a caller that batches while Buffered is true hands its batch
+// on first.
+func TestDecoderOversizedFrameIsNotBuffered(t *testing.T) {
+	a := espPayload(50, 0xa, 1)
+	big := espPayload(300, 0xb, 2)
+	c := espPayload(150, 0xc, 3)
+	s := stream(true, a, big, c)
+	// The first read holds a, the oversized frame and the start of c; the
+	// rest of c needs a second read.
+	cut := len(Prefix) + 2*LengthSize + len(a) + len(big) + 10
+	d := NewDecoder(&chunkReader{chunks: [][]byte{s[:cut], s[cut:]}}, MinBufferSize, true)
+	d.LimitPayload(200)
+	got, err := d.Next()
+	if err != nil || !bytes.Equal(got, a) {
+		t.Fatalf("first frame: %v", err)
+	}
+	if d.Buffered() {
+		t.Fatal("Buffered is true with an oversized frame next")
+	}
+	held := bytes.Clone(got)
+	if _, err := d.Next(); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("oversized frame: %v, want ErrTooLarge", err)
+	}
+	if p, err := d.Next(); err != nil || !bytes.Equal(p, c) {
+		t.Fatalf("frame after the oversized one: %v", err)
+	}
+	// The contract: got was valid until a call of Next that Buffered did
+	// not vouch for. What a correct caller handed on is what it read.
+	if !bytes.Equal(held, a) {
+		t.Fatal("the held payload was read wrong")
+	}
+}
+
+// TestControl: control messages round-trip, are told from ESP, and
+// anything malformed or unknown is refused.
+func TestControl(t *testing.T) {
+	key := bytes.Repeat([]byte{7}, ControlKeySize)
+	hello := AppendControl(nil, ControlHello, key)
+	var m Message
+	if err := m.Decode(hello); err != nil || m.Kind != KindControl || m.Control.Type != ControlHello || !bytes.Equal(m.Control.Body, key) {
+		t.Fatalf("hello: %v %+v", err, m)
+	}
+	ticket := AppendControl(nil, ControlTicket, binary.BigEndian.AppendUint64(nil, 42), binary.BigEndian.AppendUint64(nil, 0xabc))
+	if err := m.Decode(ticket); err != nil || m.Control.Type != ControlTicket || m.Control.SessionID() != 42 {
+		t.Fatalf("ticket: %v %+v", err, m)
+	}
+	// ESP with any other SPI, reserved or not, is ESP.
+	for _, spi := range []uint32{1, ControlSPI - 1, ControlSPI + 1, 0xc0000001} {
+		if k := Classify(espPayload(40, spi, 1)); k != KindESP {
+			t.Errorf("SPI %#x: %v, want ESP", spi, k)
+		}
+	}
+	bad := map[string][]byte{
+		"short":         hello[:8],
+		"version":       append(append([]byte(nil), hello[:4]...), append([]byte{2}, hello[5:]...)...),
+		"type 0":        append(append([]byte(nil), hello[:5]...), append([]byte{0}, hello[6:]...)...),
+		"unknown type":  append(append([]byte(nil), hello[:5]...), append([]byte{99}, hello[6:]...)...),
+		"body too long": append(append([]byte(nil), hello...), 0),
+		"body short":    hello[:len(hello)-1],
+	}
+	for name, p := range bad {
+		if err := m.Decode(p); !errors.Is(err, ErrControl) || m.Kind != KindControl {
+			t.Errorf("%s: %v (kind %v), want ErrControl", name, err, m.Kind)
+		}
+	}
+	defer func() {
+		if recover() == nil {
+			t.Error("AppendControl took a body of the wrong size")
+		}
+	}()
+	AppendControl(nil, ControlClaim, key)
+}
+
 func TestDecodersDoNotAllocate(t *testing.T) {
 	ike := ikePayload(300, 0xabc, 0x123, IKEAuth, FlagInitiator, 1)
 	esp := espPayload(1400, 0xc0ffee, 1)
+	keepalive := []byte{KeepaliveByte}
+	control := AppendControl(nil, ControlHello, make([]byte, ControlKeySize))
 	var m Message
 	if n := testing.AllocsPerRun(1000, func() {
 		_ = m.Decode(ike)
 		_ = m.Decode(esp)
-		_ = m.Decode([]byte{KeepaliveByte})
+		_ = m.Decode(keepalive)
+		_ = m.Decode(control)
 	}); n != 0 {
 		t.Errorf("Message.Decode allocates %v times per run", n)
 	}

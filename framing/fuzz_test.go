@@ -76,6 +76,7 @@ func FuzzMessageDecode(f *testing.F) {
 	f.Add(espPayload(64, 9, 10))
 	f.Add([]byte{KeepaliveByte})
 	f.Add([]byte{0, 0, 0, 0, 1})
+	f.Add(AppendControl(nil, ControlClaim, make([]byte, 8+ControlMACSize)))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		var m Message
 		err := m.Decode(p)
@@ -95,6 +96,13 @@ func FuzzMessageDecode(f *testing.F) {
 		case KindKeepalive:
 			if err != nil {
 				t.Fatalf("keepalive: %v", err)
+			}
+		case KindControl:
+			if err == nil {
+				back := AppendControl(nil, m.Control.Type, m.Control.Body)
+				if !bytes.Equal(back, p) {
+					t.Fatalf("control %v does not encode back to what it decoded from", m.Control.Type)
+				}
 			}
 		case KindInvalid:
 			if err == nil {

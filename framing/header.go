@@ -91,6 +91,22 @@ func (h *IKEHeader) IsInitiator() bool { return h.Flags&FlagInitiator != 0 }
 // IsResponse reports whether the message is a response.
 func (h *IKEHeader) IsResponse() bool { return h.Flags&FlagResponse != 0 }
 
+// IsInitRequest reports whether the message opens a new IKE SA: an
+// IKE_SA_INIT request from the initiator, with no responder SPI yet and
+// message ID zero (RFC 7296 2.2, 3.1).
+func (h *IKEHeader) IsInitRequest() bool {
+	return h.Exchange == IKESAInit && h.Flags&(FlagInitiator|FlagResponse) == FlagInitiator &&
+		h.ResponderSPI == 0 && h.MessageID == 0
+}
+
+// IsInitResponse reports whether the message answers an IKE_SA_INIT
+// request and names the responder's SPI: the responder took the IKE SA
+// (an answer without one, such as a COOKIE or INVALID_KE_PAYLOAD request,
+// does not count).
+func (h *IKEHeader) IsInitResponse() bool {
+	return h.Exchange == IKESAInit && h.Flags&FlagResponse != 0 && h.ResponderSPI != 0 && h.MessageID == 0
+}
+
 // ESPHeader holds the cleartext ESP header (RFC 4303 2).
 type ESPHeader struct {
 	SPI uint32
@@ -113,9 +129,10 @@ func (h *ESPHeader) Decode(pkt []byte) error {
 // Message is a classified and parsed payload. Only the header matching
 // Kind is meaningful.
 type Message struct {
-	Kind Kind
-	IKE  IKEHeader
-	ESP  ESPHeader
+	Kind    Kind
+	IKE     IKEHeader
+	ESP     ESPHeader
+	Control Control
 }
 
 // Decode classifies payload (a datagram in port-4500 form) and parses the
@@ -130,6 +147,8 @@ func (m *Message) Decode(payload []byte) error {
 		return m.ESP.Decode(payload)
 	case KindKeepalive:
 		return nil
+	case KindControl:
+		return m.Control.Decode(payload)
 	}
 	if len(payload) >= MarkerSize && payload[0]|payload[1]|payload[2]|payload[3] == 0 {
 		return ErrShortIKE
