@@ -1,0 +1,58 @@
+package ticket
+
+import (
+	"bytes"
+	"testing"
+)
+
+func TestLinkKeyAgreesAndClaimsBindToTheLink(t *testing.T) {
+	c, err := NewExchange()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewExchange()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc, err := c.LinkKey(s.Public(), c.Public(), s.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks, err := s.LinkKey(c.Public(), c.Public(), s.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kc != ks || kc == (Key{}) {
+		t.Fatal("the two ends derived different keys")
+	}
+	// A second link: new keys, so a claim made for it fails on the first.
+	c2, _ := NewExchange()
+	s2, _ := NewExchange()
+	mac := ClaimMAC(kc, 7, c2.Public(), s2.Public())
+	if !CheckClaim(ks, 7, c2.Public(), s2.Public(), mac[:]) {
+		t.Fatal("a good claim was refused")
+	}
+	for name, ok := range map[string]bool{
+		"other link":    CheckClaim(ks, 7, c.Public(), s.Public(), mac[:]),
+		"other session": CheckClaim(ks, 8, c2.Public(), s2.Public(), mac[:]),
+		"other key":     CheckClaim(Key{1}, 7, c2.Public(), s2.Public(), mac[:]),
+		"short MAC":     CheckClaim(ks, 7, c2.Public(), s2.Public(), mac[:16]),
+	} {
+		if ok {
+			t.Errorf("%s: claim accepted", name)
+		}
+	}
+	if bytes.Equal(c.Public(), c2.Public()) {
+		t.Fatal("key pairs repeat")
+	}
+}
+
+func TestLinkKeyRefusesBadPublicKeys(t *testing.T) {
+	e, _ := NewExchange()
+	if _, err := e.LinkKey(make([]byte, 31), nil, nil); err == nil {
+		t.Error("a short public key was taken")
+	}
+	if _, err := e.LinkKey(make([]byte, KeySize), nil, nil); err == nil {
+		t.Error("the all-zero (low-order) public key was taken")
+	}
+}
