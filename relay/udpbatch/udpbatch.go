@@ -183,7 +183,26 @@ func (c *Conn) Truncated() uint64 { return c.truncated.Load() }
 //
 // ReadBatch calls are serialised: one reader at a time. To read in parallel,
 // open several sockets (SO_REUSEPORT) and give each its own Conn.
-func (c *Conn) ReadBatch(msgs []Message) (n int, err error) {
+func (c *Conn) ReadBatch(msgs []Message) (n int, err error) { return c.readBatch(msgs, false) }
+
+// TryReadBatch is ReadBatch without the wait: with nothing queued it
+// returns 0 and no error at once. A reader that takes its buffers from a
+// pool only while there is something to read calls WaitRead, takes them,
+// and calls TryReadBatch until it returns less than a full batch. On a
+// fallback Conn it waits, as ReadBatch does.
+func (c *Conn) TryReadBatch(msgs []Message) (n int, err error) { return c.readBatch(msgs, true) }
+
+// WaitRead blocks until a datagram (or a pending error) is queued, or the
+// read deadline passes, or the Conn is closed (an error that is
+// net.ErrClosed). It reads nothing. On a fallback Conn it returns at once.
+func (c *Conn) WaitRead() error {
+	if c.fallback.Load() != nil {
+		return nil
+	}
+	return c.waitReadSys()
+}
+
+func (c *Conn) readBatch(msgs []Message, try bool) (n int, err error) {
 	if len(msgs) == 0 {
 		return 0, nil
 	}
@@ -193,7 +212,7 @@ func (c *Conn) ReadBatch(msgs []Message) (n int, err error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
 	if c.fallback.Load() == nil {
-		n, err = c.readBatchSys(msgs)
+		n, err = c.readBatchSys(msgs, try)
 		why, refused := err.(*UnsupportedError)
 		if !refused {
 			return n, err

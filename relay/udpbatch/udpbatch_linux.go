@@ -141,6 +141,7 @@ func (s *scratch) forget(n int) {
 type recvScratch struct {
 	scratch
 	vlen  int           // in: datagrams offered
+	try   bool          // in: report EAGAIN as n == 0 rather than wait
 	n     int           // out: datagrams received
 	errno syscall.Errno // out: the kernel's error, if n == 0
 	fn    func(fd uintptr) bool
@@ -167,6 +168,10 @@ func (s *recvScratch) recv(fd uintptr) bool {
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
+			if s.try {
+				s.n, s.errno = 0, 0
+				return true
+			}
 			return false
 		default:
 			s.n, s.errno = 0, e
@@ -175,9 +180,27 @@ func (s *recvScratch) recv(fd uintptr) bool {
 	}
 }
 
-func (c *Conn) readBatchSys(msgs []Message) (int, error) {
+// peek is the RawConn.Read callback of waitReadSys: it reads nothing, and
+// sends the caller to the netpoller while there is nothing to read. A
+// pending error ends the wait, for the next read to report.
+func peek(fd uintptr) bool {
+	for {
+		_, _, e := unix.Syscall6(unix.SYS_RECVFROM, fd, 0, 0, unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		switch e {
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		}
+		return true
+	}
+}
+
+func (c *Conn) waitReadSys() error { return c.sys.raw.Read(peek) }
+
+func (c *Conn) readBatchSys(msgs []Message, try bool) (int, error) {
 	s := c.sys.recv
-	s.vlen = len(msgs)
+	s.vlen, s.try = len(msgs), try
 	for i := range msgs {
 		s.setBuf(i, msgs[i].Buf)
 		h := &s.hdrs[i]

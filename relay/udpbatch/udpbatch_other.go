@@ -11,6 +11,8 @@ func (c *Conn) initSys() *UnsupportedError { return &UnsupportedError{} }
 // readBatchSys and writeBatchSys are never reached: initSys always reports
 // the fallback.
 
-func (c *Conn) readBatchSys([]Message) (int, error) { return 0, &UnsupportedError{} }
+func (c *Conn) readBatchSys([]Message, bool) (int, error) { return 0, &UnsupportedError{} }
+
+func (c *Conn) waitReadSys() error { return nil }
 
 func (c *Conn) writeBatchSys([]Message) (int, error) { return 0, &UnsupportedError{} }

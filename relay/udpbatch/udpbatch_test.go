@@ -619,3 +619,58 @@ func TestAllocs(t *testing.T) {
 		}
 	}
 }
+
+// TestWaitThenTryRead: WaitRead blocks until a datagram is queued and reads
+// nothing; TryReadBatch then takes what is queued and returns 0 at once
+// when nothing is; Close ends a WaitRead.
+func TestWaitThenTryRead(t *testing.T) {
+	srv, peer := listen(t, "udp4", lo4), listen(t, "udp4", lo4)
+	c := newConn(t, srv, false, 8)
+	msgs := make([]Message, 8)
+	for i := range msgs {
+		msgs[i].Buf = make([]byte, 2048)
+	}
+	if n, err := c.TryReadBatch(msgs); n != 0 || err != nil {
+		t.Fatalf("TryReadBatch with nothing queued: %d, %v", n, err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- c.WaitRead() }()
+	select {
+	case err := <-waited:
+		t.Fatalf("WaitRead returned with nothing queued: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	for i := range 3 {
+		if _, err := peer.WriteToUDPAddrPort(payload(1, i), addrPort(srv)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-waited; err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WaitRead(); err != nil { // still queued: WaitRead read nothing
+		t.Fatal(err)
+	}
+	got := 0
+	for got < 3 {
+		n, err := c.TryReadBatch(msgs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range msgs[:n] {
+			if !bytes.Equal(msgs[i].Buf[:msgs[i].N], payload(1, got+i)) {
+				t.Fatalf("datagram %d changed", got+i)
+			}
+		}
+		got += n
+	}
+	if n, err := c.TryReadBatch(msgs); n != 0 || err != nil {
+		t.Fatalf("TryReadBatch after draining: %d, %v", n, err)
+	}
+	go func() { waited <- c.WaitRead() }()
+	time.Sleep(20 * time.Millisecond)
+	c.Close()
+	if err := <-waited; !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("WaitRead after Close: %v, want net.ErrClosed", err)
+	}
+}
