@@ -34,8 +34,41 @@ type Decoder struct {
 // With expectPrefix, the stream must begin with Prefix, as streams that a
 // TCP responder accepts do.
 func NewDecoder(r io.Reader, bufSize int, expectPrefix bool) *Decoder {
-	bufSize = max(bufSize, MinBufferSize)
-	return &Decoder{r: r, buf: make([]byte, bufSize), maxFrame: min(bufSize, MaxFrame), expectPrefix: expectPrefix}
+	return NewDecoderOn(r, make([]byte, max(bufSize, MinBufferSize)), expectPrefix)
+}
+
+// NewDecoderOn is NewDecoder with a buffer of the caller's: one from a
+// pool, say, that goes back there with Release while the stream is quiet.
+// It panics if buf is shorter than MinBufferSize.
+func NewDecoderOn(r io.Reader, buf []byte, expectPrefix bool) *Decoder {
+	if len(buf) < MinBufferSize {
+		panic("framing: decoder buffer shorter than MinBufferSize")
+	}
+	return &Decoder{r: r, buf: buf, maxFrame: min(len(buf), MaxFrame), expectPrefix: expectPrefix}
+}
+
+// Empty reports whether the decoder holds nothing of the stream: every
+// byte read has been returned, and no part of a frame waits for more.
+// Then its buffer may go back to a pool (Release) until the stream has
+// something to read.
+func (d *Decoder) Empty() bool { return d.start == d.end }
+
+// Release takes the decoder's buffer away and returns it. The decoder must
+// be Empty, and the payloads it returned no longer in use; it reads again
+// only after Reuse.
+func (d *Decoder) Release() []byte {
+	if !d.Empty() {
+		panic("framing: Release of a decoder that holds data")
+	}
+	buf := d.buf
+	d.buf = nil
+	return buf
+}
+
+// Reuse gives the decoder a buffer again, of the length its first one had.
+func (d *Decoder) Reuse(buf []byte) {
+	d.buf = buf
+	d.start, d.end = d.headroom, d.headroom
 }
 
 // Offset returns where payload p, returned by Next, starts in the

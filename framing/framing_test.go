@@ -416,6 +416,41 @@ func TestControl(t *testing.T) {
 	AppendControl(nil, ControlClaim, key)
 }
 
+// TestDecoderReleaseAndReuse: an empty decoder gives its buffer back and
+// reads on with another; one that holds data refuses to.
+func TestDecoderReleaseAndReuse(t *testing.T) {
+	a, b := espPayload(100, 0xa, 1), espPayload(200, 0xb, 2)
+	r := &chunkReader{chunks: [][]byte{stream(true, a), stream(false, b)[:50], stream(false, b)[50:]}}
+	d := NewDecoderOn(r, make([]byte, MinBufferSize), true)
+	d.SetHeadroom(64)
+	if p, err := d.Next(); err != nil || !bytes.Equal(p, a) {
+		t.Fatalf("first frame: %v", err)
+	}
+	if !d.Empty() {
+		t.Fatal("not Empty with every byte returned")
+	}
+	old := d.Release()
+	clear(old) // back in a pool, reused by someone else
+	d.Reuse(make([]byte, MinBufferSize))
+	p, err := d.Next()
+	if err != nil || !bytes.Equal(p, b) {
+		t.Fatalf("frame after Reuse: %v", err)
+	}
+	if _, off := d.Offset(p); off < 64+LengthSize {
+		t.Fatalf("headroom lost across Reuse: payload at %d", off)
+	}
+	d2 := NewDecoderOn(&chunkReader{chunks: [][]byte{stream(false, a)[:10]}}, make([]byte, MinBufferSize), false)
+	if _, err := d2.Next(); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("partial frame: %v", err)
+	}
+	defer func() {
+		if recover() == nil {
+			t.Error("NewDecoderOn took a buffer shorter than MinBufferSize")
+		}
+	}()
+	NewDecoderOn(r, make([]byte, 10), false)
+}
+
 func TestDecodersDoNotAllocate(t *testing.T) {
 	ike := ikePayload(300, 0xabc, 0x123, IKEAuth, FlagInitiator, 1)
 	esp := espPayload(1400, 0xc0ffee, 1)

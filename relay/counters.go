@@ -13,7 +13,9 @@ import (
 // what went from the local daemon toward the far end.
 type Counters struct {
 	ConnsAccepted     atomic.Uint64 // server: links accepted
-	ConnsRejected     atomic.Uint64 // server: refused over the connection limit
+	ConnsRejected     atomic.Uint64 // server: refused over a connection limit
+	ConnsEvicted      atomic.Uint64 // server: closed for a newer one, carrying no confirmed session
+	UnconfirmedCloses atomic.Uint64 // server: closed after --confirm-timeout without a confirmed session
 	ConnsDialed       atomic.Uint64 // client: links established
 	DialFailures      atomic.Uint64 // client: connection attempts that failed
 	PrefixTimeouts    atomic.Uint64 // server: no IKETCP prefix within the deadline
@@ -25,13 +27,19 @@ type Counters struct {
 	Malformed         atomic.Uint64 // datagrams that are neither IKE, ESP nor a keepalive
 	UnknownSPI        atomic.Uint64 // server: ESP for no known session (dropped)
 	GarbageCloses     atomic.Uint64 // server: connections closed for sustained garbage
+	StrayFrames       atomic.Uint64 // server: frames of a session from a connection that does not carry it (delivered; replies stay put)
+	LearnRefused      atomic.Uint64 // server: new SPIs a session may not learn (too fast, or from a connection that does not carry it)
+	ClaimsAccepted    atomic.Uint64 // server: sessions an iketcp client proved it owns
+	ClaimsRefused     atomic.Uint64 // server: claims that proved nothing
 	KeepalivesDropped atomic.Uint64 // NAT keepalives not carried over TCP (RFC 9329 6.6)
 	NoPath            atomic.Uint64 // datagrams for a session or flow with no link (dropped)
 	QueueFull         atomic.Uint64 // client: datagrams dropped on a full flow queue
 	Foreign           atomic.Uint64 // client, transparent mode: intercepted packets for no configured peer
+	Port500Refused    atomic.Uint64 // client, explicit mode: IKE from the daemon's port 500 (needs local_port = 4500)
 	SessionsCreated   atomic.Uint64 // server
 	SessionsExpired   atomic.Uint64 // server: the client did not come back
-	SessionsRejected  atomic.Uint64 // server: over the session limit
+	SessionsRejected  atomic.Uint64 // server: over a session or half-open limit
+	HalfOpenExpired   atomic.Uint64 // server: IKE_SA_INIT never answered by the backend
 	FlowsCreated      atomic.Uint64 // client
 	FlowsExpired      atomic.Uint64 // client: the daemon went quiet
 	FlowsRejected     atomic.Uint64 // client: over the flow limit
@@ -65,6 +73,8 @@ type counterDef struct {
 var counterDefs = []counterDef{
 	{"conns_accepted", true, false, func(c *Counters) *atomic.Uint64 { return &c.ConnsAccepted }},
 	{"conns_rejected", true, false, func(c *Counters) *atomic.Uint64 { return &c.ConnsRejected }},
+	{"conns_evicted", true, false, func(c *Counters) *atomic.Uint64 { return &c.ConnsEvicted }},
+	{"unconfirmed_closes", true, false, func(c *Counters) *atomic.Uint64 { return &c.UnconfirmedCloses }},
 	{"conns_dialed", false, true, func(c *Counters) *atomic.Uint64 { return &c.ConnsDialed }},
 	{"dial_failures", false, true, func(c *Counters) *atomic.Uint64 { return &c.DialFailures }},
 	{"prefix_timeouts", true, false, func(c *Counters) *atomic.Uint64 { return &c.PrefixTimeouts }},
@@ -76,13 +86,19 @@ var counterDefs = []counterDef{
 	{"malformed", true, true, func(c *Counters) *atomic.Uint64 { return &c.Malformed }},
 	{"unknown_spi", true, false, func(c *Counters) *atomic.Uint64 { return &c.UnknownSPI }},
 	{"garbage_closes", true, false, func(c *Counters) *atomic.Uint64 { return &c.GarbageCloses }},
+	{"stray_frames", true, false, func(c *Counters) *atomic.Uint64 { return &c.StrayFrames }},
+	{"learn_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.LearnRefused }},
+	{"claims_accepted", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClaimsAccepted }},
+	{"claims_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClaimsRefused }},
 	{"keepalives_dropped", true, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesDropped }},
 	{"no_path", true, true, func(c *Counters) *atomic.Uint64 { return &c.NoPath }},
 	{"queue_full", false, true, func(c *Counters) *atomic.Uint64 { return &c.QueueFull }},
 	{"foreign_packets", false, true, func(c *Counters) *atomic.Uint64 { return &c.Foreign }},
+	{"port500_refused", false, true, func(c *Counters) *atomic.Uint64 { return &c.Port500Refused }},
 	{"sessions_created", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsCreated }},
 	{"sessions_expired", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsExpired }},
 	{"sessions_rejected", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsRejected }},
+	{"half_open_expired", true, false, func(c *Counters) *atomic.Uint64 { return &c.HalfOpenExpired }},
 	{"flows_created", false, true, func(c *Counters) *atomic.Uint64 { return &c.FlowsCreated }},
 	{"flows_expired", false, true, func(c *Counters) *atomic.Uint64 { return &c.FlowsExpired }},
 	{"flows_rejected", false, true, func(c *Counters) *atomic.Uint64 { return &c.FlowsRejected }},

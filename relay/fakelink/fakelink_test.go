@@ -272,7 +272,7 @@ func TestFakeTCPGarbageClosesOnlyItsConn(t *testing.T) {
 	}
 	bad.SetHandler(func([]faketcp.Payload) {})
 	var burst [][]byte
-	for i := range server.GarbageLimit {
+	for i := range server.GarbageBudget + 1 {
 		burst = append(burst, append(make([]byte, faketcp.Headroom), relaytest.ESP(0x0bad0000+uint32(i), 1, 60)...))
 	}
 	if err := bad.Send(burst, faketcp.Headroom); err != nil {

@@ -29,8 +29,14 @@ func Logger(tb testing.TB) *slog.Logger {
 }
 
 // IKE returns an IKEv2 message of size bytes (header included) behind the
-// non-ESP marker, with the given SPIs, exchange and flags.
+// non-ESP marker, with the given SPIs, exchange and flags, and message ID
+// 0.
 func IKE(ispi, rspi uint64, xchg framing.ExchangeType, flags uint8, size int) []byte {
+	return IKEMsg(ispi, rspi, xchg, flags, 0, size)
+}
+
+// IKEMsg is IKE with a message ID.
+func IKEMsg(ispi, rspi uint64, xchg framing.ExchangeType, flags uint8, msgID uint32, size int) []byte {
 	b := make([]byte, framing.MarkerSize+size)
 	m := b[framing.MarkerSize:]
 	binary.BigEndian.PutUint64(m[0:], ispi)
@@ -38,8 +44,18 @@ func IKE(ispi, rspi uint64, xchg framing.ExchangeType, flags uint8, size int) []
 	m[17] = 0x20
 	m[18] = byte(xchg)
 	m[19] = flags
+	binary.BigEndian.PutUint32(m[20:], msgID)
 	binary.BigEndian.PutUint32(m[24:], uint32(size))
 	return b
+}
+
+// Init is an IKE_SA_INIT request for ispi; InitResponse the backend's
+// answer, which confirms the session.
+func Init(ispi uint64) []byte { return IKE(ispi, 0, framing.IKESAInit, framing.FlagInitiator, 100) }
+
+// InitResponse answers Init(ispi).
+func InitResponse(ispi uint64) []byte {
+	return IKE(ispi, ispi^0x5151, framing.IKESAInit, framing.FlagResponse, 90)
 }
 
 // Rig is a client and a server relaying between two fake IKE daemons on
@@ -255,6 +271,59 @@ func (r *Rig) RawConn(prefix bool) net.Conn {
 		c.Write([]byte(framing.Prefix))
 	}
 	return c
+}
+
+// Frame sends datagrams to the server on c as frames.
+func Frame(tb testing.TB, c net.Conn, dgs ...[]byte) {
+	tb.Helper()
+	var b []byte
+	for _, d := range dgs {
+		b = framing.AppendFrame(b, d)
+	}
+	if _, err := c.Write(b); err != nil {
+		tb.Fatalf("writing to the server: %v", err)
+	}
+}
+
+// ReadFrame reads the next datagram the server sends on c, within two
+// seconds, through d (a decoder of c's, kept for the connection).
+func ReadFrame(tb testing.TB, c net.Conn, d *framing.Decoder) []byte {
+	tb.Helper()
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	p, err := d.Next()
+	if err != nil {
+		tb.Fatalf("waiting for a frame from the server: %v", err)
+	}
+	return bytes.Clone(p)
+}
+
+// ExpectNoFrame checks that the server sends nothing on c for a short
+// while.
+func ExpectNoFrame(tb testing.TB, c net.Conn, what string) {
+	tb.Helper()
+	c.SetReadDeadline(time.Now().Add(150 * time.Millisecond))
+	var b [64]byte
+	if n, err := c.Read(b[:]); err == nil || n > 0 {
+		tb.Fatalf("%s: the server sent %d bytes, want none", what, n)
+	}
+	c.SetReadDeadline(time.Time{})
+}
+
+// OpenSession opens a confirmed session for ispi on c, a raw client
+// connection: an IKE_SA_INIT that the backend answers, the answer read
+// back on c through d. It returns the backend side's address.
+func (r *Rig) OpenSession(c net.Conn, d *framing.Decoder, ispi uint64) netip.AddrPort {
+	r.T.Helper()
+	Frame(r.T, c, Init(ispi))
+	got, from := Recv(r.T, r.Backend)
+	if !bytes.Equal(got, Init(ispi)) {
+		r.T.Fatalf("backend got %d bytes, want the IKE_SA_INIT", len(got))
+	}
+	r.Backend.WriteToUDPAddrPort(InitResponse(ispi), from)
+	if got := ReadFrame(r.T, c, d); !bytes.Equal(got, InitResponse(ispi)) {
+		r.T.Fatalf("client got %d bytes, want the IKE_SA_INIT response", len(got))
+	}
+	return from
 }
 
 // ClosedByServer waits until the server closes c (with FIN or RST).

@@ -8,11 +8,20 @@ import (
 	"github.com/iketcp/iketcp/relay"
 )
 
-// Defaults of Config's zero fields.
+// Defaults of Config's zero fields. The per-source limits suit carrier-
+// grade NAT, where many clients share one public address: they bound what
+// one address can hold that has not been confirmed, not what its
+// established clients use.
 const (
-	DefaultSessionIdle = 5 * time.Minute
-	DefaultMaxConns    = 1024
-	DefaultMaxSessions = 4096
+	DefaultSessionIdle             = 5 * time.Minute
+	DefaultMaxConns                = 4096
+	DefaultMaxUnconfirmedPerSource = 64
+	DefaultConfirmTimeout          = 60 * time.Second
+	DefaultMaxSessions             = 4096
+	DefaultMaxSessionsPerSource    = 256
+	DefaultMaxHalfOpen             = 1024
+	DefaultMaxHalfOpenPerSource    = 32
+	DefaultHalfOpenTimeout         = 30 * time.Second
 )
 
 // Config configures a Server. Only Backend is required; zero values mean
@@ -28,8 +37,25 @@ type Config struct {
 	// SessionIdle is how long a session without a connection waits for its
 	// client to reconnect before it expires.
 	SessionIdle time.Duration
-	// MaxConns and MaxSessions bound concurrent connections and sessions.
-	MaxConns, MaxSessions int
+	// MaxConns bounds concurrent connections. When it is reached, a new
+	// connection takes the place of the oldest one that carries no
+	// confirmed session, or is refused if every one carries one.
+	MaxConns int
+	// MaxUnconfirmedPerSource bounds the connections without a confirmed
+	// session from one source: an IPv4 address or an IPv6 /64.
+	MaxUnconfirmedPerSource int
+	// ConfirmTimeout closes a connection that has carried no confirmed
+	// session for that long (since it was accepted, or since its last one
+	// left).
+	ConfirmTimeout time.Duration
+	// MaxSessions and MaxSessionsPerSource bound sessions, each with a
+	// backend socket, in all and per source.
+	MaxSessions, MaxSessionsPerSource int
+	// MaxHalfOpen and MaxHalfOpenPerSource bound the sessions whose
+	// IKE_SA_INIT the backend has not answered yet; HalfOpenTimeout is how
+	// long one may wait for that answer.
+	MaxHalfOpen, MaxHalfOpenPerSource int
+	HalfOpenTimeout                   time.Duration
 	// MaxDatagram is the largest datagram relayed from the backend; larger
 	// ones are counted and dropped.
 	MaxDatagram int
@@ -41,6 +67,22 @@ func (c *Config) logger() *slog.Logger { return relay.OrDefault(c.Logger, slog.D
 func (c *Config) sessionIdle() time.Duration {
 	return relay.OrDefault(c.SessionIdle, DefaultSessionIdle)
 }
-func (c *Config) maxConns() int    { return relay.OrDefault(c.MaxConns, DefaultMaxConns) }
+func (c *Config) maxConns() int { return relay.OrDefault(c.MaxConns, DefaultMaxConns) }
+func (c *Config) maxUnconfirmedPerSource() int {
+	return relay.OrDefault(c.MaxUnconfirmedPerSource, DefaultMaxUnconfirmedPerSource)
+}
+func (c *Config) confirmTimeout() time.Duration {
+	return relay.OrDefault(c.ConfirmTimeout, DefaultConfirmTimeout)
+}
 func (c *Config) maxSessions() int { return relay.OrDefault(c.MaxSessions, DefaultMaxSessions) }
+func (c *Config) maxSessionsPerSource() int {
+	return relay.OrDefault(c.MaxSessionsPerSource, DefaultMaxSessionsPerSource)
+}
+func (c *Config) maxHalfOpen() int { return relay.OrDefault(c.MaxHalfOpen, DefaultMaxHalfOpen) }
+func (c *Config) maxHalfOpenPerSource() int {
+	return relay.OrDefault(c.MaxHalfOpenPerSource, DefaultMaxHalfOpenPerSource)
+}
+func (c *Config) halfOpenTimeout() time.Duration {
+	return relay.OrDefault(c.HalfOpenTimeout, DefaultHalfOpenTimeout)
+}
 func (c *Config) maxDatagram() int { return relay.OrDefault(c.MaxDatagram, relay.DefaultMaxDatagram) }

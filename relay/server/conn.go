@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/binary"
 	"fmt"
 	"log/slog"
 	"net"
@@ -10,43 +11,57 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/ticket"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
 const (
-	// GarbageLimit is how many undeliverable frames in a row close a
-	// connection: RFC 9329 6.1 asks to close on sustained garbage, not on
-	// a single unknown SPI.
-	GarbageLimit = 16
+	// GarbageBudget is how many undeliverable frames (malformed, for no
+	// session, control messages that prove nothing) a connection may send
+	// at once, and GarbageRate how many a second after that, however many
+	// good frames it sends besides: RFC 9329 6.1 asks to close on
+	// sustained garbage, not on a single unknown SPI.
+	GarbageBudget = 32
+	GarbageRate   = 4.0
 	// connBatch is how many frames a connection gathers before sending
 	// them to the backend.
 	connBatch = 64
 )
 
-// conn is one client's link, as the server serves it: the receiver of
-// what the client sends, and the return path of the sessions it carries.
+// conn is one client's link, as the server serves it: the receiver of what
+// the client sends, and the return path of the sessions it carries.
 type conn struct {
 	srv      *Server
 	link     relay.Link
 	id       uint64
 	remote   string
+	src      source
 	accepted time.Time
 
 	closed    atomic.Bool
 	closeOnce sync.Once
+	keys      atomic.Pointer[linkKeys] // set once the client said hello: an iketcp client
 
-	mu       sync.Mutex // guards the following
-	carrying map[*session]struct{}
+	// Guarded by Server.mu.
+	carrying         map[*session]struct{} // sessions whose return path this is; nil once forgotten
+	confirmed        int                   // how many of them are confirmed
+	unconfirmedSince time.Time
 
 	// Owned by the link's reader (Receive's caller).
-	msg      framing.Message
-	current  *session // the session of the last frame; unknown SPIs join it
-	lastSPI  uint32   // cache of the last ESP lookup
-	lastSess *session
-	garbage  int // undeliverable frames in a row
-	pending  []pendingFrame
-	out      []udpbatch.Message
-	frames   uint64
+	msg       framing.Message
+	current   *session // the session of the last frame this connection carries
+	lastESP   uint32   // cache of the last ESP lookup
+	lastRoute *route
+	garbage   budget
+	pending   []pendingFrame
+	out       []udpbatch.Message
+	frames    uint64
+}
+
+// linkKeys is an iketcp client's side of the link's key exchange.
+type linkKeys struct {
+	client, server []byte // the public keys
+	key            ticket.Key
 }
 
 type pendingFrame struct {
@@ -54,21 +69,16 @@ type pendingFrame struct {
 	payload []byte
 }
 
-func (s *Server) newConn(link relay.Link) *conn {
+func (s *Server) newConnLocked(link relay.Link, remote string, src source, now time.Time) *conn {
 	c := &conn{
-		srv:      s,
-		link:     link,
-		id:       s.nextConnID.Add(1),
-		remote:   link.RemoteAddr(),
-		accepted: time.Now(),
-		carrying: make(map[*session]struct{}),
-		pending:  make([]pendingFrame, 0, connBatch),
-		out:      make([]udpbatch.Message, 0, connBatch),
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closing {
-		return nil
+		srv:              s,
+		link:             link,
+		id:               s.nextConnID.Add(1),
+		remote:           remote,
+		src:              src,
+		accepted:         now,
+		unconfirmedSince: now,
+		carrying:         make(map[*session]struct{}),
 	}
 	s.conns[c] = struct{}{}
 	return c
@@ -77,28 +87,33 @@ func (s *Server) newConn(link relay.Link) *conn {
 // Receive routes a burst of the client's datagrams to their sessions and
 // sends them on to the backend. Sustained garbage ends the link.
 func (c *conn) Receive(burst []relay.Datagram) error {
+	if c.pending == nil {
+		c.pending = make([]pendingFrame, 0, connBatch)
+		c.out = make([]udpbatch.Message, 0, connBatch)
+	}
+	now := time.Now()
 	for _, d := range burst {
 		c.frames++
-		if err := c.route(d.Bytes()); err != nil {
-			c.flush()
+		if err := c.route(d.Bytes(), now); err != nil {
+			c.flush(now)
 			return err
 		}
 		if len(c.pending) == cap(c.pending) {
-			c.flush()
+			c.flush(now)
 		}
 	}
-	c.flush()
+	c.flush(now)
 	return nil
 }
 
 // route puts one datagram in its session's pending batch, or counts and
 // drops it. It returns an error to close the connection.
-func (c *conn) route(p []byte) error {
+func (c *conn) route(p []byte, now time.Time) error {
 	s := c.srv
 	if err := c.msg.Decode(p); err != nil {
 		s.counters.Malformed.Add(1)
 		s.logMalformed.Log(s.log, slog.LevelWarn, "malformed frame dropped", "conn", c.id, "remote", c.remote, "len", len(p), "err", err)
-		return c.undeliverable()
+		return c.undeliverable(now)
 	}
 	var sess *session
 	switch c.msg.Kind {
@@ -106,82 +121,251 @@ func (c *conn) route(p []byte) error {
 		// RFC 9329 6.6: keepalives are not sent over TCP; drop silently.
 		s.counters.KeepalivesDropped.Add(1)
 		return nil
+	case framing.KindControl:
+		if !c.control(&c.msg.Control, now) {
+			return c.undeliverable(now)
+		}
+		return nil
 	case framing.KindIKE:
-		sess = c.sessionForIKE(&c.msg.IKE)
+		sess = c.sessionForIKE(&c.msg.IKE, now)
 	case framing.KindESP:
-		sess = c.sessionForESP(c.msg.ESP.SPI)
+		sess = c.sessionForESP(c.msg.ESP.SPI, now)
 	}
 	if sess == nil {
-		return c.undeliverable()
+		return c.undeliverable(now)
 	}
-	c.garbage = 0
-	c.current = sess
-	sess.bind(c)
 	c.pending = append(c.pending, pendingFrame{sess, p})
 	return nil
 }
 
-// undeliverable counts a frame that found no session, and closes the
-// connection on sustained garbage.
-func (c *conn) undeliverable() error {
-	c.garbage++
-	if c.garbage >= GarbageLimit {
-		c.srv.counters.GarbageCloses.Add(1)
-		return &relay.ProtocolError{Reason: fmt.Sprintf("%d undeliverable frames in a row", c.garbage)}
-	}
-	return nil
-}
-
-// sessionForESP finds the session of ESP with the given SPI.
-func (c *conn) sessionForESP(spi uint32) *session {
-	if c.lastSPI == spi && c.lastSess != nil && !c.lastSess.closed.Load() {
-		return c.lastSess
-	}
-	s := c.srv
-	s.mu.Lock()
-	sess := s.routes.esp.lookupOrJoin(spi, c.current, espKeys)
-	s.mu.Unlock()
-	if sess == nil {
-		s.counters.UnknownSPI.Add(1)
-		s.logUnknownSPI.Log(s.log, slog.LevelInfo, "ESP for an unknown SPI dropped", "conn", c.id, "remote", c.remote, "spi", relay.SPI32(spi))
+// undeliverable spends the connection's garbage budget on a frame that
+// went nowhere, and closes the connection when the budget is spent.
+func (c *conn) undeliverable(now time.Time) error {
+	if c.garbage.take(now, GarbageBudget, GarbageRate) {
 		return nil
 	}
-	sess.book.NoteESPIn(spi)
-	c.lastSPI, c.lastSess = spi, sess
-	return sess
+	c.srv.counters.GarbageCloses.Add(1)
+	return &relay.ProtocolError{Reason: fmt.Sprintf("sustained garbage: more than %d undeliverable frames, then more than %g a second", GarbageBudget, GarbageRate)}
 }
 
-// sessionForIKE finds the session of an IKE message, or starts one.
-func (c *conn) sessionForIKE(h *framing.IKEHeader) *session {
+// carries reports whether c is sess's return path; c.current is only ever
+// such a session.
+func (c *conn) carries(sess *session) bool {
+	return sess != nil && !sess.closed.Load() && sess.conn.Load() == c
+}
+
+// sessionForIKE finds the session of an IKE message: by its IKE SA, or a
+// new one for an IKE_SA_INIT request, or, for a rekeyed IKE SA, the
+// session this connection carries.
+func (c *conn) sessionForIKE(h *framing.IKEHeader, now time.Time) *session {
 	s := c.srv
 	s.mu.Lock()
-	sess := s.routes.ike.lookupOrJoin(h.InitiatorSPI, c.current, ikeKeys)
+	r := s.routes.ike.m[h.InitiatorSPI]
+	if r == nil && !h.IsInitRequest() {
+		if cur := c.current; c.carries(cur) && cur.confirmed.Load() && s.learnLocked(cur, now) {
+			r = s.routes.ike.add(cur, &cur.ikeKeys, h.InitiatorSPI, now)
+		}
+	}
+	if r == nil {
+		s.mu.Unlock()
+		if h.IsInitRequest() {
+			return c.openSession(h, now)
+		}
+		s.counters.UnknownSPI.Add(1)
+		s.logUnknownSPI.Log(s.log, slog.LevelInfo, "IKE message for an unknown IKE SA dropped", "conn", c.id, "remote", c.remote,
+			"ike_spi", relay.SPI64(h.InitiatorSPI), "exchange", h.Exchange.String())
+		return nil
+	}
+	sess := r.sess
+	fresh := !h.IsResponse() && r.request(h.MessageID)
+	s.steerLocked(sess, c, fresh, h)
+	r.touch(now.Unix())
+	carrier := sess.conn.Load() == c
 	s.mu.Unlock()
-	if sess == nil {
-		var created bool
-		var err error
-		if sess, created, err = s.newSession(h); err != nil {
-			s.counters.SessionsRejected.Add(1)
-			s.logRejected.Log(s.log, slog.LevelWarn, "IKE message dropped: "+err.Error(), "conn", c.id, "remote", c.remote)
-			return nil
-		}
-		if created {
-			s.log.Info("session created", "session", sess.id, "remote", c.remote, "ike_spi", relay.SPI64(h.InitiatorSPI),
-				"exchange", h.Exchange.String(), "backend_local", sess.local.String())
-		}
+	if carrier {
+		c.current = sess
 	}
 	sess.book.NoteIKE(h)
 	return sess
 }
 
+// sessionForESP finds the session of ESP with the given SPI, or lets the
+// session this connection carries learn the SPI: a new child SA.
+func (c *conn) sessionForESP(spi uint32, now time.Time) *session {
+	if r := c.lastRoute; r != nil && c.lastESP == spi && c.carries(r.sess) {
+		r.touch(now.Unix())
+		return r.sess
+	}
+	s := c.srv
+	s.mu.Lock()
+	r := s.routes.esp.m[spi]
+	if r == nil {
+		if cur := c.current; c.carries(cur) && cur.confirmed.Load() && s.learnLocked(cur, now) {
+			r = s.routes.esp.add(cur, &cur.espKeys, spi, now)
+		}
+		if r == nil {
+			s.mu.Unlock()
+			s.counters.UnknownSPI.Add(1)
+			s.logUnknownSPI.Log(s.log, slog.LevelInfo, "ESP for an unknown SPI dropped", "conn", c.id, "remote", c.remote, "spi", relay.SPI32(spi))
+			return nil
+		}
+	}
+	sess := r.sess
+	s.steerLocked(sess, c, false, nil)
+	r.touch(now.Unix())
+	carrier := sess.conn.Load() == c
+	s.mu.Unlock()
+	c.lastESP, c.lastRoute = spi, nil
+	if carrier {
+		c.current, c.lastRoute = sess, r
+	}
+	sess.book.NoteESPIn(spi)
+	return sess
+}
+
+// learnLocked spends sess's learning budget on a new SPI; refused, it is
+// counted. Server.mu must be held.
+func (s *Server) learnLocked(sess *session, now time.Time) bool {
+	if sess.learn.take(now, learnBurst, learnRate) {
+		return true
+	}
+	s.counters.LearnRefused.Add(1)
+	return false
+}
+
+// steerLocked decides where sess's replies go when a frame of it comes on
+// c. If c carries it, nothing changes. If no live connection carries it
+// (its client's connection is gone), c takes it. Otherwise the frame is a
+// stray: it goes on to the backend, which checks it, but the replies stay
+// where they are, unless it is a fresh IKE request: then c is noted, and
+// takes the session if the backend answers that request (session.go).
+// Server.mu must be held.
+func (s *Server) steerLocked(sess *session, c *conn, fresh bool, h *framing.IKEHeader) {
+	cur := sess.conn.Load()
+	switch {
+	case cur == c:
+	case cur == nil || cur.closed.Load():
+		s.moveLocked(sess, c, "its connection was gone")
+	default:
+		s.counters.StrayFrames.Add(1)
+		if fresh {
+			sess.vouch = vouch{conn: c, ispi: h.InitiatorSPI, msgID: h.MessageID}
+		}
+	}
+}
+
+// moveLocked makes c the return path of sess, and logs why.
+func (s *Server) moveLocked(sess *session, c *conn, why string) {
+	old := sess.conn.Load()
+	s.carryLocked(sess, c)
+	if sess.conn.Load() != c {
+		return // c was closed meanwhile
+	}
+	sess.vouch = vouch{}
+	if sess.conns.Add(1) > 1 {
+		s.counters.Rebinds.Add(1)
+		from := "none"
+		if old != nil {
+			from = old.remote
+		}
+		s.logSession.Log(s.log, slog.LevelInfo, "session moved to another connection: "+why, "session", sess.id,
+			"from", from, "to", c.remote, "backend_local", sess.local.String())
+	}
+}
+
+// openSession starts a session for an IKE_SA_INIT request, which this
+// connection carries.
+func (c *conn) openSession(h *framing.IKEHeader, now time.Time) *session {
+	s := c.srv
+	sess, created, err := s.newSession(c, h, now)
+	if err != nil {
+		s.counters.SessionsRejected.Add(1)
+		s.logRejected.Log(s.log, slog.LevelWarn, "IKE_SA_INIT dropped: "+err.Error(), "conn", c.id, "remote", c.remote)
+		return nil
+	}
+	if created {
+		c.current = sess
+		s.logSession.Log(s.log, slog.LevelInfo, "session created", "session", sess.id, "remote", c.remote,
+			"ike_spi", relay.SPI64(h.InitiatorSPI), "backend_local", sess.local.String())
+	}
+	sess.book.NoteIKE(h)
+	return sess
+}
+
+// control handles an iketcp control message from the client, and reports
+// whether it was one a client may send.
+func (c *conn) control(m *framing.Control, now time.Time) bool {
+	switch m.Type {
+	case framing.ControlHello:
+		return c.hello(m.Body)
+	case framing.ControlClaim:
+		return c.claim(m.SessionID(), m.Body[8:], now)
+	}
+	return false
+}
+
+// hello answers an iketcp client's Hello: the link's key exchange.
+func (c *conn) hello(clientPub []byte) bool {
+	if c.keys.Load() != nil {
+		return false // once per link
+	}
+	ex, err := ticket.NewExchange()
+	if err != nil {
+		return false
+	}
+	client := append([]byte(nil), clientPub...)
+	key, err := ex.LinkKey(client, client, ex.Public())
+	if err != nil {
+		return false
+	}
+	c.keys.Store(&linkKeys{client: client, server: ex.Public(), key: key})
+	c.sendControl(framing.ControlHelloReply, ex.Public())
+	return true
+}
+
+// claim moves a session to this link if the client proves it owns it.
+func (c *conn) claim(id uint64, mac []byte, now time.Time) bool {
+	s := c.srv
+	k := c.keys.Load()
+	ok := false
+	s.mu.Lock()
+	sess := s.sessions[id]
+	if k != nil && sess != nil && sess.keyed && ticket.CheckClaim(sess.key, id, k.client, k.server, mac) {
+		ok = true
+		if sess.conn.Load() != c {
+			s.moveLocked(sess, c, "its client proved it owns it")
+		}
+	}
+	s.mu.Unlock()
+	result := byte(framing.ClaimRefused)
+	if ok {
+		result = framing.ClaimAccepted
+		c.current = sess
+		s.counters.ClaimsAccepted.Add(1)
+	} else {
+		s.counters.ClaimsRefused.Add(1)
+		s.logClaim.Log(s.log, slog.LevelWarn, "claim refused: it proves nothing", "conn", c.id, "remote", c.remote, "session", id)
+	}
+	c.sendControl(framing.ControlClaimed, binary.BigEndian.AppendUint64(nil, id), []byte{result})
+	return ok
+}
+
+// sendControl sends a control message to the client.
+func (c *conn) sendControl(t framing.ControlType, parts ...[]byte) {
+	buf := framing.AppendControl(make([]byte, relay.Headroom, relay.Headroom+64), t, parts...)
+	if err := c.send([][]byte{buf}); err != nil {
+		c.srv.logConn.Log(c.srv.log, slog.LevelDebug, "control message not sent", "conn", c.id, "type", t.String(), "err", err)
+	}
+}
+
 // flush sends the pending frames to their sessions' backend sockets, one
 // sendmmsg per run of frames for the same session.
-func (c *conn) flush() {
+func (c *conn) flush(now time.Time) {
 	p := c.pending
-	now := time.Now().UnixNano()
+	stamp := now.UnixNano()
 	for i := 0; i < len(p); {
 		sess := p[i].sess
-		sess.lastActive.Store(now)
+		sess.lastActive.Store(stamp)
 		c.out = c.out[:0]
 		var bytes uint64
 		for ; i < len(p) && p[i].sess == sess; i++ {
@@ -209,33 +393,12 @@ func (c *conn) send(bufs [][]byte) error {
 	return c.link.Send(bufs)
 }
 
-// attach records that c carries sess, so closing c detaches it. It fails
-// if c is already closed.
-func (c *conn) attach(sess *session) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed.Load() {
-		return false
-	}
-	c.carrying[sess] = struct{}{}
-	return true
-}
-
-// close closes the connection and detaches the sessions it carried; they
-// wait for their client to come back.
+// close closes the connection and forgets it; the sessions it carried
+// wait for their client to come back. Server.mu must not be held.
 func (c *conn) close() {
 	c.closeOnce.Do(func() {
-		c.mu.Lock()
 		c.closed.Store(true)
-		carrying := c.carrying
-		c.carrying = nil
-		c.mu.Unlock()
 		c.link.Close()
-		now := time.Now().UnixNano()
-		for sess := range carrying {
-			if sess.conn.CompareAndSwap(c, nil) {
-				sess.lastActive.Store(now)
-			}
-		}
+		c.srv.forgetConn(c)
 	})
 }

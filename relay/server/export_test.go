@@ -15,8 +15,14 @@ func (s *Server) RouteCounts() (ike, esp int) {
 // of the path would.
 func (s *Server) CloseConns() {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	conns := make([]*conn, 0, len(s.conns))
 	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
 		c.close()
 	}
 }
+
+const LearnBurst = learnBurst

@@ -1,16 +1,28 @@
 // Package server is the server role of iketcp: beside the gateway's IKE
 // daemon, it accepts links from clients (RFC 9329 streams or fake-TCP
-// conns, through any relay.Listener) and relays each session's traffic
-// to the daemon from a UDP socket of the session's own, whose source port
+// conns, through any relay.Listener) and relays each session's traffic to
+// the daemon from a UDP socket of the session's own, whose source port
 // never changes, so the daemon never sees its peer move.
 //
-// A session is the server's view of one client daemon's IKE traffic. It
-// is found by the IKE and ESP SPIs its frames carry (routes.go), so a
-// client that reconnects from a new address lands on its old session. A
-// conn is one accepted link: it routes each frame to its session and
-// sends the burst on to the sessions' backend sockets (conn.go); each
-// session's backend reader sends the daemon's answers back on the link
-// that carries the session (session.go).
+// A session is the server's view of one IKE SA (and the SAs rekeyed from
+// it): it starts from an IKE_SA_INIT request, is half-open until the
+// backend answers it, and is found afterwards by the IKE and ESP SPIs its
+// frames carry (routes.go), so a client that reconnects lands on its old
+// session. A conn is one accepted link: it routes each frame to its
+// session and sends the burst on to the sessions' backend sockets
+// (conn.go); each session's backend reader sends the daemon's answers back
+// on the connection that carries the session: its return path
+// (session.go).
+//
+// The server faces strangers (admission.go and the rules in conn.go and
+// session.go): nothing a stranger sends can move, starve or evict a
+// session that belongs to someone else. A session's return path moves only
+// when the move is vouched for: the connection that carried it is gone;
+// the backend daemon answered a fresh IKE request that came on the new
+// connection (only an authentic request gets an answer); or an iketcp
+// client proved with its ticket that it owns the session (package
+// relay/ticket). Every limit refuses the newest or cheapest thing, never
+// an established session.
 package server
 
 import (
@@ -38,20 +50,22 @@ type Server struct {
 	log      *slog.Logger
 	started  time.Time
 	counters *relay.Counters
-	slots    chan struct{} // one token per open connection
+	buffers  sync.Pool // of *backendBuffers
 
 	nextConnID, nextSessionID atomic.Uint64
 
-	mu        sync.Mutex // guards the following, and each session's routes
+	mu        sync.Mutex // guards the following, and what conns and sessions say it guards
 	listeners []relay.Listener
 	sessions  map[uint64]*session
 	routes    routes
 	conns     map[*conn]struct{}
+	sources   map[source]*sourceUse
+	halfOpen  int
 	closing   bool
 
 	wg sync.WaitGroup // every goroutine the server starts
 
-	logRejected, logUnknownSPI, logMalformed, logBackend, logOversize relay.Sometimes
+	logConn, logSession, logRejected, logUnknownSPI, logMalformed, logBackend, logOversize, logClaim relay.Sometimes
 }
 
 // New returns a server for cfg.
@@ -59,16 +73,19 @@ func New(cfg Config) (*Server, error) {
 	if !cfg.Backend.IsValid() {
 		return nil, errors.New("server needs a backend address (the IKE daemon's UDP port, e.g. 127.0.0.1:4500)")
 	}
-	return &Server{
+	s := &Server{
 		cfg:      cfg,
 		log:      cfg.logger(),
 		counters: relay.OrDefault(cfg.Counters, new(relay.Counters)),
 		started:  time.Now(),
-		slots:    make(chan struct{}, cfg.maxConns()),
 		sessions: make(map[uint64]*session),
 		routes:   newRoutes(),
 		conns:    make(map[*conn]struct{}),
-	}, nil
+		sources:  make(map[source]*sourceUse),
+	}
+	size := relay.Headroom + cfg.maxDatagram()
+	s.buffers.New = func() any { return newBackendBuffers(size) }
+	return s, nil
 }
 
 // Counters returns the server's live counters; the listeners' links count
@@ -92,7 +109,7 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 		relay.CloseWhenDone(ctx, &s.wg, ln)
 	}
 	s.wg.Add(1)
-	go s.expireSessions(ctx)
+	go s.sweep(ctx)
 
 	ended := make(chan error, len(listeners))
 	for _, ln := range listeners {
@@ -124,56 +141,31 @@ func (s *Server) acceptLinks(ctx context.Context, ln relay.Listener) error {
 			// Out of file descriptors and the like: wait and retry, as
 			// net/http does.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.log.Warn("accept failed, retrying", "listen", ln.Addr(), "err", err, "in", backoff)
+			s.logConn.Log(s.log, slog.LevelWarn, "accept failed, retrying", "listen", ln.Addr(), "err", err, "in", backoff)
 			if !relay.SleepCtx(ctx, backoff) {
 				return nil
 			}
 			continue
 		}
 		backoff = 0
-		if !s.admit(link) {
-			link.Close()
+		if c := s.admit(link); c != nil {
+			s.wg.Add(1)
+			go s.serveConn(c)
 		}
 	}
-}
-
-// admit starts serving a new link, unless the connection limit is reached
-// or the server is shutting down; then the caller closes it.
-func (s *Server) admit(link relay.Link) bool {
-	select {
-	case s.slots <- struct{}{}:
-	default:
-		s.counters.ConnsRejected.Add(1)
-		s.logRejected.Log(s.log, slog.LevelWarn, "connection refused: connection limit reached (raise --max-conns)",
-			"remote", link.RemoteAddr(), "limit", cap(s.slots))
-		return false
-	}
-	c := s.newConn(link)
-	if c == nil { // shutting down
-		<-s.slots
-		return false
-	}
-	s.counters.ConnsAccepted.Add(1)
-	s.wg.Add(1)
-	go s.serveConn(c)
-	return true
 }
 
 // serveConn runs one connection until its link ends.
 func (s *Server) serveConn(c *conn) {
 	defer s.wg.Done()
-	defer func() { <-s.slots }()
-	s.log.Debug("connection accepted", "conn", c.id, "remote", c.remote)
 	err := c.link.Serve(c)
 	c.close()
-	s.mu.Lock()
-	delete(s.conns, c)
-	s.mu.Unlock()
+	s.forgetConn(c)
 	level := slog.LevelInfo
 	if relay.IsProtocolError(err) {
 		level = slog.LevelWarn
 	}
-	s.log.Log(context.Background(), level, "connection closed", "conn", c.id, "remote", c.remote,
+	s.logConn.Log(s.log, level, "connection closed", "conn", c.id, "remote", c.remote,
 		"reason", err.Error(), "frames", c.frames, "duration", time.Since(c.accepted).Round(time.Millisecond).String())
 }
 

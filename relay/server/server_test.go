@@ -63,7 +63,7 @@ func TestBadInput(t *testing.T) {
 		// Sustained garbage does close it.
 		c2 := r.RawConn(true)
 		var burst []byte
-		for i := range server.GarbageLimit {
+		for i := range server.GarbageBudget + 1 {
 			burst = framing.AppendFrame(burst, relaytest.ESP(0x0bad0000+uint32(i), 1, 60))
 		}
 		c2.Write(burst)
@@ -93,36 +93,61 @@ func TestBadInput(t *testing.T) {
 	v.Finish(t)
 }
 
+// TestLimits: a connection over the limit takes the place of the oldest
+// one that carries no confirmed session; when every one carries one, the
+// new one is refused. A session over the session limit is dropped and the
+// connection stays. The established session is never touched.
 func TestLimits(t *testing.T) {
 	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true, Server: server.Config{MaxConns: 2, MaxSessions: 1}})
 	sc := r.Srv.Counters()
 	a := r.RawConn(true)
-	a.Write(framing.AppendFrame(nil, relaytest.IKE(1, 0, framing.IKESAInit, framing.FlagInitiator, 100)))
-	relaytest.Recv(t, r.Backend)
+	da := framing.NewDecoder(a, 0, false)
+	from := r.OpenSession(a, da, 1)
 	b := r.RawConn(true)
 	// A second session is over the limit: dropped, counted, the
 	// connection stays.
-	b.Write(framing.AppendFrame(nil, relaytest.IKE(2, 0, framing.IKESAInit, framing.FlagInitiator, 100)))
+	relaytest.Frame(t, b, relaytest.Init(2))
 	relaytest.Eventually(t, "sessions_rejected", func() bool { return relaytest.Counter(sc, "sessions_rejected") == 1 })
 	relaytest.ExpectNothing(t, r.Backend, "IKE over the session limit")
-	// A third connection is over the connection limit.
+	// A third connection is over the connection limit: it takes b's
+	// place, b carrying nothing confirmed.
 	c := r.RawConn(true)
-	relaytest.ClosedByServer(t, c)
-	if relaytest.Counter(sc, "conns_rejected") != 1 {
-		t.Fatalf("conns_rejected = %d", relaytest.Counter(sc, "conns_rejected"))
+	relaytest.ClosedByServer(t, b)
+	if relaytest.Counter(sc, "conns_evicted") != 1 || relaytest.Counter(sc, "conns_rejected") != 0 {
+		t.Fatalf("conns_evicted %d, conns_rejected %d", relaytest.Counter(sc, "conns_evicted"), relaytest.Counter(sc, "conns_rejected"))
 	}
-	// The first session is unharmed.
-	a.Write(framing.AppendFrame(nil, relaytest.IKE(1, 9, framing.IKEAuth, framing.FlagInitiator, 200)))
-	if got, _ := relaytest.Recv(t, r.Backend); len(got) != 204 {
-		t.Fatalf("first session after the limits: %d bytes", len(got))
+	// A fourth takes c's: a is never the one to go.
+	d := r.RawConn(true)
+	relaytest.ClosedByServer(t, c)
+	relaytest.ExpectNoFrame(t, d, "the newest connection")
+	// The first session is unharmed, both ways.
+	relaytest.Frame(t, a, relaytest.IKEMsg(1, 9, framing.IKEAuth, framing.FlagInitiator, 1, 200))
+	if got, from2 := relaytest.Recv(t, r.Backend); len(got) != 204 || from2 != from {
+		t.Fatalf("first session after the limits: %d bytes from %v", len(got), from2)
+	}
+	r.Backend.WriteToUDPAddrPort(relaytest.IKEMsg(1, 9, framing.IKEAuth, framing.FlagResponse, 1, 150), from)
+	if got := relaytest.ReadFrame(t, a, da); len(got) != 154 {
+		t.Fatalf("answer to the first session: %d bytes", len(got))
+	}
+}
+
+// TestLimitsRefuseWhenAllConfirmed: with every slot held by a connection
+// that carries a confirmed session, a new connection is refused.
+func TestLimitsRefuseWhenAllConfirmed(t *testing.T) {
+	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true, Server: server.Config{MaxConns: 1}})
+	a := r.RawConn(true)
+	r.OpenSession(a, framing.NewDecoder(a, 0, false), 1)
+	b := r.RawConn(true)
+	relaytest.ClosedByServer(t, b)
+	if n := relaytest.Counter(r.Srv.Counters(), "conns_rejected"); n != 1 {
+		t.Fatalf("conns_rejected = %d", n)
 	}
 }
 
 func TestSessionExpiresAfterClientLeaves(t *testing.T) {
 	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true, Server: server.Config{SessionIdle: 200 * time.Millisecond}})
 	c := r.RawConn(true)
-	c.Write(framing.AppendFrame(nil, relaytest.IKE(3, 0, framing.IKESAInit, framing.FlagInitiator, 100)))
-	_, from := relaytest.Recv(t, r.Backend)
+	from := r.OpenSession(c, framing.NewDecoder(c, 0, false), 3)
 	// While the connection is open the session stays, idle or not.
 	time.Sleep(400 * time.Millisecond)
 	if n := len(r.Srv.Status().Sessions); n != 1 {
@@ -139,51 +164,59 @@ func TestSessionExpiresAfterClientLeaves(t *testing.T) {
 	}
 }
 
-// TestReturnPathFollowsLastConnection checks RFC 9329 6.1: the server
-// answers on the connection that last carried the session's traffic.
-func TestReturnPathFollowsLastConnection(t *testing.T) {
+// TestReturnPathMovesOnlyWhenVouched: a session's replies stay on the
+// connection that carries it when frames of it come on another, until
+// the backend answers a fresh IKE request that came there: then they
+// follow (RFC 9329 6.1: answer on the connection that last carried the
+// session's traffic, once that traffic is known to be authentic).
+func TestReturnPathMovesOnlyWhenVouched(t *testing.T) {
 	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true})
 	a := r.RawConn(true)
-	a.Write(framing.AppendFrame(nil, relaytest.IKE(4, 0, framing.IKESAInit, framing.FlagInitiator, 100)))
-	_, from := relaytest.Recv(t, r.Backend)
+	da := framing.NewDecoder(a, 0, false)
+	from := r.OpenSession(a, da, 4)
 	b := r.RawConn(true)
-	b.Write(framing.AppendFrame(nil, relaytest.IKE(4, 7, framing.IKEAuth, framing.FlagInitiator, 100)))
+	db := framing.NewDecoder(b, 0, false)
+	// A retransmission of the IKE_SA_INIT on b is not fresh: its answer
+	// stays on a.
+	relaytest.Frame(t, b, relaytest.Init(4))
 	if _, from2 := relaytest.Recv(t, r.Backend); from2 != from {
 		t.Fatalf("second connection got another backend socket: %v vs %v", from2, from)
 	}
-	reply := relaytest.IKE(4, 7, framing.IKEAuth, framing.FlagResponse, 120)
+	r.Backend.WriteToUDPAddrPort(relaytest.InitResponse(4), from)
+	relaytest.ReadFrame(t, a, da)
+	relaytest.ExpectNoFrame(t, b, "the answer to a retransmission from another connection")
+	// A fresh request on b that the backend answers moves the session.
+	relaytest.Frame(t, b, relaytest.IKEMsg(4, 7, framing.IKEAuth, framing.FlagInitiator, 1, 100))
+	relaytest.Recv(t, r.Backend)
+	reply := relaytest.IKEMsg(4, 7, framing.IKEAuth, framing.FlagResponse, 1, 120)
 	r.Backend.WriteToUDPAddrPort(reply, from)
-	b.SetReadDeadline(time.Now().Add(2 * time.Second))
-	d := framing.NewDecoder(b, 0, false)
-	got, err := d.Next()
-	if err != nil || !bytes.Equal(got, reply) {
-		t.Fatalf("reply on the newer connection: %v", err)
+	if got := relaytest.ReadFrame(t, b, db); !bytes.Equal(got, reply) {
+		t.Fatal("the answer to the fresh request did not come on its connection")
 	}
-	a.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-	if n, _ := a.Read(make([]byte, 10)); n != 0 {
-		t.Fatal("older connection also got the reply")
+	relaytest.ExpectNoFrame(t, a, "the older connection")
+	if n := relaytest.Counter(r.Srv.Counters(), "rebinds"); n != 1 {
+		t.Fatalf("rebinds = %d", n)
 	}
 }
 
-// TestRoutesAreBounded checks that a session which keeps learning SPIs
-// (as rekeys do for as long as it lives) holds a bounded share of the
-// routing table, and that expiry removes all of it.
-func TestRoutesAreBounded(t *testing.T) {
+// TestLearningIsBounded: a session learns new SPIs only from the
+// connection that carries it, at most a burst at once, and never more
+// than its table holds; expiry removes every one.
+func TestLearningIsBounded(t *testing.T) {
 	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true, Server: server.Config{SessionIdle: 100 * time.Millisecond}})
 	c := r.RawConn(true)
-	var s []byte
-	s = framing.AppendFrame(s, relaytest.IKE(5, 0, framing.IKESAInit, framing.FlagInitiator, 100))
+	r.OpenSession(c, framing.NewDecoder(c, 0, false), 5)
+	var s [][]byte
 	for i := range 3 * server.MaxRouteKeys {
-		s = framing.AppendFrame(s, relaytest.ESP(0xe0000000+uint32(i), 1, 60))
-		s = framing.AppendFrame(s, relaytest.IKE(0x100+uint64(i), 0, framing.CreateChildSA, framing.FlagInitiator, 80))
+		s = append(s, relaytest.ESP(0xe0000000+uint32(i), 1, 60), relaytest.IKE(0x100+uint64(i), 0, framing.CreateChildSA, framing.FlagInitiator, 80))
 	}
-	c.Write(s)
-	for range 1 + 6*server.MaxRouteKeys {
-		relaytest.Recv(t, r.Backend)
-	}
+	relaytest.Frame(t, c, s...)
+	relaytest.Eventually(t, "learn_refused", func() bool {
+		return relaytest.Counter(r.Srv.Counters(), "learn_refused") > 0
+	})
 	ike, esp := r.Srv.RouteCounts()
-	if ike != server.MaxRouteKeys || esp != server.MaxRouteKeys {
-		t.Fatalf("routing table holds %d IKE and %d ESP SPIs for one session, want %d each", ike, esp, server.MaxRouteKeys)
+	if ike+esp > 1+server.LearnBurst+2 || ike > server.MaxRouteKeys || esp > server.MaxRouteKeys {
+		t.Fatalf("one session learned %d IKE and %d ESP SPIs in one burst, want at most %d new", ike, esp, server.LearnBurst)
 	}
 	c.Close()
 	relaytest.Eventually(t, "session expiry", func() bool { return len(r.Srv.Status().Sessions) == 0 })

@@ -70,14 +70,21 @@ type shared struct {
 	cfg          Config
 	log          *slog.Logger
 	logOversize  relay.Sometimes
-	prefixExpect bool // links expect the prefix: the server's side
+	prefixExpect bool      // links expect the prefix: the server's side
+	buffers      sync.Pool // of *[]byte, the links' read buffers
 }
 
 func newShared(cfg Config, server bool) *shared {
 	if cfg.Counters == nil {
 		cfg.Counters = new(relay.Counters)
 	}
-	return &shared{cfg: cfg, log: relay.OrDefault(cfg.Logger, slog.Default()), prefixExpect: server}
+	sh := &shared{cfg: cfg, log: relay.OrDefault(cfg.Logger, slog.Default()), prefixExpect: server}
+	size := cfg.bufferSize()
+	sh.buffers.New = func() any {
+		b := make([]byte, size)
+		return &b
+	}
+	return sh
 }
 
 // Dialer opens RFC 9329 links to a server, for a client.
@@ -190,18 +197,56 @@ func (l *Link) Send(bufs [][]byte) error {
 
 // Serve reads the stream until it ends: on a server's link the prefix
 // first, within its deadline, then frames, a burst at a time to rx.
+//
+// An idle link holds no read buffer: when its decoder has handed out
+// everything it read and the stream has nothing more, the buffer goes
+// back to the Dialer's or Listener's pool, and the link waits for the
+// stream to become readable without one (on connections that can wait
+// so: TCP; TLS keeps its buffer).
 func (l *Link) Serve(rx relay.Receiver) error {
 	cfg := &l.sh.cfg
-	d := framing.NewDecoder(l.nc, cfg.bufferSize(), l.sh.prefixExpect)
-	d.SetHeadroom(relay.Headroom)
-	d.LimitPayload(cfg.maxDatagram())
-	if l.sh.prefixExpect {
-		if err := l.readPrefix(d); err != nil {
-			return err
-		}
+	var w *waiter
+	if raw := rawConn(l.nc); raw != nil {
+		w = newWaiter(raw)
 	}
+	if l.sh.prefixExpect {
+		l.nc.SetReadDeadline(time.Now().Add(cfg.prefixTimeout()))
+	}
+	var d *framing.Decoder
+	var held *[]byte // the decoder's buffer, from the pool
+	defer func() {
+		if held != nil {
+			l.sh.buffers.Put(held)
+		}
+	}()
 	burst := make([]relay.Datagram, 0, burstSize)
 	for {
+		if d == nil || w != nil && d.Empty() {
+			if held != nil {
+				d.Release()
+				l.sh.buffers.Put(held)
+				held = nil
+			}
+			if w != nil {
+				if err := w.wait(); err != nil {
+					if d == nil {
+						return l.prefixFailed(err)
+					}
+					return l.ended(err)
+				}
+			}
+			held = l.sh.buffers.Get().(*[]byte)
+			if d == nil {
+				d = framing.NewDecoderOn(l.nc, *held, l.sh.prefixExpect)
+				d.SetHeadroom(relay.Headroom)
+				d.LimitPayload(cfg.maxDatagram())
+				if err := l.readPrefix(d); err != nil {
+					return err
+				}
+				continue
+			}
+			d.Reuse(*held)
+		}
 		p, err := d.Next()
 		if err != nil {
 			if errors.Is(err, framing.ErrTooLarge) {
@@ -226,15 +271,36 @@ func (l *Link) Serve(rx relay.Receiver) error {
 	}
 }
 
-// readPrefix reads the IKETCP prefix within the deadline.
-func (l *Link) readPrefix(d *framing.Decoder) error {
-	cfg := &l.sh.cfg
-	l.nc.SetReadDeadline(time.Now().Add(cfg.prefixTimeout()))
-	err := d.ReadPrefix()
-	if err == nil {
-		l.nc.SetReadDeadline(time.Time{})
+// rawConn returns nc's raw connection, if nc is a socket whose
+// readability can be waited for without reading.
+func rawConn(nc net.Conn) syscall.RawConn {
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
 		return nil
 	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return raw
+}
+
+// readPrefix reads the IKETCP prefix, if the link expects one, within the
+// deadline Serve set.
+func (l *Link) readPrefix(d *framing.Decoder) error {
+	if !l.sh.prefixExpect {
+		return nil
+	}
+	if err := d.ReadPrefix(); err != nil {
+		return l.prefixFailed(err)
+	}
+	l.nc.SetReadDeadline(time.Time{})
+	return nil
+}
+
+// prefixFailed says why a server's link got no prefix, and counts it.
+func (l *Link) prefixFailed(err error) error {
+	cfg := &l.sh.cfg
 	var ne net.Error
 	var pe *framing.PrefixError
 	switch {
