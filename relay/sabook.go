@@ -70,6 +70,14 @@ func (b *SABook) Fill(ss *SessionStatus) {
 	ss.ESPOut = spiStrings(b.espOut)
 }
 
+// FillLink copies the book's IKE SAs and outbound ESP into ls.
+func (b *SABook) FillLink(ls *LinkStatus) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ls.IKESAs = append([]IKESAInfo(nil), b.ikeSAs...)
+	ls.ESPOut = spiStrings(b.espOut)
+}
+
 // SPI32 and SPI64 print an ESP or IKE SPI as Status and logs show it.
 func SPI32(v uint32) string { return fmt.Sprintf("%08x", v) }
 func SPI64(v uint64) string { return fmt.Sprintf("%016x", v) }

@@ -40,8 +40,9 @@ type SessionStatus struct {
 	// TransportReason says why, on a client: "answered on udp", "no answer
 	// to IKE_SA_INIT in 15s", "transport tcp".
 	TransportReason string `json:"transport_reason,omitempty"`
-	// State is "up", "connecting" or "waiting" (no connection; a server
-	// waits for the client to reconnect, a client backs off).
+	// State is "up", "connecting", "waiting" (no connection; a server
+	// waits for the client to reconnect, a client backs off) or, on a
+	// server, "half-open" (the backend has not answered the IKE_SA_INIT).
 	State       string      `json:"state"`
 	Created     time.Time   `json:"created"`
 	LastActive  time.Time   `json:"last_active"`
@@ -54,6 +55,22 @@ type SessionStatus struct {
 	BytesIn    uint64   `json:"bytes_in"`
 	PacketsOut uint64   `json:"packets_out"`
 	BytesOut   uint64   `json:"bytes_out"`
+	// Links are a client flow's connections to the server, one per IKE SA
+	// (RFC 9329 6: IKE SAs do not share a connection, but for the overlap
+	// of a rekey).
+	Links []LinkStatus `json:"links,omitempty"`
+}
+
+// LinkStatus describes one of a client flow's links.
+type LinkStatus struct {
+	ID          uint64      `json:"id"`
+	Peer        string      `json:"peer"`
+	Local       string      `json:"local,omitempty"`
+	State       string      `json:"state"`
+	Connections uint64      `json:"connections"`
+	Session     uint64      `json:"session,omitempty"` // the server's session, from its ticket (iketcp servers only)
+	IKESAs      []IKESAInfo `json:"ike_sas"`
+	ESPOut      []string    `json:"esp_spi_out"`
 }
 
 // IKESAInfo is an IKE SA seen in a session, by its SPIs in hex.
@@ -106,6 +123,19 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 			fmt.Fprintf(&b, "IKE SA: spi %s/%s\n", sa.InitiatorSPI, sa.ResponderSPI)
 		}
 		fmt.Fprintf(&b, "ESP SPI: in %s  out %s\n", spiList(s.ESPIn), spiList(s.ESPOut))
+		for _, l := range s.Links {
+			fmt.Fprintf(&b, "link %d: %s -> %s  state: %s  connections: %d", l.ID, orDash(l.Local), l.Peer, l.State, l.Connections)
+			if l.Session != 0 {
+				fmt.Fprintf(&b, "  session: %d", l.Session)
+			}
+			b.WriteString("\n")
+			for _, sa := range l.IKESAs {
+				fmt.Fprintf(&b, "  IKE SA: spi %s/%s\n", sa.InitiatorSPI, sa.ResponderSPI)
+			}
+			if len(l.ESPOut) > 0 {
+				fmt.Fprintf(&b, "  ESP SPI out: %s\n", spiList(l.ESPOut))
+			}
+		}
 		fmt.Fprintf(&b, "stat: rxp=%d txp=%d rxb=%d txb=%d\n", s.PacketsIn, s.PacketsOut, s.BytesIn, s.BytesOut)
 	}
 	var nonzero []string
@@ -119,6 +149,13 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func spiList(spis []string) string {

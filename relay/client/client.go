@@ -172,6 +172,11 @@ func (cl *Client) expireFlows(ctx context.Context) {
 			cl.log.Info("flow closed: the daemon sent nothing", "flow", f.id, "daemon", f.key.daemon.String(), "idle", idle.String())
 			f.stop()
 		}
+		cl.mu.Lock()
+		for _, f := range cl.flows {
+			f.links.prune(now, idle)
+		}
+		cl.mu.Unlock()
 	})
 }
 

@@ -49,6 +49,11 @@ type Config struct {
 	// Dialer opens the links of the TCP transport; nil means RFC 9329
 	// streams (relay/streamlink) with the defaults.
 	Dialer relay.Dialer
+	// PlainRFC9329 says the server is a third-party RFC 9329 responder (a
+	// FortiGate, libreswan with espintcp): the client then sends nothing
+	// but RFC 9329 frames, and no iketcp control messages. Its sessions
+	// then come back after a reconnect only through IKE.
+	PlainRFC9329 bool
 	// Counters, if set, is where the client counts; its links' dialer
 	// should count there too. Nil means counters of the client's own.
 	Counters *relay.Counters

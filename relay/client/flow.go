@@ -15,16 +15,9 @@ import (
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
-// Flow states, for Status.
-const (
-	stateConnecting int32 = iota
-	stateUp
-	stateWaiting
-)
-
 // flow is one daemon (toward one peer, in transparent mode) and the paths
-// that carry it: a link to the iketcp server, a UDP socket to the peer,
-// or both, as its transport machine decides.
+// that carry it: links to the iketcp server, one per IKE SA (linkpath.go),
+// a UDP socket to the peer, or both, as its transport machine decides.
 type flow struct {
 	cl        *Client
 	id        uint64
@@ -32,14 +25,11 @@ type flow struct {
 	dial      string // the iketcp server, host:port
 	udpTarget string // the peer's UDP NAT-T address, host:port
 	created   time.Time
-	queue     chan *datagram  // for the link
 	ctx       context.Context // ends the flow
 	cancel    context.CancelFunc
 
 	lastLocal atomic.Int64 // unix ns of the daemon's last datagram
 	lastPeer  atomic.Int64 // unix ns of the last datagram from the far end
-	state     atomic.Int32
-	conns     atomic.Uint64
 	traffic   relay.Traffic
 	book      relay.SABook
 	ports     daemonPorts // transparent mode: where replies go
@@ -52,13 +42,11 @@ type flow struct {
 	transport *fallback.Machine
 
 	// Guarded by Client.mu.
-	linkStarted bool               // runLink is running
-	udpOut      []udpbatch.Message // UDP sends waiting for flushUDPLocked
+	udpOut []udpbatch.Message // UDP sends waiting for flushUDPLocked
 
 	udp atomic.Pointer[udpPath] // opened on the first UDP send
 
-	mu   sync.Mutex // guards the following
-	peer string     // remote address of the current link
+	links linkPaths // the link paths and how datagrams find them
 }
 
 func newFlow(ctx context.Context, cl *Client, key flowKey, dial string) *flow {
@@ -69,7 +57,6 @@ func newFlow(ctx context.Context, cl *Client, key flowKey, dial string) *flow {
 		dial:      dial,
 		udpTarget: cl.udpTarget(key),
 		created:   time.Now(),
-		queue:     make(chan *datagram, cl.cfg.queueLen()),
 		transport: fallback.New(fallback.Config{Mode: cl.cfg.Transport, Threshold: cl.cfg.FallbackThreshold, Race: cl.cfg.Race}),
 	}
 	switch cl.cfg.Transport {
@@ -79,28 +66,15 @@ func newFlow(ctx context.Context, cl *Client, key flowKey, dial string) *flow {
 		f.fixed = fallback.UDP
 	}
 	f.ctx, f.cancel = context.WithCancel(ctx)
+	f.links.init()
 	return f
 }
 
-// stop ends the flow: its link, and its UDP path, whose socket it closes.
+// stop ends the flow: its links, and its UDP path, whose socket it closes.
 func (f *flow) stop() {
 	f.cancel()
 	if u := f.udp.Load(); u != nil {
 		u.bc.Close()
-	}
-}
-
-// enqueue puts d in the link's queue, or counts it dropped when the queue
-// is full. It reports whether the queue took d.
-func (f *flow) enqueue(d *datagram) bool {
-	select {
-	case f.queue <- d:
-		return true
-	default:
-		f.cl.counters.QueueFull.Add(1)
-		f.cl.logDrop.Log(f.cl.log, slog.LevelWarn, "datagram dropped: flow queue full (connection down or too slow)",
-			"flow", f.id, "queue", cap(f.queue))
-		return false
 	}
 }
 
@@ -155,14 +129,15 @@ func (f *flow) logChange(ch *fallback.Change) {
 type peerReader struct {
 	f       *flow
 	via     fallback.Transport
+	link    *linkReader // the link's, when via is TCP
 	msg     framing.Message
 	lastSPI uint32
 	keep    []relay.Datagram
 	scratch []udpbatch.Message
 }
 
-func newPeerReader(f *flow, via fallback.Transport) *peerReader {
-	return &peerReader{f: f, via: via, keep: make([]relay.Datagram, 0, clientBatch)}
+func newPeerReader(f *flow, via fallback.Transport, link *linkReader) *peerReader {
+	return &peerReader{f: f, via: via, link: link, keep: make([]relay.Datagram, 0, clientBatch)}
 }
 
 // Receive delivers a burst from the far end to the daemon, after the
@@ -206,6 +181,14 @@ func (r *peerReader) accept(now time.Time, dg []byte) bool {
 	case framing.KindIKE:
 		f.inbound(now, r.via, &r.msg)
 		f.book.NoteIKE(&r.msg.IKE)
+		if r.link != nil {
+			f.links.fromPeer(r.link.path, &r.msg.IKE)
+		}
+	case framing.KindControl:
+		if r.link != nil {
+			r.link.control(&r.msg.Control)
+		}
+		return false
 	}
 	return true
 }
@@ -234,22 +217,21 @@ func (f *flow) status(mode string) relay.SessionStatus {
 		TransportReason: why,
 		Created:         f.created,
 		LastActive:      time.Unix(0, max(f.lastLocal.Load(), f.lastPeer.Load())),
-		Connections:     f.conns.Load(),
+		Links:           f.links.status(),
+		State:           "waiting",
+		Peer:            f.dial,
 	}
-	switch {
-	case route&fallback.TCP == 0:
+	for _, l := range ss.Links {
+		ss.Connections += l.Connections
+		switch {
+		case l.State == "up":
+			ss.State, ss.Peer = "up", l.Peer
+		case l.State == "connecting" && ss.State != "up":
+			ss.State = "connecting"
+		}
+	}
+	if route&fallback.TCP == 0 {
 		ss.State, ss.Peer = "up", f.udpTarget // UDP has no connection to lose
-	case f.state.Load() == stateUp:
-		ss.State = "up"
-	case f.state.Load() == stateConnecting:
-		ss.State = "connecting"
-	default:
-		ss.State = "waiting"
-	}
-	if ss.Peer == "" {
-		f.mu.Lock()
-		ss.Peer = relay.OrDefault(f.peer, f.dial)
-		f.mu.Unlock()
 	}
 	f.book.Fill(&ss)
 	f.traffic.Fill(&ss)

@@ -2,111 +2,363 @@ package client
 
 import (
 	"context"
+	"encoding/binary"
 	"log/slog"
 	"math/rand/v2"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/ticket"
 )
 
 // stableAfter is how long a link must last for the next reconnect to
 // start again from the shortest backoff.
 const stableAfter = 5 * time.Second
 
-// runLink keeps a link to the iketcp server for the flow, reconnecting
-// with backoff, and writes the flow's queue onto it.
+// maxTickets bounds the tickets a link path keeps: its session's, and a
+// few of rekeys and reconnects past.
+const maxTickets = 4
+
+// Link path states, for Status.
+const (
+	stateConnecting int32 = iota
+	stateUp
+	stateWaiting
+)
+
+// linkPath is one IKE SA's way to the iketcp server (and the IKE SAs
+// rekeyed from it): a link, kept up with reconnects, and the queue of the
+// daemon's datagrams that wait for it. RFC 9329 6: IKE SAs do not share a
+// TCP connection, but for the overlap of a rekey.
+type linkPath struct {
+	f      *flow
+	id     uint64
+	queue  chan *datagram
+	ctx    context.Context // ends the path
+	cancel context.CancelFunc
+
+	state    atomic.Int32
+	conns    atomic.Uint64
+	lastUsed atomic.Int64 // unix ns of the daemon's last datagram routed here
+	book     relay.SABook
+
+	started bool // runLink is running; guarded by Client.mu
+
+	mu      sync.Mutex // guards the following
+	peer    string     // the current link's ends
+	local   string
+	tickets []heldTicket // newest last
+	session uint64       // the server's session, from its latest ticket
+}
+
+// heldTicket is a server's word that session id is this path's, and the
+// key that proves it.
+type heldTicket struct {
+	id  uint64
+	key ticket.Key
+}
+
+// linkPaths are a flow's link paths and how the daemon's datagrams find
+// theirs. An IKE message's IKE SA says it; an IKE_SA_INIT request opens a
+// new path. ESP is harder: its SPI says nothing of its IKE SA to anyone
+// outside the daemons. A new outbound SPI goes to the path whose child SA
+// exchange (IKE_AUTH or CREATE_CHILD_SA) completed earliest without an
+// SPI of its own yet, else to the path used last: right whenever the
+// daemon sends on its child SAs in the order it made them, and the only
+// choice with one IKE SA. The server delivers ESP by its SPI wherever it
+// arrives.
+type linkPaths struct {
+	mu       sync.Mutex // guards the following; taken after Client.mu
+	paths    []*linkPath
+	byIKE    map[uint64]*linkPath
+	byESP    map[uint32]*linkPath
+	children []*linkPath // paths with a child SA that has no outbound SPI yet, oldest first
+	rekeyed  *linkPath   // the path of the latest CREATE_CHILD_SA
+	last     *linkPath   // the path used last
+}
+
+func (lp *linkPaths) init() {
+	lp.byIKE = make(map[uint64]*linkPath)
+	lp.byESP = make(map[uint32]*linkPath)
+}
+
+// forDaemon returns the path for a datagram of the daemon's, decoded in
+// msg, opening one if needed.
+func (lp *linkPaths) forDaemon(f *flow, msg *framing.Message, now int64) *linkPath {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	var p *linkPath
+	switch msg.Kind {
+	case framing.KindIKE:
+		h := &msg.IKE
+		if p = lp.byIKE[h.InitiatorSPI]; p == nil {
+			if !h.IsInitRequest() {
+				// A rekeyed IKE SA stays on its predecessor's link.
+				p = relay.OrDefault(lp.rekeyed, lp.last)
+			}
+			if p == nil {
+				p = lp.openLocked(f)
+			}
+			lp.byIKE[h.InitiatorSPI] = p
+		}
+		lp.exchangeLocked(p, h, false)
+		p.book.NoteIKE(h)
+		f.book.NoteIKE(h)
+	case framing.KindESP:
+		if p = lp.byESP[msg.ESP.SPI]; p == nil {
+			if len(lp.children) > 0 {
+				p = lp.children[0]
+				lp.children = append(lp.children[:0], lp.children[1:]...)
+			} else if p = lp.last; p == nil {
+				p = lp.openLocked(f)
+			}
+			lp.byESP[msg.ESP.SPI] = p
+			p.book.NoteESPOut(msg.ESP.SPI)
+			f.book.NoteESPOut(msg.ESP.SPI)
+		}
+	}
+	lp.last = p
+	p.lastUsed.Store(now)
+	return p
+}
+
+// fromPeer learns from an IKE message the peer sent on path p: the IKE
+// SA is p's (the server sends each session's on its connection), and an
+// answer to a child SA exchange gives p a child SA.
+func (lp *linkPaths) fromPeer(p *linkPath, h *framing.IKEHeader) {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if lp.byIKE[h.InitiatorSPI] == nil {
+		lp.byIKE[h.InitiatorSPI] = p
+	}
+	lp.exchangeLocked(p, h, true)
+	p.book.NoteIKE(h)
+}
+
+// exchangeLocked notes what an IKE message says of p's child SAs: the
+// answer to an IKE_AUTH or CREATE_CHILD_SA made one (fromPeer says who
+// answered).
+func (lp *linkPaths) exchangeLocked(p *linkPath, h *framing.IKEHeader, _ bool) {
+	if h.Exchange == framing.CreateChildSA {
+		lp.rekeyed = p
+	}
+	answered := h.IsResponse() && (h.Exchange == framing.IKEAuth || h.Exchange == framing.CreateChildSA)
+	if !answered {
+		return
+	}
+	for _, q := range lp.children {
+		if q == p {
+			return
+		}
+	}
+	lp.children = append(lp.children, p)
+}
+
+// openLocked opens a new path for f.
+func (lp *linkPaths) openLocked(f *flow) *linkPath {
+	p := &linkPath{f: f, id: f.cl.nextID.Add(1), queue: make(chan *datagram, f.cl.cfg.queueLen())}
+	p.ctx, p.cancel = context.WithCancel(f.ctx)
+	lp.paths = append(lp.paths, p)
+	return p
+}
+
+// prune closes the paths the daemon has not used for idle, and forgets
+// them.
+func (lp *linkPaths) prune(now time.Time, idle time.Duration) {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	keep := lp.paths[:0]
+	for _, p := range lp.paths {
+		if now.Sub(time.Unix(0, p.lastUsed.Load())) <= idle {
+			keep = append(keep, p)
+			continue
+		}
+		p.cancel()
+		for k, q := range lp.byIKE {
+			if q == p {
+				delete(lp.byIKE, k)
+			}
+		}
+		for k, q := range lp.byESP {
+			if q == p {
+				delete(lp.byESP, k)
+			}
+		}
+		lp.children = deleteAll(lp.children, p)
+		if lp.rekeyed == p {
+			lp.rekeyed = nil
+		}
+		if lp.last == p {
+			lp.last = nil
+		}
+	}
+	clear(lp.paths[len(keep):])
+	lp.paths = keep
+}
+
+func deleteAll(s []*linkPath, p *linkPath) []*linkPath {
+	out := s[:0]
+	for _, q := range s {
+		if q != p {
+			out = append(out, q)
+		}
+	}
+	clear(s[len(out):])
+	return out
+}
+
+// status describes the paths.
+func (lp *linkPaths) status() []relay.LinkStatus {
+	lp.mu.Lock()
+	paths := append([]*linkPath(nil), lp.paths...)
+	lp.mu.Unlock()
+	out := make([]relay.LinkStatus, 0, len(paths))
+	for _, p := range paths {
+		ls := relay.LinkStatus{ID: p.id, Connections: p.conns.Load()}
+		switch p.state.Load() {
+		case stateUp:
+			ls.State = "up"
+		case stateConnecting:
+			ls.State = "connecting"
+		default:
+			ls.State = "waiting"
+		}
+		p.mu.Lock()
+		ls.Peer, ls.Local, ls.Session = relay.OrDefault(p.peer, p.f.dial), p.local, p.session
+		p.mu.Unlock()
+		p.book.FillLink(&ls)
+		out = append(out, ls)
+	}
+	return out
+}
+
+// enqueue puts d in the path's queue, starting its link on first use, or
+// counts d dropped when the queue is full. It reports whether the queue
+// took d. Client.mu must be held.
+func (p *linkPath) enqueueLocked(d *datagram) bool {
+	cl := p.f.cl
+	if !p.started {
+		p.started = true
+		cl.wg.Add(1)
+		go p.runLink()
+	}
+	select {
+	case p.queue <- d:
+		return true
+	default:
+		cl.counters.QueueFull.Add(1)
+		cl.logDrop.Log(cl.log, slog.LevelWarn, "datagram dropped: link queue full (connection down or too slow)",
+			"flow", p.f.id, "link", p.id, "queue", cap(p.queue))
+		return false
+	}
+}
+
+// runLink keeps a link to the iketcp server for the path, reconnecting
+// with backoff, and writes the path's queue onto it.
 //
-// A flow leaves cl.flows (under cl.mu, which readDaemon holds while it
-// queues) before it is stopped, and readDaemon has returned before run
-// stops the rest, so nothing is queued after runLink drains the queue.
-func (f *flow) runLink() {
-	cl := f.cl
+// A path leaves its flow (under linkPaths.mu, which readDaemon takes
+// under Client.mu while it queues) before it is stopped, and readDaemon
+// has returned before run stops the rest, so nothing is queued after
+// runLink drains the queue.
+func (p *linkPath) runLink() {
+	cl := p.f.cl
 	defer cl.wg.Done()
-	defer f.drain()
+	defer p.drain()
 	backoff := time.Duration(0)
-	for f.ctx.Err() == nil {
-		f.state.Store(stateConnecting)
-		link, err := f.connect()
+	for p.ctx.Err() == nil {
+		p.state.Store(stateConnecting)
+		link, err := p.connect()
 		if err != nil {
-			if f.ctx.Err() != nil {
+			if p.ctx.Err() != nil {
 				return
 			}
 			cl.counters.DialFailures.Add(1)
 			backoff = nextBackoff(backoff, cl.cfg.reconnectMin(), cl.cfg.reconnectMax())
-			cl.logDial.Log(cl.log, slog.LevelWarn, "cannot connect to the iketcp server, retrying", "flow", f.id,
-				"peer", f.dial, "err", err, "retry_in", backoff.Round(time.Millisecond).String())
-			f.state.Store(stateWaiting)
-			if !relay.SleepCtx(f.ctx, backoff) {
+			cl.logDial.Log(cl.log, slog.LevelWarn, "cannot connect to the iketcp server, retrying", "flow", p.f.id,
+				"link", p.id, "peer", p.f.dial, "err", err, "retry_in", backoff.Round(time.Millisecond).String())
+			p.state.Store(stateWaiting)
+			if !relay.SleepCtx(p.ctx, backoff) {
 				return
 			}
 			continue
 		}
 		connected := time.Now()
-		reason := f.carry(link)
-		f.state.Store(stateWaiting)
-		if f.ctx.Err() != nil {
+		reason := p.carry(link)
+		p.state.Store(stateWaiting)
+		if p.ctx.Err() != nil {
 			return
 		}
 		if time.Since(connected) >= stableAfter {
 			backoff = 0
 		}
 		backoff = nextBackoff(backoff, cl.cfg.reconnectMin(), cl.cfg.reconnectMax())
-		cl.log.Info("connection lost, reconnecting", "flow", f.id, "peer", f.dial, "reason", reason,
+		cl.log.Info("connection lost, reconnecting", "flow", p.f.id, "link", p.id, "peer", p.f.dial, "reason", reason,
 			"retry_in", backoff.Round(time.Millisecond).String())
-		if !relay.SleepCtx(f.ctx, backoff) {
+		if !relay.SleepCtx(p.ctx, backoff) {
 			return
 		}
 	}
 }
 
 // drain returns queued datagrams to the pool as runLink ends.
-func (f *flow) drain() {
+func (p *linkPath) drain() {
 	for {
 		select {
-		case d := <-f.queue:
-			f.cl.putDatagram(d)
+		case d := <-p.queue:
+			p.f.cl.putDatagram(d)
 		default:
 			return
 		}
 	}
 }
 
-// connect opens a link to the iketcp server for the flow.
-func (f *flow) connect() (relay.Link, error) {
-	cl := f.cl
-	ctx, cancel := context.WithTimeout(f.ctx, cl.cfg.dialTimeout())
+// connect opens a link to the iketcp server for the path.
+func (p *linkPath) connect() (relay.Link, error) {
+	cl := p.f.cl
+	ctx, cancel := context.WithTimeout(p.ctx, cl.cfg.dialTimeout())
 	defer cancel()
-	link, err := cl.dialer.DialLink(ctx, f.dial)
+	link, err := cl.dialer.DialLink(ctx, p.f.dial)
 	if err != nil {
 		return nil, err
 	}
 	cl.counters.ConnsDialed.Add(1)
-	f.mu.Lock()
-	f.peer = link.RemoteAddr()
-	f.mu.Unlock()
-	f.state.Store(stateUp)
-	n := f.conns.Add(1)
+	p.mu.Lock()
+	p.peer, p.local = link.RemoteAddr(), link.LocalAddr()
+	p.mu.Unlock()
+	p.state.Store(stateUp)
+	n := p.conns.Add(1)
 	msg := "connected"
 	if n > 1 {
 		msg = "reconnected"
 	}
-	cl.log.Info(msg, "flow", f.id, "daemon", f.key.daemon.String(), "peer", link.RemoteAddr(),
+	cl.log.Info(msg, "flow", p.f.id, "link", p.id, "daemon", p.f.key.daemon.String(), "peer", link.RemoteAddr(),
 		"local", link.LocalAddr(), "connections", n)
 	return link, nil
 }
 
-// carry moves the flow's traffic over link both ways until the link fails
-// or the flow ends, closes the link, and says why it ended.
-func (f *flow) carry(link relay.Link) string {
+// carry moves the path's traffic over link both ways until the link fails
+// or the path ends, closes the link, and says why it ended. To an iketcp
+// server it says hello first, and claims its sessions back once the
+// server has answered.
+func (p *linkPath) carry(link relay.Link) string {
+	lr := &linkReader{path: p, link: link}
+	if !p.f.cl.cfg.PlainRFC9329 {
+		if err := lr.hello(); err != nil {
+			link.Close()
+			return "hello: " + err.Error()
+		}
+	}
 	readDone := make(chan error, 1)
-	f.cl.wg.Add(1)
+	p.f.cl.wg.Add(1)
 	go func() {
-		defer f.cl.wg.Done()
-		readDone <- link.Serve(newPeerReader(f, fallback.TCP))
+		defer p.f.cl.wg.Done()
+		readDone <- link.Serve(newPeerReader(p.f, fallback.TCP, lr))
 	}()
-	reason, readerEnded := f.writeLink(link, readDone)
+	reason, readerEnded := p.writeLink(link, readDone)
 	link.Close()
 	if !readerEnded {
 		<-readDone
@@ -114,27 +366,25 @@ func (f *flow) carry(link relay.Link) string {
 	return reason
 }
 
-// writeLink sends batches from the flow's queue on link until a send
-// fails, the reader ends (readerEnded) or the flow ends, and says why.
-func (f *flow) writeLink(link relay.Link, readDone <-chan error) (reason string, readerEnded bool) {
-	cl := f.cl
+// writeLink sends batches from the path's queue on link until a send
+// fails, the reader ends (readerEnded) or the path ends, and says why.
+func (p *linkPath) writeLink(link relay.Link, readDone <-chan error) (reason string, readerEnded bool) {
+	cl := p.f.cl
 	batch := make([]*datagram, 0, clientBatch)
 	bufs := make([][]byte, 0, clientBatch)
-	var msg framing.Message
-	var lastOutSPI uint32
 	for {
 		select {
-		case d := <-f.queue:
+		case d := <-p.queue:
 			batch = append(batch, d)
 		case err := <-readDone:
 			return err.Error(), true
-		case <-f.ctx.Done():
-			return "flow closed", false
+		case <-p.ctx.Done():
+			return "link closed", false
 		}
 	gather:
 		for len(batch) < cap(batch) {
 			select {
-			case d := <-f.queue:
+			case d := <-p.queue:
 				batch = append(batch, d)
 			default:
 				break gather
@@ -142,15 +392,6 @@ func (f *flow) writeLink(link relay.Link, readDone <-chan error) (reason string,
 		}
 		var bytes uint64
 		for _, d := range batch {
-			if msg.Decode(d.bytes()) == nil {
-				switch {
-				case msg.Kind == framing.KindESP && msg.ESP.SPI != lastOutSPI:
-					lastOutSPI = msg.ESP.SPI
-					f.book.NoteESPOut(lastOutSPI)
-				case msg.Kind == framing.KindIKE:
-					f.book.NoteIKE(&msg.IKE)
-				}
-			}
 			bytes += uint64(d.n)
 			bufs = append(bufs, d.withHeadroom())
 		}
@@ -167,8 +408,89 @@ func (f *flow) writeLink(link relay.Link, readDone <-chan error) (reason string,
 			cl.counters.WriteErrors.Add(1)
 			return "write: " + err.Error(), false
 		}
-		f.traffic.CountOut(cl.counters, n, bytes)
+		p.f.traffic.CountOut(cl.counters, n, bytes)
 	}
+}
+
+// linkReader is a link's iketcp handshake, from the client's side: the
+// key exchange, then the claims on the sessions the path's tickets name.
+// Its methods run on the link's reader, but for hello.
+type linkReader struct {
+	path *linkPath
+	link relay.Link
+	ex   *ticket.Exchange
+	key  ticket.Key
+	// server is the server's public key; nil until it answered.
+	server []byte
+}
+
+// hello starts the key exchange.
+func (lr *linkReader) hello() error {
+	ex, err := ticket.NewExchange()
+	if err != nil {
+		return err
+	}
+	lr.ex = ex
+	return lr.send(framing.ControlHello, ex.Public())
+}
+
+// control handles a control message from the server.
+func (lr *linkReader) control(m *framing.Control) {
+	p := lr.path
+	cl := p.f.cl
+	switch {
+	case lr.ex == nil:
+		// A plain RFC 9329 client never said hello: nothing is for it.
+	case m.Type == framing.ControlHelloReply && lr.server == nil:
+		server := append([]byte(nil), m.Body...)
+		key, err := lr.ex.LinkKey(server, lr.ex.Public(), server)
+		if err != nil {
+			cl.logDrop.Log(cl.log, slog.LevelWarn, "the server's hello is not acceptable", "link", p.id, "err", err)
+			return
+		}
+		lr.key, lr.server = key, server
+		p.mu.Lock()
+		held := append([]heldTicket(nil), p.tickets...)
+		p.mu.Unlock()
+		for _, t := range held {
+			mac := ticket.ClaimMAC(t.key, t.id, lr.ex.Public(), server)
+			lr.send(framing.ControlClaim, binary.BigEndian.AppendUint64(nil, t.id), mac[:])
+		}
+	case m.Type == framing.ControlTicket && lr.server != nil:
+		id := m.SessionID()
+		p.mu.Lock()
+		p.tickets = append(p.tickets, heldTicket{id: id, key: lr.key})
+		if len(p.tickets) > maxTickets {
+			p.tickets = append(p.tickets[:0], p.tickets[1:]...)
+		}
+		p.session = id
+		p.mu.Unlock()
+		cl.log.Debug("ticket for a session", "link", p.id, "session", id)
+	case m.Type == framing.ControlClaimed:
+		id, accepted := m.SessionID(), m.Body[8] == framing.ClaimAccepted
+		if !accepted {
+			p.mu.Lock()
+			p.tickets = deleteTicket(p.tickets, id)
+			p.mu.Unlock()
+		}
+		cl.log.Info("session claimed back", "link", p.id, "session", id, "accepted", accepted)
+	}
+}
+
+func deleteTicket(ts []heldTicket, id uint64) []heldTicket {
+	out := ts[:0]
+	for _, t := range ts {
+		if t.id != id {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// send sends a control message on the link.
+func (lr *linkReader) send(t framing.ControlType, parts ...[]byte) error {
+	buf := framing.AppendControl(make([]byte, relay.Headroom, relay.Headroom+64), t, parts...)
+	return lr.link.Send([][]byte{buf})
 }
 
 // nextBackoff doubles the previous backoff within [lo, hi], with ±20%

@@ -83,12 +83,7 @@ func (cl *Client) sendLocked(f *flow, d *datagram, now int64) bool {
 	if route&fallback.TCP == 0 {
 		return false
 	}
-	if !f.linkStarted {
-		f.linkStarted = true
-		cl.wg.Add(1)
-		go f.runLink()
-	}
-	return f.enqueue(d)
+	return f.links.forDaemon(f, &cl.msg, now).enqueueLocked(d)
 }
 
 // newFlowLocked starts a flow for a new key, or returns nil over the flow

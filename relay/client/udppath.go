@@ -126,7 +126,7 @@ func (f *flow) readUDP(u *udpPath) {
 		msgs[i].Buf = bufs[i][relay.Headroom:]
 	}
 	burst := make([]relay.Datagram, 0, clientBatch)
-	r := newPeerReader(f, fallback.UDP)
+	r := newPeerReader(f, fallback.UDP, nil)
 	for {
 		// A connected UDP socket reports an ICMP unreachable from the
 		// peer as an error: nothing listens on its NAT-T port, or a
