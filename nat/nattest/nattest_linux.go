@@ -1,8 +1,8 @@
 // Package nattest builds what iketcp's tests of network plumbing need and
 // must not take from the host: anonymous network namespaces, entered only
 // on threads of their own, which vanish with their last descriptor,
-// thread or socket even if the test binary dies. The nat, nat/antireplay
-// and relay tests share it.
+// thread or socket even if the test binary dies. The tests of nat's
+// packages, of integration/antireplay and of relay share it.
 package nattest
 
 import (
