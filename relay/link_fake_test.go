@@ -69,6 +69,9 @@ func (p *pipeEnd) Write(bufs [][]byte, offset int) (int, error) {
 
 func (p *pipeEnd) close() { p.once.Do(func() { close(p.closed) }) }
 
+// Close makes pipeEnd a tun.Device.
+func (p *pipeEnd) Close() error { p.close(); return nil }
+
 // fakeRig is a client and a server joined by fake-TCP stacks over a pipe,
 // with the rig's fake daemons on their UDP sides.
 type fakeRig struct {

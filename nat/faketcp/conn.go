@@ -148,7 +148,7 @@ func (c *Conn) receive(batch []Payload) {
 
 // Send sends each bufs[k][offset:] as one data segment, building its IP
 // and TCP headers in place in bufs[k][:offset] (offset >= Headroom), and
-// writes the batch with one Device.Write. Segments carry ACK|PSH, the ack
+// writes the batch with one device Write. Segments carry ACK|PSH, the ack
 // of the peer's last seq+len, and sequence numbers that advance by each
 // payload's length (SeqLive), or ACK with the frozen seq and ack
 // (SeqFrozen).

@@ -10,7 +10,7 @@ import (
 
 // recordDevice keeps a copy of every packet written to it (when keep is
 // set) and delivers nothing. A driven stack's reader does not run, so
-// Read is never called.
+// Read is never called, and the stack never closes its device.
 type recordDevice struct {
 	mu      sync.Mutex
 	keep    bool
@@ -21,6 +21,8 @@ type recordDevice struct {
 func (d *recordDevice) BatchSize() int { return 8 }
 
 func (d *recordDevice) Read([][]byte, []int, int) (int, error) { select {} }
+
+func (d *recordDevice) Close() error { return nil }
 
 func (d *recordDevice) Write(bufs [][]byte, offset int) (int, error) {
 	d.mu.Lock()

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 // Headroom is the room a payload needs in front of it for Send to build
@@ -22,20 +24,7 @@ import (
 // of them too.
 const Headroom = 64
 
-// Device moves whole IP packets, as a TUN device opened with IFF_NO_PI
-// does. It is batch-shaped: *nat.Interceptor is one.
-type Device interface {
-	// BatchSize is the number of buffers a Read should be given.
-	BatchSize() int
-	// Read reads up to len(bufs) packets, each into bufs[k][offset:], and
-	// their sizes into sizes[k]. It blocks until there is at least one.
-	Read(bufs [][]byte, sizes []int, offset int) (n int, err error)
-	// Write writes each bufs[k][offset:] as one packet. It must be safe
-	// for concurrent use.
-	Write(bufs [][]byte, offset int) (n int, err error)
-}
-
-// readDeadliner is a Device whose blocked Read can be woken without
+// readDeadliner is a tun.Device whose blocked Read can be woken without
 // closing it (as *os.File's and net.Conn's can): Stack.Close uses it to
 // end its reader goroutine, and NewStack clears a deadline a previous
 // Stack left.
@@ -70,11 +59,11 @@ type fourTuple struct {
 	localPort uint16
 }
 
-// Stack is a userspace TCP endpoint for datagrams over a Device. See the
+// Stack is a userspace TCP endpoint for datagrams over a tun.Device. See the
 // package documentation.
 type Stack struct {
 	// Set by NewStack, read-only afterwards.
-	dev      Device
+	dev      tun.Device
 	cfg      Config // with defaults
 	tcbCfg   tcbConfig
 	log      *slog.Logger
@@ -146,13 +135,13 @@ type StackStats struct {
 // NewStack starts a stack on dev: one reader goroutine and one timer
 // goroutine, which Close ends. The stack does not own dev: Close does not
 // close it.
-func NewStack(dev Device, cfg Config) (*Stack, error) {
+func NewStack(dev tun.Device, cfg Config) (*Stack, error) {
 	return newStack(dev, cfg, true, randomUint32)
 }
 
 // newStack is NewStack; tests make stacks without goroutines, to drive
 // processBatch and the timers themselves, and with their own randomness.
-func newStack(dev Device, cfg Config, start bool, random func() uint32) (*Stack, error) {
+func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*Stack, error) {
 	if dev == nil {
 		return nil, errors.New("faketcp: no device")
 	}
