@@ -357,7 +357,7 @@ func (s *Stack) newConn(remote netip.AddrPort, localPort uint16, l *Listener) *C
 	c := &Conn{
 		stack:       s,
 		key:         fourTuple{remote, localPort},
-		flow:        newFlow(netip.AddrPortFrom(s.cfg.Local, localPort), remote, s.random()),
+		hdr:         newHeaders(netip.AddrPortFrom(s.cfg.Local, localPort), remote, s.random()),
 		listener:    l,
 		established: make(chan struct{}),
 		done:        make(chan struct{}),
@@ -401,9 +401,10 @@ func (s *Stack) forget(c *Conn) {
 	s.mu.Unlock()
 }
 
-// buildControl writes the segment without payload that e describes, for
-// f, into the end of buf (controlBufSize bytes), and returns the packet.
-func (s *Stack) buildControl(buf []byte, f *flow, e emit, ipID uint16) []byte {
+// buildControl writes the segment without payload that e describes, with
+// hd's headers, into the end of buf (controlBufSize bytes), and returns
+// the packet.
+func (s *Stack) buildControl(buf []byte, hd *headers, e emit, ipID uint16) []byte {
 	buf = buf[:controlBufSize]
 	fields := tcpFields{seq: e.seq, ack: e.ack, flags: e.flags, window: s.cfg.Window}
 	if e.flags&flagRST != 0 {
@@ -415,7 +416,7 @@ func (s *Stack) buildControl(buf []byte, f *flow, e emit, ipID uint16) []byte {
 		o = makeSYNOptions(uint16(s.cfg.MSS), e.windowScale, e.sackPermitted)
 		opts = o.buf[:o.n]
 	}
-	start := f.put(buf, controlBufSize, fields, opts, ipID)
+	start := hd.put(buf, controlBufSize, fields, opts, ipID)
 	return buf[start:]
 }
 
@@ -425,7 +426,7 @@ func (s *Stack) writeControl(c *Conn, e emit) {
 	if e.flags == 0 {
 		return
 	}
-	pkt := s.buildControl(make([]byte, controlBufSize), &c.flow, e, c.nextIPID())
+	pkt := s.buildControl(make([]byte, controlBufSize), &c.hdr, e, c.nextIPID())
 	c.counters.controlSent.Add(1)
 	if _, err := s.dev.Write([][]byte{pkt}, 0); err != nil {
 		s.counters.writeErrors.Add(1)
@@ -552,7 +553,7 @@ func (s *Stack) receivePacket(k int, now time.Time) {
 		c.counters.droppedUnacceptable.Add(1)
 	}
 	if v.reply.flags != 0 {
-		s.addReply(&c.flow, v.reply, c.nextIPID())
+		s.addReply(&c.hdr, v.reply, c.nextIPID())
 		c.counters.controlSent.Add(1)
 	}
 	if v.deliver {
@@ -604,7 +605,7 @@ func (s *Stack) receiveUnknown(key fourTuple, seg *segment, now time.Time) {
 		case c != nil:
 			c.counters.controlReceived.Add(1)
 			c.counters.controlSent.Add(1)
-			s.addReply(&c.flow, synAck, c.nextIPID())
+			s.addReply(&c.hdr, synAck, c.nextIPID())
 			return
 		case l != nil:
 			s.counters.tableFull.Add(1)
@@ -617,18 +618,18 @@ func (s *Stack) receiveUnknown(key fourTuple, seg *segment, now time.Time) {
 		return
 	}
 	s.counters.refused.Add(1)
-	f := newFlow(netip.AddrPortFrom(s.cfg.Local, key.localPort), key.remote, 0)
-	s.addReply(&f, reset, 0)
+	hd := newHeaders(netip.AddrPortFrom(s.cfg.Local, key.localPort), key.remote, 0)
+	s.addReply(&hd, reset, 0)
 }
 
 // addReply adds a segment without payload to the batch's replies.
-func (s *Stack) addReply(f *flow, e emit, ipID uint16) {
+func (s *Stack) addReply(hd *headers, e emit, ipID uint16) {
 	rx := &s.rx
 	k := len(rx.replies)
 	if k == len(rx.replyBufs) {
 		rx.replyBufs = append(rx.replyBufs, make([]byte, controlBufSize))
 	}
-	rx.replies = append(rx.replies, s.buildControl(rx.replyBufs[k], f, e, ipID))
+	rx.replies = append(rx.replies, s.buildControl(rx.replyBufs[k], hd, e, ipID))
 }
 
 // flushPending hands the pending payloads to their conn's handler, or to
@@ -714,7 +715,7 @@ func (s *Stack) tickAll(now time.Time) {
 			if k == len(tx.bufs) {
 				tx.bufs = append(tx.bufs, make([]byte, controlBufSize))
 			}
-			tx.packets = append(tx.packets, s.buildControl(tx.bufs[k], &c.flow, r.send, c.nextIPID()))
+			tx.packets = append(tx.packets, s.buildControl(tx.bufs[k], &c.hdr, r.send, c.nextIPID()))
 			c.counters.controlSent.Add(1)
 		}
 		if r.ended {

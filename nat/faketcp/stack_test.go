@@ -148,7 +148,7 @@ func (c *collector) handle(batch []Payload) {
 		if p.Off < Headroom {
 			c.errs = append(c.errs, fmt.Errorf("payload at %d, less than Headroom", p.Off))
 		}
-		index, err := checkDatagram(p.Bytes())
+		index, err := checkDatagram(p.Buf[p.Off : p.Off+p.N])
 		if err != nil {
 			c.errs = append(c.errs, err)
 			continue
@@ -604,13 +604,13 @@ func TestBadPacketsAreCounted(t *testing.T) {
 	p.server.SetHandler(got.handle)
 	// A data segment for the conn, corrupted after its checksum; then
 	// one to another address; then a sound one.
-	f := newFlow(p.client.LocalAddr(), p.client.RemoteAddr(), 0)
+	hd := newHeaders(p.client.LocalAddr(), p.client.RemoteAddr(), 0)
 	build := func(dst netip.Addr) []byte {
-		f := f
-		f.remote = netip.AddrPortFrom(dst, f.remote.Port())
-		f.addrSum = pseudoHeaderSum(f.local.Addr(), dst)
+		hd := hd
+		hd.remote = netip.AddrPortFrom(dst, hd.remote.Port())
+		hd.addrSum = pseudoHeaderSum(hd.local.Addr(), dst)
 		b := datagram(0, 100)
-		return b[f.put(b, Headroom, tcpFields{seq: 1, ack: 1, flags: flagACK}, nil, 0):]
+		return b[hd.put(b, Headroom, tcpFields{seq: 1, ack: 1, flags: flagACK}, nil, 0):]
 	}
 	bad := build(addr4B)
 	bad[len(bad)-1] ^= 0xff
