@@ -15,7 +15,7 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/integration/lab"
-	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/fakenet"
 	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/relaytest"
@@ -95,13 +95,13 @@ func newEncapPath(b *testing.B, encap string, rateBits int) encapPath {
 			return l.Site.Dial(ctx, network, addr)
 		}
 	case "fake-tcp":
-		hubStack := fakeTCPStack(b, l.Hub, nat.FakeTCPServer, "100.64.251.0/30", 4500)
+		hubStack := fakeTCPStack(b, l.Hub, fakenet.Server, "100.64.251.0/30", 4500)
 		ln, err := hubStack.Listen(4500)
 		if err != nil {
 			b.Fatal(err)
 		}
 		serve = func(ctx context.Context) error { return srv.ServeFakeTCP(ctx, ln, lab.HubOuter+":4500") }
-		ccfg.FakeTCP = fakeTCPStack(b, l.Site, nat.FakeTCPClient, "100.64.250.0/30", 0)
+		ccfg.FakeTCP = fakeTCPStack(b, l.Site, fakenet.Client, "100.64.250.0/30", 0)
 	default:
 		b.Fatalf("unknown encapsulation %q", encap)
 	}
@@ -155,11 +155,11 @@ func bigBuffers(p encapPath) encapPath {
 
 // fakeTCPStack sets up fake-TCP's device and rules in ns and a stack on
 // them, for the benchmark's life.
-func fakeTCPStack(b *testing.B, ns *lab.Namespace, role nat.FakeTCPRole, net4 string, port uint16) *faketcp.Stack {
+func fakeTCPStack(b *testing.B, ns *lab.Namespace, role fakenet.Role, net4 string, port uint16) *faketcp.Stack {
 	b.Helper()
-	var fnet *nat.FakeTCPNet
+	var fnet *fakenet.Net
 	err := ns.Do(func() (err error) {
-		fnet, err = nat.SetupFakeTCP(nat.FakeTCPConfig{Role: role, Net4: netip.MustParsePrefix(net4), Port: port,
+		fnet, err = fakenet.Setup(fakenet.Config{Role: role, Net4: netip.MustParsePrefix(net4), Port: port,
 			Logger: slog.New(slog.DiscardHandler)})
 		return err
 	})

@@ -9,7 +9,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/iketcp/iketcp/framing"
-	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/intercept"
 	"github.com/iketcp/iketcp/relay/relaytest"
 )
 
@@ -56,7 +56,7 @@ func BenchmarkRelay(b *testing.B) {
 func startTransparentClient(tb testing.TB, r *rig) *net.UDPConn {
 	daemonAddr := netip.MustParseAddrPort("100.64.0.2:4500")
 	peer := netip.MustParseAddr("203.0.113.2")
-	var tun *nat.Interceptor
+	var tun *intercept.Interceptor
 	var daemon *net.UDPConn
 	inPrivateNetns(tb, func() error {
 		lo, err := netlink.LinkByName("lo")
@@ -67,7 +67,7 @@ func startTransparentClient(tb testing.TB, r *rig) *net.UDPConn {
 		if err := netlink.AddrAdd(lo, addr); err != nil {
 			return err
 		}
-		if tun, err = nat.Intercept(nat.InterceptConfig{Peers: []netip.Addr{peer}, Logger: testLogger(tb)}); err != nil {
+		if tun, err = intercept.Open(intercept.Config{Peers: []netip.Addr{peer}, Logger: testLogger(tb)}); err != nil {
 			return err
 		}
 		daemon, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(daemonAddr), net.UDPAddrFromAddrPort(netip.AddrPortFrom(peer, 4500)))

@@ -1,16 +1,27 @@
 // Package tun owns iketcp's packet devices: Device, the one batch-shaped
-// interface through which IP packets move between the kernel and iketcp
-// (transparent mode's interception, fake-TCP mode's endpoint, in-memory
-// doubles in tests). In-memory doubles for tests are in nat/tun/tuntest.
+// interface through which IP packets move between the kernel and iketcp,
+// and TUN, the Linux TUN device that transparent mode (nat/intercept) and
+// fake-TCP mode (nat/fakenet) create, read, write and remove, with the
+// removal of a device that a crashed run left. What a mode builds around
+// its device (policy routing, nftables, forwarding) is the mode's own.
+// In-memory doubles for tests are in nat/tun/tuntest.
+//
+// Linux only: elsewhere Create returns the mode's error for a missing
+// Linux.
 package tun
+
+import (
+	"fmt"
+	"strings"
+)
 
 // Device moves whole IP packets (IPv4 or IPv6, no link-layer header), as a
 // TUN device opened with IFF_NO_PI does. Its shape is wireguard-go's
 // tun.Device: packets move in batches, each at an offset into its buffer
 // that leaves the caller room for headers in front of it.
 //
-// Transparent mode's *nat.Interceptor and fake-TCP mode's *nat.FakeTCPNet
-// are ones.
+// *TUN is one, and so are transparent mode's *intercept.Interceptor and
+// fake-TCP mode's *fakenet.Net, which read and write theirs.
 type Device interface {
 	// BatchSize is the number of buffers a Read should be given: the most
 	// packets one Read returns.
@@ -31,4 +42,19 @@ type Device interface {
 	// Close releases the device and wakes blocked Reads. It is
 	// idempotent.
 	Close() error
+}
+
+// MTU is the MTU that Create gives a TUN device: the largest IP packet,
+// so that the kernel never fragments what it routes into the device, and
+// every packet arrives whole. A Read buffer with less room than that gets
+// longer packets cut (see TUN.Read).
+const MTU = 65535
+
+// CheckName accepts what the kernel takes as an interface name verbatim:
+// 1 to 15 bytes, no '/', ':', '%' (a pattern) or white space.
+func CheckName(name string) error {
+	if len(name) > 15 || name == "." || name == ".." || strings.ContainsAny(name, "/:% \t\n") {
+		return fmt.Errorf("TUN device name %q: use 1 to 15 characters without '/', ':', '%%' or spaces", name)
+	}
+	return nil
 }

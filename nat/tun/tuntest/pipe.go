@@ -1,8 +1,10 @@
 // Package tuntest owns in-memory test doubles of tun.Device, for the tests
 // of whatever moves packets through one (nat/faketcp's stack, and the
 // relay's transparent mode): a pipe between two devices that can lose,
-// duplicate, reorder and capture what crosses it. Product code never
-// imports it.
+// duplicate, reorder and capture what crosses it. For the tests of real
+// devices (nat/tun, nat/intercept, nat/fakenet) it reads one in the
+// background (Pump) and checks the device contract: no allocation in
+// steady state, and what Close does. Product code never imports it.
 package tuntest
 
 import (

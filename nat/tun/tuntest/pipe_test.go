@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/iketcp/iketcp/nat/nattest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -148,7 +150,7 @@ func TestPipeDeadlineAndClose(t *testing.T) {
 
 // TestPipeDoesNotAllocate writes and reads a batch in steady state.
 func TestPipeDoesNotAllocate(t *testing.T) {
-	if raceEnabled {
+	if nattest.RaceEnabled {
 		t.Skip("the race detector allocates")
 	}
 	a, b := NewPipe(32, 64)
@@ -171,4 +173,24 @@ func TestPipeDoesNotAllocate(t *testing.T) {
 	if allocs != 0 {
 		t.Errorf("%v allocations per batch written and read", allocs)
 	}
+}
+
+// TestPumpAndClosedChecks runs the helpers for real devices on a pipe.
+func TestPumpAndClosedChecks(t *testing.T) {
+	a, b := NewPipe(4, 16)
+	got := Pump(t, b, 64)
+	a.Write(packets(3, 0), 0)
+	for k := range 3 {
+		select {
+		case p := <-got:
+			if string(p) != fmt.Sprintf("p%d", k) {
+				t.Fatalf("pumped %q", p)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("nothing pumped")
+		}
+	}
+	c, _ := NewPipe(1, 1)
+	CheckCloseWakesRead(t, c, 16, c.Close)
+	CheckClosed(t, c, 16, []byte("x"))
 }

@@ -1,5 +1,0 @@
-//go:build !race
-
-package tuntest
-
-const raceEnabled = false
