@@ -15,7 +15,7 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/integration/lab"
-	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/fakenet"
 	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/relay/client"
 	"github.com/iketcp/iketcp/relay/fakelink"
@@ -101,14 +101,14 @@ func newEncapPath(b *testing.B, encap string, rateBits int) encapPath {
 		}
 		ccfg.Dialer = d
 	case "fake-tcp":
-		hubStack := fakeTCPStack(b, l.Hub, nat.FakeTCPServer, "100.64.251.0/30", 4500)
+		hubStack := fakeTCPStack(b, l.Hub, fakenet.Server, "100.64.251.0/30", 4500)
 		ln, err := hubStack.Listen(4500)
 		if err != nil {
 			b.Fatal(err)
 		}
 		links := fakelink.NewListener(ln, lab.HubOuter+":4500")
 		serve = func(ctx context.Context) error { return srv.Serve(ctx, links) }
-		ccfg.Dialer = &fakelink.Dialer{Stack: fakeTCPStack(b, l.Site, nat.FakeTCPClient, "100.64.250.0/30", 0)}
+		ccfg.Dialer = &fakelink.Dialer{Stack: fakeTCPStack(b, l.Site, fakenet.Client, "100.64.250.0/30", 0)}
 	default:
 		b.Fatalf("unknown encapsulation %q", encap)
 	}
@@ -162,11 +162,11 @@ func bigBuffers(p encapPath) encapPath {
 
 // fakeTCPStack sets up fake-TCP's device and rules in ns and a stack on
 // them, for the benchmark's life.
-func fakeTCPStack(b *testing.B, ns *lab.Namespace, role nat.FakeTCPRole, net4 string, port uint16) *faketcp.Stack {
+func fakeTCPStack(b *testing.B, ns *lab.Namespace, role fakenet.Role, net4 string, port uint16) *faketcp.Stack {
 	b.Helper()
-	var fnet *nat.FakeTCPNet
+	var fnet *fakenet.Net
 	err := ns.Do(func() (err error) {
-		fnet, err = nat.SetupFakeTCP(nat.FakeTCPConfig{Role: role, Net4: netip.MustParsePrefix(net4), Port: port,
+		fnet, err = fakenet.Setup(fakenet.Config{Role: role, Net4: netip.MustParsePrefix(net4), Port: port,
 			Logger: slog.New(slog.DiscardHandler)})
 		return err
 	})

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iketcp/iketcp/integration/antireplay"
 	"github.com/iketcp/iketcp/integration/lab"
-	"github.com/iketcp/iketcp/nat/antireplay"
 )
 
 // Each end's fake-TCP device gets a /30 of the lab's 100.64.0.0/10 space.

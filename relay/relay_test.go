@@ -15,7 +15,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/iketcp/iketcp/framing"
-	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/intercept"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/client"
 	"github.com/iketcp/iketcp/relay/relaytest"
@@ -181,7 +181,7 @@ func BenchmarkRelay(b *testing.B) {
 func startTransparentClient(tb testing.TB, r *relaytest.Rig) *net.UDPConn {
 	daemonAddr := netip.MustParseAddrPort("100.64.0.2:4500")
 	peer := netip.MustParseAddr("203.0.113.2")
-	var tun *nat.Interceptor
+	var tun *intercept.Interceptor
 	var daemon *net.UDPConn
 	relaytest.InPrivateNetns(tb, func() error {
 		lo, err := netlink.LinkByName("lo")
@@ -192,7 +192,7 @@ func startTransparentClient(tb testing.TB, r *relaytest.Rig) *net.UDPConn {
 		if err := netlink.AddrAdd(lo, addr); err != nil {
 			return err
 		}
-		if tun, err = nat.Intercept(nat.InterceptConfig{Peers: []netip.Addr{peer}, Logger: relaytest.Logger(tb)}); err != nil {
+		if tun, err = intercept.Open(intercept.Config{Peers: []netip.Addr{peer}, Logger: relaytest.Logger(tb)}); err != nil {
 			return err
 		}
 		daemon, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(daemonAddr), net.UDPAddrFromAddrPort(netip.AddrPortFrom(peer, 4500)))

@@ -23,8 +23,8 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/integration/antireplay"
 	"github.com/iketcp/iketcp/integration/lab"
-	"github.com/iketcp/iketcp/nat/antireplay"
 )
 
 func main() {

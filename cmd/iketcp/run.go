@@ -17,8 +17,9 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/iketcp/iketcp/fallback"
-	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/fakenet"
 	"github.com/iketcp/iketcp/nat/faketcp"
+	"github.com/iketcp/iketcp/nat/intercept"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/client"
 	"github.com/iketcp/iketcp/relay/control"
@@ -33,7 +34,7 @@ func commonFlags(role string) []cli.Flag {
 		&cli.StringFlag{Name: "encap", Value: "rfc9329", Usage: "rfc9329 (standard TCP encapsulation) or fake-tcp (each datagram in a TCP-shaped segment that no kernel TCP stream owns; both ends must be iketcp; needs CAP_NET_ADMIN)", EnvVars: envVar("encap")},
 		&cli.StringFlag{Name: "fake-tcp-seq", Value: "live", Usage: "fake-tcp: live (sequence numbers advance, acks track the peer) or frozen (FortiOS's constant sequence number: strict anti-replay middleboxes drop it; for interoperability tests and demonstrations only)", EnvVars: envVar("fake-tcp-seq")},
 		&cli.StringFlag{Name: "fake-tcp-net", Usage: "fake-tcp: the /30 of the TUN device that connects the userspace TCP endpoint to the network, unused by anything else on the host (default 100.127.255.252/30)", EnvVars: envVar("fake-tcp-net")},
-		&cli.StringFlag{Name: "fake-tcp-name", Value: nat.DefaultFakeTCPName, Usage: "fake-tcp: the TUN device's name", EnvVars: envVar("fake-tcp-name")},
+		&cli.StringFlag{Name: "fake-tcp-name", Value: fakenet.DefaultName, Usage: "fake-tcp: the TUN device's name", EnvVars: envVar("fake-tcp-name")},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: envVar("log-level")},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: envVar("log-format")},
 		&cli.StringFlag{Name: "control", Value: control.DefaultPath(role), Usage: "unix socket that `iketcp status` reads", EnvVars: envVar("control")},
@@ -186,7 +187,7 @@ func runServer(c *cli.Context) error {
 		if err != nil || perr != nil || p == 0 {
 			return fmt.Errorf("--listen %q: fake-tcp needs a port (e.g. :4500)", c.String("listen"))
 		}
-		stack, stop, err := startFakeTCP(c, log, nat.FakeTCPServer, uint16(p))
+		stack, stop, err := startFakeTCP(c, log, fakenet.Server, uint16(p))
 		if err != nil {
 			return err
 		}
@@ -223,7 +224,7 @@ func linkConfig(c *cli.Context, counters *relay.Counters, log *slog.Logger) stre
 // startFakeTCP sets up fake-TCP mode's device and NAT rules and a TCP
 // stack on them. stop closes the stack (its conns send FIN), then the
 // device, rules and routes, and waits for the stack's reader.
-func startFakeTCP(c *cli.Context, log *slog.Logger, role nat.FakeTCPRole, port uint16) (*faketcp.Stack, func(), error) {
+func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint16) (*faketcp.Stack, func(), error) {
 	seq, err := parseSeqMode(c.String("fake-tcp-seq"))
 	if err != nil {
 		return nil, nil, err
@@ -234,7 +235,7 @@ func startFakeTCP(c *cli.Context, log *slog.Logger, role nat.FakeTCPRole, port u
 			return nil, nil, fmt.Errorf("--fake-tcp-net %q: %w (want a /30, e.g. 100.127.255.252/30)", v, err)
 		}
 	}
-	fnet, err := nat.SetupFakeTCP(nat.FakeTCPConfig{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port, Logger: log})
+	fnet, err := fakenet.Setup(fakenet.Config{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port, Logger: log})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -308,7 +309,7 @@ func runClient(c *cli.Context) error {
 		if mode == fallback.ModeUDP {
 			return errors.New("--encap fake-tcp carries the TCP transport; --transport udp never uses it")
 		}
-		stack, stop, err := startFakeTCP(c, log, nat.FakeTCPClient, 0)
+		stack, stop, err := startFakeTCP(c, log, fakenet.Client, 0)
 		if err != nil {
 			return err
 		}
@@ -358,7 +359,7 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, p
 	if err != nil {
 		return err
 	}
-	icfg := nat.InterceptConfig{
+	icfg := intercept.Config{
 		Peers:    peers,
 		Name:     c.String("tun-name"),
 		Table:    c.Int("tun-table"),
@@ -366,7 +367,7 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, p
 		Priority: c.Int("tun-priority"),
 		Logger:   log,
 	}
-	tun, err := nat.Intercept(icfg)
+	tun, err := intercept.Open(icfg)
 	if err != nil {
 		return err
 	}
@@ -380,7 +381,7 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, p
 	log.Info("intercepting", "device", tun.Name(), "peers", fmt.Sprint(peers), "table", icfg.Table, "mark", fmt.Sprintf("%#x", tun.Mark()))
 	cfg.Peers = peers
 	cfg.TCPPort = uint16(port)
-	cfg.Control = nat.SetMark(tun.Mark()) // iketcp's own sockets bypass the TUN
+	cfg.Control = intercept.SetMark(tun.Mark()) // iketcp's own sockets bypass the TUN
 	if d, ok := cfg.Dialer.(*streamlink.Dialer); ok {
 		d.Control = cfg.Control
 	}

@@ -26,9 +26,9 @@
 //
 // The carrier can be made harder to cross: [Lab.BlockUDP] drops every
 // forwarded UDP packet; [Lab.StartStrictMiddlebox] checks TCP sequence
-// numbers the way an anti-replay NAT box does (package nat/antireplay, on
-// NFQUEUE); [Lab.LimitRate] makes it a rate-limited bottleneck toward the
-// hub.
+// numbers the way an anti-replay NAT box does (package
+// integration/antireplay, on NFQUEUE); [Lab.LimitRate] makes it a
+// rate-limited bottleneck toward the hub.
 //
 // The package needs root and the tools listed by [MissingTools]. It works
 // without the testing package (everything takes a context and returns

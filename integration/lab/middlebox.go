@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/iketcp/iketcp/nat/antireplay"
+	"github.com/iketcp/iketcp/integration/antireplay"
 )
 
 // MiddleboxQueue is the NFQUEUE queue number the strict middlebox binds in

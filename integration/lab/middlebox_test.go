@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/iketcp/iketcp/nat/antireplay"
+	"github.com/iketcp/iketcp/integration/antireplay"
 	"golang.org/x/sys/unix"
 )
 

@@ -62,7 +62,7 @@ func TestReceiveDoesNotAllocate(t *testing.T) {
 		r.seq--
 		pkts = append(pkts, r.segment(flagACK, nil)) // a keepalive probe
 		r.seq++
-		stranger := remoteEnd{flow: newFlow(netip.AddrPortFrom(addrs[1], 40001), netip.AddrPortFrom(addrs[0], testPort), 0), seq: 5, ack: 9}
+		stranger := remoteEnd{hdr: newHeaders(netip.AddrPortFrom(addrs[1], 40001), netip.AddrPortFrom(addrs[0], testPort), 0), seq: 5, ack: 9}
 		pkts = append(pkts, stranger.segment(flagACK|flagPSH, []byte("who")))
 		for k, p := range pkts {
 			s.rx.sizes[k] = copy(s.rx.bufs[k][Headroom:], p)

@@ -46,7 +46,7 @@ func BenchmarkPipe(b *testing.B) {
 				b.ResetTimer()
 				for sent := 0; sent < b.N; {
 					n := min(batch, b.N-sent)
-					for p.devB.queued() > 4096 {
+					for p.devB.Queued() > 4096 {
 						time.Sleep(20 * time.Microsecond)
 					}
 					if err := p.client.Send(bufs[:n], Headroom); err != nil {
@@ -55,7 +55,7 @@ func BenchmarkPipe(b *testing.B) {
 					sent += n
 				}
 				for received.Load() < int64(b.N) {
-					if p.devB.overflowed.Load() > 0 {
+					if p.devB.Overflowed() > 0 {
 						b.Fatalf("the pipe overflowed")
 					}
 					time.Sleep(20 * time.Microsecond)

@@ -17,15 +17,12 @@ type Payload struct {
 	Off, N int
 }
 
-// Bytes returns the datagram, Buf[Off:Off+N].
-func (p Payload) Bytes() []byte { return p.Buf[p.Off : p.Off+p.N] }
-
 // Conn is one fake-TCP connection: one datagram per segment each way.
 type Conn struct {
 	// Set when the conn is made, read-only afterwards.
 	stack       *Stack
 	key         fourTuple
-	flow        flow
+	hdr         headers
 	listener    *Listener     // the listener that accepted it; nil for Dial's
 	established chan struct{} // closed when Dial or Accept may hand it out
 	done        chan struct{} // closed by finish when it ends
@@ -148,7 +145,7 @@ func (c *Conn) receive(batch []Payload) {
 
 // Send sends each bufs[k][offset:] as one data segment, building its IP
 // and TCP headers in place in bufs[k][:offset] (offset >= Headroom), and
-// writes the batch with one Device.Write. Segments carry ACK|PSH, the ack
+// writes the batch with one device Write. Segments carry ACK|PSH, the ack
 // of the peer's last seq+len, and sequence numbers that advance by each
 // payload's length (SeqLive), or ACK with the frozen seq and ack
 // (SeqFrozen).
@@ -225,12 +222,12 @@ func (c *Conn) sendData(bufs [][]byte, offset, total int) error {
 		fields.flags = flagACK
 	}
 	for _, b := range bufs {
-		c.flow.put(b, offset, fields, nil, c.nextIPID())
+		c.hdr.put(b, offset, fields, nil, c.nextIPID())
 		if mode == SeqLive {
 			fields.seq += uint32(len(b) - offset)
 		}
 	}
-	start := offset - c.flow.ipHeaderLen() - tcpHeaderLen
+	start := offset - c.hdr.ipHeaderLen() - tcpHeaderLen
 	n, err := c.stack.dev.Write(bufs, start)
 	n = min(max(n, 0), len(bufs))
 	sent := total
@@ -300,13 +297,13 @@ func (c *Conn) Err() error {
 }
 
 // LocalAddr is the conn's local address and port.
-func (c *Conn) LocalAddr() netip.AddrPort { return c.flow.local }
+func (c *Conn) LocalAddr() netip.AddrPort { return c.hdr.local }
 
 // RemoteAddr is the peer's address and port.
-func (c *Conn) RemoteAddr() netip.AddrPort { return c.flow.remote }
+func (c *Conn) RemoteAddr() netip.AddrPort { return c.hdr.remote }
 
 // String names the conn by its addresses, for logs.
-func (c *Conn) String() string { return c.flow.local.String() + "->" + c.flow.remote.String() }
+func (c *Conn) String() string { return c.hdr.local.String() + "->" + c.hdr.remote.String() }
 
 // LogValue makes a conn one attribute in structured logs.
 func (c *Conn) LogValue() slog.Value { return slog.StringValue(c.String()) }

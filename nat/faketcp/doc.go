@@ -1,10 +1,11 @@
 // Package faketcp owns fake-TCP mode's endpoints: a userspace TCP stack,
 // in the manner of phantun, that carries each datagram (IKE with its
 // 4-byte zero non-ESP marker, or raw ESP) in a TCP segment of its own,
-// over an IP packet device: a TUN device in production, an in-memory pipe
-// in tests. No kernel TCP stream owns these segments, so nothing
-// retransmits, orders or throttles them, and a lost segment costs what a
-// lost UDP datagram costs: there is no TCP-in-TCP meltdown.
+// over an IP packet device (a tun.Device): a TUN device in production,
+// the in-memory pipe of nat/tun/tuntest in tests. No kernel TCP stream
+// owns these segments, so nothing retransmits, orders or throttles them,
+// and a lost segment costs what a lost UDP datagram costs: there is no
+// TCP-in-TCP meltdown.
 //
 // To anything between the peers the segments look like one healthy TCP
 // connection: a three-way handshake with plausible options, then

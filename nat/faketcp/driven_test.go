@@ -10,7 +10,7 @@ import (
 
 // recordDevice keeps a copy of every packet written to it (when keep is
 // set) and delivers nothing. A driven stack's reader does not run, so
-// Read is never called.
+// Read is never called, and the stack never closes its device.
 type recordDevice struct {
 	mu      sync.Mutex
 	keep    bool
@@ -21,6 +21,8 @@ type recordDevice struct {
 func (d *recordDevice) BatchSize() int { return 8 }
 
 func (d *recordDevice) Read([][]byte, []int, int) (int, error) { select {} }
+
+func (d *recordDevice) Close() error { return nil }
 
 func (d *recordDevice) Write(bufs [][]byte, offset int) (int, error) {
 	d.mu.Lock()
@@ -56,7 +58,7 @@ func counter(start uint32) func() uint32 {
 
 // remoteEnd builds the packets a peer would send to a driven stack.
 type remoteEnd struct {
-	flow     flow
+	hdr      headers
 	seq, ack uint32
 }
 
@@ -64,7 +66,7 @@ type remoteEnd struct {
 // peer's seq and ack, and advances the peer's seq by the payload.
 func (r *remoteEnd) segment(flags uint8, payload []byte) []byte {
 	buf := append(make([]byte, controlBufSize), payload...)
-	start := r.flow.put(buf, controlBufSize, tcpFields{seq: r.seq, ack: r.ack, flags: flags, window: DefaultWindow}, nil, 0)
+	start := r.hdr.put(buf, controlBufSize, tcpFields{seq: r.seq, ack: r.ack, flags: flags, window: DefaultWindow}, nil, 0)
 	r.seq += uint32(len(payload))
 	return buf[start:]
 }
@@ -96,9 +98,9 @@ func drivenStack(t testing.TB, cfg Config, remote netip.AddrPort) (*Stack, *reco
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &remoteEnd{flow: newFlow(remote, netip.AddrPortFrom(local, testPort), 0), seq: 1000}
+	r := &remoteEnd{hdr: newHeaders(remote, netip.AddrPortFrom(local, testPort), 0), seq: 1000}
 	now := time.Now()
-	syn := r.flow
+	syn := r.hdr
 	buf := make([]byte, controlBufSize)
 	o := makeSYNOptions(1460, true, true)
 	start := syn.put(buf, controlBufSize, tcpFields{seq: r.seq, flags: flagSYN, window: DefaultWindow}, o.buf[:o.n], 0)
@@ -136,7 +138,7 @@ func TestDrivenStack(t *testing.T) {
 				if p.Off < Headroom || p.Off+p.N > len(p.Buf) {
 					t.Errorf("payload at %d+%d in a %d-byte buffer", p.Off, p.N, len(p.Buf))
 				}
-				got = append(got, string(p.Bytes()))
+				got = append(got, string(p.Buf[p.Off:p.Off+p.N]))
 			}
 		})
 		now := time.Now()

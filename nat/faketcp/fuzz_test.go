@@ -77,7 +77,7 @@ func FuzzReceive(f *testing.F) {
 		seed := func(flags uint8, payload []byte, seqDelta uint32, port uint16) []byte {
 			_, _, _, r := drivenStack(f, fam.cfg, netip.AddrPortFrom(fam.peer, 40000))
 			if port != 0 {
-				r.flow = newFlow(netip.AddrPortFrom(fam.peer, port), netip.AddrPortFrom(fam.cfg.Local, testPort), 0)
+				r.hdr = newHeaders(netip.AddrPortFrom(fam.peer, port), netip.AddrPortFrom(fam.cfg.Local, testPort), 0)
 			}
 			r.seq += seqDelta
 			return r.segment(flags, payload)

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 // Headroom is the room a payload needs in front of it for Send to build
@@ -22,20 +24,7 @@ import (
 // of them too.
 const Headroom = 64
 
-// Device moves whole IP packets, as a TUN device opened with IFF_NO_PI
-// does. It is batch-shaped: *nat.Interceptor is one.
-type Device interface {
-	// BatchSize is the number of buffers a Read should be given.
-	BatchSize() int
-	// Read reads up to len(bufs) packets, each into bufs[k][offset:], and
-	// their sizes into sizes[k]. It blocks until there is at least one.
-	Read(bufs [][]byte, sizes []int, offset int) (n int, err error)
-	// Write writes each bufs[k][offset:] as one packet. It must be safe
-	// for concurrent use.
-	Write(bufs [][]byte, offset int) (n int, err error)
-}
-
-// readDeadliner is a Device whose blocked Read can be woken without
+// readDeadliner is a tun.Device whose blocked Read can be woken without
 // closing it (as *os.File's and net.Conn's can): Stack.Close uses it to
 // end its reader goroutine, and NewStack clears a deadline a previous
 // Stack left.
@@ -70,11 +59,11 @@ type fourTuple struct {
 	localPort uint16
 }
 
-// Stack is a userspace TCP endpoint for datagrams over a Device. See the
+// Stack is a userspace TCP endpoint for datagrams over a tun.Device. See the
 // package documentation.
 type Stack struct {
 	// Set by NewStack, read-only afterwards.
-	dev      Device
+	dev      tun.Device
 	cfg      Config // with defaults
 	tcbCfg   tcbConfig
 	log      *slog.Logger
@@ -146,13 +135,13 @@ type StackStats struct {
 // NewStack starts a stack on dev: one reader goroutine and one timer
 // goroutine, which Close ends. The stack does not own dev: Close does not
 // close it.
-func NewStack(dev Device, cfg Config) (*Stack, error) {
+func NewStack(dev tun.Device, cfg Config) (*Stack, error) {
 	return newStack(dev, cfg, true, randomUint32)
 }
 
 // newStack is NewStack; tests make stacks without goroutines, to drive
 // processBatch and the timers themselves, and with their own randomness.
-func newStack(dev Device, cfg Config, start bool, random func() uint32) (*Stack, error) {
+func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*Stack, error) {
 	if dev == nil {
 		return nil, errors.New("faketcp: no device")
 	}
@@ -368,7 +357,7 @@ func (s *Stack) newConn(remote netip.AddrPort, localPort uint16, l *Listener) *C
 	c := &Conn{
 		stack:       s,
 		key:         fourTuple{remote, localPort},
-		flow:        newFlow(netip.AddrPortFrom(s.cfg.Local, localPort), remote, s.random()),
+		hdr:         newHeaders(netip.AddrPortFrom(s.cfg.Local, localPort), remote, s.random()),
 		listener:    l,
 		established: make(chan struct{}),
 		done:        make(chan struct{}),
@@ -412,9 +401,10 @@ func (s *Stack) forget(c *Conn) {
 	s.mu.Unlock()
 }
 
-// buildControl writes the segment without payload that e describes, for
-// f, into the end of buf (controlBufSize bytes), and returns the packet.
-func (s *Stack) buildControl(buf []byte, f *flow, e emit, ipID uint16) []byte {
+// buildControl writes the segment without payload that e describes, with
+// hd's headers, into the end of buf (controlBufSize bytes), and returns
+// the packet.
+func (s *Stack) buildControl(buf []byte, hd *headers, e emit, ipID uint16) []byte {
 	buf = buf[:controlBufSize]
 	fields := tcpFields{seq: e.seq, ack: e.ack, flags: e.flags, window: s.cfg.Window}
 	if e.flags&flagRST != 0 {
@@ -426,7 +416,7 @@ func (s *Stack) buildControl(buf []byte, f *flow, e emit, ipID uint16) []byte {
 		o = makeSYNOptions(uint16(s.cfg.MSS), e.windowScale, e.sackPermitted)
 		opts = o.buf[:o.n]
 	}
-	start := f.put(buf, controlBufSize, fields, opts, ipID)
+	start := hd.put(buf, controlBufSize, fields, opts, ipID)
 	return buf[start:]
 }
 
@@ -436,7 +426,7 @@ func (s *Stack) writeControl(c *Conn, e emit) {
 	if e.flags == 0 {
 		return
 	}
-	pkt := s.buildControl(make([]byte, controlBufSize), &c.flow, e, c.nextIPID())
+	pkt := s.buildControl(make([]byte, controlBufSize), &c.hdr, e, c.nextIPID())
 	c.counters.controlSent.Add(1)
 	if _, err := s.dev.Write([][]byte{pkt}, 0); err != nil {
 		s.counters.writeErrors.Add(1)
@@ -563,7 +553,7 @@ func (s *Stack) receivePacket(k int, now time.Time) {
 		c.counters.droppedUnacceptable.Add(1)
 	}
 	if v.reply.flags != 0 {
-		s.addReply(&c.flow, v.reply, c.nextIPID())
+		s.addReply(&c.hdr, v.reply, c.nextIPID())
 		c.counters.controlSent.Add(1)
 	}
 	if v.deliver {
@@ -615,7 +605,7 @@ func (s *Stack) receiveUnknown(key fourTuple, seg *segment, now time.Time) {
 		case c != nil:
 			c.counters.controlReceived.Add(1)
 			c.counters.controlSent.Add(1)
-			s.addReply(&c.flow, synAck, c.nextIPID())
+			s.addReply(&c.hdr, synAck, c.nextIPID())
 			return
 		case l != nil:
 			s.counters.tableFull.Add(1)
@@ -628,18 +618,18 @@ func (s *Stack) receiveUnknown(key fourTuple, seg *segment, now time.Time) {
 		return
 	}
 	s.counters.refused.Add(1)
-	f := newFlow(netip.AddrPortFrom(s.cfg.Local, key.localPort), key.remote, 0)
-	s.addReply(&f, reset, 0)
+	hd := newHeaders(netip.AddrPortFrom(s.cfg.Local, key.localPort), key.remote, 0)
+	s.addReply(&hd, reset, 0)
 }
 
 // addReply adds a segment without payload to the batch's replies.
-func (s *Stack) addReply(f *flow, e emit, ipID uint16) {
+func (s *Stack) addReply(hd *headers, e emit, ipID uint16) {
 	rx := &s.rx
 	k := len(rx.replies)
 	if k == len(rx.replyBufs) {
 		rx.replyBufs = append(rx.replyBufs, make([]byte, controlBufSize))
 	}
-	rx.replies = append(rx.replies, s.buildControl(rx.replyBufs[k], f, e, ipID))
+	rx.replies = append(rx.replies, s.buildControl(rx.replyBufs[k], hd, e, ipID))
 }
 
 // flushPending hands the pending payloads to their conn's handler, or to
@@ -725,7 +715,7 @@ func (s *Stack) tickAll(now time.Time) {
 			if k == len(tx.bufs) {
 				tx.bufs = append(tx.bufs, make([]byte, controlBufSize))
 			}
-			tx.packets = append(tx.packets, s.buildControl(tx.bufs[k], &c.flow, r.send, c.nextIPID()))
+			tx.packets = append(tx.packets, s.buildControl(tx.bufs[k], &c.hdr, r.send, c.nextIPID()))
 			c.counters.controlSent.Add(1)
 		}
 		if r.ended {

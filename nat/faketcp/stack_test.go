@@ -12,6 +12,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/iketcp/iketcp/nat/tun/tuntest"
 )
 
 const testPort = 4500
@@ -19,7 +21,7 @@ const testPort = 4500
 // pair is two stacks on the ends of a pipe, with a conn between them:
 // the client dialled, the server accepted.
 type pair struct {
-	devA, devB     *pipeDevice // the client's and the server's
+	devA, devB     *tuntest.PipeEnd // the client's and the server's
 	a, b           *Stack
 	listener       *Listener
 	client, server *Conn
@@ -47,7 +49,7 @@ func newStacks(t testing.TB, o pairOptions) *pair {
 		batch = 64
 	}
 	p := &pair{}
-	p.devA, p.devB = newPipe(batch, 1<<15)
+	p.devA, p.devB = tuntest.NewPipe(batch, 1<<15)
 	ca, cb := addrsOf(o.v6)
 	cfgA, cfgB := Config{Local: ca}, Config{Local: cb}
 	if o.cfg != nil {
@@ -146,7 +148,7 @@ func (c *collector) handle(batch []Payload) {
 		if p.Off < Headroom {
 			c.errs = append(c.errs, fmt.Errorf("payload at %d, less than Headroom", p.Off))
 		}
-		index, err := checkDatagram(p.Bytes())
+		index, err := checkDatagram(p.Buf[p.Off : p.Off+p.N])
 		if err != nil {
 			c.errs = append(c.errs, err)
 			continue
@@ -169,12 +171,12 @@ func (c *collector) wait(t testing.TB, what string) {
 
 // sendDatagrams sends datagrams first..last (inclusive) on c in batches,
 // of sizes from rng, holding back while the peer's queue is long.
-func sendDatagrams(c *Conn, peerDev *pipeDevice, first, last uint32, rng *rand.Rand, maxSize int) error {
+func sendDatagrams(c *Conn, peerDev *tuntest.PipeEnd, first, last uint32, rng *rand.Rand, maxSize int) error {
 	batch := make([][]byte, 0, 32)
 	for i := first; i <= last; i++ {
 		batch = append(batch, datagram(i, 8+rng.IntN(maxSize-7)))
 		if len(batch) == cap(batch) || i == last {
-			for peerDev.queued() > 4096 {
+			for peerDev.Queued() > 4096 {
 				time.Sleep(100 * time.Microsecond)
 			}
 			if err := c.Send(batch, Headroom); err != nil {
@@ -194,10 +196,10 @@ type wireRecord struct {
 }
 
 // captureData records the data segments dev writes to dst.
-func captureData(dev *pipeDevice, dst netip.Addr) func() []wireRecord {
+func captureData(dev *tuntest.PipeEnd, dst netip.Addr) func() []wireRecord {
 	var mu sync.Mutex
 	var records []wireRecord
-	dev.setCapture(func(pkt []byte) {
+	dev.SetCapture(func(pkt []byte) {
 		var in inbound
 		if parsePacket(pkt, dst, dst.Is4(), &in) != packetOK || in.seg.payloadLen == 0 {
 			return
@@ -283,7 +285,7 @@ func TestDatagramsBothWays(t *testing.T) {
 				}
 				checkWire(t, "client", mode, wireA(), count)
 				checkWire(t, "server", mode, wireB(), count)
-				if o := p.devA.overflowed.Load() + p.devB.overflowed.Load(); o != 0 {
+				if o := p.devA.Overflowed() + p.devB.Overflowed(); o != 0 {
 					t.Errorf("the pipe overflowed %d times", o)
 				}
 				cs, ss := p.client.Stats(), p.server.Stats()
@@ -311,8 +313,8 @@ func TestLoss(t *testing.T) {
 	atServer, atClient := newCollector(count), newCollector(count)
 	p.server.SetHandler(atServer.handle)
 	p.client.SetHandler(atClient.handle)
-	p.devA.setFaults(0.05, 0, 0)
-	p.devB.setFaults(0.05, 0, 0)
+	p.devA.SetFaults(0.05, 0, 0)
+	p.devB.SetFaults(0.05, 0, 0)
 
 	errs := make(chan error, 2)
 	go func() { errs <- sendDatagrams(p.client, p.devB, 0, count-1, rand.New(rand.NewPCG(3, 3)), 1400) }()
@@ -324,8 +326,8 @@ func TestLoss(t *testing.T) {
 	}
 	// One more each way without loss: it arrives after all the others
 	// (the pipe keeps order), so the conn did not stall.
-	p.devA.setFaults(0, 0, 0)
-	p.devB.setFaults(0, 0, 0)
+	p.devA.SetFaults(0, 0, 0)
+	p.devB.SetFaults(0, 0, 0)
 	if err := p.client.Send([][]byte{datagram(count, 100)}, Headroom); err != nil {
 		t.Fatal(err)
 	}
@@ -361,11 +363,11 @@ func TestFaultyPipe(t *testing.T) {
 	p := newPair(t, pairOptions{})
 	atServer := newCollector(count)
 	p.server.SetHandler(atServer.handle)
-	p.devA.setFaults(0.02, 0.05, 0.05)
+	p.devA.SetFaults(0.02, 0.05, 0.05)
 	if err := sendDatagrams(p.client, p.devB, 0, count-1, rand.New(rand.NewPCG(5, 5)), 1400); err != nil {
 		t.Fatal(err)
 	}
-	p.devA.setFaults(0, 0, 0)
+	p.devA.SetFaults(0, 0, 0)
 	if err := p.client.Send([][]byte{datagram(count, 100)}, Headroom); err != nil {
 		t.Fatal(err)
 	}
@@ -482,11 +484,11 @@ func TestStackCloseEndsConns(t *testing.T) {
 // which ends its conn promptly, and dialling again works.
 func TestServerRestart(t *testing.T) {
 	p := newPair(t, pairOptions{})
-	p.devB.setFaults(1, 0, 0) // the old stack's FINs never leave
+	p.devB.SetFaults(1, 0, 0) // the old stack's FINs never leave
 	if err := p.b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	p.devB.setFaults(0, 0, 0)
+	p.devB.SetFaults(0, 0, 0)
 	var err error
 	if p.b, err = NewStack(p.devB, Config{Local: addr4B}); err != nil {
 		t.Fatal(err)
@@ -602,13 +604,13 @@ func TestBadPacketsAreCounted(t *testing.T) {
 	p.server.SetHandler(got.handle)
 	// A data segment for the conn, corrupted after its checksum; then
 	// one to another address; then a sound one.
-	f := newFlow(p.client.LocalAddr(), p.client.RemoteAddr(), 0)
+	hd := newHeaders(p.client.LocalAddr(), p.client.RemoteAddr(), 0)
 	build := func(dst netip.Addr) []byte {
-		f := f
-		f.remote = netip.AddrPortFrom(dst, f.remote.Port())
-		f.addrSum = pseudoHeaderSum(f.local.Addr(), dst)
+		hd := hd
+		hd.remote = netip.AddrPortFrom(dst, hd.remote.Port())
+		hd.addrSum = pseudoHeaderSum(hd.local.Addr(), dst)
 		b := datagram(0, 100)
-		return b[f.put(b, Headroom, tcpFields{seq: 1, ack: 1, flags: flagACK}, nil, 0):]
+		return b[hd.put(b, Headroom, tcpFields{seq: 1, ack: 1, flags: flagACK}, nil, 0):]
 	}
 	bad := build(addr4B)
 	bad[len(bad)-1] ^= 0xff
@@ -652,7 +654,7 @@ func TestTimers(t *testing.T) {
 	t.Run("lost SYN", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			p := newStacks(t, pairOptions{})
-			p.devA.setFaults(1, 0, 0)
+			p.devA.SetFaults(1, 0, 0)
 			done := make(chan error, 1)
 			start := time.Now()
 			go func() {
@@ -663,7 +665,7 @@ func TestTimers(t *testing.T) {
 				done <- err
 			}()
 			time.Sleep(500 * time.Millisecond)
-			p.devA.setFaults(0, 0, 0)
+			p.devA.SetFaults(0, 0, 0)
 			if err := <-done; err != nil {
 				t.Fatal(err)
 			}
@@ -675,14 +677,14 @@ func TestTimers(t *testing.T) {
 	t.Run("lost SYN-ACK", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			p := newStacks(t, pairOptions{})
-			p.devB.setFaults(1, 0, 0)
+			p.devB.SetFaults(1, 0, 0)
 			done := make(chan error, 1)
 			go func() {
 				_, err := p.a.Dial(context.Background(), netip.AddrPortFrom(addr4B, testPort))
 				done <- err
 			}()
 			time.Sleep(500 * time.Millisecond)
-			p.devB.setFaults(0, 0, 0)
+			p.devB.SetFaults(0, 0, 0)
 			if err := <-done; err != nil {
 				t.Fatal(err)
 			}
@@ -698,7 +700,7 @@ func TestTimers(t *testing.T) {
 	t.Run("handshake timeout", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			p := newStacks(t, pairOptions{cfg: func(c *Config) { c.HandshakeTimeout = 3 * time.Second }})
-			p.devA.setFaults(1, 0, 0)
+			p.devA.SetFaults(1, 0, 0)
 			start := time.Now()
 			_, err := p.a.Dial(context.Background(), netip.AddrPortFrom(addr4B, testPort))
 			if !errors.Is(err, ErrTimeout) {
@@ -707,7 +709,7 @@ func TestTimers(t *testing.T) {
 			if took := time.Since(start); took < 3*time.Second || took > 3200*time.Millisecond {
 				t.Errorf("dial gave up after %v", took)
 			}
-			if written := p.devA.written.Load(); written != 3 {
+			if written := p.devA.Written(); written != 3 {
 				t.Errorf("%d SYNs, want 3 (at 0, 1s, 2s)", written)
 			}
 		})
@@ -728,8 +730,8 @@ func TestTimers(t *testing.T) {
 			if cs.Seq != ss.Ack || ss.Seq != cs.Ack {
 				t.Errorf("keepalives moved the sequence numbers: client %d/%d, server %d/%d", cs.Seq, cs.Ack, ss.Seq, ss.Ack)
 			}
-			p.devA.setFaults(1, 0, 0)
-			p.devB.setFaults(1, 0, 0)
+			p.devA.SetFaults(1, 0, 0)
+			p.devB.SetFaults(1, 0, 0)
 			start := time.Now()
 			<-p.client.Done()
 			<-p.server.Done()
@@ -816,13 +818,14 @@ func TestManyConns(t *testing.T) {
 
 // noDeadline hides the pipe's SetReadDeadline: a device whose blocked
 // Read only its closing ends.
-type noDeadline struct{ dev *pipeDevice }
+type noDeadline struct{ dev *tuntest.PipeEnd }
 
 func (d noDeadline) BatchSize() int { return d.dev.BatchSize() }
 func (d noDeadline) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	return d.dev.Read(bufs, sizes, offset)
 }
 func (d noDeadline) Write(bufs [][]byte, offset int) (int, error) { return d.dev.Write(bufs, offset) }
+func (d noDeadline) Close() error                                 { return d.dev.Close() }
 
 // TestDeviceClosed closes a stack's device under it: its reader ends,
 // its conns end with ErrClosed, and it takes no new ones. A stack on a
@@ -839,7 +842,7 @@ func TestDeviceClosed(t *testing.T) {
 		t.Errorf("Listen on a stack whose device closed: %v", err)
 	}
 
-	devA, _ := newPipe(8, 16)
+	devA, _ := tuntest.NewPipe(8, 16)
 	s, err := NewStack(noDeadline{devA}, Config{Local: addr4A})
 	if err != nil {
 		t.Fatal(err)

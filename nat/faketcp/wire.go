@@ -254,16 +254,17 @@ func pseudoHeaderSum(src, dst netip.Addr) uint64 {
 // ipv4Broadcast is the limited broadcast address.
 var ipv4Broadcast = netip.AddrFrom4([4]byte{255, 255, 255, 255})
 
-// flow is one 4-tuple as the headers built for it need it.
-type flow struct {
+// headers is the template of the IP and TCP headers of one conn's
+// segments: its 4-tuple, and what building their headers needs.
+type headers struct {
 	local, remote netip.AddrPort
 	is4           bool
 	flowLabel     uint32 // IPv6 only; 20 bits
 	addrSum       uint64 // pseudoHeaderSum(local, remote)
 }
 
-func newFlow(local, remote netip.AddrPort, flowLabel uint32) flow {
-	return flow{
+func newHeaders(local, remote netip.AddrPort, flowLabel uint32) headers {
+	return headers{
 		local:     local,
 		remote:    remote,
 		is4:       local.Addr().Is4(),
@@ -272,9 +273,9 @@ func newFlow(local, remote netip.AddrPort, flowLabel uint32) flow {
 	}
 }
 
-// ipHeaderLen is the IP header length of this flow's packets.
-func (f *flow) ipHeaderLen() int {
-	if f.is4 {
+// ipHeaderLen is the IP header length of these segments.
+func (hd *headers) ipHeaderLen() int {
+	if hd.is4 {
 		return ipv4HeaderLen
 	}
 	return ipv6HeaderLen
@@ -292,12 +293,12 @@ type tcpFields struct {
 // for the segment whose payload is buf[payloadOff:], and returns where the
 // packet starts. The caller guarantees the room and a payload that fits
 // one IP packet. It computes both checksums and does not allocate.
-func (f *flow) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipID uint16) (start int) {
+func (hd *headers) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipID uint16) (start int) {
 	tcpLen := tcpHeaderLen + len(opts) + len(buf) - payloadOff
 	tcpStart := payloadOff - tcpHeaderLen - len(opts)
 	tcp := buf[tcpStart:]
-	binary.BigEndian.PutUint16(tcp[0:2], f.local.Port())
-	binary.BigEndian.PutUint16(tcp[2:4], f.remote.Port())
+	binary.BigEndian.PutUint16(tcp[0:2], hd.local.Port())
+	binary.BigEndian.PutUint16(tcp[2:4], hd.remote.Port())
 	binary.BigEndian.PutUint32(tcp[4:8], h.seq)
 	binary.BigEndian.PutUint32(tcp[8:12], h.ack)
 	tcp[12] = uint8((tcpHeaderLen + len(opts)) / 4 << 4)
@@ -305,10 +306,10 @@ func (f *flow) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipID ui
 	binary.BigEndian.PutUint16(tcp[14:16], h.window)
 	binary.BigEndian.PutUint32(tcp[16:20], 0) // checksum and urgent pointer
 	copy(tcp[tcpHeaderLen:], opts)
-	sum := packet.ChecksumAddWord(f.addrSum, uint64(tcpLen))
+	sum := packet.ChecksumAddWord(hd.addrSum, uint64(tcpLen))
 	binary.BigEndian.PutUint16(tcp[16:18], ^packet.ChecksumFold(packet.ChecksumAdd(sum, tcp)))
 
-	if f.is4 {
+	if hd.is4 {
 		start = tcpStart - ipv4HeaderLen
 		ip := buf[start:tcpStart]
 		ip[0] = 4<<4 | ipv4HeaderLen/4
@@ -319,7 +320,7 @@ func (f *flow) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipID ui
 		ip[8] = hopLimit
 		ip[9] = protoTCP
 		binary.BigEndian.PutUint16(ip[10:12], 0)
-		src, dst := f.local.Addr().As4(), f.remote.Addr().As4()
+		src, dst := hd.local.Addr().As4(), hd.remote.Addr().As4()
 		copy(ip[12:16], src[:])
 		copy(ip[16:20], dst[:])
 		binary.BigEndian.PutUint16(ip[10:12], ^packet.ChecksumFold(packet.ChecksumAdd(0, ip)))
@@ -327,11 +328,11 @@ func (f *flow) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipID ui
 	}
 	start = tcpStart - ipv6HeaderLen
 	ip := buf[start:tcpStart]
-	binary.BigEndian.PutUint32(ip[0:4], 6<<28|f.flowLabel)
+	binary.BigEndian.PutUint32(ip[0:4], 6<<28|hd.flowLabel)
 	binary.BigEndian.PutUint16(ip[4:6], uint16(tcpLen))
 	ip[6] = protoTCP
 	ip[7] = hopLimit
-	src, dst := f.local.Addr().As16(), f.remote.Addr().As16()
+	src, dst := hd.local.Addr().As16(), hd.remote.Addr().As16()
 	copy(ip[8:24], src[:])
 	copy(ip[24:40], dst[:])
 	return start

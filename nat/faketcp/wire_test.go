@@ -57,13 +57,13 @@ func filler(n int, seed byte) []byte {
 	return b
 }
 
-// TestPutParse builds segments with flow.put and checks them against the
+// TestPutParse builds segments with headers.put and checks them against the
 // reference checksum and against parsePacket, for both families, with
 // and without SYN options, and payloads of odd and even lengths.
 func TestPutParse(t *testing.T) {
 	for _, addrs := range [][2]netip.Addr{{addr4A, addr4B}, {addr6A, addr6B}} {
 		local, remote := netip.AddrPortFrom(addrs[0], 40000), netip.AddrPortFrom(addrs[1], 4500)
-		f := newFlow(local, remote, 0xabcdef)
+		hd := newHeaders(local, remote, 0xabcdef)
 		for _, payloadLen := range []int{0, 1, 2, 63, 1400, 1401} {
 			for _, syn := range []bool{false, true} {
 				payload := filler(payloadLen, byte(payloadLen))
@@ -77,9 +77,9 @@ func TestPutParse(t *testing.T) {
 					buf = append(make([]byte, controlBufSize), payload...)
 				}
 				off := len(buf) - payloadLen
-				start := f.put(buf, off, fields, opts, 0x1234)
+				start := hd.put(buf, off, fields, opts, 0x1234)
 				pkt := buf[start:]
-				ipLen := f.ipHeaderLen()
+				ipLen := hd.ipHeaderLen()
 				if start != off-ipLen-tcpHeaderLen-len(opts) {
 					t.Fatalf("start %d for payload at %d", start, off)
 				}
@@ -121,9 +121,9 @@ func TestPutParse(t *testing.T) {
 // TCP segment for the stack, and says why.
 func TestParseRefuses(t *testing.T) {
 	build := func(local, remote netip.AddrPort, payload int) []byte {
-		f := newFlow(local, remote, 0)
+		hd := newHeaders(local, remote, 0)
 		buf := append(make([]byte, Headroom), filler(payload, 1)...)
-		return buf[f.put(buf, Headroom, tcpFields{seq: 1, ack: 2, flags: flagACK}, nil, 0):]
+		return buf[hd.put(buf, Headroom, tcpFields{seq: 1, ack: 2, flags: flagACK}, nil, 0):]
 	}
 	a4, b4 := netip.AddrPortFrom(addr4A, 1000), netip.AddrPortFrom(addr4B, 2000)
 	a6, b6 := netip.AddrPortFrom(addr6A, 1000), netip.AddrPortFrom(addr6B, 2000)

@@ -13,24 +13,10 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/nat/packet"
+	"github.com/iketcp/iketcp/nat/tun"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/udpbatch"
 )
-
-// Device is transparent mode's side toward the daemon: a TUN device that
-// carries the daemon's intercepted IP packets. Read and Write are
-// batch-shaped, like wireguard-go's tun.Device.
-type Device interface {
-	// BatchSize is the most packets one Read returns.
-	BatchSize() int
-	// Read blocks until at least one packet has arrived, then reads as
-	// many as are queued into bufs[k][offset:], their sizes into sizes.
-	Read(bufs [][]byte, sizes []int, offset int) (n int, err error)
-	// Write writes each bufs[k][offset:] as one packet.
-	Write(bufs [][]byte, offset int) (n int, err error)
-	// Close unblocks Read.
-	Close() error
-}
 
 // ServeTUN runs transparent mode: dev delivers the IP packets that the
 // daemon sends to its peers (UDP 500 and 4500, and raw ESP), with its
@@ -38,7 +24,7 @@ type Device interface {
 // peer to the port the daemon used. Each daemon-peer pair is one flow,
 // dialled at the peer's TCPPort. ServeTUN returns when ctx is done (nil)
 // or dev fails; it closes dev.
-func (cl *Client) ServeTUN(ctx context.Context, dev Device, name string) error {
+func (cl *Client) ServeTUN(ctx context.Context, dev tun.Device, name string) error {
 	if len(cl.cfg.Peers) == 0 {
 		return errors.New("transparent mode needs the IKE peers' addresses")
 	}
@@ -59,7 +45,7 @@ func (cl *Client) ServeTUN(ctx context.Context, dev Device, name string) error {
 // flow.
 type tunSide struct {
 	cl    *Client
-	dev   Device
+	dev   tun.Device
 	bufs  [][]byte // read's scratch
 	sizes []int
 	info  packet.Info

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/nat/tun"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/client"
 	"github.com/iketcp/iketcp/relay/server"
@@ -339,7 +340,7 @@ func ClosedByServer(tb testing.TB, c net.Conn) {
 // ServeTUN starts a transparent-mode client on dev for the test's life.
 // Unless cfg has a Dialer, the client dials the rig's server, whatever the
 // peer's address.
-func ServeTUN(tb testing.TB, r *Rig, cfg client.Config, dev client.Device) *client.Client {
+func ServeTUN(tb testing.TB, r *Rig, cfg client.Config, dev tun.Device) *client.Client {
 	tb.Helper()
 	cfg.Logger = Logger(tb)
 	if cfg.Dialer == nil {

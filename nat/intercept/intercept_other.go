@@ -1,37 +1,40 @@
 //go:build !linux
 
-package nat
+package intercept
 
 import (
 	"net"
 	"syscall"
+
+	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 // Interceptor is a running interception; on this system there is none.
 type Interceptor struct {
-	cfg InterceptConfig
+	cfg Config
 }
 
-// Intercept returns ErrNeedsLinux: transparent mode is built on Linux's TUN
+// Open returns nat.ErrNeedsLinux: transparent mode is built on Linux's TUN
 // driver and policy routing.
-func Intercept(cfg InterceptConfig) (*Interceptor, error) {
+func Open(cfg Config) (*Interceptor, error) {
 	if _, err := cfg.withDefaults(true); err != nil {
 		return nil, err
 	}
-	return nil, ErrNeedsLinux
+	return nil, nat.ErrNeedsLinux
 }
 
-// Cleanup returns ErrNeedsLinux: nothing can have been left here.
-func Cleanup(cfg InterceptConfig) error { return ErrNeedsLinux }
+// Cleanup returns nat.ErrNeedsLinux: nothing can have been left here.
+func Cleanup(cfg Config) error { return nat.ErrNeedsLinux }
 
-// SetMark returns a Control function that fails with ErrNeedsLinux.
+// SetMark returns a Control function that fails with nat.ErrNeedsLinux.
 func SetMark(mark uint32) func(network, address string, c syscall.RawConn) error {
-	return func(string, string, syscall.RawConn) error { return ErrNeedsLinux }
+	return func(string, string, syscall.RawConn) error { return nat.ErrNeedsLinux }
 }
 
 func (i *Interceptor) Name() string   { return i.cfg.Name }
 func (i *Interceptor) Mark() uint32   { return i.cfg.Mark }
-func (i *Interceptor) MTU() int       { return MTU }
+func (i *Interceptor) MTU() int       { return tun.MTU }
 func (i *Interceptor) BatchSize() int { return 1 }
 
 func (i *Interceptor) Read(bufs [][]byte, sizes []int, offset int) (int, error) {

@@ -1,4 +1,4 @@
-package nat
+package fakenet
 
 import (
 	"errors"
@@ -7,22 +7,25 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/iketcp/iketcp/nat/internal/setup"
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
-// fakeTCPTablePrefix begins the name of each fake-TCP mode's nftables
-// table (family inet); the device's name ends it.
-const fakeTCPTablePrefix = "iketcp_faketcp_"
+// tablePrefix begins the name of each fake-TCP mode's nftables table
+// (family inet); the device's name ends it.
+const tablePrefix = "iketcp_faketcp_"
 
-// fakeTCPAddrs are the kernel's and the endpoint's addresses in p.
-func fakeTCPAddrs(p netip.Prefix) (kernel, endpoint netip.Addr) {
+// addrsIn are the kernel's and the endpoint's addresses in p.
+func addrsIn(p netip.Prefix) (kernel, endpoint netip.Addr) {
 	if !p.IsValid() {
 		return netip.Addr{}, netip.Addr{}
 	}
@@ -30,45 +33,41 @@ func fakeTCPAddrs(p netip.Prefix) (kernel, endpoint netip.Addr) {
 	return kernel, kernel.Next()
 }
 
-// errFakeTCPNeedsNetAdmin is fake-TCP mode's ErrNeedsNetAdmin.
-var errFakeTCPNeedsNetAdmin = &modeError{"fake-TCP mode needs CAP_NET_ADMIN (run as root, or grant it: setcap cap_net_admin+ep iketcp)", ErrNeedsNetAdmin}
+// instancesMu serializes, within the process, what Setup, Close and
+// Cleanup decide together from the fake-TCP tables in a namespace and its
+// forwarding sysctls: who turned forwarding on, and who turns it off. Lock
+// order: a Net's mu, then instancesMu.
+var instancesMu sync.Mutex
 
-// fakeTCPMu serializes, within the process, what SetupFakeTCP, Close and
-// CleanupFakeTCP decide together from the fake-TCP tables in a namespace
-// and its forwarding sysctls: who turned forwarding on, and who turns it
-// off. Lock order: a FakeTCPNet's mu, then fakeTCPMu.
-var fakeTCPMu sync.Mutex
-
-// FakeTCPNet is fake-TCP mode's plumbing, running: the TUN device between
-// the userspace TCP endpoint and the kernel, forwarding, and the nftables
+// Net is fake-TCP mode's plumbing, running: the TUN device between the
+// userspace TCP endpoint and the kernel, forwarding, and the nftables
 // table that masquerades (client) or redirects (server) the endpoint's
 // connections. Read and Write move the endpoint's IP packets; Close
 // removes all of it.
-type FakeTCPNet struct {
-	// Set by SetupFakeTCP, read-only afterwards.
-	cfg              FakeTCPConfig
+type Net struct {
+	// Set by Setup, read-only afterwards.
+	cfg              Config
 	log              *slog.Logger
 	kernel4, kernel6 netip.Addr // the kernel's side of the device
 	ep4, ep6         netip.Addr // the endpoint's
 	table            *nftables.Table
-	// tunDev is the device: its descriptor, the closed flag that Close
-	// sets first, and Read's state, which Read serializes.
-	tunDev
+	dev              *tun.TUN // set by setup before Setup returns
+	// closed is set first thing in Close.
+	closed atomic.Bool
 
 	// mu guards what was installed, which teardown removes once. The
 	// handles (netlink, nftables, the sysctl files) are bound to the
-	// network namespace SetupFakeTCP ran in, so Close works from any
-	// thread; nl is nil once torn down.
+	// network namespace Setup ran in, so Close works from any thread; nl
+	// is nil once torn down.
 	mu      sync.Mutex
 	nl      *netlink.Handle
 	nft     *nftables.Conn
 	sysctls *sysctlFiles
-	link    netlink.Link
 	tableUp bool          // the table is installed
 	record  []sysctlValue // what the table says to restore, as installed
 }
 
-// SetupFakeTCP starts fake-TCP mode's plumbing in the calling thread's
+// Setup starts fake-TCP mode's plumbing in the calling thread's
 // network namespace (the process's, unless the caller moved its thread).
 // It removes what a crashed run left for the same Name (its TUN device and
 // its nftables table, restoring the forwarding that run changed), checks
@@ -91,58 +90,33 @@ type FakeTCPNet struct {
 // (the address rules also with ip6 for Net6), and turns on forwarding
 // (net.ipv4.ip_forward, and net.ipv6.conf.all.forwarding with Net6) where
 // it is off. On failure it undoes what it did. Without CAP_NET_ADMIN the
-// error wraps ErrNeedsNetAdmin.
+// error wraps nat.ErrNeedsNetAdmin.
 //
 // The table's forward chain accepts the endpoint's traffic only within
 // this table: a drop in another table's forward chain (or iptables'
 // FORWARD policy, as Docker sets it) still drops it, and must let it pass.
-// One Name serves one FakeTCPNet at a time; instances with different
-// Names and subnets share forwarding (see Close).
-func SetupFakeTCP(cfg FakeTCPConfig) (*FakeTCPNet, error) {
+// One Name serves one Net at a time; instances with different Names and
+// subnets share forwarding (see Close).
+func Setup(cfg Config) (*Net, error) {
 	cfg, err := cfg.withDefaults(true)
 	if err != nil {
 		return nil, err
 	}
-	// One thread for the whole setup: the netlink sockets, the TUN device
-	// and the sysctl files are all the calling thread's namespace's.
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	if err := modeFakeTCP.checkNetAdmin(); err != nil {
-		return nil, err
+	n := &Net{
+		cfg:   cfg,
+		log:   cfg.Logger,
+		table: &nftables.Table{Name: tablePrefix + cfg.Name, Family: nftables.TableFamilyINet},
 	}
-	h, nft, err := fakeTCPHandles()
-	if err != nil {
-		return nil, err
-	}
-	n := &FakeTCPNet{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		table:   &nftables.Table{Name: fakeTCPTablePrefix + cfg.Name, Family: nftables.TableFamilyINet},
-		nl:      h,
-		nft:     nft,
-		sysctls: newSysctlFiles(),
-	}
-	n.kernel4, n.ep4 = fakeTCPAddrs(cfg.Net4)
-	n.kernel6, n.ep6 = fakeTCPAddrs(cfg.Net6)
-
-	fakeTCPMu.Lock()
-	defer fakeTCPMu.Unlock()
-	err = removeStaleFakeTCP(h, nft, n.sysctls, cfg)
-	if err == nil {
-		err = n.setup()
-	}
-	if err != nil {
-		n.closed.Store(true)
-		if uerr := n.teardownLocked(); uerr != nil {
-			err = errors.Join(err, fmt.Errorf("undoing it: %w", uerr))
-		}
+	n.kernel4, n.ep4 = addrsIn(cfg.Net4)
+	n.kernel6, n.ep6 = addrsIn(cfg.Net6)
+	if err := modeFakeTCP.Run(n.start); err != nil {
 		return nil, err
 	}
 	args := []any{"role", cfg.Role, "device", cfg.Name, "table", n.table.Name, "endpoint", n.ep4}
 	if n.ep6.IsValid() {
 		args = append(args, "endpoint6", n.ep6)
 	}
-	if cfg.Role == FakeTCPServer {
+	if cfg.Role == Server {
 		args = append(args, "port", cfg.Port)
 	}
 	if cfg.Mark != 0 {
@@ -152,9 +126,30 @@ func SetupFakeTCP(cfg FakeTCPConfig) (*FakeTCPNet, error) {
 	return n, nil
 }
 
-// fakeTCPHandles opens the netlink sockets of a setup or a clean-up in the
+// start is Setup's work, on one thread: it removes what a crashed run
+// left, then sets up, and undoes a setup that fails.
+func (n *Net) start() error {
+	h, nft, err := handles()
+	if err != nil {
+		return err
+	}
+	n.nl, n.nft, n.sysctls = h, nft, newSysctlFiles()
+	instancesMu.Lock()
+	defer instancesMu.Unlock()
+	err = removeStale(h, nft, n.sysctls, n.cfg)
+	if err == nil {
+		err = n.setup()
+	}
+	if err != nil {
+		n.closed.Store(true)
+		return setup.Undo(err, n.teardownLocked)
+	}
+	return nil
+}
+
+// handles opens the netlink sockets of a setup or a clean-up in the
 // calling thread's namespace.
-func fakeTCPHandles() (*netlink.Handle, *nftables.Conn, error) {
+func handles() (*netlink.Handle, *nftables.Conn, error) {
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, nil, fmt.Errorf("fake-TCP mode: open a netlink socket: %w", err)
@@ -163,60 +158,45 @@ func fakeTCPHandles() (*netlink.Handle, *nftables.Conn, error) {
 	nft, err := nftables.New(nftables.AsLasting())
 	if err != nil {
 		h.Close()
-		return nil, nil, modeFakeTCP.netAdmin("open an nftables netlink socket (is nf_tables available?)", err)
+		return nil, nil, modeFakeTCP.Failed("open an nftables netlink socket (is nf_tables available?)", err)
 	}
 	return h, nft, nil
 }
 
 // setup creates the device, the table and turns forwarding on, recording
 // each as it goes so that teardown can undo a partial setup.
-func (n *FakeTCPNet) setup() error {
+func (n *Net) setup() error {
 	cfg := &n.cfg
 	v6 := cfg.Net6.IsValid()
 	if err := n.checkSubnetsFree(); err != nil {
 		return err
 	}
-	if err := n.open(modeFakeTCP, cfg.Name); err != nil {
+	dev, err := tun.Create(n.nl, modeFakeTCP, cfg.Name, v6)
+	if err != nil {
 		return err
 	}
-	link, err := n.nl.LinkByName(cfg.Name)
-	if err != nil {
-		return modeFakeTCP.netAdmin(fmt.Sprintf("find the new TUN device %s", cfg.Name), err)
-	}
-	n.link = link
-	// Before the device is up, so that it never gets a link-local address
-	// and sends nothing of its own to the endpoint. Where IPv6 is off this
-	// fails, which matters only with Net6.
-	if err := n.nl.LinkSetIP6AddrGenMode(link, in6AddrGenModeNone); err != nil && v6 {
-		return modeFakeTCP.netAdmin(fmt.Sprintf("turn off IPv6 address generation on %s (is IPv6 disabled?)", cfg.Name), err)
-	}
-	if err := n.nl.LinkSetMTU(link, MTU); err != nil {
-		return modeFakeTCP.netAdmin(fmt.Sprintf("set MTU %d on %s", MTU, cfg.Name), err)
-	}
+	n.dev = dev
 	// The endpoint's address is the device's peer, so even a strict
 	// reverse-path filter passes what it writes; the device's own 0 leaves
 	// it to net.ipv4.conf.all.rp_filter (the higher of the two counts).
 	// Its forwarding is on, whatever net.ipv4.conf.default says, so that
 	// the kernel forwards what the endpoint writes. Both go with the
 	// device.
-	if err := setSysctl("net/ipv4/conf/"+cfg.Name+"/rp_filter", "0"); err != nil {
+	if err := dev.DisableRPFilter(); err != nil {
 		n.log.Warn("fake-TCP mode: could not turn off the TUN device's reverse-path filter; the endpoint's packets still pass it",
 			"device", cfg.Name, "err", err)
 	}
 	devForwarding := "net/ipv4/conf/" + cfg.Name + "/forwarding"
 	if on, err := os.ReadFile("/proc/sys/" + devForwarding); err != nil || strings.TrimSpace(string(on)) == "0" {
-		if err := setSysctl(devForwarding, "1"); err != nil {
+		if err := setup.WriteSysctl(devForwarding, "1"); err != nil {
 			return sysctlError("turn on forwarding from the TUN device", sysctlName(devForwarding), err)
 		}
 	}
-	if v6 {
-		off, err := os.ReadFile("/proc/sys/net/ipv6/conf/" + cfg.Name + "/disable_ipv6")
-		if err != nil || strings.TrimSpace(string(off)) != "0" {
-			return fmt.Errorf("fake-TCP mode: Net6 is set, but IPv6 is off on this host (net.ipv6.conf.all and default.disable_ipv6, or ipv6.disable=1): turn it on or leave Net6 empty")
-		}
+	if v6 && !dev.IPv6On() {
+		return fmt.Errorf("fake-TCP mode: Net6 is set, but IPv6 is off on this host (net.ipv6.conf.all and default.disable_ipv6, or ipv6.disable=1): turn it on or leave Net6 empty")
 	}
-	if err := n.nl.LinkSetUp(link); err != nil {
-		return modeFakeTCP.netAdmin(fmt.Sprintf("bring %s up", cfg.Name), err)
+	if err := dev.Up(); err != nil {
+		return err
 	}
 	// Up first: an IPv6 address added while the device is down gets its
 	// peer route only later.
@@ -225,8 +205,8 @@ func (n *FakeTCPNet) setup() error {
 			continue
 		}
 		addr := &netlink.Addr{IPNet: hostNet(a.kernel), Peer: hostNet(a.ep), Flags: unix.IFA_F_NODAD}
-		if err := n.nl.AddrAdd(link, addr); err != nil {
-			return modeFakeTCP.netAdmin(fmt.Sprintf("give %s the address %s peer %s", cfg.Name, a.kernel, a.ep), err)
+		if err := n.nl.AddrAdd(dev.Link(), addr); err != nil {
+			return modeFakeTCP.Failed(fmt.Sprintf("give %s the address %s peer %s", cfg.Name, a.kernel, a.ep), err)
 		}
 	}
 	for _, ep := range []netip.Addr{n.ep4, n.ep6} {
@@ -234,7 +214,7 @@ func (n *FakeTCPNet) setup() error {
 			return err
 		}
 	}
-	if err := installed("device " + cfg.Name); err != nil {
+	if err := setup.Installed("device " + cfg.Name); err != nil {
 		return err
 	}
 
@@ -248,7 +228,7 @@ func (n *FakeTCPNet) setup() error {
 	if err := n.installTable(); err != nil {
 		return err
 	}
-	if err := installed("nftables table " + n.table.Name); err != nil {
+	if err := setup.Installed("nftables table " + n.table.Name); err != nil {
 		return err
 	}
 	for _, key := range plan {
@@ -260,7 +240,7 @@ func (n *FakeTCPNet) setup() error {
 			return sysctlError(what, sysctlName(key), err)
 		}
 		n.log.Info("fake-TCP mode: turned on forwarding; Close turns it off again", "sysctl", sysctlName(key))
-		if err := installed(key + "=1"); err != nil {
+		if err := setup.Installed(key + "=1"); err != nil {
 			return err
 		}
 	}
@@ -270,10 +250,10 @@ func (n *FakeTCPNet) setup() error {
 // checkSubnetsFree fails if an address of the host lies in Net4 or Net6:
 // each instance needs subnets of its own, or the kernel would route the
 // endpoint's replies elsewhere.
-func (n *FakeTCPNet) checkSubnetsFree() error {
+func (n *Net) checkSubnetsFree() error {
 	addrs, err := n.nl.AddrList(nil, netlink.FAMILY_ALL)
 	if err != nil {
-		return modeFakeTCP.netAdmin("list the host's addresses", err)
+		return modeFakeTCP.Failed("list the host's addresses", err)
 	}
 	for _, a := range addrs {
 		addr, ok := netip.AddrFromSlice(a.IP)
@@ -305,7 +285,7 @@ const routeWait = 5 * time.Second
 // detection, which runs later in a kernel worker even when it has nothing
 // to detect; until then the kernel drops what it would forward to the
 // endpoint.
-func (n *FakeTCPNet) waitRoute(ep netip.Addr) error {
+func (n *Net) waitRoute(ep netip.Addr) error {
 	if !ep.IsValid() {
 		return nil
 	}
@@ -313,7 +293,7 @@ func (n *FakeTCPNet) waitRoute(ep netip.Addr) error {
 	for start := time.Now(); time.Since(start) < routeWait; time.Sleep(5 * time.Millisecond) {
 		var routes []netlink.Route
 		routes, err = n.nl.RouteGet(ep.AsSlice())
-		if err == nil && len(routes) > 0 && routes[0].LinkIndex == n.link.Attrs().Index {
+		if err == nil && len(routes) > 0 && routes[0].LinkIndex == n.dev.Link().Attrs().Index {
 			if waited := time.Since(start); waited > 5*time.Millisecond {
 				n.log.Debug("fake-TCP mode: waited for the route to the endpoint", "endpoint", ep, "waited", waited)
 			}
@@ -329,22 +309,22 @@ func hostNet(a netip.Addr) *net.IPNet {
 }
 
 // Name is the TUN device's name.
-func (n *FakeTCPNet) Name() string { return n.cfg.Name }
+func (n *Net) Name() string { return n.cfg.Name }
 
 // Endpoint4 is the userspace endpoint's IPv4 address: the TCP stack's own
 // address, the source of what it writes (the kernel's side is the one
 // before it).
-func (n *FakeTCPNet) Endpoint4() netip.Addr { return n.ep4 }
+func (n *Net) Endpoint4() netip.Addr { return n.ep4 }
 
 // Endpoint6 is the endpoint's IPv6 address, or the zero Addr without Net6.
-func (n *FakeTCPNet) Endpoint6() netip.Addr { return n.ep6 }
+func (n *Net) Endpoint6() netip.Addr { return n.ep6 }
 
-// MTU is the TUN device's MTU, the size of Read buffers that never cut a
-// packet. It is not the path's: see the package documentation.
-func (n *FakeTCPNet) MTU() int { return MTU }
+// MTU is the TUN device's MTU (tun.MTU), the size of Read buffers that
+// never cut a packet. It is not the path's: see the package documentation.
+func (n *Net) MTU() int { return tun.MTU }
 
 // BatchSize is the number of buffers a Read should be given.
-func (n *FakeTCPNet) BatchSize() int { return batchSize }
+func (n *Net) BatchSize() int { return n.dev.BatchSize() }
 
 // Read reads up to len(bufs) packets that the kernel forwards to the
 // endpoint, each into bufs[k][offset:], and their sizes into sizes[k]. It
@@ -355,30 +335,30 @@ func (n *FakeTCPNet) BatchSize() int { return batchSize }
 // bytes after the offset never cut one. The n packets are valid even when
 // err is not nil. After Close it returns net.ErrClosed. Calls are
 // serialized; none allocates.
-func (n *FakeTCPNet) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	return n.read(bufs, sizes, offset)
+func (n *Net) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return n.dev.Read(bufs, sizes, offset)
 }
 
 // Write writes each bufs[k][offset:] as one IPv4 or IPv6 packet from the
 // endpoint, which the kernel then forwards (source Endpoint4 or Endpoint6).
 // It stops at the first error, returning how many packets were written.
 // Safe for concurrent use; it does not allocate.
-func (n *FakeTCPNet) Write(bufs [][]byte, offset int) (int, error) {
-	return n.write(bufs, offset)
+func (n *Net) Write(bufs [][]byte, offset int) (int, error) {
+	return n.dev.Write(bufs, offset)
 }
 
 // Close removes the table and the device, and turns forwarding back to
 // what it was, unless another fake-TCP table's device still runs in the
 // namespace (that one's Close does it then); blocked Reads return
 // net.ErrClosed. It is idempotent, and works from any thread.
-func (n *FakeTCPNet) Close() error {
+func (n *Net) Close() error {
 	if n.closed.Swap(true) {
 		return nil
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	fakeTCPMu.Lock()
-	defer fakeTCPMu.Unlock()
+	instancesMu.Lock()
+	defer instancesMu.Unlock()
 	err := n.teardownLocked()
 	if err != nil {
 		n.log.Error("fake-TCP mode: clean-up incomplete (run the clean-up command to finish it)", "device", n.cfg.Name, "err", err)
@@ -389,9 +369,9 @@ func (n *FakeTCPNet) Close() error {
 }
 
 // teardownLocked removes, once, whatever setup recorded: the table, the
-// device, then forwarding. The caller holds fakeTCPMu, and n.mu unless n
+// device, then forwarding. The caller holds instancesMu, and n.mu unless n
 // was never returned.
-func (n *FakeTCPNet) teardownLocked() error {
+func (n *Net) teardownLocked() error {
 	if n.nl == nil {
 		return nil
 	}
@@ -405,20 +385,13 @@ func (n *FakeTCPNet) teardownLocked() error {
 			n.log.Warn("fake-TCP mode: could not read back what to restore from the table; using what it was given", "table", n.table.Name, "err", err)
 		}
 		n.nft.DelTable(n.table)
-		if err := n.nft.Flush(); err != nil && !gone(err) {
-			errs = append(errs, modeFakeTCP.netAdmin("remove nftables table "+n.table.Name, err))
+		if err := n.nft.Flush(); err != nil && !setup.Gone(err) {
+			errs = append(errs, modeFakeTCP.Failed("remove nftables table "+n.table.Name, err))
 		}
 	}
-	// Deleting the link removes the device even if a child process holds a
-	// copy of the descriptor; closing the descriptor then wakes any Read.
-	if n.link != nil {
-		if err := n.nl.LinkDel(n.link); err != nil && !gone(err) {
-			errs = append(errs, modeFakeTCP.netAdmin(fmt.Sprintf("remove TUN device %s", n.cfg.Name), err))
-		}
-	}
-	if n.file != nil {
-		if err := n.file.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("close TUN device %s: %w", n.cfg.Name, err))
+	if n.dev != nil {
+		if err := n.dev.Close(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if n.tableUp {
@@ -426,7 +399,7 @@ func (n *FakeTCPNet) teardownLocked() error {
 			errs = append(errs, err)
 		}
 	}
-	n.tableUp, n.link, n.record = false, nil, nil
+	n.tableUp, n.record = false, nil
 	n.sysctls.close()
 	n.nft.CloseLasting()
 	n.nl.Close()
@@ -434,51 +407,48 @@ func (n *FakeTCPNet) teardownLocked() error {
 	return errors.Join(errs...)
 }
 
-// CleanupFakeTCP removes what a crashed run left for cfg's Name in the
+// Cleanup removes what a crashed run left for cfg's Name in the
 // calling thread's network namespace: the TUN device, the nftables table,
 // and forwarding turned on, which it turns back to what the table says it
 // was unless another fake-TCP table's device still runs. It is the first
-// step of SetupFakeTCP, on its own; only Name and Logger matter. Without
-// CAP_NET_ADMIN the error wraps ErrNeedsNetAdmin.
-func CleanupFakeTCP(cfg FakeTCPConfig) error {
+// step of Setup, on its own; only Name and Logger matter. Without
+// CAP_NET_ADMIN the error wraps nat.ErrNeedsNetAdmin.
+func Cleanup(cfg Config) error {
 	cfg, err := cfg.withDefaults(false)
 	if err != nil {
 		return err
 	}
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	if err := modeFakeTCP.checkNetAdmin(); err != nil {
-		return err
-	}
-	h, nft, err := fakeTCPHandles()
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	defer nft.CloseLasting()
-	files := newSysctlFiles()
-	defer files.close()
-	fakeTCPMu.Lock()
-	defer fakeTCPMu.Unlock()
-	return removeStaleFakeTCP(h, nft, files, cfg)
+	return modeFakeTCP.Run(func() error {
+		h, nft, err := handles()
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		defer nft.CloseLasting()
+		files := newSysctlFiles()
+		defer files.close()
+		instancesMu.Lock()
+		defer instancesMu.Unlock()
+		return removeStale(h, nft, files, cfg)
+	})
 }
 
-// removeStaleFakeTCP removes the table and the TUN device of cfg.Name, and
+// removeStale removes the table and the TUN device of cfg.Name, and
 // settles what the table says to restore. A device of that name that is
-// not a TUN device is not iketcp's: it stays, and removeStaleFakeTCP fails
-// before touching anything.
-func removeStaleFakeTCP(h *netlink.Handle, nft *nftables.Conn, files *sysctlFiles, cfg FakeTCPConfig) error {
+// not a TUN device is not iketcp's: it stays, and removeStale fails before
+// touching anything.
+func removeStale(h *netlink.Handle, nft *nftables.Conn, files *sysctlFiles, cfg Config) error {
 	log := cfg.Logger
-	link, err := findStaleTUN(h, modeFakeTCP, cfg.Name)
+	stale, err := tun.FindStale(h, modeFakeTCP, cfg.Name)
 	if err != nil {
 		return err
 	}
-	tables, err := fakeTCPTables(nft)
+	tables, err := listTables(nft)
 	if err != nil {
 		return err
 	}
 	var errs []error
-	name := fakeTCPTablePrefix + cfg.Name
+	name := tablePrefix + cfg.Name
 	for _, t := range tables {
 		if t.Name != name {
 			continue
@@ -489,8 +459,8 @@ func removeStaleFakeTCP(h *netlink.Handle, nft *nftables.Conn, files *sysctlFile
 				"table", t.Name, "err", err)
 		}
 		nft.DelTable(t)
-		if err := nft.Flush(); err != nil && !gone(err) {
-			errs = append(errs, modeFakeTCP.netAdmin("remove stale nftables table "+t.Name, err))
+		if err := nft.Flush(); err != nil && !setup.Gone(err) {
+			errs = append(errs, modeFakeTCP.Failed("remove stale nftables table "+t.Name, err))
 			continue
 		}
 		log.Warn("fake-TCP mode: removed an nftables table that an earlier run left", "table", t.Name)
@@ -498,10 +468,8 @@ func removeStaleFakeTCP(h *netlink.Handle, nft *nftables.Conn, files *sysctlFile
 			errs = append(errs, err)
 		}
 	}
-	if link != nil {
-		if err := removeStaleTUN(h, modeFakeTCP, link, log); err != nil {
-			errs = append(errs, err)
-		}
+	if err := stale.Remove(log); err != nil {
+		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("fake-TCP mode: removing what an earlier run left: %w", err)

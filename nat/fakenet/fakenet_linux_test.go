@@ -1,10 +1,11 @@
-package nat
+package fakenet
 
 import (
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -13,18 +14,21 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 	"unsafe"
 
-	"github.com/iketcp/iketcp/nat/nattest"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/nattest"
+	"github.com/iketcp/iketcp/nat/tun"
+	"github.com/iketcp/iketcp/nat/tun/tuntest"
 )
 
 // The fake-TCP lab: the test's own namespace is the client's, joined by a
-// veth pair to the server's. Each side runs a FakeTCPNet; no TCP stack is
+// veth pair to the server's. Each side runs a Net; no TCP stack is
 // involved: the tests write the endpoints' segments by hand.
 var (
 	ftClientV4   = netip.MustParseAddr("198.51.100.2")
@@ -48,20 +52,17 @@ type ftLab struct {
 	server *nattest.NS
 }
 
-// newFakeTCPLab moves the test into a new namespace (enterNetns) and
+// newFakeTCPLab moves the test into a new namespace (nattest.Enter) and
 // wires it to a server namespace.
 func newFakeTCPLab(t *testing.T) *ftLab {
 	t.Helper()
 	requireNft(t)
-	enterNetns(t)
-	noDAD := func() error {
-		return errors.Join(setSysctl("net/ipv6/conf/all/accept_dad", "0"), setSysctl("net/ipv6/conf/default/accept_dad", "0"))
-	}
-	if err := noDAD(); err != nil {
+	nattest.Enter(t)
+	if err := nattest.NoDAD(); err != nil {
 		t.Fatal(err)
 	}
 	l := &ftLab{server: nattest.New(t)}
-	if err := l.server.Do(noDAD); err != nil {
+	if err := l.server.Do(nattest.NoDAD); err != nil {
 		t.Fatal(err)
 	}
 	veth := &netlink.Veth{
@@ -77,7 +78,7 @@ func newFakeTCPLab(t *testing.T) *ftLab {
 		if err != nil {
 			return err
 		}
-		return errors.Join(netlink.LinkSetUp(link), addAddr(link, v4, 24), addAddr(link, v6, 64))
+		return errors.Join(netlink.LinkSetUp(link), nattest.AddAddr(link, v4, 24), nattest.AddAddr(link, v6, 64))
 	}
 	if err := up(ftClientVeth, ftClientV4, ftClientV6); err != nil {
 		t.Fatal(err)
@@ -104,7 +105,7 @@ func newFakeTCPLab(t *testing.T) *ftLab {
 // with nft, where it is missing.
 func requireNft(t *testing.T) {
 	t.Helper()
-	requireNetns(t)
+	nattest.RequireTUN(t)
 	if _, err := exec.LookPath("nft"); err != nil {
 		msg := "needs the nft command (Debian package nftables) to read the ruleset"
 		if os.Getenv("CI") == "true" {
@@ -114,16 +115,16 @@ func requireNft(t *testing.T) {
 	}
 }
 
-// setupFakeTCP runs SetupFakeTCP in the calling thread's namespace and
-// closes it at the test's end.
-func setupFakeTCP(t *testing.T, cfg FakeTCPConfig) *FakeTCPNet {
+// start runs Setup in the calling thread's namespace and closes the Net
+// at the test's end.
+func start(t *testing.T, cfg Config) *Net {
 	t.Helper()
 	if cfg.Logger == nil {
-		cfg.Logger = testLogger(t)
+		cfg.Logger = nattest.Logger(t)
 	}
-	n, err := SetupFakeTCP(cfg)
+	n, err := Setup(cfg)
 	if err != nil {
-		t.Fatalf("SetupFakeTCP(%s): %v", cfg.Role, err)
+		t.Fatalf("Setup(%s): %v", cfg.Role, err)
 	}
 	t.Cleanup(func() {
 		if err := n.Close(); err != nil {
@@ -133,13 +134,13 @@ func setupFakeTCP(t *testing.T, cfg FakeTCPConfig) *FakeTCPNet {
 	return n
 }
 
-// setupIn is setupFakeTCP in ns. Close, from the test's goroutine, is
-// then in another namespace.
-func setupIn(t *testing.T, ns *nattest.NS, cfg FakeTCPConfig) *FakeTCPNet {
+// startIn is start in ns. Close, from the test's goroutine, is then in
+// another namespace.
+func startIn(t *testing.T, ns *nattest.NS, cfg Config) *Net {
 	t.Helper()
-	var n *FakeTCPNet
+	var n *Net
 	if err := ns.Do(func() error {
-		n = setupFakeTCP(t, cfg)
+		n = start(t, cfg)
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -147,47 +148,11 @@ func setupIn(t *testing.T, ns *nattest.NS, cfg FakeTCPConfig) *FakeTCPNet {
 	return n
 }
 
-// tunDevice is what rawPump reads.
-type tunDevice interface {
-	BatchSize() int
-	MTU() int
-	Read(bufs [][]byte, sizes []int, offset int) (int, error)
-	Close() error
-}
-
-// rawPump reads a device's packets in a goroutine of its own until Close,
+// rawPump reads a Net's packets in a goroutine of its own until Close,
 // which the test's clean-up does before waiting for it.
-func rawPump(t *testing.T, d tunDevice) <-chan []byte {
+func rawPump(t *testing.T, n *Net) <-chan []byte {
 	t.Helper()
-	out := make(chan []byte, 1024)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		defer close(out)
-		bufs := make([][]byte, d.BatchSize())
-		for k := range bufs {
-			bufs[k] = make([]byte, d.MTU())
-		}
-		sizes := make([]int, len(bufs))
-		for {
-			n, err := d.Read(bufs, sizes, 0)
-			for k := range n {
-				out <- bytes.Clone(bufs[k][:sizes[k]])
-			}
-			if err != nil {
-				if !errors.Is(err, net.ErrClosed) {
-					t.Errorf("Read: %v", err)
-				}
-				return
-			}
-		}
-	}()
-	t.Cleanup(func() {
-		d.Close()
-		wg.Wait()
-	})
-	return out
+	return tuntest.Pump(t, n, n.MTU())
 }
 
 // TCP flags.
@@ -252,7 +217,7 @@ func parseIP(b []byte) (ipPacket, error) {
 		p.df = binary.BigEndian.Uint16(b[6:])&0x4000 != 0
 		src, dst = netip.AddrFrom4([4]byte(b[12:16])), netip.AddrFrom4([4]byte(b[16:20]))
 		rest = b[ihl:]
-		if checksum(b[:ihl]) != 0 {
+		if nattest.Checksum(b[:ihl]) != 0 {
 			p.checksumError = "IPv4 header"
 		}
 		pseudo = append(append(src.AsSlice(), dst.AsSlice()...), 0, byte(p.proto), byte(len(rest)>>8), byte(len(rest)))
@@ -283,7 +248,7 @@ func parseIP(b []byte) (ipPacket, error) {
 		p.flags = rest[13]
 		p.window = binary.BigEndian.Uint16(rest[14:])
 		p.payload = rest[int(rest[12]>>4)*4:]
-		if checksum(append(pseudo, rest...)) != 0 {
+		if nattest.Checksum(append(pseudo, rest...)) != 0 {
 			p.checksumError = strings.TrimPrefix(p.checksumError+", TCP", ", ")
 		}
 	case unix.IPPROTO_ICMP, unix.IPPROTO_ICMPV6:
@@ -303,13 +268,13 @@ func parseIP(b []byte) (ipPacket, error) {
 // with a window of 65535 and no options, checksums correct.
 func tcpPacket(src, dst netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) []byte {
 	tcp := make([]byte, 20+len(payload))
-	put16(tcp[0:], src.Port())
-	put16(tcp[2:], dst.Port())
+	nattest.Put16(tcp[0:], src.Port())
+	nattest.Put16(tcp[2:], dst.Port())
 	binary.BigEndian.PutUint32(tcp[4:], seq)
 	binary.BigEndian.PutUint32(tcp[8:], ack)
 	tcp[12] = 5 << 4
 	tcp[13] = flags
-	put16(tcp[14:], 65535)
+	nattest.Put16(tcp[14:], 65535)
 	copy(tcp[20:], payload)
 	s, d := src.Addr().AsSlice(), dst.Addr().AsSlice()
 	pseudo := append(append([]byte{}, s...), d...)
@@ -318,30 +283,30 @@ func tcpPacket(src, dst netip.AddrPort, seq, ack uint32, flags uint8, payload []
 		pseudo = append(pseudo, 0, unix.IPPROTO_TCP, byte(len(tcp)>>8), byte(len(tcp)))
 		hdr = make([]byte, 20)
 		hdr[0] = 0x45
-		put16(hdr[2:], uint16(20+len(tcp)))
-		put16(hdr[4:], uint16(seq))
-		put16(hdr[6:], 0x4000) // don't fragment
+		nattest.Put16(hdr[2:], uint16(20+len(tcp)))
+		nattest.Put16(hdr[4:], uint16(seq))
+		nattest.Put16(hdr[6:], 0x4000) // don't fragment
 		hdr[8] = 64
 		hdr[9] = unix.IPPROTO_TCP
 		copy(hdr[12:], s)
 		copy(hdr[16:], d)
-		put16(hdr[10:], checksum(hdr))
+		nattest.Put16(hdr[10:], nattest.Checksum(hdr))
 	} else {
 		pseudo = append(pseudo, 0, 0, byte(len(tcp)>>8), byte(len(tcp)), 0, 0, 0, unix.IPPROTO_TCP)
 		hdr = make([]byte, 40)
 		hdr[0] = 0x60
-		put16(hdr[4:], uint16(len(tcp)))
+		nattest.Put16(hdr[4:], uint16(len(tcp)))
 		hdr[6] = unix.IPPROTO_TCP
 		hdr[7] = 64
 		copy(hdr[8:], s)
 		copy(hdr[24:], d)
 	}
-	put16(tcp[16:], checksum(append(pseudo, tcp...)))
+	nattest.Put16(tcp[16:], nattest.Checksum(append(pseudo, tcp...)))
 	return append(hdr, tcp...)
 }
 
 // writeAll writes packets into a device as one batch.
-func writeAll(t *testing.T, d *FakeTCPNet, pkts ...[]byte) {
+func writeAll(t *testing.T, d *Net, pkts ...[]byte) {
 	t.Helper()
 	if n, err := d.Write(pkts, 0); n != len(pkts) || err != nil {
 		t.Fatalf("Write into %s: %d of %d, %v", d.Name(), n, len(pkts), err)
@@ -493,25 +458,25 @@ func TestFakeTCPIPv6(t *testing.T) { checkFakeTCP(t, true) }
 
 func checkFakeTCP(t *testing.T, v6 bool) {
 	l := newFakeTCPLab(t)
-	ccfg := FakeTCPConfig{Role: FakeTCPClient, Name: "ftcli", Net4: ftClientNet4}
-	scfg := FakeTCPConfig{Role: FakeTCPServer, Name: "ftsrv", Net4: ftServerNet4, Port: 4500}
+	ccfg := Config{Role: Client, Name: "ftcli", Net4: ftClientNet4}
+	scfg := Config{Role: Server, Name: "ftsrv", Net4: ftServerNet4, Port: 4500}
 	clientAddr, serverAddr := ftClientV4, ftServerV4
 	if v6 {
 		ccfg.Net6, scfg.Net6 = ftClientNet6, ftServerNet6
 		clientAddr, serverAddr = ftClientV6, ftServerV6
 	}
 	// Strict reverse-path filters on both sides, as many hosts have.
-	setSysctlT(t, "net/ipv4/conf/all/rp_filter", "1")
+	nattest.SetSysctl(t, "net/ipv4/conf/all/rp_filter", "1")
 	capC := startCapture(t, ftClientVeth)
 	var capS *capture
 	if err := l.server.Do(func() error {
 		capS = startCapture(t, ftServerVeth)
-		return setSysctl("net/ipv4/conf/all/rp_filter", "1")
+		return nattest.WriteSysctl("net/ipv4/conf/all/rp_filter", "1")
 	}); err != nil {
 		t.Fatal(err)
 	}
-	client := setupFakeTCP(t, ccfg)
-	server := setupIn(t, l.server, scfg)
+	client := start(t, ccfg)
+	server := startIn(t, l.server, scfg)
 	cin, sin := rawPump(t, client), rawPump(t, server)
 	cep, sep := client.Endpoint4(), server.Endpoint4()
 	if v6 {
@@ -641,11 +606,11 @@ func TestFakeTCPSuperPackets(t *testing.T) {
 		t.Fatal(err)
 	}
 	capC := startCapture(t, ftClientVeth)
-	client := setupFakeTCP(t, FakeTCPConfig{Role: FakeTCPClient, Name: "ftcli", Net4: ftClientNet4})
+	client := start(t, Config{Role: Client, Name: "ftcli", Net4: ftClientNet4})
 	cin := rawPump(t, client)
 	ep := netip.AddrPortFrom(client.Endpoint4(), 5000)
 	if err := l.server.Do(func() error {
-		return netlink.RouteAdd(&netlink.Route{Dst: prefix(client.Endpoint4(), 30), Gw: ftClientV4.AsSlice()})
+		return netlink.RouteAdd(&netlink.Route{Dst: nattest.Prefix(client.Endpoint4(), 30), Gw: ftClientV4.AsSlice()})
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -657,7 +622,7 @@ func TestFakeTCPSuperPackets(t *testing.T) {
 	}
 	dialDone := make(chan dialed, 1)
 	go l.server.Do(func() error {
-		c, err := dialTCP(ep)
+		c, err := nattest.DialTCP(ep)
 		dialDone <- dialed{c, err}
 		return nil
 	})
@@ -727,11 +692,11 @@ func withMSS(pkt []byte, mss uint16) []byte {
 	tcp[16], tcp[17] = 0, 0
 	s, d := p.src.Addr().AsSlice(), p.dst.Addr().AsSlice()
 	pseudo := append(append(append([]byte{}, s...), d...), 0, unix.IPPROTO_TCP, 0, byte(len(tcp)))
-	put16(tcp[16:], checksum(append(pseudo, tcp...)))
+	nattest.Put16(tcp[16:], nattest.Checksum(append(pseudo, tcp...)))
 	hdr := append([]byte{}, pkt[:20]...)
-	put16(hdr[2:], uint16(20+len(tcp)))
+	nattest.Put16(hdr[2:], uint16(20+len(tcp)))
 	hdr[10], hdr[11] = 0, 0
-	put16(hdr[10:], checksum(hdr))
+	nattest.Put16(hdr[10:], nattest.Checksum(hdr))
 	return append(hdr, tcp...)
 }
 
@@ -750,7 +715,7 @@ func ftSnapshot(t *testing.T) string {
 		{"route", "show", "table", "all"}, {"-6", "route", "show", "table", "all"},
 		{"-o", "link"}, {"-o", "addr"},
 	} {
-		fmt.Fprintf(&b, "== ip %s\n%s", strings.Join(args, " "), ip(t, args...))
+		fmt.Fprintf(&b, "== ip %s\n%s", strings.Join(args, " "), nattest.IP(t, args...))
 	}
 	fmt.Fprintf(&b, "== forwarding\n%s", forwardingSysctls(t))
 	return b.String()
@@ -782,17 +747,7 @@ func forwardingSysctls(t *testing.T) string {
 // stableFTSnapshot waits until two snapshots in a row agree.
 func stableFTSnapshot(t *testing.T) string {
 	t.Helper()
-	prev := ftSnapshot(t)
-	for range 100 {
-		time.Sleep(50 * time.Millisecond)
-		cur := ftSnapshot(t)
-		if cur == prev {
-			return cur
-		}
-		prev = cur
-	}
-	t.Fatalf("the namespace does not settle:\n%s", prev)
-	return ""
+	return nattest.Settled(t, func() string { return ftSnapshot(t) })
 }
 
 // sameSnapshot fails the test if after differs from before.
@@ -827,13 +782,13 @@ func mustContain(t *testing.T, s string, want ...string) {
 }
 
 // TestFakeTCPCloseRestoresEverything compares the namespace before
-// SetupFakeTCP and after Close, which it calls from a thread in another
+// Setup and after Close, which it calls from a thread in another
 // namespace; a device's own forwarding, different from the global one,
 // comes back too.
 func TestFakeTCPCloseRestoresEverything(t *testing.T) {
 	newFakeTCPLab(t)
-	setSysctlT(t, "net/ipv4/conf/"+ftClientVeth+"/forwarding", "1")
-	setSysctlT(t, "net/ipv6/conf/"+ftClientVeth+"/forwarding", "1")
+	nattest.SetSysctl(t, "net/ipv4/conf/"+ftClientVeth+"/forwarding", "1")
+	nattest.SetSysctl(t, "net/ipv6/conf/"+ftClientVeth+"/forwarding", "1")
 	before := stableFTSnapshot(t)
 	other := nattest.New(t)
 	var otherBefore string
@@ -841,7 +796,7 @@ func TestFakeTCPCloseRestoresEverything(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	n := setupFakeTCP(t, FakeTCPConfig{Role: FakeTCPClient, Name: "ftr0", Net4: ftClientNet4, Net6: ftClientNet6, Mark: 0x4501})
+	n := start(t, Config{Role: Client, Name: "ftr0", Net4: ftClientNet4, Net6: ftClientNet6, Mark: 0x4501})
 	during := ftSnapshot(t)
 	t.Logf("while running:\n%s", during)
 	mustContain(t, during,
@@ -865,7 +820,7 @@ func TestFakeTCPCloseRestoresEverything(t *testing.T) {
 		"net/ipv4/ip_forward=1",
 		"net/ipv6/conf/all/forwarding=1",
 	)
-	if strings.Contains(during, "fe80::") && strings.Contains(ip(t, "-6", "addr", "show", "dev", "ftr0"), "fe80::") {
+	if strings.Contains(during, "fe80::") && strings.Contains(nattest.IP(t, "-6", "addr", "show", "dev", "ftr0"), "fe80::") {
 		t.Error("the device has a link-local address")
 	}
 	if n.Name() != "ftr0" || n.Endpoint4() != netip.MustParseAddr("100.64.200.2") || n.Endpoint6() != netip.MustParseAddr("2001:db8:200::2") {
@@ -873,36 +828,12 @@ func TestFakeTCPCloseRestoresEverything(t *testing.T) {
 	}
 
 	// Close, from elsewhere, wakes a blocked Read.
-	readErr := make(chan error, 1)
-	go func() {
-		_, err := n.Read([][]byte{make([]byte, n.MTU())}, []int{0}, 0)
-		readErr <- err
-	}()
-	time.Sleep(50 * time.Millisecond)
-	if err := other.Do(n.Close); err != nil {
-		t.Fatalf("Close: %v", err)
-	}
-	select {
-	case err := <-readErr:
-		if !errors.Is(err, net.ErrClosed) {
-			t.Errorf("Read after Close: %v, want net.ErrClosed", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Close did not wake a blocked Read")
-	}
+	tuntest.CheckCloseWakesRead(t, n, n.MTU(), func() error { return other.Do(n.Close) })
 	sameSnapshot(t, "Close", before, ftSnapshot(t))
 	if err := other.Do(func() error { sameSnapshot(t, "Close from this namespace", otherBefore, ftSnapshot(t)); return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if err := n.Close(); err != nil {
-		t.Errorf("second Close: %v", err)
-	}
-	if _, err := n.Write([][]byte{tcpPacket(netip.AddrPortFrom(n.Endpoint4(), 1), netip.AddrPortFrom(ftServerV4, 1), 0, 0, tcpSYN, nil)}, 0); !errors.Is(err, net.ErrClosed) {
-		t.Errorf("Write after Close: %v, want net.ErrClosed", err)
-	}
-	if _, err := n.Read([][]byte{make([]byte, MTU)}, []int{0}, 0); !errors.Is(err, net.ErrClosed) {
-		t.Errorf("Read after Close: %v, want net.ErrClosed", err)
-	}
+	tuntest.CheckClosed(t, n, tun.MTU, tcpPacket(netip.AddrPortFrom(n.Endpoint4(), 1), netip.AddrPortFrom(ftServerV4, 1), 0, 0, tcpSYN, nil))
 }
 
 // TestFakeTCPInstances runs a client and a server in one namespace: the
@@ -911,8 +842,8 @@ func TestFakeTCPCloseRestoresEverything(t *testing.T) {
 func TestFakeTCPInstances(t *testing.T) {
 	newFakeTCPLab(t)
 	before := stableFTSnapshot(t)
-	a := setupFakeTCP(t, FakeTCPConfig{Role: FakeTCPClient, Name: "fta", Net4: netip.MustParsePrefix("100.64.202.0/30")})
-	b := setupFakeTCP(t, FakeTCPConfig{Role: FakeTCPServer, Name: "ftb", Port: 4500,
+	a := start(t, Config{Role: Client, Name: "fta", Net4: netip.MustParsePrefix("100.64.202.0/30")})
+	b := start(t, Config{Role: Server, Name: "ftb", Port: 4500,
 		Net4: netip.MustParsePrefix("100.64.203.0/30"), Net6: netip.MustParsePrefix("2001:db8:203::/126")})
 	during := ftSnapshot(t)
 	mustContain(t, during,
@@ -929,11 +860,11 @@ func TestFakeTCPInstances(t *testing.T) {
 		t.Logf("while running:\n%s", during)
 	}
 	// A third with a's subnet is refused, and changes nothing.
-	_, err := SetupFakeTCP(FakeTCPConfig{Name: "ftc", Net4: netip.MustParsePrefix("100.64.202.0/30"), Logger: testLogger(t)})
+	_, err := Setup(Config{Name: "ftc", Net4: netip.MustParsePrefix("100.64.202.0/30"), Logger: nattest.Logger(t)})
 	if err == nil || !strings.Contains(err.Error(), "Net4 100.64.202.0/30 is in use: fta has the address 100.64.202.1") {
-		t.Errorf("SetupFakeTCP with a subnet in use: %v", err)
+		t.Errorf("Setup with a subnet in use: %v", err)
 	}
-	sameSnapshot(t, "a refused SetupFakeTCP", during, ftSnapshot(t))
+	sameSnapshot(t, "a refused Setup", during, ftSnapshot(t))
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -952,23 +883,23 @@ func TestFakeTCPInstances(t *testing.T) {
 }
 
 // TestFakeTCPStaleStateIsRemoved leaves behind what crashed runs leave,
-// and checks that SetupFakeTCP and CleanupFakeTCP remove it all, and put
+// and checks that Setup and Cleanup remove it all, and put
 // forwarding back as it was before the crashed run.
 func TestFakeTCPStaleStateIsRemoved(t *testing.T) {
 	requireNft(t)
-	enterNetns(t)
+	nattest.Enter(t)
 	before := stableFTSnapshot(t)
-	cfg := FakeTCPConfig{Role: FakeTCPServer, Name: "ftx", Port: 4500, Net4: ftServerNet4, Net6: ftServerNet6, Logger: testLogger(t)}
+	cfg := Config{Role: Server, Name: "ftx", Port: 4500, Net4: ftServerNet4, Net6: ftServerNet6, Logger: nattest.Logger(t)}
 
 	// A crash: the process dies, so its descriptors close and the TUN
 	// device goes with them, while the table and forwarding stay.
 	crash := func() {
 		t.Helper()
-		n, err := SetupFakeTCP(cfg)
+		n, err := Setup(cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
-		n.file.Close()
+		n.dev.File().Close()
 		n.nft.CloseLasting()
 		n.nl.Close()
 		n.sysctls.close()
@@ -979,26 +910,26 @@ func TestFakeTCPStaleStateIsRemoved(t *testing.T) {
 	}
 
 	crash()
-	n, err := SetupFakeTCP(cfg)
+	n, err := Setup(cfg)
 	if err != nil {
-		t.Fatalf("SetupFakeTCP over a crashed run's state: %v", err)
+		t.Fatalf("Setup over a crashed run's state: %v", err)
 	}
 	if err := n.Close(); err != nil {
 		t.Fatal(err)
 	}
-	sameSnapshot(t, "a crash, SetupFakeTCP and Close", before, ftSnapshot(t))
+	sameSnapshot(t, "a crash, Setup and Close", before, ftSnapshot(t))
 
 	// A persistent device of the same name, as a hand-made one would be.
 	crash()
 	if err := netlink.LinkAdd(&netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: "ftx"}, Mode: netlink.TUNTAP_MODE_TUN}); err != nil {
 		t.Fatal(err)
 	}
-	if err := CleanupFakeTCP(FakeTCPConfig{Name: "ftx", Logger: testLogger(t)}); err != nil {
-		t.Fatalf("CleanupFakeTCP: %v", err)
+	if err := Cleanup(Config{Name: "ftx", Logger: nattest.Logger(t)}); err != nil {
+		t.Fatalf("Cleanup: %v", err)
 	}
-	sameSnapshot(t, "a crash and CleanupFakeTCP", before, ftSnapshot(t))
-	if err := CleanupFakeTCP(FakeTCPConfig{Name: "ftx", Logger: testLogger(t)}); err != nil {
-		t.Fatalf("CleanupFakeTCP with nothing to clean: %v", err)
+	sameSnapshot(t, "a crash and Cleanup", before, ftSnapshot(t))
+	if err := Cleanup(Config{Name: "ftx", Logger: nattest.Logger(t)}); err != nil {
+		t.Fatalf("Cleanup with nothing to clean: %v", err)
 	}
 
 	// A device of the name that is not a TUN device is not iketcp's: it
@@ -1007,65 +938,41 @@ func TestFakeTCPStaleStateIsRemoved(t *testing.T) {
 		t.Fatal(err)
 	}
 	withVeth := ftSnapshot(t)
-	if _, err := SetupFakeTCP(cfg); err == nil || !strings.Contains(err.Error(), "not iketcp's") {
-		t.Fatalf("SetupFakeTCP over a veth device: %v, want a refusal", err)
+	if _, err := Setup(cfg); err == nil || !strings.Contains(err.Error(), "not iketcp's") {
+		t.Fatalf("Setup over a veth device: %v, want a refusal", err)
 	}
-	sameSnapshot(t, "a refused SetupFakeTCP", withVeth, ftSnapshot(t))
+	sameSnapshot(t, "a refused Setup", withVeth, ftSnapshot(t))
 }
 
-// TestFakeTCPFailedSetupUndoes fails SetupFakeTCP after each thing it
-// installs in turn, and checks that it leaves nothing behind.
+// TestFakeTCPFailedSetupUndoes fails Setup after each thing it installs
+// in turn, and checks that it leaves nothing behind.
 func TestFakeTCPFailedSetupUndoes(t *testing.T) {
 	requireNft(t)
-	enterNetns(t)
+	nattest.Enter(t)
 	before := stableFTSnapshot(t)
-	t.Cleanup(func() { testHookInstalled = nil })
-	var steps []string
-	testHookInstalled = func(what string) error {
-		steps = append(steps, what)
-		return nil
-	}
-	cfg := FakeTCPConfig{Role: FakeTCPServer, Name: "ftu", Port: 4500, Net4: ftServerNet4, Net6: ftServerNet6, Mark: 7, Logger: testLogger(t)}
-	n, err := SetupFakeTCP(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Close(); err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("SetupFakeTCP installs %d things: %s", len(steps), strings.Join(steps, "; "))
+	cfg := Config{Role: Server, Name: "ftu", Port: 4500, Net4: ftServerNet4, Net6: ftServerNet6, Mark: 7, Logger: nattest.Logger(t)}
+	steps := nattest.CheckUndo(t, func() (io.Closer, error) { return Setup(cfg) }, func(step string) {
+		sameSnapshot(t, "a failure after "+step, before, ftSnapshot(t))
+	})
 	if len(steps) != 4 {
 		t.Errorf("want 4 steps: device, table, IPv4 and IPv6 forwarding")
-	}
-	for fail := range steps {
-		k := 0
-		testHookInstalled = func(what string) error {
-			if k++; k > fail {
-				return fmt.Errorf("injected failure after %s", what)
-			}
-			return nil
-		}
-		if _, err := SetupFakeTCP(cfg); err == nil || !strings.Contains(err.Error(), "injected failure") {
-			t.Fatalf("failing after %s: %v", steps[fail], err)
-		}
-		sameSnapshot(t, "a failure after "+steps[fail], before, ftSnapshot(t))
 	}
 }
 
 // TestFakeTCPIPv6Off checks the error for Net6 on a host without IPv6.
 func TestFakeTCPIPv6Off(t *testing.T) {
 	requireNft(t)
-	enterNetns(t)
-	setSysctlT(t, "net/ipv6/conf/default/disable_ipv6", "1")
+	nattest.Enter(t)
+	nattest.SetSysctl(t, "net/ipv6/conf/default/disable_ipv6", "1")
 	before := ftSnapshot(t)
-	_, err := SetupFakeTCP(FakeTCPConfig{Net6: ftClientNet6, Logger: testLogger(t)})
+	_, err := Setup(Config{Net6: ftClientNet6, Logger: nattest.Logger(t)})
 	if err == nil || !strings.Contains(err.Error(), "IPv6 is off") {
-		t.Fatalf("SetupFakeTCP with Net6 and IPv6 off: %v", err)
+		t.Fatalf("Setup with Net6 and IPv6 off: %v", err)
 	}
-	sameSnapshot(t, "the failed SetupFakeTCP", before, ftSnapshot(t))
+	sameSnapshot(t, "the failed Setup", before, ftSnapshot(t))
 	// IPv4 alone does not care.
-	n := setupFakeTCP(t, FakeTCPConfig{})
-	if n.Name() != DefaultFakeTCPName || n.Endpoint4() != netip.MustParseAddr("100.127.255.254") || n.Endpoint6().IsValid() {
+	n := start(t, Config{})
+	if n.Name() != DefaultName || n.Endpoint4() != netip.MustParseAddr("100.127.255.254") || n.Endpoint6().IsValid() {
 		t.Errorf("defaults: Name %s, Endpoint4 %s, Endpoint6 %s", n.Name(), n.Endpoint4(), n.Endpoint6())
 	}
 }
@@ -1073,33 +980,18 @@ func TestFakeTCPIPv6Off(t *testing.T) {
 // TestFakeTCPNeedsNetAdmin drops CAP_NET_ADMIN from a thread of its own
 // and checks that every way in names the capability.
 func TestFakeTCPNeedsNetAdmin(t *testing.T) {
-	requireNetns(t)
+	nattest.RequireTUN(t)
 	var errs []error
-	err := nattest.OnNewThread(func() error {
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			return err
-		}
-		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-		var data [2]unix.CapUserData
-		if err := unix.Capget(&hdr, &data[0]); err != nil {
-			return err
-		}
-		data[0].Effective &^= 1 << unix.CAP_NET_ADMIN
-		if err := unix.Capset(&hdr, &data[0]); err != nil {
-			return err
-		}
-		_, err := SetupFakeTCP(FakeTCPConfig{})
-		errs = append(errs, err, CleanupFakeTCP(FakeTCPConfig{}))
+	err := nattest.WithoutNetAdmin(func() error {
+		_, err := Setup(Config{})
+		errs = append(errs, err, Cleanup(Config{}))
 		// The kernel's own refusals, past the up-front check.
-		f, err := openTUN(modeFakeTCP, "ftcap")
+		errs = append(errs, nattest.CreateTUN(modeFakeTCP, "ftcap"))
+		nl, nft, err := handles()
 		if err == nil {
-			f.Close()
-		}
-		errs = append(errs, err)
-		_, nft, err := fakeTCPHandles()
-		if err == nil {
-			_, err = fakeTCPTables(nft)
+			_, err = listTables(nft)
 			nft.CloseLasting()
+			nl.Close()
 		}
 		return errors.Join(append(errs, err)...)
 	})
@@ -1107,7 +999,7 @@ func TestFakeTCPNeedsNetAdmin(t *testing.T) {
 		t.Fatal("no errors without CAP_NET_ADMIN")
 	}
 	for k, e := range append(errs, err) {
-		if e == nil || !errors.Is(e, ErrNeedsNetAdmin) || !strings.Contains(e.Error(), "CAP_NET_ADMIN") || !strings.Contains(e.Error(), "fake-TCP mode") {
+		if e == nil || !errors.Is(e, nat.ErrNeedsNetAdmin) || !strings.Contains(e.Error(), "CAP_NET_ADMIN") || !strings.Contains(e.Error(), "fake-TCP mode") {
 			t.Errorf("error %d: %v, want one of fake-TCP mode that names CAP_NET_ADMIN", k, e)
 		}
 	}
@@ -1121,8 +1013,8 @@ func TestFakeTCPNeedsNetAdmin(t *testing.T) {
 func TestFakeTCPMark(t *testing.T) {
 	l := newFakeTCPLab(t)
 	const mark = 0x4501
-	ip(t, "rule", "add", "pref", "10", "fwmark", fmt.Sprint(mark), "lookup", "main")
-	ip(t, "rule", "add", "pref", "11", "to", ftServerV4.String(), "unreachable")
+	nattest.IP(t, "rule", "add", "pref", "10", "fwmark", fmt.Sprint(mark), "lookup", "main")
+	nattest.IP(t, "rule", "add", "pref", "11", "to", ftServerV4.String(), "unreachable")
 	// Unmarked, the kernel's own traffic to the server goes nowhere.
 	if c, err := net.Dial("udp4", netip.AddrPortFrom(ftServerV4, 9).String()); err == nil {
 		_, err = c.Write([]byte("x"))
@@ -1131,8 +1023,8 @@ func TestFakeTCPMark(t *testing.T) {
 			t.Fatal("an unmarked packet to the server was sent: the rule does not work")
 		}
 	}
-	client := setupFakeTCP(t, FakeTCPConfig{Role: FakeTCPClient, Name: "ftcli", Net4: ftClientNet4, Mark: mark})
-	server := setupIn(t, l.server, FakeTCPConfig{Role: FakeTCPServer, Name: "ftsrv", Net4: ftServerNet4, Port: 4500})
+	client := start(t, Config{Role: Client, Name: "ftcli", Net4: ftClientNet4, Mark: mark})
+	server := startIn(t, l.server, Config{Role: Server, Name: "ftsrv", Net4: ftServerNet4, Port: 4500})
 	sin := rawPump(t, server)
 	writeAll(t, client, tcpPacket(netip.AddrPortFrom(client.Endpoint4(), 40000), netip.AddrPortFrom(ftServerV4, 4500), 1, 0, tcpSYN, nil))
 	expectTCP(t, "the server's device", sin, ipPacket{src: netip.AddrPortFrom(ftClientV4, 0), dst: netip.AddrPortFrom(server.Endpoint4(), 4500), seq: 1, flags: tcpSYN})
@@ -1140,44 +1032,28 @@ func TestFakeTCPMark(t *testing.T) {
 
 // TestFakeTCPReadWriteDoNotAllocate counts allocations of Read and Write.
 func TestFakeTCPReadWriteDoNotAllocate(t *testing.T) {
-	if raceEnabled {
+	if nattest.RaceEnabled {
 		t.Skip("the race detector allocates on its own; make test runs this check without -race")
 	}
 	requireNft(t)
-	enterNetns(t)
-	n := setupFakeTCP(t, FakeTCPConfig{Net4: ftClientNet4})
+	nattest.Enter(t)
+	n := start(t, Config{Net4: ftClientNet4})
 	kernel := netip.MustParseAddr("100.64.200.1")
 	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(kernel, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	const runs = 100
 	to := netip.AddrPortFrom(n.Endpoint4(), 4500)
-	for range runs + 1 { // AllocsPerRun runs once more to warm up
+	send := func() {
 		if _, err := c.WriteToUDPAddrPort([]byte("to the endpoint"), to); err != nil {
 			t.Fatal(err)
 		}
 	}
-	bufs := [][]byte{make([]byte, n.MTU())}
-	sizes := []int{0}
-	if a := testing.AllocsPerRun(runs, func() {
-		if k, err := n.Read(bufs, sizes, 0); k != 1 || err != nil {
-			t.Fatalf("Read: %d, %v", k, err)
-		}
-	}); a != 0 {
-		t.Errorf("Read: %v allocations per call", a)
-	}
-	reply := [][]byte{udpPacket(to, c.LocalAddr().(*net.UDPAddr).AddrPort(), []byte("from the endpoint"))}
-	if a := testing.AllocsPerRun(runs, func() {
-		if k, err := n.Write(reply, 0); k != 1 || err != nil {
-			t.Fatalf("Write: %d, %v", k, err)
-		}
-	}); a != 0 {
-		t.Errorf("Write: %v allocations per call", a)
-	}
+	reply := nattest.UDPPacket(to, c.LocalAddr().(*net.UDPAddr).AddrPort(), []byte("from the endpoint"))
+	tuntest.CheckNoAllocs(t, n, n.MTU(), send, reply)
 	// The endpoint's packets reached the socket: Write really wrote.
-	expectUDP(t, c, []byte("from the endpoint"))
+	nattest.ExpectUDP(t, c, []byte("from the endpoint"))
 }
 
 func TestFakeTCPRecordKeys(t *testing.T) {
@@ -1205,7 +1081,7 @@ func TestFakeTCPRecordKeys(t *testing.T) {
 		t.Errorf("read-only /proc/sys: %v", err)
 	}
 	err = sysctlError("turn on IPv4 forwarding", "net.ipv4.ip_forward", unix.EPERM)
-	if !errors.Is(err, ErrNeedsNetAdmin) || !strings.Contains(err.Error(), "CAP_NET_ADMIN") {
+	if !errors.Is(err, nat.ErrNeedsNetAdmin) || !strings.Contains(err.Error(), "CAP_NET_ADMIN") {
 		t.Errorf("EPERM: %v", err)
 	}
 }
@@ -1218,8 +1094,8 @@ func TestFakeTCPRecordKeys(t *testing.T) {
 func TestFakeTCPOutOfWindowFromPeer(t *testing.T) {
 	l := newFakeTCPLab(t)
 	capC := startCapture(t, ftClientVeth)
-	client := setupFakeTCP(t, FakeTCPConfig{Role: FakeTCPClient, Name: "ftcli", Net4: ftClientNet4})
-	server := setupIn(t, l.server, FakeTCPConfig{Role: FakeTCPServer, Name: "ftsrv", Net4: ftServerNet4, Port: 4500})
+	client := start(t, Config{Role: Client, Name: "ftcli", Net4: ftClientNet4})
+	server := startIn(t, l.server, Config{Role: Server, Name: "ftsrv", Net4: ftServerNet4, Port: 4500})
 	cin, sin := rawPump(t, client), rawPump(t, server)
 	cAt := netip.AddrPortFrom(client.Endpoint4(), 40000)
 	sAt := netip.AddrPortFrom(ftServerV4, 4500)
@@ -1305,12 +1181,12 @@ func TestFakeTCPNotInRootNamespace(t *testing.T) {
 		}
 	}
 	if os.Geteuid() == 0 {
-		_, nft, err := fakeTCPHandles()
+		_, nft, err := handles()
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer nft.CloseLasting()
-		tables, err := fakeTCPTables(nft)
+		tables, err := listTables(nft)
 		if err != nil {
 			t.Fatal(err)
 		}

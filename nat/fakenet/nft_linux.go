@@ -1,4 +1,4 @@
-package nat
+package fakenet
 
 import (
 	"errors"
@@ -15,6 +15,9 @@ import (
 	"github.com/google/nftables/userdata"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/iketcp/iketcp/nat/internal/setup"
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 // Fake-TCP mode's nftables table, and the forwarding sysctls it records.
@@ -48,8 +51,8 @@ const (
 // those of the devices whose forwarding differs from it (writing the
 // switch changes them). It opens every sysctl file it may restore, so
 // that Close can restore them from any thread.
-func (n *FakeTCPNet) planForwarding(v6 bool) ([]string, error) {
-	running, err := runningFakeTCPTables(n.nl, n.nft, n.cfg.Name)
+func (n *Net) planForwarding(v6 bool) ([]string, error) {
+	running, err := runningTables(n.nl, n.nft, n.cfg.Name)
 	if err != nil {
 		return nil, err
 	}
@@ -130,7 +133,7 @@ func deviceForwarding(dir, global, skip string) ([]sysctlValue, error) {
 
 // installTable installs the table, its chains, rules and record, in one
 // transaction.
-func (n *FakeTCPNet) installTable() error {
+func (n *Net) installTable() error {
 	c, t, cfg := n.nft, n.table, &n.cfg
 	c.AddTable(t)
 	accept := nftables.ChainPolicyAccept
@@ -157,12 +160,12 @@ func (n *FakeTCPNet) installTable() error {
 	}
 
 	switch cfg.Role {
-	case FakeTCPClient:
+	case Client:
 		post := chain("postrouting", nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource)
 		for _, ep := range eps {
 			rule(post, addrIs(ep, true), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, cfg.Name), []expr.Any{&expr.Masq{}})
 		}
-	case FakeTCPServer:
+	case Server:
 		pre := chain("prerouting", nftables.ChainTypeNAT, nftables.ChainHookPrerouting, nftables.ChainPriorityNATDest)
 		for _, ep := range eps {
 			rule(pre, nfproto(ep), ifname(expr.MetaKeyIIFNAME, expr.CmpOpNeq, cfg.Name), fibDaddrLocal(), tcpDport(cfg.Port), dnat(ep, cfg.Port))
@@ -195,7 +198,7 @@ func (n *FakeTCPNet) installTable() error {
 		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP) {
 			err = fmt.Errorf("%w (does the kernel have nf_tables with nft_nat, nft_masq, nft_fib and nft_ct? modprobe them, or load nf_tables on the host of the container)", err)
 		}
-		return modeFakeTCP.netAdmin("install nftables table "+t.Name, err)
+		return modeFakeTCP.Failed("install nftables table "+t.Name, err)
 	}
 	n.tableUp = true
 	return nil
@@ -207,15 +210,15 @@ func recordRule(t *nftables.Table, ch *nftables.Chain, v sysctlValue) *nftables.
 	return &nftables.Rule{Table: t, Chain: ch, UserData: userdata.AppendString(nil, userdata.TypeComment, v.key+"="+v.value)}
 }
 
-// fakeTCPTables lists the namespace's fake-TCP tables.
-func fakeTCPTables(c *nftables.Conn) ([]*nftables.Table, error) {
+// listTables lists the namespace's fake-TCP tables.
+func listTables(c *nftables.Conn) ([]*nftables.Table, error) {
 	all, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
 	if err != nil {
-		return nil, modeFakeTCP.netAdmin("list the nftables tables", err)
+		return nil, modeFakeTCP.Failed("list the nftables tables", err)
 	}
 	var tables []*nftables.Table
 	for _, t := range all {
-		if strings.HasPrefix(t.Name, fakeTCPTablePrefix) {
+		if strings.HasPrefix(t.Name, tablePrefix) {
 			tables = append(tables, t)
 		}
 	}
@@ -253,7 +256,7 @@ func forwardingKey(key string) bool {
 	for _, dir := range []string{"net/ipv4/conf/", "net/ipv6/conf/"} {
 		if dev, ok := strings.CutPrefix(key, dir); ok {
 			dev, ok = strings.CutSuffix(dev, "/forwarding")
-			return ok && dev != "" && checkName(dev) == nil
+			return ok && dev != "" && tun.CheckName(dev) == nil
 		}
 	}
 	return false
@@ -283,7 +286,7 @@ func settleRecord(h *netlink.Handle, c *nftables.Conn, files *sysctlFiles, own s
 	if len(record) == 0 {
 		return nil
 	}
-	running, err := runningFakeTCPTables(h, c, own)
+	running, err := runningTables(h, c, own)
 	if err != nil {
 		return err
 	}
@@ -301,16 +304,16 @@ func settleRecord(h *netlink.Handle, c *nftables.Conn, files *sysctlFiles, own s
 	return nil
 }
 
-// runningFakeTCPTables lists the tables of the fake-TCP instances that run
+// runningTables lists the tables of the fake-TCP instances that run
 // in the namespace, except own's: those whose TUN device exists.
-func runningFakeTCPTables(h *netlink.Handle, c *nftables.Conn, own string) ([]*nftables.Table, error) {
-	tables, err := fakeTCPTables(c)
+func runningTables(h *netlink.Handle, c *nftables.Conn, own string) ([]*nftables.Table, error) {
+	tables, err := listTables(c)
 	if err != nil {
 		return nil, err
 	}
 	var running []*nftables.Table
 	for _, t := range tables {
-		dev := strings.TrimPrefix(t.Name, fakeTCPTablePrefix)
+		dev := strings.TrimPrefix(t.Name, tablePrefix)
 		if dev == own {
 			continue
 		}
@@ -352,7 +355,7 @@ func restoreSysctls(files *sysctlFiles, record []sysctlValue, log *slog.Logger) 
 			}
 			cur, err := files.read(v.key)
 			if err != nil {
-				if !errors.Is(err, os.ErrNotExist) && !gone(err) {
+				if !errors.Is(err, os.ErrNotExist) && !setup.Gone(err) {
 					errs = append(errs, sysctlError("read", sysctlName(v.key), err))
 				}
 				continue
@@ -470,7 +473,7 @@ func sysctlError(what, name string, err error) error {
 	case errors.Is(err, unix.EROFS) || errors.Is(err, unix.EBADF):
 		return fmt.Errorf("fake-TCP mode: %s: /proc/sys is read-only here (as in most containers): set %s=1 from outside, e.g. docker run --sysctl %s=1: %w", what, name, name, err)
 	case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
-		return fmt.Errorf("%w: %s (%s): %v", errFakeTCPNeedsNetAdmin, what, name, err)
+		return fmt.Errorf("%w: %s (%s): %v", errNeedsNetAdmin, what, name, err)
 	}
 	return fmt.Errorf("fake-TCP mode: %s (%s): %w", what, name, err)
 }

@@ -8,7 +8,8 @@
 // ESP-over-TCP mode sends every ESP packet in a TCP ACK segment with the
 // same sequence number, and a box that checks sequence numbers drops all
 // but the first. iketcp's fake-TCP mode keeps sequence numbers live and
-// must pass.
+// must pass. It is the lab's, not the product's: only integration/lab,
+// the integration tests and cmd/iketcp-lab use it.
 //
 // The package has two layers:
 //

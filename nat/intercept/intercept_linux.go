@@ -1,4 +1,4 @@
-package nat
+package intercept
 
 import (
 	"errors"
@@ -6,14 +6,15 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
-	"runtime"
-	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/iketcp/iketcp/nat/internal/setup"
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 // The ports whose UDP traffic to a peer is intercepted: IKE, and IKE with
@@ -24,28 +25,27 @@ var interceptedPorts = [...]uint16{500, 4500}
 // through it and the rules that select the traffic. Read and Write move
 // packets; Close removes all of it.
 type Interceptor struct {
-	// Set by Intercept, read-only afterwards.
-	cfg InterceptConfig
+	// Set by Open, read-only afterwards.
+	cfg Config
 	log *slog.Logger
-	// tunDev is the device: its descriptor, the closed flag that Close
-	// sets first, and Read's state, which Read serializes.
-	tunDev
+	dev *tun.TUN // set by setup before Open returns
+	// closed is set first thing in Close.
+	closed atomic.Bool
 
 	// mu guards what was installed, which teardown removes once. The
-	// netlink handle is bound to the network namespace Intercept ran in, so
+	// netlink handle is bound to the network namespace Open ran in, so
 	// Close works from any thread; it is nil once torn down.
 	mu     sync.Mutex
 	nl     *netlink.Handle
-	link   netlink.Link
 	routes []netlink.Route
 	rules  []netlink.Rule
 }
 
-// Intercept starts transparent mode in the calling thread's network
-// namespace (the process's, unless the caller moved its thread). It removes
-// what a crashed run left for the same Name and Table, creates the TUN
-// device (MTU set, up, no address, rp_filter 0), routes IPv4 (and IPv6 if a
-// peer is IPv6) by default through it in Table, and adds the rules
+// Open starts transparent mode in the calling thread's network namespace
+// (the process's, unless the caller moved its thread). It removes what a
+// crashed run left for the same Name and Table, creates the TUN device
+// (MTU set, up, no address, rp_filter 0), routes IPv4 (and IPv6 if a peer
+// is IPv6) by default through it in Table, and adds the rules
 //
 //	Priority:   fwmark Mark lookup main
 //	Priority+1: to PEER ipproto udp dport 500 lookup Table
@@ -53,35 +53,16 @@ type Interceptor struct {
 //	Priority+1: to PEER ipproto esp lookup Table
 //
 // for each peer. On failure it undoes what it did. Without CAP_NET_ADMIN
-// the error wraps ErrNeedsNetAdmin. One Name and Table serve one
-// Interceptor at a time: a second Intercept with the same ones removes the
+// the error wraps nat.ErrNeedsNetAdmin. One Name and Table serve one
+// Interceptor at a time: a second Open with the same ones removes the
 // first one's rules and routes as stale.
-func Intercept(cfg InterceptConfig) (*Interceptor, error) {
+func Open(cfg Config) (*Interceptor, error) {
 	cfg, err := cfg.withDefaults(true)
 	if err != nil {
 		return nil, err
 	}
-	// One thread for the whole setup: the netlink sockets, the TUN device
-	// and the sysctl files are all the calling thread's namespace's.
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	if err := modeTransparent.checkNetAdmin(); err != nil {
-		return nil, err
-	}
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, fmt.Errorf("transparent mode: open a netlink socket: %w", err)
-	}
-	if err := removeStale(h, cfg); err != nil {
-		h.Close()
-		return nil, err
-	}
-	i := &Interceptor{cfg: cfg, log: cfg.Logger, nl: h}
-	if err := i.setup(); err != nil {
-		i.closed.Store(true)
-		if uerr := i.teardown(); uerr != nil {
-			err = errors.Join(err, fmt.Errorf("undoing it: %w", uerr))
-		}
+	i := &Interceptor{cfg: cfg, log: cfg.Logger}
+	if err := modeTransparent.Run(i.start); err != nil {
 		return nil, err
 	}
 	i.log.Info("transparent mode: intercepting IKE and ESP to the peers",
@@ -90,66 +71,80 @@ func Intercept(cfg InterceptConfig) (*Interceptor, error) {
 	return i, nil
 }
 
+// start is Open's work, on one thread: it removes what a crashed run
+// left, then sets up, and undoes a setup that fails.
+func (i *Interceptor) start() error {
+	h, err := newHandle()
+	if err != nil {
+		return err
+	}
+	if err := removeStale(h, i.cfg); err != nil {
+		h.Close()
+		return err
+	}
+	i.nl = h
+	if err := i.setup(); err != nil {
+		i.closed.Store(true)
+		return setup.Undo(err, i.teardown)
+	}
+	return nil
+}
+
+// newHandle opens the netlink socket of a setup or a clean-up in the
+// calling thread's namespace.
+func newHandle() (*netlink.Handle, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("transparent mode: open a netlink socket: %w", err)
+	}
+	return h, nil
+}
+
 // setup creates the device, its routes and the rules, recording each as
 // it goes so that teardown can undo a partial setup.
 func (i *Interceptor) setup() error {
 	cfg := &i.cfg
-	if err := i.open(modeTransparent, cfg.Name); err != nil {
+	v4, v6 := hasFamily(cfg.Peers, false), hasFamily(cfg.Peers, true)
+	dev, err := tun.Create(i.nl, modeTransparent, cfg.Name, v6)
+	if err != nil {
 		return err
 	}
-	link, err := i.nl.LinkByName(cfg.Name)
-	if err != nil {
-		return modeTransparent.netAdmin(fmt.Sprintf("find the new TUN device %s", cfg.Name), err)
-	}
-	i.link = link
-	v4, v6 := hasFamily(cfg.Peers, false), hasFamily(cfg.Peers, true)
-
-	// Before the device is up, so that it never gets a link-local address.
-	// Where IPv6 is off this fails, which matters only for IPv6 peers.
-	if err := i.nl.LinkSetIP6AddrGenMode(link, in6AddrGenModeNone); err != nil && v6 {
-		return modeTransparent.netAdmin(fmt.Sprintf("turn off IPv6 address generation on %s (is IPv6 disabled?)", cfg.Name), err)
-	}
-	if err := i.nl.LinkSetMTU(link, MTU); err != nil {
-		return modeTransparent.netAdmin(fmt.Sprintf("set MTU %d on %s", MTU, cfg.Name), err)
-	}
+	i.dev = dev
 	// Replies written into the device come from the peers, whose routes
 	// lead back into it, so they pass even a strict reverse-path filter
 	// (the interception rules match the reverse lookup's protocol and
 	// ports). Turning the device's filter off is belt and braces; where
 	// /proc/sys is read-only, as in many containers, it is not needed.
-	if err := setSysctl("net/ipv4/conf/"+cfg.Name+"/rp_filter", "0"); err != nil {
+	if err := dev.DisableRPFilter(); err != nil {
 		i.log.Warn("transparent mode: could not turn off the TUN device's reverse-path filter; replies from the peers still pass it",
 			"device", cfg.Name, "err", err)
 	}
-	if v6 {
-		off, err := os.ReadFile("/proc/sys/net/ipv6/conf/" + cfg.Name + "/disable_ipv6")
-		if err != nil || strings.TrimSpace(string(off)) != "0" {
-			return fmt.Errorf("transparent mode: a peer is IPv6, but IPv6 is off on this host (net.ipv6.conf.all and default.disable_ipv6, or ipv6.disable=1): turn it on or give IPv4 peers only")
-		}
+	if v6 && !dev.IPv6On() {
+		return fmt.Errorf("transparent mode: a peer is IPv6, but IPv6 is off on this host (net.ipv6.conf.all and default.disable_ipv6, or ipv6.disable=1): turn it on or give IPv4 peers only")
 	}
-	if err := i.nl.LinkSetUp(link); err != nil {
-		return modeTransparent.netAdmin(fmt.Sprintf("bring %s up", cfg.Name), err)
+	if err := dev.Up(); err != nil {
+		return err
 	}
-	if err := installed("device " + cfg.Name); err != nil {
+	if err := setup.Installed("device " + cfg.Name); err != nil {
 		return err
 	}
 
 	for _, fam := range families(v4, v6) {
-		r := defaultRoute(fam, link.Attrs().Index, cfg.Table)
+		r := defaultRoute(fam, i.dev.Link().Attrs().Index, cfg.Table)
 		if err := i.nl.RouteAdd(&r); err != nil {
-			return modeTransparent.netAdmin(fmt.Sprintf("add %s", describeRoute(r, cfg.Name)), err)
+			return modeTransparent.Failed(fmt.Sprintf("add %s", describeRoute(r, cfg.Name)), err)
 		}
 		i.routes = append(i.routes, r)
-		if err := installed(describeRoute(r, cfg.Name)); err != nil {
+		if err := setup.Installed(describeRoute(r, cfg.Name)); err != nil {
 			return err
 		}
 	}
 	for _, r := range wantedRules(cfg, v4, v6) {
 		if err := i.nl.RuleAdd(&r); err != nil {
-			return modeTransparent.netAdmin(fmt.Sprintf("add %s", describeRule(r)), err)
+			return modeTransparent.Failed(fmt.Sprintf("add %s", describeRule(r)), err)
 		}
 		i.rules = append(i.rules, r)
-		if err := installed(describeRule(r)); err != nil {
+		if err := setup.Installed(describeRule(r)); err != nil {
 			return err
 		}
 	}
@@ -184,12 +179,14 @@ func (i *Interceptor) Name() string { return i.cfg.Name }
 // give it to every socket of iketcp's own that talks to a peer (SetMark).
 func (i *Interceptor) Mark() uint32 { return i.cfg.Mark }
 
-// MTU is the TUN device's MTU (the constant MTU): the room after the
-// offset that a Read buffer needs to hold any packet whole.
-func (i *Interceptor) MTU() int { return MTU }
+// MTU is the TUN device's MTU (tun.MTU, the largest IP packet, so that
+// the kernel never fragments what the daemon sends on its way into the
+// device): the room after the offset that a Read buffer needs to hold any
+// packet whole.
+func (i *Interceptor) MTU() int { return tun.MTU }
 
 // BatchSize is the number of buffers a Read should be given.
-func (i *Interceptor) BatchSize() int { return batchSize }
+func (i *Interceptor) BatchSize() int { return i.dev.BatchSize() }
 
 // Read reads up to len(bufs) packets, each into bufs[k][offset:], and
 // their sizes into sizes[k]. It blocks until a packet is there, then takes
@@ -200,7 +197,7 @@ func (i *Interceptor) BatchSize() int { return batchSize }
 // packets are valid even when err is not nil. After Close it returns
 // net.ErrClosed. Calls are serialized; none allocates.
 func (i *Interceptor) Read(bufs [][]byte, sizes []int, offset int) (n int, err error) {
-	return i.read(bufs, sizes, offset)
+	return i.dev.Read(bufs, sizes, offset)
 }
 
 // Write writes each bufs[k][offset:] as one IPv4 or IPv6 packet, which the
@@ -208,7 +205,7 @@ func (i *Interceptor) Read(bufs [][]byte, sizes []int, offset int) (n int, err e
 // returning how many packets were written. Safe for concurrent use; it
 // does not allocate.
 func (i *Interceptor) Write(bufs [][]byte, offset int) (n int, err error) {
-	return i.write(bufs, offset)
+	return i.dev.Write(bufs, offset)
 }
 
 // Close removes the rules, the routes and the device, in that order;
@@ -237,62 +234,52 @@ func (i *Interceptor) teardown() error {
 	}
 	var errs []error
 	for k := len(i.rules) - 1; k >= 0; k-- {
-		if err := i.nl.RuleDel(&i.rules[k]); err != nil && !gone(err) {
-			errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove %s", describeRule(i.rules[k])), err))
+		if err := i.nl.RuleDel(&i.rules[k]); err != nil && !setup.Gone(err) {
+			errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove %s", describeRule(i.rules[k])), err))
 		}
 	}
 	for k := len(i.routes) - 1; k >= 0; k-- {
-		if err := i.nl.RouteDel(&i.routes[k]); err != nil && !gone(err) {
-			errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove %s", describeRoute(i.routes[k], i.cfg.Name)), err))
+		if err := i.nl.RouteDel(&i.routes[k]); err != nil && !setup.Gone(err) {
+			errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove %s", describeRoute(i.routes[k], i.cfg.Name)), err))
 		}
 	}
-	// Deleting the link removes the device even if a child process holds a
-	// copy of the descriptor; closing the descriptor then wakes any Read.
-	if i.link != nil {
-		if err := i.nl.LinkDel(i.link); err != nil && !gone(err) {
-			errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove TUN device %s", i.cfg.Name), err))
+	if i.dev != nil {
+		if err := i.dev.Close(); err != nil {
+			errs = append(errs, err)
 		}
 	}
-	if i.file != nil {
-		if err := i.file.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("close TUN device %s: %w", i.cfg.Name, err))
-		}
-	}
-	i.rules, i.routes, i.link = nil, nil, nil
+	i.rules, i.routes = nil, nil
 	i.nl.Close()
 	i.nl = nil
 	return errors.Join(errs...)
 }
 
 // Cleanup removes what a crashed run left for cfg's Name and Table in the
-// calling thread's network namespace: the first step of Intercept, on its
-// own; Peers do not matter. Without CAP_NET_ADMIN the error wraps
-// ErrNeedsNetAdmin.
-func Cleanup(cfg InterceptConfig) error {
+// calling thread's network namespace: the first step of Open, on its own;
+// Peers do not matter. Without CAP_NET_ADMIN the error wraps
+// nat.ErrNeedsNetAdmin.
+func Cleanup(cfg Config) error {
 	cfg, err := cfg.withDefaults(false)
 	if err != nil {
 		return err
 	}
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	if err := modeTransparent.checkNetAdmin(); err != nil {
-		return err
-	}
-	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("transparent mode: open a netlink socket: %w", err)
-	}
-	defer h.Close()
-	return removeStale(h, cfg)
+	return modeTransparent.Run(func() error {
+		h, err := newHandle()
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		return removeStale(h, cfg)
+	})
 }
 
 // removeStale removes the rules that lead to cfg.Table (and the bypass
 // rule at cfg.Priority), the routes in cfg.Table and a TUN device named
 // cfg.Name. A device of that name that is not a TUN device is not iketcp's:
 // it stays, and removeStale fails before touching anything.
-func removeStale(h *netlink.Handle, cfg InterceptConfig) error {
+func removeStale(h *netlink.Handle, cfg Config) error {
 	log := cfg.Logger
-	link, err := findStaleTUN(h, modeTransparent, cfg.Name)
+	stale, err := tun.FindStale(h, modeTransparent, cfg.Name)
 	if err != nil {
 		return err
 	}
@@ -311,8 +298,8 @@ func removeStale(h *netlink.Handle, cfg InterceptConfig) error {
 			if !staleRule(r, cfg) {
 				continue
 			}
-			if err := h.RuleDel(&r); err != nil && !gone(err) {
-				errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove stale %s", describeRule(r)), err))
+			if err := h.RuleDel(&r); err != nil && !setup.Gone(err) {
+				errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove stale %s", describeRule(r)), err))
 				continue
 			}
 			log.Warn("transparent mode: removed a policy rule that an earlier run left", "rule", describeRule(r))
@@ -323,17 +310,15 @@ func removeStale(h *netlink.Handle, cfg InterceptConfig) error {
 			continue
 		}
 		for _, r := range routes {
-			if err := h.RouteDel(&r); err != nil && !gone(err) {
-				errs = append(errs, modeTransparent.netAdmin(fmt.Sprintf("remove stale %s", describeRoute(r, "")), err))
+			if err := h.RouteDel(&r); err != nil && !setup.Gone(err) {
+				errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove stale %s", describeRoute(r, "")), err))
 				continue
 			}
 			log.Warn("transparent mode: removed a route that an earlier run left", "route", describeRoute(r, ""))
 		}
 	}
-	if link != nil {
-		if err := removeStaleTUN(h, modeTransparent, link, log); err != nil {
-			errs = append(errs, err)
-		}
+	if err := stale.Remove(log); err != nil {
+		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("transparent mode: removing what an earlier run left: %w", err)
@@ -341,9 +326,9 @@ func removeStale(h *netlink.Handle, cfg InterceptConfig) error {
 	return nil
 }
 
-// staleRule reports whether r is one that Intercept with cfg installs:
+// staleRule reports whether r is one that Open with cfg installs:
 // any rule that leads to cfg.Table, and the bypass rule.
-func staleRule(r netlink.Rule, cfg InterceptConfig) bool {
+func staleRule(r netlink.Rule, cfg Config) bool {
 	if r.Table == cfg.Table {
 		return true
 	}
@@ -352,9 +337,9 @@ func staleRule(r netlink.Rule, cfg InterceptConfig) bool {
 		r.IPProto == 0 && r.IifName == "" && r.OifName == ""
 }
 
-// wantedRules lists Intercept's rules: the bypass rule for each family in
+// wantedRules lists Open's rules: the bypass rule for each family in
 // use, then the interception rules for each peer.
-func wantedRules(cfg *InterceptConfig, v4, v6 bool) []netlink.Rule {
+func wantedRules(cfg *Config, v4, v6 bool) []netlink.Rule {
 	var rules []netlink.Rule
 	for _, fam := range families(v4, v6) {
 		r := netlink.NewRule()
@@ -506,7 +491,7 @@ func SetMark(mark uint32) func(network, address string, c syscall.RawConn) error
 			return err
 		}
 		if serr != nil {
-			return modeTransparent.netAdmin(fmt.Sprintf("set the bypass mark %#x on a socket", mark), serr)
+			return modeTransparent.Failed(fmt.Sprintf("set the bypass mark %#x on a socket", mark), serr)
 		}
 		return nil
 	}

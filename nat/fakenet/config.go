@@ -1,49 +1,53 @@
-package nat
+package fakenet
 
 import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+
+	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/internal/setup"
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
-// FakeTCPRole says which end of a fake-TCP connection a FakeTCPNet serves.
-type FakeTCPRole uint8
+// Role says which end of a fake-TCP connection a Net serves.
+type Role uint8
 
 const (
-	// FakeTCPClient: the endpoint opens connections, and the kernel
-	// masquerades them as its own on the way out.
-	FakeTCPClient FakeTCPRole = iota
-	// FakeTCPServer: the kernel hands the endpoint the connections that
-	// arrive for a TCP port of its own addresses.
-	FakeTCPServer
+	// Client: the endpoint opens connections, and the kernel masquerades
+	// them as its own on the way out.
+	Client Role = iota
+	// Server: the kernel hands the endpoint the connections that arrive
+	// for a TCP port of its own addresses.
+	Server
 )
 
-func (r FakeTCPRole) String() string {
+func (r Role) String() string {
 	switch r {
-	case FakeTCPClient:
+	case Client:
 		return "client"
-	case FakeTCPServer:
+	case Server:
 		return "server"
 	}
-	return fmt.Sprintf("FakeTCPRole(%d)", uint8(r))
+	return fmt.Sprintf("Role(%d)", uint8(r))
 }
 
-// DefaultFakeTCPName is the default of FakeTCPConfig.Name.
-const DefaultFakeTCPName = "iketcpft0"
+// DefaultName is the default of Config.Name.
+const DefaultName = "iketcpft0"
 
-// defaultFakeTCPNet4 is the default IPv4 subnet of fake-TCP mode's TUN
+// defaultNet4 is the default IPv4 subnet of fake-TCP mode's TUN
 // device: the last /30 of the shared address space of RFC 6598, which
 // carriers use between their NAT and their customers, and which a host's
 // own networks rarely reach to the end of. The kernel's side is
 // 100.127.255.253, the endpoint 100.127.255.254.
-var defaultFakeTCPNet4 = netip.MustParsePrefix("100.127.255.252/30")
+var defaultNet4 = netip.MustParsePrefix("100.127.255.252/30")
 
-// FakeTCPConfig configures SetupFakeTCP. Zero values mean the defaults.
-type FakeTCPConfig struct {
-	Role FakeTCPRole
+// Config configures Setup. Zero values mean the defaults.
+type Config struct {
+	Role Role
 	// Name is the TUN device's name (default "iketcpft0"); the nftables
-	// table is "iketcp_faketcp_" followed by it. One Name serves one
-	// FakeTCPNet at a time in a network namespace.
+	// table is "iketcp_faketcp_" followed by it. One Name serves one Net
+	// at a time in a network namespace.
 	Name string
 	// Net4 is the TUN device's IPv4 subnet, a /30 that no other network of
 	// the host uses: the kernel's side gets its first host address, the
@@ -67,33 +71,33 @@ type FakeTCPConfig struct {
 
 // withDefaults returns c with defaults filled in, checked for a setup if
 // forSetup; a clean-up needs only the Name.
-func (c FakeTCPConfig) withDefaults(forSetup bool) (FakeTCPConfig, error) {
+func (c Config) withDefaults(forSetup bool) (Config, error) {
 	if c.Name == "" {
-		c.Name = DefaultFakeTCPName
+		c.Name = DefaultName
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
-	if err := checkName(c.Name); err != nil {
+	if err := tun.CheckName(c.Name); err != nil {
 		return c, err
 	}
 	if !forSetup {
 		return c, nil
 	}
 	switch c.Role {
-	case FakeTCPClient:
+	case Client:
 		if c.Port != 0 {
-			return c, fmt.Errorf("fake-TCP mode: a client has no listening port, but Port is %d: leave it 0, or set Role to FakeTCPServer", c.Port)
+			return c, fmt.Errorf("fake-TCP mode: a client has no listening port, but Port is %d: leave it 0, or set Role to Server", c.Port)
 		}
-	case FakeTCPServer:
+	case Server:
 		if c.Port == 0 {
 			return c, fmt.Errorf("fake-TCP mode: a server needs the TCP port its connections arrive at (Port)")
 		}
 	default:
-		return c, fmt.Errorf("fake-TCP mode: unknown role %d: want FakeTCPClient or FakeTCPServer", c.Role)
+		return c, fmt.Errorf("fake-TCP mode: unknown role %d: want Client or Server", c.Role)
 	}
 	if !c.Net4.IsValid() {
-		c.Net4 = defaultFakeTCPNet4
+		c.Net4 = defaultNet4
 	}
 	if err := checkSubnet(c.Net4, false); err != nil {
 		return c, err
@@ -109,7 +113,7 @@ func (c FakeTCPConfig) withDefaults(forSetup bool) (FakeTCPConfig, error) {
 // checkSubnet accepts an IPv4 /30 (v6 false) or an IPv6 /126 whose two
 // host addresses can be routed.
 func checkSubnet(p netip.Prefix, v6 bool) error {
-	want, bits, field, example := "IPv4", 30, "Net4", defaultFakeTCPNet4.String()
+	want, bits, field, example := "IPv4", 30, "Net4", defaultNet4.String()
 	if v6 {
 		want, bits, field, example = "IPv6", 126, "Net6", "2001:db8:ffff::/126 (from a prefix of the host's own)"
 	}
@@ -125,8 +129,18 @@ func checkSubnet(p netip.Prefix, v6 bool) error {
 	return nil
 }
 
-// modeError is a sentinel error of a mode other than transparent mode: its
-// own text, and errors.Is matches the shared sentinel.
+// Fake-TCP mode's errors for a missing CAP_NET_ADMIN and a missing Linux:
+// their own text, and errors.Is matches nat's.
+var (
+	errNeedsNetAdmin = &modeError{"fake-TCP mode needs CAP_NET_ADMIN (run as root, or grant it: setcap cap_net_admin+ep iketcp)", nat.ErrNeedsNetAdmin}
+	errNeedsLinux    = &modeError{"fake-TCP mode needs Linux (TUN device, IP forwarding and nftables NAT); on this system use the TCP transport", nat.ErrNeedsLinux}
+)
+
+// modeFakeTCP is fake-TCP mode, as its errors and log lines name it.
+var modeFakeTCP = setup.Mode{Name: "fake-TCP mode", NeedsNetAdmin: errNeedsNetAdmin, NeedsLinux: errNeedsLinux}
+
+// modeError is a sentinel error of fake-TCP mode: its own text, and
+// errors.Is matches nat's shared sentinel.
 type modeError struct {
 	msg string
 	is  error

@@ -1,14 +1,21 @@
-package nat
+package intercept
 
 import (
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"strings"
+
+	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/internal/setup"
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
-// Defaults of InterceptConfig's zero fields.
+// modeTransparent is transparent mode, as its errors and log lines name
+// it.
+var modeTransparent = setup.Mode{Name: "transparent mode", NeedsNetAdmin: nat.ErrNeedsNetAdmin, NeedsLinux: nat.ErrNeedsLinux}
+
+// Defaults of Config's zero fields.
 const (
 	DefaultName     = "iketcp0"
 	DefaultTable    = 4500
@@ -16,26 +23,8 @@ const (
 	DefaultPriority = 100
 )
 
-// MTU is the TUN device's MTU: the largest IP packet, so that the kernel
-// never fragments what the daemon sends on its way into the device, and
-// every datagram arrives whole. A Read buffer with less room than that
-// gets longer packets cut (see Interceptor.Read).
-const MTU = 65535
-
-// Errors that callers may tell apart with errors.Is.
-var (
-	// ErrNeedsNetAdmin: the process may not create the TUN device or change
-	// policy routing, forwarding or nftables. Fake-TCP mode's errors say
-	// "fake-TCP mode needs CAP_NET_ADMIN" and match it too.
-	ErrNeedsNetAdmin = errors.New("transparent mode needs CAP_NET_ADMIN (run as root, or grant it: setcap cap_net_admin+ep iketcp)")
-	// ErrNeedsLinux: transparent mode is built on Linux's TUN driver and
-	// policy routing, fake-TCP mode on its TUN driver, forwarding and
-	// nftables; fake-TCP mode's error matches it too.
-	ErrNeedsLinux = errors.New("transparent mode needs Linux (TUN device and policy routing); on this system use explicit mode")
-)
-
-// InterceptConfig configures Intercept. Zero values mean the defaults above.
-type InterceptConfig struct {
+// Config configures Open. Zero values mean the defaults above.
+type Config struct {
 	// Peers are the IKE peers whose traffic is intercepted, IPv4 and/or
 	// IPv6; at least one is required.
 	Peers []netip.Addr
@@ -58,7 +47,7 @@ type InterceptConfig struct {
 // routing table 220.
 const strongSwanPriority = 220
 
-// Reserved routing tables that Table must not name: Intercept and Cleanup
+// Reserved routing tables that Table must not name: Open and Cleanup
 // empty Table of everything they did not put there.
 var reservedTables = map[int]string{
 	220: "strongSwan's",
@@ -69,7 +58,7 @@ var reservedTables = map[int]string{
 
 // withDefaults returns c with defaults filled in and, if needPeers, its
 // peers unmapped and deduplicated; or an error that says what to fix.
-func (c InterceptConfig) withDefaults(needPeers bool) (InterceptConfig, error) {
+func (c Config) withDefaults(needPeers bool) (Config, error) {
 	if c.Name == "" {
 		c.Name = DefaultName
 	}
@@ -85,7 +74,7 @@ func (c InterceptConfig) withDefaults(needPeers bool) (InterceptConfig, error) {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
-	if err := checkName(c.Name); err != nil {
+	if err := tun.CheckName(c.Name); err != nil {
 		return c, err
 	}
 	if c.Table < 0 {
@@ -125,13 +114,4 @@ func (c InterceptConfig) withDefaults(needPeers bool) (InterceptConfig, error) {
 	}
 	c.Peers = peers
 	return c, nil
-}
-
-// checkName accepts what the kernel takes as an interface name verbatim:
-// 1 to 15 bytes, no '/', ':', '%' (a pattern) or white space.
-func checkName(name string) error {
-	if len(name) > 15 || name == "." || name == ".." || strings.ContainsAny(name, "/:% \t\n") {
-		return fmt.Errorf("TUN device name %q: use 1 to 15 characters without '/', ':', '%%' or spaces", name)
-	}
-	return nil
 }

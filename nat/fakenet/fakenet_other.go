@@ -1,0 +1,44 @@
+//go:build !linux
+
+package fakenet
+
+import (
+	"net"
+	"net/netip"
+
+	"github.com/iketcp/iketcp/nat/tun"
+)
+
+// Net is fake-TCP mode's plumbing, running; on this system there is none.
+type Net struct {
+	cfg Config
+}
+
+// Setup returns an error that matches nat.ErrNeedsLinux: fake-TCP mode is
+// built on Linux's TUN driver, forwarding and nftables.
+func Setup(cfg Config) (*Net, error) {
+	if _, err := cfg.withDefaults(true); err != nil {
+		return nil, err
+	}
+	return nil, errNeedsLinux
+}
+
+// Cleanup returns an error that matches nat.ErrNeedsLinux: nothing can
+// have been left here.
+func Cleanup(cfg Config) error { return errNeedsLinux }
+
+func (n *Net) Name() string          { return n.cfg.Name }
+func (n *Net) Endpoint4() netip.Addr { return netip.Addr{} }
+func (n *Net) Endpoint6() netip.Addr { return netip.Addr{} }
+func (n *Net) MTU() int              { return tun.MTU }
+func (n *Net) BatchSize() int        { return 1 }
+
+func (n *Net) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return 0, net.ErrClosed
+}
+
+func (n *Net) Write(bufs [][]byte, offset int) (int, error) {
+	return 0, net.ErrClosed
+}
+
+func (n *Net) Close() error { return nil }

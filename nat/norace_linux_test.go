@@ -1,5 +1,0 @@
-//go:build !race
-
-package nat
-
-const raceEnabled = false

@@ -1,0 +1,7 @@
+package tun
+
+// For the tests of package tun_test.
+var (
+	ErrOffset     = errOffset
+	ErrShortSizes = errShortSizes
+)
