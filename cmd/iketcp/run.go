@@ -444,7 +444,10 @@ func runStatus(c *cli.Context) error {
 	paths := []string{c.String("control")}
 	if paths[0] == "" {
 		var err error
-		if paths, err = control.Sockets(control.DefaultDir()); err != nil || len(paths) == 0 {
+		if paths, err = control.Sockets(control.DefaultDir()); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		if len(paths) == 0 {
 			return fmt.Errorf("no running iketcp found in %s (start one, or pass --control PATH)", control.DefaultDir())
 		}
 	}

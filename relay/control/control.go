@@ -4,6 +4,14 @@
 //
 // The protocol is one request line ("status") and a JSON reply, after
 // which the server closes the connection.
+//
+// Both ends trust only what no other local user can have made: the
+// socket's directory must be a directory, not a symlink, owned by the
+// effective uid and writable by no one else; Listen creates it with mode
+// 0700 when it is missing and the socket with mode 0600. Fetch and Sockets
+// also refuse a socket not owned by the effective uid, and Fetch (on Linux)
+// one served by a process of another uid. Each refusal says what is wrong
+// and what to do.
 package control
 
 import (
@@ -13,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -53,26 +62,26 @@ type Server struct {
 	once   sync.Once
 }
 
-// Listen creates the socket at path (and its directory). A stale socket
-// left by a crashed instance is replaced; one that a live instance still
-// answers on is an error, so two instances never share a path.
+// Listen creates the socket at path, and its directory if that does not
+// exist yet (mode 0700; only the last element is created, its parent must
+// exist). The directory must be private: a directory, not a symlink, owned
+// by the effective uid and writable by no one else. The socket is created
+// with mode 0600. A stale socket left by a crashed instance is replaced;
+// one that a live instance still answers on is an error, so two instances
+// never share a path, and so is anything at path that is not a socket.
 func Listen(path string, status func() any, log *slog.Logger) (*Server, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("control socket directory: %w (choose another path with --control)", err)
+	dir := filepath.Dir(path)
+	if err := makeDir(dir, log); err != nil {
+		return nil, err
 	}
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return nil, fmt.Errorf("control socket %s is in use by another running iketcp: give this instance its own --control path", path)
+	if err := checkDir(dir); err != nil {
+		return nil, err
 	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("removing stale control socket: %w", err)
+	if err := removeStale(path, log); err != nil {
+		return nil, err
 	}
-	ln, err := net.Listen("unix", path)
+	ln, err := listenPrivate(path, log)
 	if err != nil {
-		return nil, fmt.Errorf("control socket: %w (choose another path with --control)", err)
-	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		ln.Close()
 		return nil, err
 	}
 	s := &Server{ln: ln, path: path, status: status, log: log}
@@ -130,7 +139,17 @@ func (s *Server) answer(c net.Conn) {
 }
 
 // Fetch asks the instance at path for its status and returns the JSON.
+// Before it says anything it checks that the socket can only be ours: its
+// directory passes the checks Listen makes, the socket is owned by the
+// effective uid, and (on Linux) the process answering on it runs as the
+// effective uid.
 func Fetch(ctx context.Context, path string) ([]byte, error) {
+	if err := checkDir(filepath.Dir(path)); err != nil {
+		return nil, err
+	}
+	if err := checkSocket(path); err != nil {
+		return nil, err
+	}
 	var d net.Dialer
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
@@ -139,6 +158,9 @@ func Fetch(ctx context.Context, path string) ([]byte, error) {
 		return nil, fmt.Errorf("no iketcp instance answers on %s: %w", path, err)
 	}
 	defer c.Close()
+	if err := checkPeer(c, path); err != nil {
+		return nil, err
+	}
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
 	}
@@ -148,17 +170,32 @@ func Fetch(ctx context.Context, path string) ([]byte, error) {
 	return io.ReadAll(io.LimitReader(c, 64<<20))
 }
 
-// Sockets lists the control sockets in dir, sorted.
+// Sockets lists the control sockets in dir, sorted. The directory must
+// pass the checks Listen makes, and every socket in it must be owned by the
+// effective uid; an error names the first thing that does not. A missing
+// dir is an error that wraps fs.ErrNotExist.
 func Sockets(dir string) ([]string, error) {
+	if err := checkDir(dir); err != nil {
+		return nil, err
+	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
 	}
 	var out []string
 	for _, e := range entries {
-		if e.Type()&os.ModeSocket != 0 {
-			out = append(out, filepath.Join(dir, e.Name()))
+		if e.Type()&fs.ModeSocket == 0 {
+			continue
 		}
+		path := filepath.Join(dir, e.Name())
+		fi, err := e.Info() // of the entry itself, like e.Type(): symlinks were skipped
+		if err != nil {
+			return nil, err
+		}
+		if err := checkOwner("control socket", path, fi); err != nil {
+			return nil, err
+		}
+		out = append(out, path)
 	}
 	sort.Strings(out)
 	return out, nil
