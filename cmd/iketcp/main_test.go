@@ -160,9 +160,20 @@ func TestServerAndClientFromTheCommandLine(t *testing.T) {
 	site.Write(ike)
 	backend.SetReadDeadline(time.Now().Add(3 * time.Second))
 	buf := make([]byte, 100)
-	n, _, err := backend.ReadFromUDP(buf)
+	n, from, err := backend.ReadFromUDP(buf)
 	if err != nil || !bytes.Equal(buf[:n], ike) {
 		t.Fatalf("backend got %x (%v), want the IKE_SA_INIT", buf[:n], err)
+	}
+	if st := waitStatus(srvCtl); len(st.Sessions) != 1 || st.Sessions[0].State != "half-open" {
+		t.Fatalf("server status before the backend answered: %+v", st)
+	}
+	// The backend answers, with its SPI: the session is confirmed.
+	resp := bytes.Clone(ike)
+	resp[4+8], resp[4+19] = 0x51, 0x20
+	backend.WriteToUDP(resp, from)
+	site.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if n, err := site.Read(buf); err != nil || !bytes.Equal(buf[:n], resp) {
+		t.Fatalf("site got %x (%v), want the IKE_SA_INIT response", buf[:n], err)
 	}
 	st := waitStatus(srvCtl)
 	if st.Role != "server" || len(st.Sessions) != 1 || st.Sessions[0].State != "up" || st.Backend != backend.LocalAddr().String() {

@@ -39,7 +39,7 @@ func commonFlags(role string) []cli.Flag {
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: envVar("log-format")},
 		&cli.StringFlag{Name: "control", Value: control.DefaultPath(role), Usage: "unix socket that `iketcp status` reads", EnvVars: envVar("control")},
 		&cli.IntFlag{Name: "max-datagram", Value: relay.DefaultMaxDatagram, Usage: "largest datagram relayed either way, bytes (up to 65533)", EnvVars: envVar("max-datagram")},
-		&cli.IntFlag{Name: "conn-buffer", Value: relay.DefaultConnBuffer, Usage: "read buffer of each TCP connection, bytes (its memory footprint)", EnvVars: envVar("conn-buffer")},
+		&cli.IntFlag{Name: "conn-buffer", Value: relay.DefaultConnBuffer, Usage: "read buffer of each TCP connection, bytes, taken from a pool while data is in flight", EnvVars: envVar("conn-buffer")},
 		&cli.DurationFlag{Name: "write-timeout", Value: relay.DefaultWriteTimeout, Usage: "close a TCP connection that takes no data for this long", EnvVars: envVar("write-timeout")},
 	}
 }
@@ -53,8 +53,14 @@ func serverCommand() *cli.Command {
 			&cli.StringFlag{Name: "backend", Value: "127.0.0.1:4500", Usage: "the IKE daemon's UDP NAT-T address", EnvVars: envVar("backend")},
 			&cli.DurationFlag{Name: "prefix-timeout", Value: streamlink.DefaultPrefixTimeout, Usage: "close connections that do not send IKETCP within this time", EnvVars: envVar("prefix-timeout")},
 			&cli.DurationFlag{Name: "session-idle", Value: server.DefaultSessionIdle, Usage: "how long a session waits for its client to reconnect", EnvVars: envVar("session-idle")},
-			&cli.IntFlag{Name: "max-conns", Value: server.DefaultMaxConns, Usage: "most TCP connections at once", EnvVars: envVar("max-conns")},
-			&cli.IntFlag{Name: "max-sessions", Value: server.DefaultMaxSessions, Usage: "most sessions at once", EnvVars: envVar("max-sessions")},
+			&cli.IntFlag{Name: "max-conns", Value: server.DefaultMaxConns, Usage: "most connections at once; when full, the oldest connection without a confirmed session makes room", EnvVars: envVar("max-conns")},
+			&cli.IntFlag{Name: "max-unconfirmed-per-source", Value: server.DefaultMaxUnconfirmedPerSource, Usage: "most connections without a confirmed session from one source (IPv4 address, IPv6 /64)", EnvVars: envVar("max-unconfirmed-per-source")},
+			&cli.DurationFlag{Name: "confirm-timeout", Value: server.DefaultConfirmTimeout, Usage: "close a connection that has carried no confirmed session for this long", EnvVars: envVar("confirm-timeout")},
+			&cli.IntFlag{Name: "max-sessions", Value: server.DefaultMaxSessions, Usage: "most sessions (IKE SAs) at once", EnvVars: envVar("max-sessions")},
+			&cli.IntFlag{Name: "max-sessions-per-source", Value: server.DefaultMaxSessionsPerSource, Usage: "most sessions from one source (carrier-grade NAT puts many clients behind one)", EnvVars: envVar("max-sessions-per-source")},
+			&cli.IntFlag{Name: "max-half-open", Value: server.DefaultMaxHalfOpen, Usage: "most sessions whose IKE_SA_INIT the backend has not answered yet", EnvVars: envVar("max-half-open")},
+			&cli.IntFlag{Name: "max-half-open-per-source", Value: server.DefaultMaxHalfOpenPerSource, Usage: "most half-open sessions from one source", EnvVars: envVar("max-half-open-per-source")},
+			&cli.DurationFlag{Name: "half-open-timeout", Value: server.DefaultHalfOpenTimeout, Usage: "drop a session whose IKE_SA_INIT the backend has not answered in this long", EnvVars: envVar("half-open-timeout")},
 		}, commonFlags("server")...),
 		Action: runServer,
 	}
@@ -71,6 +77,7 @@ func clientCommand() *cli.Command {
 			&cli.DurationFlag{Name: "fallback-threshold", Value: fallback.DefaultThreshold, Usage: "auto: how long UDP may go unanswered before the daemon's next retransmission goes over TCP (1s to 300s)", EnvVars: envVar("fallback-threshold")},
 			&cli.BoolFlag{Name: "race", Usage: "auto: open TCP alongside UDP after the daemon's first unanswered retransmission and keep whichever answers first", EnvVars: envVar("race")},
 			&cli.UintFlag{Name: "udp-port", Value: 4500, Usage: "udp, auto: the peer's UDP NAT-T port (its IKE daemon's own)", EnvVars: envVar("udp-port")},
+			&cli.BoolFlag{Name: "plain-rfc9329", Usage: "the server is a third-party RFC 9329 responder (a FortiGate, libreswan with espintcp): send only RFC 9329 frames, none of iketcp's own (sessions then come back after a reconnect only through IKE)", EnvVars: envVar("plain-rfc9329")},
 			&cli.BoolFlag{Name: "tun", Usage: "transparent mode: intercept the unchanged daemon's UDP 500/4500 and ESP to the peers through a TUN device (needs CAP_NET_ADMIN)", EnvVars: envVar("tun")},
 			&cli.UintFlag{Name: "tcp-port", Value: 4500, Usage: "--tun: the iketcp server's TCP port on each peer", EnvVars: envVar("tcp-port")},
 			&cli.StringFlag{Name: "tun-name", Value: "iketcp0", Usage: "--tun: the TUN device's name", EnvVars: envVar("tun-name")},
@@ -156,7 +163,8 @@ func prepare(c *cli.Context, mustBePositive ...string) (*slog.Logger, error) {
 }
 
 func runServer(c *cli.Context) error {
-	log, err := prepare(c, "prefix-timeout", "session-idle", "max-conns", "max-sessions")
+	log, err := prepare(c, "prefix-timeout", "session-idle", "max-conns", "max-unconfirmed-per-source", "confirm-timeout",
+		"max-sessions", "max-sessions-per-source", "max-half-open", "max-half-open-per-source", "half-open-timeout")
 	if err != nil {
 		return err
 	}
@@ -169,14 +177,20 @@ func runServer(c *cli.Context) error {
 	}
 	counters := new(relay.Counters)
 	srv, err := server.New(server.Config{
-		Backend:     backend,
-		Counters:    counters,
-		Logger:      log,
-		SessionIdle: c.Duration("session-idle"),
-		MaxConns:    c.Int("max-conns"),
-		MaxSessions: c.Int("max-sessions"),
-		MaxDatagram: c.Int("max-datagram"),
-		Version:     versionString(),
+		Backend:                 backend,
+		Counters:                counters,
+		Logger:                  log,
+		SessionIdle:             c.Duration("session-idle"),
+		MaxConns:                c.Int("max-conns"),
+		MaxUnconfirmedPerSource: c.Int("max-unconfirmed-per-source"),
+		ConfirmTimeout:          c.Duration("confirm-timeout"),
+		MaxSessions:             c.Int("max-sessions"),
+		MaxSessionsPerSource:    c.Int("max-sessions-per-source"),
+		MaxHalfOpen:             c.Int("max-half-open"),
+		MaxHalfOpenPerSource:    c.Int("max-half-open-per-source"),
+		HalfOpenTimeout:         c.Duration("half-open-timeout"),
+		MaxDatagram:             c.Int("max-datagram"),
+		Version:                 versionString(),
 	})
 	if err != nil {
 		return err
@@ -289,6 +303,7 @@ func runClient(c *cli.Context) error {
 	counters := new(relay.Counters)
 	cfg := client.Config{
 		Counters:          counters,
+		PlainRFC9329:      c.Bool("plain-rfc9329"),
 		Transport:         mode,
 		FallbackThreshold: c.Duration("fallback-threshold"),
 		Race:              c.Bool("race"),

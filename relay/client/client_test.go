@@ -14,6 +14,7 @@ import (
 
 	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/nat/nattest"
 	"github.com/iketcp/iketcp/nat/packet"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/client"
@@ -432,5 +433,26 @@ func TestTransparentModeDropsGarbage(t *testing.T) {
 	relaytest.ExpectNothing(t, r.Backend, "garbage")
 	if relaytest.Counter(cl.Counters(), "conns_dialed") != 0 {
 		t.Fatal("garbage opened a connection")
+	}
+}
+
+// TestExplicitModeRefusesPort500: a daemon on port 500 sends IKE without
+// the non-ESP marker, which explicit mode would relay as ESP: it is
+// refused and counted, and starts no flow.
+func TestExplicitModeRefusesPort500(t *testing.T) {
+	r := relaytest.NewRig(t, relaytest.RigOptions{})
+	daemon, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 500})
+	if err != nil {
+		nattest.SkipOrFail(t, []string{"the right to bind UDP port 500 (" + err.Error() + ")"}, "to play a daemon on port 500")
+	}
+	defer daemon.Close()
+	ike := relaytest.IKE(0x500, 0, framing.IKESAInit, framing.FlagInitiator, 100)[framing.MarkerSize:]
+	if _, err := daemon.WriteToUDP(ike, r.Site.RemoteAddr().(*net.UDPAddr)); err != nil {
+		t.Fatal(err)
+	}
+	relaytest.Eventually(t, "port500_refused", func() bool { return relaytest.Counter(r.Cl.Counters(), "port500_refused") == 1 })
+	relaytest.ExpectNothing(t, r.Backend, "IKE from port 500")
+	if n := len(r.Cl.Status().Sessions); n != 0 {
+		t.Fatalf("port 500 started %d flows", n)
 	}
 }

@@ -81,8 +81,14 @@ func (s *udpSide) read(in []arrival) (int, error) {
 			continue
 		}
 		if m.Addr.Port() == 500 {
-			cl.logDrop.Log(cl.log, slog.LevelWarn, "the IKE daemon sends from port 500: configure it with local_port = 4500, "+
-				"so that its datagrams carry the non-ESP marker explicit mode relays as they are (or use --tun)", "daemon", m.Addr.String())
+			// From port 500 IKE has no non-ESP marker, and after NAT
+			// detection the daemon would float its peer's port to 4500:
+			// to itself, in explicit mode. Refused, with the fix.
+			a.skip = true
+			cl.counters.Port500Refused.Add(1)
+			cl.logDrop.Log(cl.log, slog.LevelError, "datagram from the IKE daemon's port 500 refused: explicit mode needs the daemon "+
+				"on port 4500 (strongSwan: local_port = 4500 in the connection), or use --tun", "daemon", m.Addr.String())
+			continue
 		}
 		a.d.off, a.d.n = relay.Headroom, m.N
 	}
