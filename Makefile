@@ -86,9 +86,9 @@ lint: $(STATICCHECK)
 unit:
 	$(GO) test -race -count=1 -timeout 15m ./...
 
-# Allocation checks need a build without the race detector.
+# Allocation and memory checks need a build without the race detector.
 alloc:
-	$(GO) test -count=1 -run 'Allocate' ./...
+	$(GO) test -count=1 -run 'Allocate|IdleMemory' ./...
 
 # Each fuzz target of each package that has some, for a short while;
 # findings land in that package's testdata/fuzz.

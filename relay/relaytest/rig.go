@@ -70,6 +70,7 @@ type Rig struct {
 	Cl      *client.Client
 	SrvAddr string
 	Dialed  chan net.Conn // connections the client opened
+	Middle  *Middle       // the network between client and server, with RigOptions.Middle
 	Ctx     context.Context
 	cancel  context.CancelFunc
 	done    sync.WaitGroup
@@ -82,6 +83,7 @@ type RigOptions struct {
 	Link   streamlink.Config // the server's listener
 	Client client.Config     // Peer, Logger and Dialer are the rig's
 	NoCl   bool              // server only
+	Middle bool              // the client's connections go through a Middle
 	// UDPTarget, if set, picks the client's UDPPort (the UDP transport's
 	// destination on the server's host) once the backend exists.
 	UDPTarget func(r *Rig) uint16
@@ -104,7 +106,9 @@ func NewRig(tb testing.TB, o RigOptions) *Rig {
 	tb.Cleanup(func() { r.Backend.Close() })
 
 	o.Server.Backend = r.Backend.LocalAddr().(*net.UDPAddr).AddrPort()
-	o.Server.Logger = Logger(tb)
+	if o.Server.Logger == nil {
+		o.Server.Logger = Logger(tb)
+	}
 	srv, err := server.New(o.Server)
 	if err != nil {
 		tb.Fatal(err)
@@ -133,9 +137,18 @@ func NewRig(tb testing.TB, o RigOptions) *Rig {
 		o.Client.ReconnectMin = relay.OrDefault(o.Client.ReconnectMin, 20*time.Millisecond)
 		o.Client.Counters = new(relay.Counters)
 		d := streamlink.NewDialer(streamlink.Config{MaxDatagram: o.Client.MaxDatagram, Counters: o.Client.Counters, Logger: o.Client.Logger})
+		if o.Middle {
+			r.Middle = NewMiddle(tb, r)
+		}
 		d.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
-			var nd net.Dialer
-			c, err := nd.DialContext(ctx, network, addr)
+			var c net.Conn
+			var err error
+			if r.Middle != nil {
+				c, err = r.Middle.Dial(ctx, network, addr)
+			} else {
+				var nd net.Dialer
+				c, err = nd.DialContext(ctx, network, addr)
+			}
 			if err == nil {
 				select {
 				case r.Dialed <- c:
@@ -362,4 +375,24 @@ func ServeTUN(tb testing.TB, r *Rig, cfg client.Config, dev tun.Device) *client.
 		}
 	})
 	return cl
+}
+
+// SessionLocal returns the backend-side address of the server's session
+// of IKE SA ispi, waiting for it to exist.
+func (r *Rig) SessionLocal(tb testing.TB, ispi uint64) netip.AddrPort {
+	tb.Helper()
+	want := relay.SPI64(ispi)
+	var local netip.AddrPort
+	Eventually(tb, "session "+want, func() bool {
+		for _, ss := range r.Srv.Status().Sessions {
+			for _, sa := range ss.IKESAs {
+				if sa.InitiatorSPI == want {
+					local = netip.MustParseAddrPort(ss.Local)
+					return true
+				}
+			}
+		}
+		return false
+	})
+	return local
 }

@@ -82,7 +82,7 @@ func (s *Server) admit(link relay.Link) *conn {
 		s.tidyLocked(src)
 		s.mu.Unlock()
 		s.counters.ConnsRejected.Add(1)
-		s.logRejected.Log(s.log, slog.LevelWarn, "connection refused: "+refuse, "remote", remote, "source", src.String())
+		s.logs.refused.Log(s.log, slog.LevelWarn, "connection refused: "+refuse, "remote", remote, "source", src.String())
 		link.Close()
 		return nil
 	}
@@ -94,12 +94,12 @@ func (s *Server) admit(link relay.Link) *conn {
 	s.mu.Unlock()
 	if evict != nil {
 		s.counters.ConnsEvicted.Add(1)
-		s.logConn.Log(s.log, slog.LevelInfo, "connection closed to make room: it carried no confirmed session",
+		s.logs.evicted.Log(s.log, slog.LevelInfo, "connection closed to make room: it carried no confirmed session",
 			"conn", evict.id, "remote", evict.remote, "age", now.Sub(evict.accepted).Round(time.Millisecond).String())
 		evict.close()
 	}
 	s.counters.ConnsAccepted.Add(1)
-	s.logConn.Log(s.log, slog.LevelDebug, "connection accepted", "conn", c.id, "remote", remote)
+	s.logs.accepted.Log(s.log, slog.LevelDebug, "connection accepted", "conn", c.id, "remote", remote)
 	return c
 }
 
@@ -223,20 +223,20 @@ func (s *Server) sweep(ctx context.Context) {
 		s.mu.Unlock()
 		for _, c := range idle {
 			s.counters.UnconfirmedCloses.Add(1)
-			s.logConn.Log(s.log, slog.LevelInfo, "connection closed: no confirmed session", "conn", c.id, "remote", c.remote,
+			s.logs.unconfirmed.Log(s.log, slog.LevelInfo, "connection closed: no confirmed session", "conn", c.id, "remote", c.remote,
 				"timeout", cfg.confirmTimeout().String())
 			c.close()
 		}
 		for _, sess := range halfOpen {
 			s.counters.HalfOpenExpired.Add(1) // before it leaves Status
 			s.removeSession(sess)
-			s.logSession.Log(s.log, slog.LevelInfo, "half-open session expired: the backend did not answer its IKE_SA_INIT",
+			s.logs.halfOpenExpired.Log(s.log, slog.LevelInfo, "half-open session expired: the backend did not answer its IKE_SA_INIT",
 				"session", sess.id, "timeout", cfg.halfOpenTimeout().String())
 		}
 		for _, sess := range away {
 			s.counters.SessionsExpired.Add(1)
 			s.removeSession(sess)
-			s.logSession.Log(s.log, slog.LevelInfo, "session expired: client did not come back", "session", sess.id,
+			s.logs.expired.Log(s.log, slog.LevelInfo, "session expired: client did not come back", "session", sess.id,
 				"idle", cfg.sessionIdle().String(), "backend_local", sess.local.String())
 		}
 	})

@@ -112,7 +112,7 @@ func (c *conn) route(p []byte, now time.Time) error {
 	s := c.srv
 	if err := c.msg.Decode(p); err != nil {
 		s.counters.Malformed.Add(1)
-		s.logMalformed.Log(s.log, slog.LevelWarn, "malformed frame dropped", "conn", c.id, "remote", c.remote, "len", len(p), "err", err)
+		s.logs.malformed.Log(s.log, slog.LevelWarn, "malformed frame dropped", "conn", c.id, "remote", c.remote, "len", len(p), "err", err)
 		return c.undeliverable(now)
 	}
 	var sess *session
@@ -172,7 +172,7 @@ func (c *conn) sessionForIKE(h *framing.IKEHeader, now time.Time) *session {
 			return c.openSession(h, now)
 		}
 		s.counters.UnknownSPI.Add(1)
-		s.logUnknownSPI.Log(s.log, slog.LevelInfo, "IKE message for an unknown IKE SA dropped", "conn", c.id, "remote", c.remote,
+		s.logs.unknownIKE.Log(s.log, slog.LevelInfo, "IKE message for an unknown IKE SA dropped", "conn", c.id, "remote", c.remote,
 			"ike_spi", relay.SPI64(h.InitiatorSPI), "exchange", h.Exchange.String())
 		return nil
 	}
@@ -206,7 +206,7 @@ func (c *conn) sessionForESP(spi uint32, now time.Time) *session {
 		if r == nil {
 			s.mu.Unlock()
 			s.counters.UnknownSPI.Add(1)
-			s.logUnknownSPI.Log(s.log, slog.LevelInfo, "ESP for an unknown SPI dropped", "conn", c.id, "remote", c.remote, "spi", relay.SPI32(spi))
+			s.logs.unknownESP.Log(s.log, slog.LevelInfo, "ESP for an unknown SPI dropped", "conn", c.id, "remote", c.remote, "spi", relay.SPI32(spi))
 			return nil
 		}
 	}
@@ -268,7 +268,7 @@ func (s *Server) moveLocked(sess *session, c *conn, why string) {
 		if old != nil {
 			from = old.remote
 		}
-		s.logSession.Log(s.log, slog.LevelInfo, "session moved to another connection: "+why, "session", sess.id,
+		s.logs.moved.Log(s.log, slog.LevelInfo, "session moved to another connection: "+why, "session", sess.id,
 			"from", from, "to", c.remote, "backend_local", sess.local.String())
 	}
 }
@@ -280,12 +280,12 @@ func (c *conn) openSession(h *framing.IKEHeader, now time.Time) *session {
 	sess, created, err := s.newSession(c, h, now)
 	if err != nil {
 		s.counters.SessionsRejected.Add(1)
-		s.logRejected.Log(s.log, slog.LevelWarn, "IKE_SA_INIT dropped: "+err.Error(), "conn", c.id, "remote", c.remote)
+		s.logs.initDropped.Log(s.log, slog.LevelWarn, "IKE_SA_INIT dropped: "+err.Error(), "conn", c.id, "remote", c.remote)
 		return nil
 	}
 	if created {
 		c.current = sess
-		s.logSession.Log(s.log, slog.LevelInfo, "session created", "session", sess.id, "remote", c.remote,
+		s.logs.created.Log(s.log, slog.LevelInfo, "session created", "session", sess.id, "remote", c.remote,
 			"ike_spi", relay.SPI64(h.InitiatorSPI), "backend_local", sess.local.String())
 	}
 	sess.book.NoteIKE(h)
@@ -344,7 +344,7 @@ func (c *conn) claim(id uint64, mac []byte, now time.Time) bool {
 		s.counters.ClaimsAccepted.Add(1)
 	} else {
 		s.counters.ClaimsRefused.Add(1)
-		s.logClaim.Log(s.log, slog.LevelWarn, "claim refused: it proves nothing", "conn", c.id, "remote", c.remote, "session", id)
+		s.logs.claimRefused.Log(s.log, slog.LevelWarn, "claim refused: it proves nothing", "conn", c.id, "remote", c.remote, "session", id)
 	}
 	c.sendControl(framing.ControlClaimed, binary.BigEndian.AppendUint64(nil, id), []byte{result})
 	return ok
@@ -354,7 +354,7 @@ func (c *conn) claim(id uint64, mac []byte, now time.Time) bool {
 func (c *conn) sendControl(t framing.ControlType, parts ...[]byte) {
 	buf := framing.AppendControl(make([]byte, relay.Headroom, relay.Headroom+64), t, parts...)
 	if err := c.send([][]byte{buf}); err != nil {
-		c.srv.logConn.Log(c.srv.log, slog.LevelDebug, "control message not sent", "conn", c.id, "type", t.String(), "err", err)
+		c.srv.logs.controlUnsent.Log(c.srv.log, slog.LevelDebug, "control message not sent", "conn", c.id, "type", t.String(), "err", err)
 	}
 }
 
@@ -376,7 +376,7 @@ func (c *conn) flush(now time.Time) {
 		sess.traffic.CountIn(c.srv.counters, sent, bytes)
 		if err != nil && !sess.closed.Load() {
 			c.srv.counters.WriteErrors.Add(uint64(len(c.out) - sent))
-			c.srv.logBackend.Log(c.srv.log, slog.LevelWarn, "send to backend failed", "session", sess.id,
+			c.srv.logs.backendSend.Log(c.srv.log, slog.LevelWarn, "send to backend failed", "session", sess.id,
 				"backend", c.srv.cfg.Backend.String(), "err", backendHint(err))
 		}
 	}

@@ -65,7 +65,16 @@ type Server struct {
 
 	wg sync.WaitGroup // every goroutine the server starts
 
-	logConn, logSession, logRejected, logUnknownSPI, logMalformed, logBackend, logOversize, logClaim relay.Sometimes
+	logs logs
+}
+
+// logs rate-limits each log line a remote party can trigger, each line
+// on its own: a flood of one kind of event does not hide another.
+type logs struct {
+	accepted, closed, refused, evicted, unconfirmed, acceptFailed  relay.Sometimes
+	created, moved, expired, halfOpenExpired, initDropped          relay.Sometimes
+	malformed, unknownIKE, unknownESP, claimRefused, controlUnsent relay.Sometimes
+	backendSend, backendRecv, oversize, writeFailed                relay.Sometimes
 }
 
 // New returns a server for cfg.
@@ -141,7 +150,7 @@ func (s *Server) acceptLinks(ctx context.Context, ln relay.Listener) error {
 			// Out of file descriptors and the like: wait and retry, as
 			// net/http does.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.logConn.Log(s.log, slog.LevelWarn, "accept failed, retrying", "listen", ln.Addr(), "err", err, "in", backoff)
+			s.logs.acceptFailed.Log(s.log, slog.LevelWarn, "accept failed, retrying", "listen", ln.Addr(), "err", err, "in", backoff)
 			if !relay.SleepCtx(ctx, backoff) {
 				return nil
 			}
@@ -165,7 +174,7 @@ func (s *Server) serveConn(c *conn) {
 	if relay.IsProtocolError(err) {
 		level = slog.LevelWarn
 	}
-	s.logConn.Log(s.log, level, "connection closed", "conn", c.id, "remote", c.remote,
+	s.logs.closed.Log(s.log, level, "connection closed", "conn", c.id, "remote", c.remote,
 		"reason", err.Error(), "frames", c.frames, "duration", time.Since(c.accepted).Round(time.Millisecond).String())
 }
 

@@ -202,7 +202,7 @@ func (sess *session) readBackend() {
 // ECONNREFUSED: the daemon is not listening.
 func (sess *session) backendFailed(err error) {
 	s := sess.srv
-	s.logBackend.Log(s.log, slog.LevelWarn, "receive from backend failed", "session", sess.id,
+	s.logs.backendRecv.Log(s.log, slog.LevelWarn, "receive from backend failed", "session", sess.id,
 		"backend", s.cfg.Backend.String(), "err", backendHint(err))
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		time.Sleep(10 * time.Millisecond) // do not spin on a persistent error
@@ -219,7 +219,7 @@ func (sess *session) toClient(bb *backendBuffers, n int, msg *framing.Message) {
 		m := &bb.msgs[i]
 		if m.Truncated {
 			s.counters.OversizedDgrams.Add(1)
-			s.logOversize.Log(s.log, slog.LevelWarn, "datagram from backend dropped: larger than --max-datagram", "session", sess.id, "max", s.cfg.maxDatagram())
+			s.logs.oversize.Log(s.log, slog.LevelWarn, "datagram from backend dropped: larger than --max-datagram", "session", sess.id, "max", s.cfg.maxDatagram())
 			continue
 		}
 		if msg.Decode(m.Buf[:m.N]) != nil || msg.Kind == framing.KindControl {
@@ -250,7 +250,7 @@ func (sess *session) toClient(bb *backendBuffers, n int, msg *framing.Message) {
 	} else if err := c.send(frames); err != nil {
 		if !c.closed.Load() {
 			s.counters.WriteErrors.Add(1)
-			s.logConn.Log(s.log, slog.LevelInfo, "write to client failed, closing its connection", "session", sess.id, "conn", c.id, "remote", c.remote, "err", err)
+			s.logs.writeFailed.Log(s.log, slog.LevelInfo, "write to client failed, closing its connection", "session", sess.id, "conn", c.id, "remote", c.remote, "err", err)
 			c.close()
 		}
 		s.counters.NoPath.Add(uint64(len(frames)))
