@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -130,8 +131,9 @@ func newEncapPath(b *testing.B, encap string, rateBits int) encapPath {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { tx.Close() })
-	// An IKE message first: it makes the server's session, whose
-	// connection then carries ESP of any SPI.
+	// An IKE_SA_INIT first, which the backend answers as a daemon would:
+	// it makes the server's session and confirms it, and the connection
+	// that carries it then teaches it the ESP SPIs.
 	ike := make([]byte, framing.MarkerSize+framing.IKEHeaderSize)
 	ike[4+7], ike[4+17], ike[4+18], ike[4+19], ike[4+27] = 1, 0x20, byte(framing.IKESAInit), framing.FlagInitiator, framing.IKEHeaderSize
 	buf := make([]byte, 2048)
@@ -141,11 +143,19 @@ func newEncapPath(b *testing.B, encap string, rateBits int) encapPath {
 		}
 		tx.Write(ike)
 		rx.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-		if _, _, err := rx.ReadFromUDPAddrPort(buf); err == nil {
+		if _, from, err := rx.ReadFromUDPAddrPort(buf); err == nil {
+			resp := bytes.Clone(ike)
+			resp[4+15], resp[4+19] = 1, framing.FlagResponse
+			rx.WriteToUDPAddrPort(resp, from)
+			tx.SetReadDeadline(time.Now().Add(2 * time.Second))
+			if _, err := tx.Read(buf); err != nil {
+				b.Fatalf("%s: the IKE_SA_INIT response did not come back: %v", encap, err)
+			}
 			break
 		}
 	}
 	rx.SetReadDeadline(time.Time{})
+	tx.SetReadDeadline(time.Time{})
 	return bigBuffers(encapPath{tx: tx, rx: rx})
 }
 
