@@ -18,6 +18,11 @@ type Counters struct {
 	UnconfirmedCloses atomic.Uint64 // server: closed after --confirm-timeout without a confirmed session
 	ConnsDialed       atomic.Uint64 // client: links established
 	DialFailures      atomic.Uint64 // client: connection attempts that failed
+	ProxyRefused      atomic.Uint64 // server: a PROXY header from an untrusted source, or none from a trusted one
+	TLSFailures       atomic.Uint64 // TLS handshakes that failed
+	SharedConns       atomic.Uint64 // server: connections handed to --share-backend
+	Unrecognized      atomic.Uint64 // server: connections that began with neither IKETCP, TLS nor HTTP
+	IdentityRefused   atomic.Uint64 // server: frames of a session from a connection with another TLS identity (not moved)
 	PrefixTimeouts    atomic.Uint64 // server: no IKETCP prefix within the deadline
 	BadPrefix         atomic.Uint64 // server: a stream that began with something else
 	BadLength         atomic.Uint64 // frame Length 0 or 1 (connection closed)
@@ -77,6 +82,11 @@ var counterDefs = []counterDef{
 	{"unconfirmed_closes", true, false, func(c *Counters) *atomic.Uint64 { return &c.UnconfirmedCloses }},
 	{"conns_dialed", false, true, func(c *Counters) *atomic.Uint64 { return &c.ConnsDialed }},
 	{"dial_failures", false, true, func(c *Counters) *atomic.Uint64 { return &c.DialFailures }},
+	{"proxy_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ProxyRefused }},
+	{"tls_failures", true, true, func(c *Counters) *atomic.Uint64 { return &c.TLSFailures }},
+	{"shared_conns", true, false, func(c *Counters) *atomic.Uint64 { return &c.SharedConns }},
+	{"unrecognized", true, false, func(c *Counters) *atomic.Uint64 { return &c.Unrecognized }},
+	{"identity_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.IdentityRefused }},
 	{"prefix_timeouts", true, false, func(c *Counters) *atomic.Uint64 { return &c.PrefixTimeouts }},
 	{"bad_prefix", true, false, func(c *Counters) *atomic.Uint64 { return &c.BadPrefix }},
 	{"bad_length", true, true, func(c *Counters) *atomic.Uint64 { return &c.BadLength }},

@@ -88,5 +88,22 @@ func IsProtocolError(err error) bool {
 	return errors.As(err, &pe)
 }
 
+// Identified is a link that can say who is at its far end: the identity
+// of the certificate a TLS client proved it holds (a link over TLS with
+// client certificates). Identity is "" while the far end has proved none,
+// as before the TLS handshake, which the link's Serve completes on its
+// first read.
+type Identified interface {
+	Identity() string
+}
+
+// IdentityOf returns the identity of the far end of link, or "".
+func IdentityOf(link Link) string {
+	if id, ok := link.(Identified); ok {
+		return id.Identity()
+	}
+	return ""
+}
+
 // ErrClosedHere ends a link that this side closed.
 var ErrClosedHere = errors.New("closed by iketcp")

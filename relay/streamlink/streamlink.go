@@ -12,6 +12,7 @@ package streamlink
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -90,8 +91,13 @@ func newShared(cfg Config, server bool) *shared {
 // Dialer opens RFC 9329 links to a server, for a client.
 type Dialer struct {
 	// Dial opens the TCP connection; nil means a net.Dialer with
-	// relay.TCPKeepAlive and Control. Tests inject their own.
+	// relay.TCPKeepAlive and Control. Tests inject their own; an HTTP
+	// proxy's tunnel is one.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// TLS, if set, wraps every connection in TLS with this configuration
+	// (RFC 9329 appendix: the prefix goes inside TLS). Without a
+	// ServerName, the host of the address dialled is the name checked.
+	TLS *tls.Config
 	// Control, if set, is applied to every socket the default dialer
 	// opens (transparent mode marks them to bypass its interception).
 	Control func(network, address string, c syscall.RawConn) error
@@ -118,12 +124,33 @@ func (d *Dialer) DialLink(ctx context.Context, addr string) (relay.Link, error) 
 	if err != nil {
 		return nil, err
 	}
+	if d.TLS != nil {
+		if nc, err = clientTLS(ctx, nc, d.TLS, addr); err != nil {
+			return nil, err
+		}
+	}
 	nc.SetWriteDeadline(time.Now().Add(d.sh.cfg.writeTimeout()))
 	if _, err := io.WriteString(nc, framing.Prefix); err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("sending the IKETCP prefix: %w", err)
 	}
 	return newLink(nc, d.sh), nil
+}
+
+// clientTLS runs a TLS handshake over nc as a client.
+func clientTLS(ctx context.Context, nc net.Conn, cfg *tls.Config, addr string) (net.Conn, error) {
+	if cfg.ServerName == "" {
+		cfg = cfg.Clone()
+		if host, _, err := net.SplitHostPort(addr); err == nil {
+			cfg.ServerName = host
+		}
+	}
+	tc := tls.Client(nc, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("TLS with %s: %w", addr, err)
+	}
+	return tc, nil
 }
 
 // Listener accepts RFC 9329 links, for a server.
@@ -344,6 +371,20 @@ func (l *Link) ended(err error) error {
 func (l *Link) Close() error {
 	l.closed.Store(true)
 	return l.nc.Close()
+}
+
+// Identity is the subject of the certificate a TLS client proved it
+// holds, or "".
+func (l *Link) Identity() string {
+	tc, ok := l.nc.(*tls.Conn)
+	if !ok {
+		return ""
+	}
+	st := tc.ConnectionState()
+	if !st.HandshakeComplete || len(st.VerifiedChains) == 0 {
+		return ""
+	}
+	return st.VerifiedChains[0][0].Subject.String()
 }
 
 func (l *Link) LocalAddr() string  { return l.nc.LocalAddr().String() }
