@@ -43,7 +43,8 @@ func TestSendDoesNotAllocate(t *testing.T) {
 
 // TestReceiveDoesNotAllocate checks the receive path in steady state: a
 // batch of data segments for a conn with a handler, a keepalive probe
-// that gets an answer, and a segment for no conn that gets an RST.
+// that gets an answer, a stranger's SYN that gets a SYN cookie, and a
+// stranger's segment with a bad cookie that gets an RST.
 func TestReceiveDoesNotAllocate(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates")
@@ -64,6 +65,7 @@ func TestReceiveDoesNotAllocate(t *testing.T) {
 		r.seq++
 		stranger := remoteEnd{hdr: newHeaders(netip.AddrPortFrom(addrs[1], 40001), netip.AddrPortFrom(addrs[0], testPort), 0), seq: 5, ack: 9}
 		pkts = append(pkts, stranger.segment(flagACK|flagPSH, []byte("who")))
+		pkts = append(pkts, stranger.syn(makeSYNOptions(1400, true, false)))
 		for k, p := range pkts {
 			s.rx.sizes[k] = copy(s.rx.bufs[k][Headroom:], p)
 		}
@@ -77,10 +79,14 @@ func TestReceiveDoesNotAllocate(t *testing.T) {
 		if allocs != 0 {
 			t.Errorf("%v: %v allocations per batch of %d segments", addrs[0], allocs, len(pkts))
 		}
-		// Each run answers the keepalive and the stranger; the very first
-		// also acknowledges the conn's first data at once (windowShown).
-		if delivered != 6*runs || dev.writes-writesBefore != 2*runs+1 {
+		// Each run answers the keepalive and the stranger's two segments;
+		// the very first also acknowledges the conn's first data at once
+		// (windowShown).
+		if delivered != 6*runs || dev.writes-writesBefore != 3*runs+1 {
 			t.Errorf("%v: %d runs delivered %d payloads and wrote %d replies", addrs[0], runs, delivered, dev.writes-writesBefore)
+		}
+		if st := s.Stats(); st.Conns != 1 || st.SYNCookies != uint64(runs)+1 || st.BadCookies != uint64(runs) {
+			t.Errorf("%v: %d runs, stack %+v", addrs[0], runs, st)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package faketcp
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"sync/atomic"
 	"testing"
@@ -112,6 +113,44 @@ func BenchmarkReceive(b *testing.B) {
 				s.processBatch(n, now)
 			}
 			b.ReportMetric(float64(b.N*n)/b.Elapsed().Seconds(), "datagrams/s")
+		})
+	}
+}
+
+// BenchmarkSYNFlood is what a flood costs the stack's reader: batches
+// of 64 SYNs from random addresses, each parsed and answered with a
+// SYN cookie, or of 64 ACKs with forged cookies, each answered with an
+// RST. One operation is one segment.
+func BenchmarkSYNFlood(b *testing.B) {
+	for _, kind := range []string{"SYN", "forged-cookie"} {
+		b.Run(kind, func(b *testing.B) {
+			s, dev, _ := listeningStack(b, Config{Local: addr4B})
+			dev.mu.Lock()
+			dev.keep = false
+			dev.mu.Unlock()
+			const n = 64
+			pkts := floodSYNs(rand.New(rand.NewPCG(11, 11)), n, netip.AddrPortFrom(addr4B, testPort))
+			if kind == "forged-cookie" {
+				for k, p := range pkts {
+					var in inbound
+					parsePacket(p, addr4B, true, &in)
+					r := remoteEnd{hdr: newHeaders(netip.AddrPortFrom(in.src, in.seg.srcPort), netip.AddrPortFrom(addr4B, testPort), 0), seq: in.seg.seq + 1, ack: uint32(k) * 0x9e3779b9}
+					pkts[k] = r.segment(flagACK, nil)
+				}
+			}
+			for k, p := range pkts {
+				s.rx.sizes[k] = copy(s.rx.bufs[k][Headroom:], p)
+			}
+			now := time.Now()
+			b.ReportAllocs()
+			for b.Loop() {
+				s.processBatch(n, now)
+			}
+			b.ReportMetric(float64(b.N*n)/b.Elapsed().Seconds(), "segments/s")
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/segment")
+			if st := s.Stats(); st.Conns != 0 {
+				b.Fatalf("the flood left %d conns", st.Conns)
+			}
 		})
 	}
 }

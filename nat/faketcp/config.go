@@ -64,9 +64,10 @@ type Config struct {
 	// other answers. A conn that hears nothing for 4*KeepAlive ends with
 	// ErrTimeout. 0 means DefaultKeepAlive.
 	KeepAlive time.Duration
-	// HandshakeTimeout bounds Dial's handshake and a listener's half-open
-	// conns; SYN and SYN-ACK are sent again every second until then. 0
-	// means DefaultHandshakeTimeout.
+	// HandshakeTimeout bounds Dial's handshake; its SYN is sent again
+	// every second until then. (A listener keeps no half-open conn to
+	// bound: it answers SYNs with cookies.) 0 means
+	// DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
 	// MTU is the largest IP packet the device delivers: each Read buffer
 	// holds Headroom plus this many bytes. It must fit a segment of MSS

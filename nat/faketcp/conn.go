@@ -63,17 +63,17 @@ type connCounters struct {
 
 // ConnStats is a snapshot of a conn's counters and sequence numbers.
 type ConnStats struct {
-	State string // CLOSED, SYN_SENT, SYN_RECEIVED, ESTABLISHED, FIN_WAIT, LAST_ACK, TIME_WAIT
+	State string // CLOSED, SYN_SENT (Dial's), ESTABLISHED, FIN_WAIT, LAST_ACK, TIME_WAIT
 
 	SegmentsSent, BytesSent         uint64 // data segments written, and their payload bytes
 	SegmentsReceived, BytesReceived uint64 // data segments delivered to the handler, and their payload bytes
-	ControlSent, ControlReceived    uint64 // segments without payload: handshake, ACKs, keepalives, FIN, RST
+	ControlSent, ControlReceived    uint64 // segments without payload: handshake (an accepted conn counts the SYN and its SYN-ACK once), ACKs, keepalives, FIN, RST
 
 	// Received segments that did not reach the handler, by why.
 	DroppedNoHandler    uint64 // data before SetHandler, past the maxEarly kept
 	DroppedOversize     uint64 // payload larger than the MSS this side advertised
 	DroppedAfterClose   uint64 // data after the conn ended
-	DroppedUnacceptable uint64 // not valid in the conn's state: a bad handshake ack, no ACK flag, an RST outside the window, a SYN inside the conn
+	DroppedUnacceptable uint64 // not valid in the conn's state: a bad SYN-ACK, no ACK flag, an RST outside the window, a SYN inside the conn
 
 	// Datagrams Send refused, by why, and data segments the device did
 	// not take.
@@ -259,8 +259,8 @@ func (c *Conn) Close() error {
 	return nil
 }
 
-// closeWith ends the conn with err: a FIN from an established conn, an
-// RST from a half-open one that answered a SYN.
+// closeWith ends the conn with err: a FIN from an established conn,
+// nothing from Dial's half-open one.
 func (c *Conn) closeWith(err error) {
 	c.sendMu.Lock()
 	defer c.sendMu.Unlock()

@@ -22,6 +22,41 @@
 //
 // Choices a real stack would make differently, and why:
 //
+//   - Handshake: SYN cookies, always, where Linux sends them only when
+//     its SYN queue overflows. A listener faces strangers, so it keeps
+//     nothing for a SYN: it answers with one SYN-ACK whose ISN is a
+//     cookie, made of 25 bits of MAC (HMAC-SHA256, with a key the stack
+//     draws at start, over the 4-tuple, the SYN's ISN, a 64-second time
+//     slot and the bits that follow), the slot's parity, and the SYN's
+//     options that matter: its MSS, rounded down to one of 16 values,
+//     whether it offered window scaling, and SACK (cookie.go has the
+//     layout). The conn is made, established, when a segment returns the
+//     cookie: ack = cookie+1, seq = the SYN's ISN+1, the MAC right, in
+//     the cookie's slot or the next (a cookie is good for 64 to 128 s).
+//     That is the handshake's ACK or, when it was lost, the peer's first
+//     data segment, which is delivered. The SYN-ACK is never sent again:
+//     a peer whose SYN-ACK was lost sends its SYN again, and each SYN
+//     gets one answer. So toward an address that has not completed a
+//     handshake the stack never sends more than it received: one SYN-ACK
+//     for a SYN, one RST for anything else, nothing for an RST. A spoofed
+//     SYN costs one SYN-ACK and no memory, no SYN flood fills the conn
+//     table or keeps the timer busy, and a real client connects through
+//     one with its first SYN. The costs: the peer's MSS comes back
+//     rounded down; a peer whose handshake ACK and first data segment
+//     were both lost (its later segments have moved on from the SYN's
+//     ISN), or that sends only a keepalive first, gets an RST, ends with
+//     ErrReset, and dials again; and a late copy of the segment that
+//     opened a conn, arriving after this side forgot the conn (after an
+//     RST, a timeout, or Close and its linger) while the cookie is good,
+//     opens it again rather than drawing an RST. A conn that a cookie
+//     opened has shown the peer only its SYN-ACK's window, which is never
+//     scaled, so its first data is acknowledged at once, to show the
+//     scaled one (the dialling side's handshake ACK shows its own).
+//   - SeqFrozen and cookies: the same handshake. Every segment of a
+//     frozen peer carries the handshake's seq and ack, so any of them
+//     returns the cookie: a lost handshake ACK does no harm, and any
+//     segment for a conn this side forgot opens it again until the
+//     cookie expires.
 //   - Acks. The ack is the highest seq+len seen from the peer and never
 //     goes back; a gap (a lost segment) is acknowledged past at once,
 //     since it will never be filled. Data carries the ack; a receiver
@@ -48,11 +83,14 @@
 //     handshake stays an ordinary one.
 //   - RSTs. A segment for no conn is answered with an RST (RFC 9293
 //     §3.10.7.1), as a real stack does: a peer that kept its conn across
-//     this side's restart learns at its next segment, ends it with
-//     ErrReset, and dials again. An RST ends a conn when its seq is
-//     within the window of the expected one; a SYN inside a live conn
-//     gets a challenge ACK (RFC 5961 §4), which a restarted peer answers
-//     with an RST. Stack.Close and Conn.Close send FINs.
+//     this side's restart learns at its next segment (the new stack's
+//     key does not know its cookie), ends it with ErrReset, and dials
+//     again. So is a segment to a listener that returns no valid cookie:
+//     forged, for another 4-tuple or SYN, off by one, or stale; an RST
+//     for no conn is ignored. An RST ends a conn when its seq is within
+//     the window of the expected one; a SYN inside a live conn gets a
+//     challenge ACK (RFC 5961 §4), which a restarted peer answers with an
+//     RST. Stack.Close and Conn.Close send FINs.
 //   - Closing. Close sends a FIN and ends the conn for its user at once;
 //     the 4-tuple lingers for two seconds to acknowledge the peer's FIN.
 //     A FIN from the peer is answered with FIN|ACK and ends the conn with
@@ -73,8 +111,8 @@
 // of the caller's payloads, and neither sending nor receiving allocates
 // in steady state.
 //
-// Goroutines: a Stack runs a reader (which also runs the handlers) and a
-// timer (handshake retries, keepalives, delayed ACKs, lingers); Close ends
-// both. Each conn's state machine (tcb) is pure and told the time, so its
+// Goroutines: a Stack runs a reader (which also runs the handlers and
+// owns the cookies) and a timer (Dial's SYN retries, keepalives, delayed
+// ACKs, lingers); Close ends both. Each conn's state machine (tcb) is pure and told the time, so its
 // tests drive it with explicit times.
 package faketcp

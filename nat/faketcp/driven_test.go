@@ -18,7 +18,7 @@ type recordDevice struct {
 	writes  int
 }
 
-func (d *recordDevice) BatchSize() int { return 8 }
+func (d *recordDevice) BatchSize() int { return 64 }
 
 func (d *recordDevice) Read([][]byte, []int, int) (int, error) { select {} }
 
@@ -71,6 +71,38 @@ func (r *remoteEnd) segment(flags uint8, payload []byte) []byte {
 	return buf[start:]
 }
 
+// syn builds a SYN from the peer with options o and the peer's seq, and
+// advances the peer's seq past it.
+func (r *remoteEnd) syn(o synOptions) []byte {
+	buf := make([]byte, controlBufSize)
+	start := r.hdr.put(buf, controlBufSize, tcpFields{seq: r.seq, flags: flagSYN, window: DefaultWindow}, o.buf[:o.n], 0)
+	r.seq++
+	return buf[start:]
+}
+
+// open sends the peer's SYN, with options o, to s at now, checks that s
+// answered with one SYN-ACK, and sets the peer's ack to return its
+// cookie. It returns the SYN-ACK.
+func (r *remoteEnd) open(t testing.TB, s *Stack, dev *recordDevice, now time.Time, o synOptions) segment {
+	t.Helper()
+	feed(s, now, r.syn(o))
+	replies := dev.take()
+	if len(replies) != 1 {
+		t.Fatalf("%d replies to a SYN", len(replies))
+	}
+	var in inbound
+	remote := r.hdr.local.Addr()
+	if v := parsePacket(replies[0], remote, remote.Is4(), &in); v != packetOK || in.seg.flags != flagSYN|flagACK || in.seg.ack != r.seq {
+		t.Fatalf("reply to a SYN: verdict %d, %+v", v, in.seg)
+	}
+	r.ack = in.seg.seq + 1
+	return in.seg
+}
+
+// drivenEpoch is when drivenStack's handshake happens: a fixed time, so
+// that its stack's cookies, like its randomness, repeat from run to run.
+var drivenEpoch = time.Unix(1_700_000_000, 0)
+
 // feed runs pkts through s as one batch read at now.
 func feed(s *Stack, now time.Time, pkts ...[]byte) {
 	for k, p := range pkts {
@@ -81,7 +113,7 @@ func feed(s *Stack, now time.Time, pkts ...[]byte) {
 
 // drivenStack is a stack without goroutines on a recordDevice, listening
 // on testPort, with one conn accepted from remote, which the returned
-// remoteEnd speaks for.
+// remoteEnd speaks for. The handshake happens at drivenEpoch.
 func drivenStack(t testing.TB, cfg Config, remote netip.AddrPort) (*Stack, *recordDevice, *Conn, *remoteEnd) {
 	t.Helper()
 	dev := &recordDevice{keep: true}
@@ -99,23 +131,8 @@ func drivenStack(t testing.TB, cfg Config, remote netip.AddrPort) (*Stack, *reco
 		t.Fatal(err)
 	}
 	r := &remoteEnd{hdr: newHeaders(remote, netip.AddrPortFrom(local, testPort), 0), seq: 1000}
-	now := time.Now()
-	syn := r.hdr
-	buf := make([]byte, controlBufSize)
-	o := makeSYNOptions(1460, true, true)
-	start := syn.put(buf, controlBufSize, tcpFields{seq: r.seq, flags: flagSYN, window: DefaultWindow}, o.buf[:o.n], 0)
-	feed(s, now, buf[start:])
-	r.seq++
-	replies := dev.take()
-	if len(replies) != 1 {
-		t.Fatalf("%d replies to a SYN", len(replies))
-	}
-	var in inbound
-	if v := parsePacket(replies[0], remote.Addr(), remote.Addr().Is4(), &in); v != packetOK || in.seg.flags != flagSYN|flagACK {
-		t.Fatalf("reply to a SYN: verdict %d, flags %s", v, flagString(in.seg.flags))
-	}
-	r.ack = in.seg.seq + 1
-	feed(s, now, r.segment(flagACK, nil))
+	r.open(t, s, dev, drivenEpoch, makeSYNOptions(1460, true, true))
+	feed(s, drivenEpoch, r.segment(flagACK, nil))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	c, err := l.Accept(ctx)

@@ -7,7 +7,7 @@ var (
 	// ErrReset: the peer (or a stack that no longer knows the connection,
 	// such as a restarted peer) sent an RST, or refused the handshake.
 	ErrReset = errors.New("faketcp: connection reset by peer")
-	// ErrTimeout: the handshake did not complete within
+	// ErrTimeout: Dial's handshake did not complete within
 	// Config.HandshakeTimeout, or nothing was heard from the peer for
 	// four keepalive intervals.
 	ErrTimeout = errors.New("faketcp: connection timed out")

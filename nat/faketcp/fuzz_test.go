@@ -52,13 +52,15 @@ func fixChecksums(pkt []byte) {
 
 // FuzzReceive feeds arbitrary packets, one batch each, to a stack that
 // listens on testPort and holds an established conn from port 40000 of
-// its peer (the peer's ISN 1000; the stack's deterministic; MSS 100): an
-// IPv6 stack when the packet's version nibble says 6, else an IPv4 one.
-// Checksums are left as they are or fixed up. Invariants: it never
-// panics, it sends at most one reply for the packet, every reply is a
-// sound segment from the stack's address that parses back, and the stack
-// still works afterwards: a data segment for the conn reaches its handler
-// unless the input ended the conn.
+// its peer (the peer's ISN 1000; the stack's deterministic, its cookies
+// too; MSS 100): an IPv6 stack when the packet's version nibble says 6,
+// else an IPv4 one. Everything happens at drivenEpoch, so that the seeds
+// that return a cookie (for a SYN from port 40001 with ISN 5000) return
+// a valid one. Checksums are left as they are or fixed up. Invariants:
+// it never panics, it sends at most one reply for the packet, every reply
+// is a sound segment from the stack's address that parses back, and the
+// stack still works afterwards: a data segment for the conn reaches its
+// handler unless the input ended the conn.
 func FuzzReceive(f *testing.F) {
 	// Per family: the stack's address, the peer's, and, as the seeds
 	// need, a config with a small MSS and MTU, which keep inputs (and so
@@ -82,6 +84,19 @@ func FuzzReceive(f *testing.F) {
 			r.seq += seqDelta
 			return r.segment(flags, payload)
 		}
+		// cookieSeed is a segment from port 40001 that returns the
+		// cookie of its SYN (ack moved by ackDelta).
+		cookieSeed := func(flags uint8, payload []byte, ackDelta uint32) []byte {
+			s, dev, _, _ := drivenStack(f, fam.cfg, netip.AddrPortFrom(fam.peer, 40000))
+			r := &remoteEnd{hdr: newHeaders(netip.AddrPortFrom(fam.peer, 40001), netip.AddrPortFrom(fam.cfg.Local, testPort), 0), seq: 5000}
+			r.open(f, s, dev, drivenEpoch, makeSYNOptions(1400, true, true))
+			r.ack += ackDelta
+			return r.segment(flags, payload)
+		}
+		f.Add(cookieSeed(flagACK, nil, 0), false)
+		f.Add(cookieSeed(flagACK|flagPSH, []byte("first"), 0), false)
+		f.Add(cookieSeed(flagACK|flagPSH|flagFIN, []byte("last"), 0), false)
+		f.Add(cookieSeed(flagACK, nil, 1), false)
 		f.Add(seed(flagACK|flagPSH, []byte("datagram"), 0, 0), false)
 		f.Add(seed(flagACK, nil, ^uint32(0), 0), false) // keepalive probe
 		f.Add(seed(flagFIN|flagACK, nil, 0, 0), false)
@@ -112,7 +127,7 @@ func FuzzReceive(f *testing.F) {
 		if room := len(s.rx.bufs[0]) - Headroom; len(pkt) > room {
 			pkt = pkt[:room]
 		}
-		now := time.Now()
+		now := drivenEpoch
 		feed(s, now, pkt)
 		replies := dev.take()
 		if len(replies) > 1 {

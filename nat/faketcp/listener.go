@@ -35,9 +35,10 @@ func (l *Listener) Accept(ctx context.Context) (*Conn, error) {
 	}
 }
 
-// Close stops the listener: SYNs to its port are answered with an RST,
-// and conns completed but not accepted are closed. Conns already accepted
-// go on. It is idempotent.
+// Close stops the listener: SYNs to its port, and segments that return
+// the cookies it sent, are answered with an RST, and conns completed but
+// not accepted are closed. Conns already accepted go on. It is
+// idempotent.
 func (l *Listener) Close() error {
 	s := l.stack
 	s.mu.Lock()

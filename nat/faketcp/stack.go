@@ -34,9 +34,15 @@ type readDeadliner interface {
 
 // Limits of a Stack.
 const (
-	// maxConns bounds the conns a stack holds, half-open and lingering
-	// ones included: a SYN beyond it is dropped, and Dial fails.
+	// maxConns bounds the conns a stack holds: established and lingering
+	// ones, and Dial's half-open ones. A listener keeps no half-open conn
+	// (it answers SYNs with cookies), so SYNs cannot fill it. At the
+	// bound a SYN to a listener is dropped (its peer sends it again), a
+	// segment that returns a valid cookie is answered with an RST, and
+	// Dial fails.
 	maxConns = 4096
+	// cookieKeyLen is the length of a stack's key for its SYN cookies.
+	cookieKeyLen = 32
 	// acceptQueue is how many established conns a Listener holds for
 	// Accept; one more is reset.
 	acceptQueue = 128
@@ -67,7 +73,7 @@ type Stack struct {
 	cfg      Config // with defaults
 	tcbCfg   tcbConfig
 	log      *slog.Logger
-	random   func() uint32 // ISNs, ports, IP IDs, flow labels
+	random   func() uint32 // the cookie key, Dial's ISNs, ports, IP IDs, flow labels
 	interval time.Duration // of the timer goroutine
 	started  bool          // the goroutines run (tests drive a stack without them)
 
@@ -98,6 +104,7 @@ type receiveScratch struct {
 	pending     []Payload
 	pendingConn *Conn   // whose payloads pending holds
 	established []*Conn // conns whose handshake completed in this batch
+	cookies     cookieJar
 }
 
 // tickScratch is what the timer goroutine reuses from one tick to the
@@ -113,20 +120,23 @@ type tickScratch struct {
 type stackCounters struct {
 	malformed, notTCP, notLocal, badChecksum atomic.Uint64
 	refused, ignoredRST, tableFull           atomic.Uint64
+	synCookies, badCookies                   atomic.Uint64
 	acceptQueueFull, readErrors, writeErrors atomic.Uint64
 }
 
 // StackStats counts what a Stack dropped or refused before any conn saw
 // it, and its device errors.
 type StackStats struct {
-	Conns           int    // conns held now: half-open, established and lingering
+	Conns           int    // conns held now: established and lingering, and Dial's half-open ones (a listener keeps none)
 	Malformed       uint64 // packets too short or inconsistent, bad IPv4 header checksums, fragments, port 0, multicast or broadcast sources
 	NotTCP          uint64 // packets of other protocols
 	NotLocal        uint64 // packets of the other IP version or to another address than Local
 	BadChecksum     uint64 // segments with a wrong TCP checksum
-	Refused         uint64 // segments for no conn, answered with an RST
+	Refused         uint64 // segments for no conn, answered with an RST (BadCookies, and valid cookies refused at TableFull, among them)
 	IgnoredRST      uint64 // RSTs for no conn
-	TableFull       uint64 // SYNs dropped because the stack held its most conns
+	SYNCookies      uint64 // SYNs to a listener, each answered with one SYN-ACK that carries a cookie, and nothing kept
+	BadCookies      uint64 // segments to a listener whose ack returned no valid cookie (forged, for another 4-tuple or SYN, off by one, or stale), answered with an RST
+	TableFull       uint64 // SYNs dropped, and valid cookies answered with an RST, because the stack held its most conns
 	AcceptQueueFull uint64 // conns reset on completing their handshake: the listener's queue was full or closed
 	ReadErrors      uint64 // failed device Reads other than its closing
 	WriteErrors     uint64 // failed device Writes of the stack's own segments (Send reports its own)
@@ -176,6 +186,11 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 		s.rx.bufs[k] = make([]byte, Headroom+cfg.MTU)
 		s.rx.replyBufs[k] = make([]byte, controlBufSize)
 	}
+	var key [cookieKeyLen]byte
+	for k := 0; k < len(key); k += 4 {
+		binary.BigEndian.PutUint32(key[k:], random())
+	}
+	s.rx.cookies = newCookieJar(key[:])
 	if d, ok := dev.(readDeadliner); ok {
 		if err := d.SetReadDeadline(time.Time{}); err != nil {
 			return nil, fmt.Errorf("faketcp: clearing the device's read deadline: %w", err)
@@ -191,8 +206,9 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 	return s, nil
 }
 
-// randomUint32 is the stacks' randomness: ISNs must not be guessable
-// (RFC 6528), so it comes from crypto/rand, which does not fail.
+// randomUint32 is the stacks' randomness: ISNs and cookies must not be
+// guessable (RFC 6528), so it comes from crypto/rand, which does not
+// fail.
 func randomUint32() uint32 {
 	var b [4]byte
 	_, _ = rand.Read(b[:])
@@ -222,6 +238,8 @@ func (s *Stack) Stats() StackStats {
 		BadChecksum:     c.badChecksum.Load(),
 		Refused:         c.refused.Load(),
 		IgnoredRST:      c.ignoredRST.Load(),
+		SYNCookies:      c.synCookies.Load(),
+		BadCookies:      c.badCookies.Load(),
 		TableFull:       c.tableFull.Load(),
 		AcceptQueueFull: c.acceptQueueFull.Load(),
 		ReadErrors:      c.readErrors.Load(),
@@ -229,8 +247,8 @@ func (s *Stack) Stats() StackStats {
 	}
 }
 
-// Close ends every conn (an established one with a FIN, a half-open one
-// with an RST or nothing; each ends with ErrClosed), closes the
+// Close ends every conn (an established one with a FIN, Dial's half-open
+// one with nothing; each ends with ErrClosed), closes the
 // listeners, and stops the stack's goroutines. It waits for the reader
 // goroutine only when the device can wake a blocked Read (see Done). It
 // does not close the device. It is idempotent. A handler must not call
@@ -314,7 +332,7 @@ func (s *Stack) openActive(remote netip.AddrPort) (*Conn, emit, error) {
 	if !ok {
 		return nil, emit{}, errors.New("no free ephemeral port")
 	}
-	c := s.newConn(remote, port, nil)
+	c := s.newConn(remote, port, nil, s.random(), uint16(s.random()))
 	var syn emit
 	c.tcb, syn = newActiveTCB(s.tcbCfg, now, iss)
 	s.conns[c.key] = c
@@ -352,24 +370,27 @@ func (s *Stack) freePortLocked(remote netip.AddrPort) (uint16, bool) {
 	return 0, false
 }
 
-// newConn makes a conn for the 4-tuple; the caller sets its tcb.
-func (s *Stack) newConn(remote netip.AddrPort, localPort uint16, l *Listener) *Conn {
+// newConn makes a conn for the 4-tuple, whose IPv6 packets carry
+// flowLabel and whose IPv4 IDs count up from ipID; the caller sets its
+// tcb.
+func (s *Stack) newConn(remote netip.AddrPort, localPort uint16, l *Listener, flowLabel uint32, ipID uint16) *Conn {
 	c := &Conn{
 		stack:       s,
 		key:         fourTuple{remote, localPort},
-		hdr:         newHeaders(netip.AddrPortFrom(s.cfg.Local, localPort), remote, s.random()),
+		hdr:         newHeaders(netip.AddrPortFrom(s.cfg.Local, localPort), remote, flowLabel),
 		listener:    l,
 		established: make(chan struct{}),
 		done:        make(chan struct{}),
 	}
-	c.ipID.Store(s.random())
+	c.ipID.Store(uint32(ipID))
 	return c
 }
 
-// Listen accepts connections to Local:port: it answers each SYN with a
-// SYN-ACK (random ISN, sent again every second until HandshakeTimeout),
-// and queues the conn for Accept once the peer's ACK, or its first data
-// segment with a valid ack, completes the handshake.
+// Listen accepts connections to Local:port. It answers each SYN with one
+// SYN-ACK whose ISN is a SYN cookie, keeps nothing, and never sends it
+// again (the peer's SYN, sent again, gets one answer each time). The
+// peer's ACK that returns the cookie, or its first data segment when
+// that ACK was lost, opens the conn, which waits for Accept.
 func (s *Stack) Listen(port uint16) (*Listener, error) {
 	if port == 0 {
 		return nil, errors.New("faketcp: listen: port 0")
@@ -530,9 +551,12 @@ func (s *Stack) receivePacket(k int, now time.Time) {
 	s.mu.Lock()
 	c := s.conns[key]
 	s.mu.Unlock()
+	opened := false
 	if c == nil {
-		s.receiveUnknown(key, &in.seg, now)
-		return
+		if c = s.receiveUnknown(key, &in.seg, now); c == nil {
+			return
+		}
+		opened = true // by a cookie: the segment is the conn's first
 	}
 
 	c.mu.Lock()
@@ -563,7 +587,7 @@ func (s *Stack) receivePacket(k int, now time.Time) {
 		}
 		rx.pending = append(rx.pending, Payload{Buf: buf, Off: Headroom + in.payloadOff, N: in.seg.payloadLen})
 	}
-	if v.established {
+	if v.established || opened {
 		rx.established = append(rx.established, c)
 	}
 	if v.ended {
@@ -579,47 +603,87 @@ func (s *Stack) receivePacket(k int, now time.Time) {
 		if ended {
 			c.finish()
 		}
-		s.receiveUnknown(key, &in.seg, now)
+		s.receiveUnknown(key, &in.seg, now) // a SYN: it opens nothing
 	}
 }
 
-// receiveUnknown handles a segment for no conn: a SYN to a listener opens
-// one, an RST is ignored, anything else is answered with an RST, as a
-// real stack does (a peer that kept a conn across our restart learns so).
-func (s *Stack) receiveUnknown(key fourTuple, seg *segment, now time.Time) {
-	if seg.flags&(flagSYN|flagACK|flagRST) == flagSYN {
-		iss := s.random()
-		s.mu.Lock()
-		l := s.listeners[key.localPort]
-		var c *Conn
-		var synAck emit
-		full := len(s.conns) >= maxConns
-		if l != nil && !full && s.refuseLocked() == nil {
-			c = s.newConn(key.remote, key.localPort, l)
-			c.tcb, synAck = newPassiveTCB(s.tcbCfg, now, iss, seg)
-			c.sendMSS = int(c.tcb.peerMSS)
-			s.conns[key] = c
-		}
-		s.mu.Unlock()
-		switch {
-		case c != nil:
-			c.counters.controlReceived.Add(1)
-			c.counters.controlSent.Add(1)
-			s.addReply(&c.hdr, synAck, c.nextIPID())
-			return
-		case l != nil:
-			s.counters.tableFull.Add(1)
-			return
+// receiveUnknown handles a segment for no conn. To a listener, a SYN is
+// answered with a SYN cookie, and a segment with ACK (no SYN, no RST)
+// that returns a valid cookie opens a conn, which it returns for the
+// segment to be received by. An RST is ignored. Anything else, a bad
+// cookie among it, is answered with an RST, as a real stack does (RFC
+// 9293 §3.10.7.1; a peer that kept a conn across our restart learns so).
+// Toward an address that has not returned a cookie it sends one segment
+// for each segment, and keeps nothing.
+func (s *Stack) receiveUnknown(key fourTuple, seg *segment, now time.Time) *Conn {
+	s.mu.Lock()
+	l := s.listeners[key.localPort]
+	refuse, full := s.refuseLocked(), len(s.conns) >= maxConns
+	s.mu.Unlock()
+	if l != nil {
+		switch seg.flags & (flagSYN | flagACK | flagRST) {
+		case flagSYN:
+			switch {
+			case full:
+				s.counters.tableFull.Add(1)
+			case refuse == nil:
+				s.answerSYN(key, seg, now)
+			}
+			return nil
+		case flagACK:
+			if c := s.openByCookie(l, key, seg, now); c != nil {
+				return c
+			}
 		}
 	}
 	reset := resetFor(seg)
 	if reset.flags == 0 {
 		s.counters.ignoredRST.Add(1)
-		return
+		return nil
 	}
 	s.counters.refused.Add(1)
 	hd := newHeaders(netip.AddrPortFrom(s.cfg.Local, key.localPort), key.remote, 0)
 	s.addReply(&hd, reset, 0)
+	return nil
+}
+
+// answerSYN answers syn, for a listener, with a SYN-ACK whose ISN is a
+// cookie, and keeps nothing.
+func (s *Stack) answerSYN(key fourTuple, syn *segment, now time.Time) {
+	local := netip.AddrPortFrom(s.cfg.Local, key.localPort)
+	ck := s.rx.cookies.make(now, local, key.remote, syn, s.tcbCfg.defaultPeerMSS)
+	hd := newHeaders(local, key.remote, ck.flowLabel)
+	s.addReply(&hd, synAckEmit(syn, ck.iss), ck.ipID)
+	s.counters.synCookies.Add(1)
+}
+
+// openByCookie opens a conn for l if seg returns a valid cookie and the
+// stack has room, and returns it, in the table; otherwise it counts why
+// and returns nil, for seg to be answered with an RST.
+func (s *Stack) openByCookie(l *Listener, key fourTuple, seg *segment, now time.Time) *Conn {
+	ck, ok := s.rx.cookies.check(now, netip.AddrPortFrom(s.cfg.Local, key.localPort), key.remote, seg)
+	if !ok {
+		s.counters.badCookies.Add(1)
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.listeners[key.localPort] != l || s.conns[key] != nil {
+		return nil // closed, or replaced, since receiveUnknown looked
+	}
+	if s.refuseLocked() != nil {
+		if len(s.conns) >= maxConns {
+			s.counters.tableFull.Add(1)
+		}
+		return nil
+	}
+	c := s.newConn(key.remote, key.localPort, l, ck.flowLabel, ck.ipID)
+	c.tcb = newPassiveTCB(s.tcbCfg, now, ck, seg.seq-1)
+	c.sendMSS = int(c.tcb.peerMSS)
+	c.counters.controlReceived.Store(1) // the SYN
+	c.counters.controlSent.Store(1)     // the SYN-ACK
+	s.conns[key] = c
+	return c
 }
 
 // addReply adds a segment without payload to the batch's replies.

@@ -5,13 +5,15 @@ import (
 	"time"
 )
 
-// connState is where a connection is in its (simplified) TCP life.
+// connState is where a connection is in its (simplified) TCP life. A
+// listener's conn has no half-open state (no SYN_RECEIVED): the listener
+// answers a SYN with a SYN cookie and keeps nothing, and the conn starts
+// ESTABLISHED when the cookie comes back (see cookie.go).
 type connState uint8
 
 const (
 	stateClosed      connState = iota // forgotten, or never opened
 	stateSynSent                      // Dial sent a SYN, waits for the SYN-ACK
-	stateSynReceived                  // a listener answered a SYN, waits for the ACK
 	stateEstablished                  // data flows
 	// The closing states: the connection has ended for its user (Done is
 	// closed), and the stack keeps its 4-tuple for a short linger to
@@ -25,7 +27,6 @@ const (
 var stateNames = [...]string{
 	stateClosed:      "CLOSED",
 	stateSynSent:     "SYN_SENT",
-	stateSynReceived: "SYN_RECEIVED",
 	stateEstablished: "ESTABLISHED",
 	stateFinWait:     "FIN_WAIT",
 	stateLastAck:     "LAST_ACK",
@@ -41,7 +42,9 @@ func (s connState) String() string {
 
 // Timing constants of the state machine that Config does not set.
 const (
-	// synRetry is how often an unanswered SYN or SYN-ACK is sent again.
+	// synRetry is how often Dial's unanswered SYN is sent again. A
+	// listener never sends its SYN-ACK again: the peer's SYN, sent again,
+	// gets one answer each time.
 	synRetry = time.Second
 	// delayedACK is the longest received data waits for an ACK when the
 	// connection sends nothing itself; Linux's delayed-ACK ceiling.
@@ -84,7 +87,7 @@ const (
 	dropNone         dropReason = iota
 	dropOversize                // payload larger than the MSS this side advertised
 	dropAfterClose              // data after the conn ended for its user
-	dropUnacceptable            // not valid in the state: a bad handshake ack, no ACK flag, an RST outside the window, simultaneous open
+	dropUnacceptable            // not valid in the state: a bad SYN-ACK, no ACK flag, an RST outside the window, a SYN inside the conn
 )
 
 // verdict is what the state machine decided about one received segment.
@@ -95,8 +98,8 @@ type verdict struct {
 	established bool       // the handshake completed with this segment
 	ended       bool       // the conn ended for its user with this segment; tcb.err says why
 	remove      bool       // forget the 4-tuple now
-	// reopen: a SYN for a 4-tuple whose conn is closing (or half-open with
-	// another ISN): forget the old conn and treat the SYN as new.
+	// reopen: a SYN for a 4-tuple whose conn is closing: forget the old
+	// conn and treat the SYN as new.
 	reopen bool
 }
 
@@ -112,10 +115,10 @@ type verdict struct {
 type tcb struct {
 	cfg tcbConfig
 
-	// passive: a listener made it. Its first keepalive waits half an
-	// interval longer than the dialling side's, so that on an idle conn
-	// the dialler probes and the listener only answers, as when only a
-	// client enables keepalives, instead of both probing in step.
+	// passive: a listener's SYN cookie made it. Its first keepalive waits
+	// half an interval longer than the dialling side's, so that on an
+	// idle conn the dialler probes and the listener only answers, as when
+	// only a client enables keepalives, instead of both probing in step.
 	passive bool
 
 	state    connState
@@ -128,13 +131,15 @@ type tcb struct {
 	// on the way (Linux conntrack among them), knows only the window field
 	// of our SYN-ACK, which is never scaled: they hold the sender to that
 	// many bytes past our ack. So the first data is acknowledged at once,
-	// which shows the scaled window.
+	// which shows the scaled window. A conn that a cookie opened has sent
+	// only its SYN-ACK, so it starts with windowShown false, as Dial's
+	// conn does until its handshake ACK.
 	windowShown  bool
 	peerMSS      uint16
 	peerWScale   bool // the peer's SYN offered window scaling
 	peerSACK     bool // the peer's SYN offered SACK
 	opened       time.Time
-	lastSyn      time.Time // when the last SYN or SYN-ACK went out
+	lastSyn      time.Time // when Dial's last SYN went out
 	lastHeard    time.Time // when the last acceptable segment arrived
 	lastProbe    time.Time // when the last keepalive went out
 	unackedSince time.Time // when rcvNxt first moved past ackSent; zero when all is acknowledged
@@ -148,26 +153,35 @@ func newActiveTCB(cfg tcbConfig, now time.Time, iss uint32) (tcb, emit) {
 	return t, t.synEmit()
 }
 
-// newPassiveTCB is a listener's state machine for the SYN syn:
-// SYN_RECEIVED, with the SYN-ACK to send.
-func newPassiveTCB(cfg tcbConfig, now time.Time, iss uint32, syn *segment) (tcb, emit) {
+// synAckEmit is a listener's answer to syn: a SYN-ACK with the ISN iss
+// (a cookie), acknowledging the SYN, with window scale and SACK permitted
+// when the SYN offered them. Nothing sends it again.
+func synAckEmit(syn *segment, iss uint32) emit {
+	return emit{flags: flagSYN | flagACK, seq: iss, ack: syn.seq + 1, synOptions: true,
+		windowScale: syn.windowScale, sackPermitted: syn.sackPermitted}
+}
+
+// newPassiveTCB is a listener's state machine for a handshake that the
+// cookie c completed, at now, with the peer whose ISN was irs:
+// ESTABLISHED, with the peer's options that the cookie kept. The segment
+// that returned the cookie is then received as any other.
+func newPassiveTCB(cfg tcbConfig, now time.Time, c synCookie, irs uint32) tcb {
 	t := tcb{
 		cfg:        cfg,
 		passive:    true,
-		state:      stateSynReceived,
-		iss:        iss,
-		sndNxt:     iss + 1,
-		irs:        syn.seq,
-		rcvNxt:     syn.seq + 1,
-		ackSent:    syn.seq + 1,
-		peerWScale: syn.windowScale,
-		peerSACK:   syn.sackPermitted,
+		state:      stateEstablished,
+		iss:        c.iss,
+		sndNxt:     c.iss + 1,
+		irs:        irs,
+		rcvNxt:     irs + 1,
+		ackSent:    irs + 1,
+		peerWScale: c.windowScale,
+		peerSACK:   c.sackPermitted,
 		opened:     now,
-		lastSyn:    now,
 		lastHeard:  now,
 	}
-	t.setPeerMSS(syn.mss)
-	return t, t.synEmit()
+	t.setPeerMSS(c.peerMSS)
+	return t
 }
 
 func (t *tcb) setPeerMSS(mss uint16) {
@@ -177,14 +191,9 @@ func (t *tcb) setPeerMSS(mss uint16) {
 	t.peerMSS = min(mss, t.cfg.maxSendMSS)
 }
 
-// synEmit is the SYN (SYN_SENT) or SYN-ACK (SYN_RECEIVED) of the
-// handshake, sent first and on every retry.
+// synEmit is Dial's SYN, sent first and on every retry.
 func (t *tcb) synEmit() emit {
-	if t.state == stateSynSent {
-		return emit{flags: flagSYN, seq: t.iss, synOptions: true, windowScale: true, sackPermitted: true}
-	}
-	return emit{flags: flagSYN | flagACK, seq: t.iss, ack: t.rcvNxt, synOptions: true,
-		windowScale: t.peerWScale, sackPermitted: t.peerSACK}
+	return emit{flags: flagSYN, seq: t.iss, synOptions: true, windowScale: true, sackPermitted: true}
 }
 
 // ackEmit is a segment that carries the current ack: a pure ACK (flags
@@ -237,8 +246,6 @@ func (t *tcb) receive(now time.Time, seg *segment) verdict {
 	switch t.state {
 	case stateSynSent:
 		return t.receiveSynSent(now, seg)
-	case stateSynReceived:
-		return t.receiveSynReceived(now, seg)
 	case stateEstablished:
 		return t.receiveEstablished(now, seg)
 	case stateFinWait, stateLastAck, stateTimeWait:
@@ -293,32 +300,6 @@ func (t *tcb) receiveSynSent(now time.Time, seg *segment) verdict {
 	t.state = stateEstablished
 	t.lastHeard = now
 	return verdict{reply: t.ackEmit(0, t.sndNxt), established: true}
-}
-
-func (t *tcb) receiveSynReceived(now time.Time, seg *segment) verdict {
-	switch {
-	case seg.has(flagRST):
-		if !t.inWindow(seg.seq) {
-			return verdict{drop: dropUnacceptable}
-		}
-		t.end(fmt.Errorf("%w during the handshake", ErrReset))
-		t.state = stateClosed
-		return verdict{ended: true, remove: true}
-	case seg.has(flagSYN) && !seg.has(flagACK):
-		if seg.seq != t.irs {
-			return verdict{reopen: true} // the peer started over with another ISN
-		}
-		t.lastSyn = now
-		return verdict{reply: t.synEmit()} // our SYN-ACK was lost
-	case seg.has(flagSYN), !seg.has(flagACK):
-		return verdict{drop: dropUnacceptable}
-	case seg.ack != t.iss+1:
-		return verdict{reply: emit{flags: flagRST, seq: seg.ack}, drop: dropUnacceptable}
-	}
-	t.state = stateEstablished
-	v := t.receiveEstablished(now, seg)
-	v.established = true
-	return v
 }
 
 func (t *tcb) receiveEstablished(now time.Time, seg *segment) verdict {
@@ -423,12 +404,12 @@ type tickResult struct {
 	remove bool // forget the 4-tuple now
 }
 
-// tick runs the state machine's timers at now: handshake retries and
-// timeout, keepalives and the dead-peer timeout, delayed ACKs, and the
+// tick runs the state machine's timers at now: Dial's SYN retries and
+// handshake timeout, keepalives and the dead-peer timeout, delayed ACKs, and the
 // end of a closing conn's linger.
 func (t *tcb) tick(now time.Time) tickResult {
 	switch t.state {
-	case stateSynSent, stateSynReceived:
+	case stateSynSent:
 		if now.Sub(t.opened) >= t.cfg.handshakeTimeout {
 			t.end(fmt.Errorf("%w: no handshake within %v", ErrTimeout, t.cfg.handshakeTimeout))
 			t.state = stateClosed
@@ -478,9 +459,8 @@ func (t *tcb) dataFields(total int) (seq, ack uint32) {
 }
 
 // close ends the conn for its user with err: an established conn sends a
-// FIN and lingers, a half-open one sends an RST (SYN_RECEIVED) or nothing
-// (SYN_SENT) and is forgotten. A conn that has already ended does
-// nothing.
+// FIN and lingers, Dial's half-open one sends nothing and is forgotten. A
+// conn that has already ended does nothing.
 func (t *tcb) close(now time.Time, err error) (send emit, ended, remove bool) {
 	switch t.state {
 	case stateEstablished:
@@ -489,13 +469,10 @@ func (t *tcb) close(now time.Time, err error) (send emit, ended, remove bool) {
 		t.state, t.closedAt = stateFinWait, now
 		t.end(err)
 		return send, true, false
-	case stateSynReceived:
-		send = emit{flags: flagRST, seq: t.sndNxt}
-		fallthrough
 	case stateSynSent:
 		t.state = stateClosed
 		t.end(err)
-		return send, true, true
+		return emit{}, true, true
 	}
 	return emit{}, false, false
 }
@@ -503,7 +480,7 @@ func (t *tcb) close(now time.Time, err error) (send emit, ended, remove bool) {
 // abort ends the conn for its user with err and sends an RST, for a conn
 // the stack cannot keep (an accept queue that is full).
 func (t *tcb) abort(err error) (send emit, ended bool) {
-	if t.state != stateSynReceived && t.state != stateEstablished {
+	if t.state != stateEstablished {
 		return emit{}, false
 	}
 	t.state = stateClosed

@@ -2,6 +2,7 @@ package faketcp
 
 import (
 	"errors"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -32,15 +33,36 @@ const (
 	tick                  // the side's timers run
 	send                  // the side sends step.n bytes of data
 	closeIt               // the side closes
-	restart               // the side forgets its conn, as a restarted stack does
+	restart               // the side forgets its conn and its cookie key, as a restarted stack does
 	swap                  // the two oldest segments in flight toward the side change places
 )
 
-// Default ISNs: the client's wraps around 2^32 within a few segments.
-const (
-	clientISS uint32 = 0xffffff00
-	serverISS uint32 = 5000
-)
+// The client's default ISN wraps around 2^32 within a few segments. The
+// server's is the cookie that answers the client's default SYN at the
+// harness's start.
+const clientISS uint32 = 0xffffff00
+
+var serverISS = func() uint32 {
+	jar := harnessJar(0)
+	syn := segment{flags: flagSYN, seq: clientISS, mss: 1460, windowScale: true, sackPermitted: true}
+	return jar.make(harnessStart, harnessAddrs[server], harnessAddrs[client], &syn, defaultIPv4PeerMSS).iss
+}()
+
+// harnessStart is time 0 of the steps: the start of a cookie slot.
+var harnessStart = time.Unix(1_700_000_000, 0)
+
+// harnessAddrs are the sides' addresses, which the cookies cover.
+var harnessAddrs = [2]netip.AddrPort{
+	client: netip.AddrPortFrom(addr4A, 40000),
+	server: netip.AddrPortFrom(addr4B, testPort),
+}
+
+// harnessJar is a side's cookie jar; a restart makes the next
+// generation's, with another key.
+func harnessJar(generation byte) cookieJar {
+	key := [cookieKeyLen]byte{0: 0x5e, 1: generation}
+	return newCookieJar(key[:])
+}
 
 type want struct {
 	emit    string  // what the acting side emitted in the step, flags joined by "|", segments by ","; "" none
@@ -71,7 +93,9 @@ type harness struct {
 	start     time.Time
 	conn      [2]*tcb
 	gone      [2]*tcb      // each side's last conn forgotten, to check why it ended
-	listening [2]bool      // a side with no conn answers a SYN with a SYN-ACK
+	listening [2]bool      // a side with no conn answers a SYN with a cookie, and opens a conn when it comes back
+	jars      [2]cookieJar // each side's cookies
+	restarts  [2]byte
 	wire      [2][]segment // wire[s]: in flight toward s
 	nextISS   [2]uint32    // the ISN a passive open or a default dial uses
 	emitted   [2][]segment // what each side emitted in the current step
@@ -80,8 +104,9 @@ type harness struct {
 
 func newHarness(t *testing.T, cfg tcbConfig) *harness {
 	return &harness{
-		t: t, cfg: cfg, start: time.Unix(1_700_000_000, 0),
+		t: t, cfg: cfg, start: harnessStart,
 		listening: [2]bool{false, true},
+		jars:      [2]cookieJar{harnessJar(0), harnessJar(0)},
 		nextISS:   [2]uint32{clientISS, serverISS},
 	}
 }
@@ -109,25 +134,44 @@ func (h *harness) put(from side, e emit, payloadLen int) {
 }
 
 // arrive runs seg through side s, as the stack does: its conn, or a
-// listener, or an RST for no conn.
+// listener (a SYN gets a cookie; a segment that returns a valid one opens
+// a conn, which then receives it), or an RST for no conn.
 func (h *harness) arrive(s side, seg segment, now time.Time) {
-	c := h.conn[s]
-	if c != nil {
-		v := c.receive(now, &seg)
-		h.verdict = v
-		h.put(s, v.reply, 0)
-		if v.remove || v.reopen {
-			h.forget(s)
+	if c := h.conn[s]; c != nil {
+		h.receive(s, c, seg, now)
+		if h.verdict.reopen {
+			h.arriveUnknown(s, seg, now)
 		}
-		if !v.reopen {
-			return
-		}
-	}
-	if seg.flags&(flagSYN|flagACK|flagRST) == flagSYN && h.listening[s] {
-		t, synAck := newPassiveTCB(h.cfg, now, h.nextISS[s], &seg)
-		h.conn[s] = &t
-		h.put(s, synAck, 0)
 		return
+	}
+	h.arriveUnknown(s, seg, now)
+}
+
+func (h *harness) receive(s side, c *tcb, seg segment, now time.Time) {
+	v := c.receive(now, &seg)
+	h.verdict = v
+	h.put(s, v.reply, 0)
+	if v.remove || v.reopen {
+		h.forget(s)
+	}
+}
+
+func (h *harness) arriveUnknown(s side, seg segment, now time.Time) {
+	if h.listening[s] {
+		local, remote := harnessAddrs[s], harnessAddrs[other(s)]
+		switch seg.flags & (flagSYN | flagACK | flagRST) {
+		case flagSYN:
+			ck := h.jars[s].make(now, local, remote, &seg, h.cfg.defaultPeerMSS)
+			h.put(s, synAckEmit(&seg, ck.iss), 0)
+			return
+		case flagACK:
+			if ck, ok := h.jars[s].check(now, local, remote, &seg); ok {
+				c := newPassiveTCB(h.cfg, now, ck, seg.seq-1)
+				h.conn[s] = &c
+				h.receive(s, &c, seg, now)
+				return
+			}
+		}
 	}
 	h.put(s, resetFor(&seg), 0)
 }
@@ -191,6 +235,8 @@ func (h *harness) run(steps []step) {
 			w[0], w[1] = w[1], w[0]
 		case restart:
 			h.conn[s], h.gone[s] = nil, nil
+			h.restarts[s]++
+			h.jars[s] = harnessJar(h.restarts[s])
 		}
 		h.check(i, st)
 	}
@@ -266,7 +312,7 @@ func ss(n uint32) *uint32 { return u32(serverISS + n) }
 func handshake() []step {
 	return []step{
 		{act: dial, side: client, want: want{emit: "SYN", state: "SYN_SENT", seq: cs(0)}},
-		{act: deliver, side: server, want: want{emit: "SYN|ACK", state: "SYN_RECEIVED", seq: ss(0), ack: cs(1)}},
+		{act: deliver, side: server, want: want{emit: "SYN|ACK", state: "-", seq: ss(0), ack: cs(1)}},
 		{act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED", seq: cs(1), ack: ss(1)}},
 		{act: deliver, side: server, want: want{state: "ESTABLISHED"}},
 	}
@@ -297,16 +343,17 @@ func TestStateMachine(t *testing.T) {
 			{act: lose, side: server},
 			{at: 999 * time.Millisecond, act: tick, side: client, want: want{state: "SYN_SENT"}},
 			{at: time.Second, act: tick, side: client, want: want{emit: "SYN", seq: cs(0)}},
-			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", state: "SYN_RECEIVED"}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", state: "-"}},
 			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
 			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
 		}},
-		{name: "lost SYN-ACK is sent again after a second", steps: []step{
+		{name: "lost SYN-ACK: the listener does not send it again; the SYN sent again gets the same cookie", steps: []step{
 			{act: dial, side: client, want: want{emit: "SYN"}},
-			{act: deliver, side: server, want: want{emit: "SYN|ACK"}},
+			{act: deliver, side: server, want: want{emit: "SYN|ACK", state: "-"}},
 			{act: lose, side: client},
-			{at: 500 * time.Millisecond, act: tick, side: server, want: want{state: "SYN_RECEIVED"}},
-			{at: time.Second, act: tick, side: server, want: want{emit: "SYN|ACK", seq: ss(0), ack: cs(1)}},
+			{at: time.Second, act: tick, side: server, want: want{state: "-"}},
+			{at: time.Second, act: tick, side: client, want: want{emit: "SYN", seq: cs(0)}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", seq: ss(0), ack: cs(1), state: "-"}},
 			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
 			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
 		}},
@@ -315,7 +362,7 @@ func TestStateMachine(t *testing.T) {
 			{act: deliver, side: server, want: want{emit: "SYN|ACK"}},
 			{at: time.Second, act: tick, side: client, want: want{emit: "SYN"}},
 			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
-			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", state: "SYN_RECEIVED"}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", state: "-"}},
 			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
 			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED", seq: cs(1), ack: ss(1)}},
 		}},
@@ -324,11 +371,33 @@ func TestStateMachine(t *testing.T) {
 			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH", seq: cs(1), ack: ss(1)}},
 			{act: deliver, side: server, want: want{emit: "ACK", ack: cs(101), state: "ESTABLISHED", deliver: true}},
 		})},
-		{name: "lost ACK: the SYN-ACK sent again is acknowledged again", steps: then(handshake()[:3], []step{
+		{name: "lost ACK: the first data segment after a while still opens the conn", steps: then(handshake()[:3], []step{
 			{act: lose, side: server},
-			{at: time.Second, act: tick, side: server, want: want{emit: "SYN|ACK"}},
-			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", seq: cs(1), ack: ss(1), state: "ESTABLISHED"}},
-			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
+			{at: time.Second, act: tick, side: server, want: want{state: "-"}},
+			{at: 100 * time.Second, act: send, side: client, n: 100, want: want{emit: "ACK|PSH", seq: cs(1), ack: ss(1)}},
+			{at: 100 * time.Second, act: deliver, side: server, want: want{emit: "ACK", ack: cs(101), state: "ESTABLISHED", deliver: true}},
+		})},
+		{name: "lost ACK: a keepalive does not return the cookie, and is reset", steps: then(handshake()[:3], []step{
+			{act: lose, side: server},
+			{at: 15 * time.Second, act: tick, side: client, want: want{emit: "ACK", seq: cs(0), ack: ss(1)}},
+			{at: 15 * time.Second, act: deliver, side: server, want: want{emit: "RST", seq: ss(1), state: "-"}},
+			{at: 15 * time.Second, act: deliver, side: client, want: want{state: "-", ended: ErrReset}},
+		})},
+		{name: "lost ACK and first data: a later data segment does not return the cookie, and is reset", steps: then(handshake()[:3], []step{
+			{act: lose, side: server},
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH"}},
+			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH", seq: cs(101)}},
+			{act: lose, side: server},
+			{act: deliver, side: server, want: want{emit: "RST", seq: ss(1), state: "-"}},
+			{act: deliver, side: client, want: want{state: "-", ended: ErrReset}},
+		})},
+		{name: "frozen: any data segment returns the cookie", cfg: &frozen, steps: then(handshake()[:3], []step{
+			{act: lose, side: server},
+			{act: send, side: client, n: 100, want: want{emit: "ACK", seq: cs(1), ack: ss(1)}},
+			{act: send, side: client, n: 100, want: want{emit: "ACK", seq: cs(1), ack: ss(1)}},
+			{act: lose, side: server},
+			{act: deliver, side: server, want: want{state: "ESTABLISHED", deliver: true}},
+			{act: send, side: server, n: 10, want: want{emit: "ACK", seq: ss(1), ack: cs(1)}},
 		})},
 		{name: "handshake timeout", steps: []step{
 			{act: dial, side: client, want: want{emit: "SYN"}},
@@ -338,11 +407,11 @@ func TestStateMachine(t *testing.T) {
 			{at: 4 * time.Second, act: tick, side: client, want: want{emit: "SYN"}},
 			{at: 5 * time.Second, act: tick, side: client, want: want{state: "-", ended: ErrTimeout}},
 		}},
-		{name: "half-open timeout", steps: []step{
+		{name: "no half-open conn: the listener keeps nothing and sends nothing after its SYN-ACK", steps: []step{
 			{act: dial, side: client, want: want{emit: "SYN"}},
-			{act: deliver, side: server, want: want{emit: "SYN|ACK"}},
-			{at: 4 * time.Second, act: tick, side: server, want: want{emit: "SYN|ACK"}},
-			{at: 5 * time.Second, act: tick, side: server, want: want{state: "-", ended: ErrTimeout}},
+			{act: deliver, side: server, want: want{emit: "SYN|ACK", state: "-"}},
+			{at: 4 * time.Second, act: tick, side: server, want: want{state: "-"}},
+			{at: 5 * time.Second, act: tick, side: server, want: want{state: "-"}},
 		}},
 		{name: "refused", steps: []step{
 			{act: dial, side: client, want: want{emit: "SYN"}},
@@ -353,10 +422,14 @@ func TestStateMachine(t *testing.T) {
 			{act: dial, side: client, want: want{emit: "SYN"}},
 			{act: inject, side: client, seg: &segment{flags: flagSYN | flagACK, seq: 7, ack: 999}, want: want{emit: "RST", seq: u32(999), state: "SYN_SENT", drop: dropUnacceptable}},
 		}},
-		{name: "ACK with a wrong ack in SYN_RECEIVED is answered with an RST", steps: []step{
+		{name: "an ACK that returns no valid cookie is answered with an RST", steps: []step{
 			{act: dial, side: client, want: want{emit: "SYN"}},
 			{act: deliver, side: server, want: want{emit: "SYN|ACK"}},
-			{act: inject, side: server, seg: &segment{flags: flagACK, seq: clientISS + 1, ack: 123}, want: want{emit: "RST", seq: u32(123), state: "SYN_RECEIVED", drop: dropUnacceptable}},
+			{act: inject, side: server, seg: &segment{flags: flagACK, seq: clientISS + 1, ack: 123}, want: want{emit: "RST", seq: u32(123), state: "-"}},
+			{act: inject, side: server, seg: &segment{flags: flagACK, seq: clientISS + 1, ack: serverISS + 2}, want: want{emit: "RST", seq: ss(2), state: "-"}},
+			{act: inject, side: server, seg: &segment{flags: flagACK, seq: clientISS + 2, ack: serverISS + 1}, want: want{emit: "RST", seq: ss(1), state: "-"}},
+			{at: 128 * time.Second, act: inject, side: server, seg: &segment{flags: flagACK, seq: clientISS + 1, ack: serverISS + 1}, want: want{emit: "RST", seq: ss(1), state: "-"}},
+			{at: 127 * time.Second, act: inject, side: server, seg: &segment{flags: flagACK, seq: clientISS + 1, ack: serverISS + 1}, want: want{state: "ESTABLISHED"}},
 		}},
 		{name: "live: seq advances by payload length, ack follows the peer, across 2^32", steps: then(handshake(), []step{
 			{act: send, side: client, n: 100, want: want{emit: "ACK|PSH", seq: cs(1), ack: ss(1)}},
@@ -508,7 +581,7 @@ func TestStateMachine(t *testing.T) {
 			{at: time.Second, act: deliver, side: server, want: want{emit: "RST", seq: ss(1), state: "-"}},
 			{at: time.Second, act: deliver, side: client, want: want{state: "-", ended: ErrReset}},
 			{at: time.Second, act: dial, side: client, iss: 42, want: want{emit: "SYN", seq: u32(42)}},
-			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", ack: u32(43), state: "SYN_RECEIVED"}},
+			{at: time.Second, act: deliver, side: server, want: want{emit: "SYN|ACK", ack: u32(43), state: "-"}},
 			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
 			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
 		})},
@@ -523,10 +596,10 @@ func TestStateMachine(t *testing.T) {
 			{at: time.Second, act: deliver, side: client, want: want{emit: "ACK", state: "ESTABLISHED"}},
 			{at: time.Second, act: deliver, side: server, want: want{state: "ESTABLISHED"}},
 		})},
-		{name: "a SYN for a closing conn opens a new one", steps: then(handshake(), []step{
+		{name: "a SYN for a closing conn forgets it and is answered with a cookie", steps: then(handshake(), []step{
 			{act: closeIt, side: client, want: want{emit: "FIN|ACK"}},
 			{act: deliver, side: server, want: want{emit: "FIN|ACK", state: "LAST_ACK"}},
-			{act: inject, side: server, seg: &segment{flags: flagSYN, seq: 42, mss: 1400}, want: want{emit: "SYN|ACK", ack: u32(43), state: "SYN_RECEIVED"}},
+			{act: inject, side: server, seg: &segment{flags: flagSYN, seq: 42, mss: 1400}, want: want{emit: "SYN|ACK", ack: u32(43), state: "-"}},
 		})},
 	}
 	for _, tt := range tests {
@@ -540,16 +613,39 @@ func TestStateMachine(t *testing.T) {
 	}
 }
 
-// TestPeerMSS checks what limits Send: the peer's MSS option, a default
-// when it sent none, and never more than one IP packet holds.
+// TestPeerMSS checks what limits Send: on Dial's side, the SYN-ACK's MSS
+// option, a default when it has none, and never more than one IP packet
+// holds; on a listener's side, the SYN's MSS as the cookie kept it:
+// rounded down to an entry of cookieMSS.
 func TestPeerMSS(t *testing.T) {
-	cfg := defaultTCBConfig()
-	for _, tt := range []struct {
-		offered, want uint16
-	}{{0, defaultIPv4PeerMSS}, {1400, 1400}, {65535, maxIPv4MSS}} {
-		tcb, _ := newPassiveTCB(cfg, time.Now(), 1, &segment{flags: flagSYN, mss: tt.offered})
-		if tcb.peerMSS != tt.want {
-			t.Errorf("offered %d: peer MSS %d, want %d", tt.offered, tcb.peerMSS, tt.want)
+	for _, v6 := range []bool{false, true} {
+		cfg := defaultTCBConfig()
+		defaultMSS, maxMSS := uint16(defaultIPv4PeerMSS), uint16(maxIPv4MSS)
+		if v6 {
+			cfg.defaultPeerMSS, cfg.maxSendMSS = defaultIPv6PeerMSS, maxIPv6MSS
+			defaultMSS, maxMSS = defaultIPv6PeerMSS, maxIPv6MSS
+		}
+		for _, tt := range []struct {
+			offered, active, passive uint16
+		}{
+			{0, defaultMSS, defaultMSS},
+			{20, 20, 48},
+			{1400, 1400, 1400},
+			{1450, 1450, 1440},
+			{1460, 1460, 1460},
+			{1500, 1500, 1460},
+			{9000, 9000, 8940},
+			{65535, maxMSS, 8940},
+		} {
+			a, _ := newActiveTCB(cfg, time.Now(), 1)
+			a.receive(time.Now(), &segment{flags: flagSYN | flagACK, ack: 2, mss: tt.offered})
+			jar := harnessJar(0)
+			syn := segment{flags: flagSYN, seq: 7, mss: tt.offered}
+			ck := jar.make(harnessStart, harnessAddrs[server], harnessAddrs[client], &syn, cfg.defaultPeerMSS)
+			p := newPassiveTCB(cfg, harnessStart, ck, syn.seq)
+			if a.peerMSS != tt.active || p.peerMSS != tt.passive {
+				t.Errorf("v6=%v offered %d: peer MSS %d dialling, %d accepting; want %d, %d", v6, tt.offered, a.peerMSS, p.peerMSS, tt.active, tt.passive)
+			}
 		}
 	}
 }
