@@ -94,7 +94,11 @@ func (cfg IKEConfig) validate() error {
 }
 
 // swanctlConf renders the connection and its secret.
-func (cfg IKEConfig) swanctlConf() string {
+func (cfg IKEConfig) swanctlConf() string { return swanctlConf([]IKEConfig{cfg}) }
+
+// swanctlConf renders connections and their secrets: one connections
+// section and one secrets section for all of them.
+func swanctlConf(cfgs []IKEConfig) string {
 	var b strings.Builder
 	w := func(indent int, format string, args ...any) {
 		b.WriteString(strings.Repeat("    ", indent))
@@ -102,6 +106,20 @@ func (cfg IKEConfig) swanctlConf() string {
 		b.WriteByte('\n')
 	}
 	w(0, "connections {")
+	for _, cfg := range cfgs {
+		cfg.writeConnection(w)
+	}
+	w(0, "}")
+	w(0, "secrets {")
+	for _, cfg := range cfgs {
+		cfg.writeSecret(w)
+	}
+	w(0, "}")
+	return b.String()
+}
+
+// writeConnection renders the connection's section inside connections.
+func (cfg IKEConfig) writeConnection(w func(indent int, format string, args ...any)) {
 	w(1, "%s {", cfg.Name)
 	w(2, "version = 2")
 	if cfg.LocalAddrs != "" {
@@ -159,8 +177,10 @@ func (cfg IKEConfig) swanctlConf() string {
 	w(3, "}")
 	w(2, "}")
 	w(1, "}")
-	w(0, "}")
-	w(0, "secrets {")
+}
+
+// writeSecret renders the connection's PSK inside secrets.
+func (cfg IKEConfig) writeSecret(w func(indent int, format string, args ...any)) {
 	w(1, "ike-%s {", cfg.Name)
 	if cfg.LocalID != "" {
 		w(2, "id-local = %s", cfg.LocalID)
@@ -171,8 +191,6 @@ func (cfg IKEConfig) swanctlConf() string {
 	// Hex keeps any PSK free of quoting trouble.
 	w(2, "secret = 0x%s", hex.EncodeToString([]byte(cfg.PSK)))
 	w(1, "}")
-	w(0, "}")
-	return b.String()
 }
 
 func yesNo(b bool) string {
@@ -225,12 +243,14 @@ swanctl {
 }
 
 // Charon is a strongSwan charon daemon running in one of the lab's
-// namespaces with one connection loaded.
+// namespaces with one connection loaded, or several.
 type Charon struct {
 	// Namespace is where the daemon runs.
 	Namespace *Namespace
-	// Config is the loaded connection.
+	// Config is the loaded connection (the first, if several are).
 	Config IKEConfig
+	// Configs are all the loaded connections, Config first.
+	Configs []IKEConfig
 	// Dir holds strongswan.conf, swanctl.conf, charon.log (the daemon's
 	// filelog) and charon.out (its standard output and error).
 	Dir string
@@ -245,11 +265,22 @@ type Charon struct {
 }
 
 // StartCharon starts charon-systemd in ns with its own configuration,
-// waits until its control socket answers and loads cfg. One charon per
-// namespace: a second one would find UDP 500 and 4500 taken.
-func (l *Lab) StartCharon(ctx context.Context, ns *Namespace, cfg IKEConfig) (*Charon, error) {
-	if err := cfg.validate(); err != nil {
-		return nil, err
+// waits until its control socket answers and loads cfg and the more
+// connections given, each an IKE SA of its own when initiated (names must
+// differ; give them different identities too, or charon may put their
+// child SAs into one IKE SA). One charon per namespace: a second one
+// would find UDP 500 and 4500 taken.
+func (l *Lab) StartCharon(ctx context.Context, ns *Namespace, cfg IKEConfig, more ...IKEConfig) (*Charon, error) {
+	cfgs := append([]IKEConfig{cfg}, more...)
+	names := make(map[string]bool, len(cfgs))
+	for _, c := range cfgs {
+		if err := c.validate(); err != nil {
+			return nil, err
+		}
+		if names[c.Name] {
+			return nil, fmt.Errorf("StartCharon: two connections named %s", c.Name)
+		}
+		names[c.Name] = true
 	}
 	if ns == nil || ns.lab != l {
 		return nil, errors.New("StartCharon: namespace does not belong to this lab")
@@ -267,6 +298,7 @@ func (l *Lab) StartCharon(ctx context.Context, ns *Namespace, cfg IKEConfig) (*C
 	c := &Charon{
 		Namespace:   ns,
 		Config:      cfg,
+		Configs:     cfgs,
 		Dir:         dir,
 		ViciURI:     "unix://" + filepath.Join(l.runDir, fmt.Sprintf("%s-%d.vici", ns.Role, seq)),
 		confPath:    filepath.Join(dir, "strongswan.conf"),
@@ -280,7 +312,7 @@ func (l *Lab) StartCharon(ctx context.Context, ns *Namespace, cfg IKEConfig) (*C
 	if err := os.WriteFile(c.confPath, []byte(strongswanConf(c.logPath, c.ViciURI)), 0o644); err != nil {
 		return nil, fmt.Errorf("write strongswan.conf: %w", err)
 	}
-	if err := os.WriteFile(c.swanctlConf, []byte(cfg.swanctlConf()), 0o600); err != nil {
+	if err := os.WriteFile(c.swanctlConf, []byte(swanctlConf(cfgs)), 0o600); err != nil {
 		return nil, fmt.Errorf("write swanctl.conf: %w", err)
 	}
 	proc, err := ns.start(ctx, filepath.Join(dir, "charon.out"), []string{"STRONGSWAN_CONF=" + c.confPath}, CharonPath)
@@ -295,15 +327,37 @@ func (l *Lab) StartCharon(ctx context.Context, ns *Namespace, cfg IKEConfig) (*C
 		c.Stop()
 		return nil, err
 	}
-	if out, err := c.Swanctl(ctx, "--load-all", "--noprompt", "--file", c.swanctlConf); err != nil {
+	out, err := c.Swanctl(ctx, "--load-all", "--noprompt", "--file", c.swanctlConf)
+	if err != nil {
 		c.Stop()
-		return nil, fmt.Errorf("load connection %s into charon in %s: %w", cfg.Name, ns.Role, err)
-	} else if !strings.Contains(string(out), "loaded connection '"+cfg.Name+"'") {
-		c.Stop()
-		return nil, fmt.Errorf("charon in %s did not load connection %s: %s", ns.Role, cfg.Name, out)
+		return nil, fmt.Errorf("load connection %s into charon in %s: %w", c.connNames(), ns.Role, err)
 	}
-	l.logf("lab %s: charon in %s ready with connection %s (pid %d)", l.Name, ns.Role, cfg.Name, proc.PID())
+	for _, cfg := range cfgs {
+		if !strings.Contains(string(out), "loaded connection '"+cfg.Name+"'") {
+			c.Stop()
+			return nil, fmt.Errorf("charon in %s did not load connection %s: %s", ns.Role, cfg.Name, out)
+		}
+	}
+	l.logf("lab %s: charon in %s ready with connection %s (pid %d)", l.Name, ns.Role, c.connNames(), proc.PID())
 	return c, nil
+}
+
+func (c *Charon) connNames() string {
+	names := make([]string, len(c.Configs))
+	for i, cfg := range c.Configs {
+		names[i] = cfg.Name
+	}
+	return strings.Join(names, ", ")
+}
+
+// hasConn reports whether the connection name is loaded.
+func (c *Charon) hasConn(name string) error {
+	for _, cfg := range c.Configs {
+		if cfg.Name == name {
+			return nil
+		}
+	}
+	return fmt.Errorf("charon in %s has no connection %s (it has %s)", c.Namespace.Role, name, c.connNames())
 }
 
 // waitReady polls `swanctl --stats` until charon answers.
@@ -345,11 +399,46 @@ func (c *Charon) Swanctl(ctx context.Context, args ...string) ([]byte, error) {
 
 // Initiate starts the connection's child SA (and so the IKE SA) and waits
 // until it is established or has failed, bounded by ctx.
-func (c *Charon) Initiate(ctx context.Context) error {
-	if _, err := c.Swanctl(ctx, "--initiate", "--ike", c.Config.Name, "--child", c.Config.Name); err != nil {
-		return fmt.Errorf("initiate %s from %s: %w", c.Config.Name, c.Namespace.Role, err)
+func (c *Charon) Initiate(ctx context.Context) error { return c.InitiateConn(ctx, c.Config.Name) }
+
+// InitiateConn is Initiate for the loaded connection name.
+func (c *Charon) InitiateConn(ctx context.Context, name string) error {
+	if err := c.hasConn(name); err != nil {
+		return err
+	}
+	if _, err := c.Swanctl(ctx, "--initiate", "--ike", name, "--child", name); err != nil {
+		return fmt.Errorf("initiate %s from %s: %w", name, c.Namespace.Role, err)
 	}
 	return nil
+}
+
+// RekeyIKE rekeys the IKE SA of the connection name (`swanctl --rekey
+// --ike`): a CREATE_CHILD_SA exchange in the old IKE SA makes a new one
+// with new SPIs, the child SAs move to it and the old one is deleted. It
+// returns the new IKE SA once it is the connection's only one, ESTABLISHED
+// with an INSTALLED child SA, bounded by ctx and by one minute.
+func (c *Charon) RekeyIKE(ctx context.Context, name string) (IKESA, error) {
+	old, err := c.WaitEstablishedConn(ctx, name)
+	if err != nil {
+		return IKESA{}, err
+	}
+	if _, err := c.Swanctl(ctx, "--rekey", "--ike", name); err != nil {
+		return IKESA{}, fmt.Errorf("rekey IKE SA %s in %s: %w", name, c.Namespace.Role, err)
+	}
+	return c.waitSA(ctx, name, "no new IKE SA after the rekey of", func(sas []IKESA) (IKESA, bool) {
+		var mine []IKESA
+		for _, sa := range sas {
+			if sa.Name == name {
+				mine = append(mine, sa)
+			}
+		}
+		if len(mine) != 1 {
+			return IKESA{}, false
+		}
+		sa := mine[0]
+		return sa, sa.State == "ESTABLISHED" && sa.HasInstalledChild() &&
+			sa.InitiatorSPI != old.InitiatorSPI && sa.ResponderSPI != old.ResponderSPI
+	})
 }
 
 // Terminate deletes the connection's IKE SAs (and their children). It sends
@@ -371,10 +460,55 @@ func (c *Charon) ListSAs(ctx context.Context) ([]IKESA, error) {
 	return ParseListSAs(out)
 }
 
+// RekeyChild rekeys the child SA of the connection name (`swanctl --rekey
+// --child`): a CREATE_CHILD_SA exchange in its current IKE SA. It returns
+// the IKE SA once its only child SA is INSTALLED with new SPIs, bounded by
+// ctx and by one minute.
+func (c *Charon) RekeyChild(ctx context.Context, name string) (IKESA, error) {
+	old, err := c.WaitEstablishedConn(ctx, name)
+	if err != nil {
+		return IKESA{}, err
+	}
+	if _, err := c.Swanctl(ctx, "--rekey", "--child", name); err != nil {
+		return IKESA{}, fmt.Errorf("rekey child SA %s in %s: %w", name, c.Namespace.Role, err)
+	}
+	return c.waitSA(ctx, name, "no new child SA after the rekey of", func(sas []IKESA) (IKESA, bool) {
+		for _, sa := range sas {
+			if sa.Name != name || sa.InitiatorSPI != old.InitiatorSPI || sa.State != "ESTABLISHED" || len(sa.Children) != 1 {
+				continue
+			}
+			ch := sa.Children[0]
+			return sa, ch.State == "INSTALLED" && ch.SPIIn != old.Children[0].SPIIn && ch.SPIOut != old.Children[0].SPIOut
+		}
+		return IKESA{}, false
+	})
+}
+
 // WaitEstablished polls ListSAs until the connection has an ESTABLISHED IKE
 // SA with an INSTALLED child SA and returns that SA. It is bounded by ctx
 // and by one minute.
 func (c *Charon) WaitEstablished(ctx context.Context) (IKESA, error) {
+	return c.WaitEstablishedConn(ctx, c.Config.Name)
+}
+
+// WaitEstablishedConn is WaitEstablished for the loaded connection name.
+func (c *Charon) WaitEstablishedConn(ctx context.Context, name string) (IKESA, error) {
+	if err := c.hasConn(name); err != nil {
+		return IKESA{}, err
+	}
+	return c.waitSA(ctx, name, "no established SA", func(sas []IKESA) (IKESA, bool) {
+		for _, sa := range sas {
+			if sa.Name == name && sa.State == "ESTABLISHED" && sa.HasInstalledChild() {
+				return sa, true
+			}
+		}
+		return IKESA{}, false
+	})
+}
+
+// waitSA polls ListSAs until found picks an SA, bounded by ctx and by one
+// minute; what names the wait in the error.
+func (c *Charon) waitSA(ctx context.Context, name, what string, found func([]IKESA) (IKESA, bool)) (IKESA, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	var last []IKESA
@@ -382,19 +516,17 @@ func (c *Charon) WaitEstablished(ctx context.Context) (IKESA, error) {
 		sas, err := c.ListSAs(ctx)
 		if err == nil {
 			last = sas
-			for _, sa := range sas {
-				if sa.Name == c.Config.Name && sa.State == "ESTABLISHED" && sa.HasInstalledChild() {
-					return sa, nil
-				}
+			if sa, ok := found(sas); ok {
+				return sa, nil
 			}
 		}
 		select {
 		case <-ctx.Done():
-			return IKESA{}, fmt.Errorf("no established SA %s in %s: %w (SAs: %+v)", c.Config.Name, c.Namespace.Role, ctx.Err(), last)
+			return IKESA{}, fmt.Errorf("%s %s in %s: %w (SAs: %+v)", what, name, c.Namespace.Role, ctx.Err(), last)
 		case <-time.After(charonPollInterval):
 		}
 	}
-	return IKESA{}, fmt.Errorf("no established SA %s in %s (SAs: %+v)", c.Config.Name, c.Namespace.Role, last)
+	return IKESA{}, fmt.Errorf("%s %s in %s (SAs: %+v)", what, name, c.Namespace.Role, last)
 }
 
 // Log returns the content of charon's filelog (IKE and net at level 2).

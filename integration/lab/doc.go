@@ -30,6 +30,13 @@
 // integration/antireplay, on NFQUEUE); [Lab.LimitRate] makes it a
 // rate-limited bottleneck toward the hub.
 //
+// A tunnel ([Lab.StartTunnel]) runs one connection between the charons,
+// or several (TunnelOptions.Connections), each its own IKE SA with inner
+// addresses of its own. What crosses the carrier can be read as a
+// stranger on the path would: [ClientStream] and [SplitRFC9329] take the
+// client's RFC 9329 stream apart from a capture, and a [RawPeer] sends
+// frames of its own to the server from any namespace.
+//
 // The package needs root and the tools listed by [MissingTools]. It works
 // without the testing package (everything takes a context and returns
 // errors); [Require] and [NewForTest] are small helpers for tests.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"slices"
 
@@ -98,6 +99,26 @@ func FirstTCPPayload(pcapPath string, dstPort uint16, n int) ([]byte, error) {
 	if n <= 0 {
 		return nil, errors.New("FirstTCPPayload: n must be positive")
 	}
+	stream, err := clientStream(pcapPath, dstPort, n)
+	if err != nil {
+		return nil, err
+	}
+	if len(stream) < n {
+		return stream, fmt.Errorf("%s: only %d bytes of payload toward port %d, wanted %d", pcapPath, len(stream), dstPort, n)
+	}
+	return stream[:n], nil
+}
+
+// ClientStream returns what the first client that sent payload to a
+// server on dstPort in the pcap file sent on that connection, as one byte
+// stream: reassembled in sequence order, retransmissions ignored, up to
+// the first gap the capture has.
+func ClientStream(pcapPath string, dstPort uint16) ([]byte, error) {
+	return clientStream(pcapPath, dstPort, math.MaxInt)
+}
+
+// clientStream is ClientStream, stopping once it has at least limit bytes.
+func clientStream(pcapPath string, dstPort uint16, limit int) ([]byte, error) {
 	segs, err := readTCPSegments(pcapPath)
 	if err != nil {
 		return nil, err
@@ -129,14 +150,11 @@ func FirstTCPPayload(pcapPath string, dstPort uint16, n int) ([]byte, error) {
 			stream = append(stream, s.tcp.Payload[len(stream)-off:]...)
 			progress = true
 		}
-		if len(stream) >= n || !progress {
+		if len(stream) >= limit || !progress {
 			break
 		}
 	}
-	if len(stream) < n {
-		return stream, fmt.Errorf("%s: only %d bytes of payload toward port %d, wanted %d", pcapPath, len(stream), dstPort, n)
-	}
-	return stream[:n], nil
+	return stream, nil
 }
 
 // CountTCPFlags counts the TCP segments in the pcap file that have flag set,

@@ -41,6 +41,65 @@ type TunnelOptions struct {
 	Mobike *bool
 	// ServerArgs and ClientArgs are appended to the iketcp command lines.
 	ServerArgs, ClientArgs []string
+	// Connections, if 2 or more, gives each charon that many connections
+	// instead of one, each its own IKE SA when initiated (see TunnelConn);
+	// at most MaxTunnelConns.
+	Connections int
+}
+
+// MaxTunnelConns bounds TunnelOptions.Connections.
+const MaxTunnelConns = 8
+
+// TunnelConn is one connection of a tunnel: a swanctl connection of the
+// same name in both charons, whose child SA joins SiteInner and HubInner.
+//
+// A tunnel of one connection has the connection TunnelName between
+// SiteInnerNet and HubInnerNet. A tunnel of n connections has "lab1" to
+// "labn": connection i joins 198.51.100.i/32 and 192.0.2.i/32 (the lab
+// adds the addresses beyond .1 to lo), with identities site-i.iketcp.test
+// and hub-i.iketcp.test and a PSK of its own, so that charon keeps each
+// in an IKE SA of its own and each can be pinged on its own.
+type TunnelConn struct {
+	Name                string
+	SiteInner, HubInner string
+}
+
+// tunnelConns returns the tunnel's connections and each one's charon
+// configurations, without the addresses and ports StartTunnel adds.
+func tunnelConns(n int, mobike *bool) (conns []TunnelConn, site, hub []IKEConfig) {
+	if n <= 1 {
+		conns = []TunnelConn{{Name: TunnelName, SiteInner: SiteInner, HubInner: HubInner}}
+		site = []IKEConfig{{
+			Name:    TunnelName,
+			LocalID: "site.iketcp.test", RemoteID: "hub.iketcp.test", PSK: TunnelPSK,
+			LocalTS: SiteInnerNet, RemoteTS: HubInnerNet, Mobike: mobike,
+		}}
+		hub = []IKEConfig{{
+			Name: TunnelName, RemoteAddrs: "%any",
+			LocalID: "hub.iketcp.test", RemoteID: "site.iketcp.test", PSK: TunnelPSK,
+			LocalTS: HubInnerNet, RemoteTS: SiteInnerNet, Mobike: mobike,
+		}}
+		return conns, site, hub
+	}
+	for i := 1; i <= n; i++ {
+		c := TunnelConn{
+			Name:      TunnelName + strconv.Itoa(i),
+			SiteInner: "198.51.100." + strconv.Itoa(i),
+			HubInner:  "192.0.2." + strconv.Itoa(i),
+		}
+		siteID, hubID := fmt.Sprintf("site-%d.iketcp.test", i), fmt.Sprintf("hub-%d.iketcp.test", i)
+		psk := fmt.Sprintf("%s-%d", TunnelPSK, i)
+		conns = append(conns, c)
+		site = append(site, IKEConfig{
+			Name: c.Name, LocalID: siteID, RemoteID: hubID, PSK: psk,
+			LocalTS: c.SiteInner + "/32", RemoteTS: c.HubInner + "/32", Mobike: mobike,
+		})
+		hub = append(hub, IKEConfig{
+			Name: c.Name, RemoteAddrs: "%any", LocalID: hubID, RemoteID: siteID, PSK: psk,
+			LocalTS: c.HubInner + "/32", RemoteTS: c.SiteInner + "/32", Mobike: mobike,
+		})
+	}
+	return conns, site, hub
 }
 
 // Tunnel is an IKEv2 tunnel between the site's and the hub's charon,
@@ -63,6 +122,8 @@ type Tunnel struct {
 	Opts           TunnelOptions
 	Hub, Site      *Charon
 	Server, Client *Process
+	// Conns are the tunnel's connections: one, or Opts.Connections.
+	Conns []TunnelConn
 	// ServerControl and ClientControl are the instances' control sockets.
 	ServerControl, ClientControl string
 }
@@ -73,36 +134,38 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 	if opts.Binary == "" {
 		return nil, fmt.Errorf("StartTunnel: no iketcp binary given")
 	}
+	if opts.Connections < 0 || opts.Connections > MaxTunnelConns {
+		return nil, fmt.Errorf("StartTunnel: %d connections, want 0 to %d", opts.Connections, MaxTunnelConns)
+	}
 	t := &Tunnel{
 		Lab:           l,
 		Opts:          opts,
 		ServerControl: filepath.Join(l.Dir, "hub-iketcp.sock"),
 		ClientControl: filepath.Join(l.Dir, "site-iketcp.sock"),
 	}
+	var site, hub []IKEConfig
+	t.Conns, site, hub = tunnelConns(opts.Connections, opts.Mobike)
+	for _, c := range t.Conns {
+		if err := l.addInnerAddrs(ctx, c); err != nil {
+			return nil, err
+		}
+	}
 	var err error
-	t.Hub, err = l.StartCharon(ctx, l.Hub, IKEConfig{
-		Name: TunnelName, RemoteAddrs: "%any",
-		LocalID: "hub.iketcp.test", RemoteID: "site.iketcp.test", PSK: TunnelPSK,
-		LocalTS: HubInnerNet, RemoteTS: SiteInnerNet, Mobike: opts.Mobike,
-	})
-	if err != nil {
+	if t.Hub, err = l.StartCharon(ctx, l.Hub, hub[0], hub[1:]...); err != nil {
 		return nil, err
 	}
 	if err := t.startServer(ctx); err != nil {
 		return nil, err
 	}
-	site := IKEConfig{
-		Name:    TunnelName,
-		LocalID: "site.iketcp.test", RemoteID: "hub.iketcp.test", PSK: TunnelPSK,
-		LocalTS: SiteInnerNet, RemoteTS: HubInnerNet, Mobike: opts.Mobike,
+	for i := range site {
+		if opts.Transparent {
+			site[i].RemoteAddrs = HubOuter // and default ports: nothing changed
+		} else {
+			site[i].LocalAddrs, site[i].LocalPort = "127.0.0.1", 4500
+			site[i].RemoteAddrs, site[i].RemotePort = "127.0.0.1", ClientListenPort
+		}
 	}
-	if opts.Transparent {
-		site.RemoteAddrs = HubOuter // and default ports: nothing changed
-	} else {
-		site.LocalAddrs, site.LocalPort = "127.0.0.1", 4500
-		site.RemoteAddrs, site.RemotePort = "127.0.0.1", ClientListenPort
-	}
-	if t.Site, err = l.StartCharon(ctx, l.Site, site); err != nil {
+	if t.Site, err = l.StartCharon(ctx, l.Site, site[0], site[1:]...); err != nil {
 		return nil, err
 	}
 	if opts.BeforeClient != nil {
@@ -114,6 +177,23 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 		return nil, err
 	}
 	return t, nil
+}
+
+// addInnerAddrs puts c's inner addresses on lo in the site and the hub,
+// unless New put them there already.
+func (l *Lab) addInnerAddrs(ctx context.Context, c TunnelConn) error {
+	for _, a := range []struct {
+		ns       *Namespace
+		addr, as string
+	}{{l.Site, c.SiteInner, SiteInner}, {l.Hub, c.HubInner, HubInner}} {
+		if a.addr == a.as {
+			continue
+		}
+		if _, err := l.run(ctx, l.ipPath, "-n", a.ns.Name, "addr", "add", a.addr+"/32", "dev", "lo"); err != nil {
+			return fmt.Errorf("inner address of %s: %w", c.Name, err)
+		}
+	}
+	return nil
 }
 
 func (t *Tunnel) startServer(ctx context.Context) (err error) {
@@ -234,4 +314,19 @@ func (t *Tunnel) Initiate(ctx context.Context) (IKESA, error) {
 // tunnel, and returns how many replies came back.
 func (t *Tunnel) PingThrough(ctx context.Context, count int, interval time.Duration) (int, error) {
 	return t.Lab.Ping(ctx, t.Lab.Site, SiteInner, HubInner, count, interval)
+}
+
+// InitiateConn brings the connection c up from the site and returns the
+// site's view of its established IKE SA.
+func (t *Tunnel) InitiateConn(ctx context.Context, c TunnelConn) (IKESA, error) {
+	if err := t.Site.InitiateConn(ctx, c.Name); err != nil {
+		return IKESA{}, err
+	}
+	return t.Site.WaitEstablishedConn(ctx, c.Name)
+}
+
+// PingConn pings across the child SA of c, from its site address to its
+// hub address, and returns how many replies came back.
+func (t *Tunnel) PingConn(ctx context.Context, c TunnelConn, count int, interval time.Duration) (int, error) {
+	return t.Lab.Ping(ctx, t.Lab.Site, c.SiteInner, c.HubInner, count, interval)
 }
