@@ -35,6 +35,12 @@ import "encoding/binary"
 //	            and a claim copied to another link is worthless.
 //	Claimed     server -> client: the session ID (8) and a result (1):
 //	            ClaimAccepted, or ClaimRefused (unknown session, bad MAC).
+//	Move        client -> server: an ESP SPI (4), the ID of the session it
+//	            routes to now (8) and a MAC (32) that proves knowledge of
+//	            that session's key over this link's handshake: the SPI is
+//	            this link's session's, not that one's. The client learns
+//	            which IKE SA a new child SA belongs to only from the peer's
+//	            answers, sometimes after its first packets went elsewhere.
 const (
 	ControlSPI     = 0x000000fe
 	ControlVersion = 1
@@ -55,6 +61,7 @@ const (
 	ControlTicket     ControlType = 3
 	ControlClaim      ControlType = 4
 	ControlClaimed    ControlType = 5
+	ControlMove       ControlType = 6
 )
 
 // Results of a Claim.
@@ -70,6 +77,7 @@ var controlBodySize = [...]int{
 	ControlTicket:     16,
 	ControlClaim:      8 + ControlMACSize,
 	ControlClaimed:    9,
+	ControlMove:       4 + 8 + ControlMACSize,
 }
 
 func (t ControlType) String() string {
@@ -84,6 +92,8 @@ func (t ControlType) String() string {
 		return "claim"
 	case ControlClaimed:
 		return "claimed"
+	case ControlMove:
+		return "move"
 	}
 	return "control(" + itoa(int(t)) + ")"
 }
@@ -111,8 +121,13 @@ func (c *Control) Decode(p []byte) error {
 }
 
 // SessionID is the session ID at the start of a Ticket, Claim or Claimed
-// body.
-func (c *Control) SessionID() uint64 { return binary.BigEndian.Uint64(c.Body) }
+// body, or after the SPI of a Move body.
+func (c *Control) SessionID() uint64 {
+	if c.Type == ControlMove {
+		return binary.BigEndian.Uint64(c.Body[4:])
+	}
+	return binary.BigEndian.Uint64(c.Body)
+}
 
 // AppendControl appends a control message of type t, whose body is the
 // concatenation of parts, to dst. It panics if the body is not the type's

@@ -464,3 +464,72 @@ func serverConnections(t *testing.T, ctx context.Context, tun *lab.Tunnel) (site
 func sameConns(a, b []lab.TCPConn) bool {
 	return len(a) == len(b) && !slices.ContainsFunc(a, func(c lab.TCPConn) bool { return !slices.Contains(b, c) })
 }
+
+// TestInterleavedRekeysKeepTheirConnections: one IKE SA is rekeyed, then
+// the other one's child SA, then the first one's child SA in its new IKE
+// SA. Each IKE SA, old and new, and each child SA's ESP stays on its own
+// connection and session.
+func TestInterleavedRekeysKeepTheirConnections(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	l := lab.NewForTest(t, lab.Options{})
+	if err := l.BlockUDP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{Binary: iketcpBinary, Connections: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := tun.Conns[0], tun.Conns[1]
+	sas := make(map[string]lab.IKESA)
+	for _, c := range tun.Conns {
+		sa, err := tun.InitiateConn(ctx, c)
+		if err != nil {
+			t.Fatalf("initiate %s: %v", c.Name, err)
+		}
+		sas[c.Name] = sa
+		if got, err := tun.PingConn(ctx, c, 2, 100*time.Millisecond); err != nil || got != 2 {
+			t.Fatalf("ping through %s: %d of 2 (%v)", c.Name, got, err)
+		}
+	}
+	before := carriersOf(t, ctx, tun, sas)
+	oldB := sas[b.Name]
+	if _, err := tun.Site.RekeyIKE(ctx, b.Name); err != nil {
+		t.Fatal(err)
+	}
+	na, err := tun.Site.RekeyChild(ctx, a.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err := tun.Site.RekeyChild(ctx, b.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range tun.Conns {
+		if got, err := tun.PingConn(ctx, c, 3, 100*time.Millisecond); err != nil || got != 3 {
+			t.Fatalf("ping through %s after the rekeys: %d of 3 (%v)", c.Name, got, err)
+		}
+	}
+	sas[a.Name], sas[b.Name] = na, nb
+	after := carriersOf(t, ctx, tun, sas)
+	for _, name := range []string{a.Name, b.Name} {
+		if after[name].link.ID != before[name].link.ID || after[name].session.ID != before[name].session.ID {
+			t.Errorf("%s moved: link %d -> %d, session %d -> %d", name, before[name].link.ID, after[name].link.ID,
+				before[name].session.ID, after[name].session.ID)
+		}
+	}
+	for _, spis := range [][]relay.IKESAInfo{after[b.Name].link.IKESAs, after[b.Name].session.IKESAs} {
+		for _, sa := range spis {
+			if sa.InitiatorSPI != oldB.InitiatorSPI && sa.InitiatorSPI != nb.InitiatorSPI {
+				t.Errorf("%s's link or session lists IKE SA %s, not its own (%s, %s)", b.Name, sa.InitiatorSPI, oldB.InitiatorSPI, nb.InitiatorSPI)
+			}
+		}
+	}
+	for _, sa := range after[a.Name].link.IKESAs {
+		if sa.InitiatorSPI != na.InitiatorSPI {
+			t.Errorf("%s's link lists IKE SA %s, not its own %s", a.Name, sa.InitiatorSPI, na.InitiatorSPI)
+		}
+	}
+	t.Logf("after the rekeys: %s on link %d (ESP out %v), %s on link %d (IKE SAs %v, ESP out %v)", a.Name, after[a.Name].link.ID,
+		after[a.Name].link.ESPOut, b.Name, after[b.Name].link.ID, after[b.Name].link.IKESAs, after[b.Name].link.ESPOut)
+}

@@ -35,7 +35,8 @@ type Counters struct {
 	StrayFrames       atomic.Uint64 // server: frames of a session from a connection that does not carry it (delivered; replies stay put)
 	LearnRefused      atomic.Uint64 // server: new SPIs a session may not learn (too fast, or from a connection that does not carry it)
 	ClaimsAccepted    atomic.Uint64 // server: sessions an iketcp client proved it owns
-	ClaimsRefused     atomic.Uint64 // server: claims that proved nothing
+	ClaimsRefused     atomic.Uint64 // server: claims and moves that proved nothing
+	SPIMoves          atomic.Uint64 // server: ESP SPIs an iketcp client moved to the session they belong to
 	KeepalivesDropped atomic.Uint64 // NAT keepalives not carried over TCP (RFC 9329 6.6)
 	NoPath            atomic.Uint64 // datagrams for a session or flow with no link (dropped)
 	QueueFull         atomic.Uint64 // client: datagrams dropped on a full flow queue
@@ -100,6 +101,7 @@ var counterDefs = []counterDef{
 	{"learn_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.LearnRefused }},
 	{"claims_accepted", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClaimsAccepted }},
 	{"claims_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClaimsRefused }},
+	{"spi_moves", true, false, func(c *Counters) *atomic.Uint64 { return &c.SPIMoves }},
 	{"keepalives_dropped", true, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesDropped }},
 	{"no_path", true, true, func(c *Counters) *atomic.Uint64 { return &c.NoPath }},
 	{"queue_full", false, true, func(c *Counters) *atomic.Uint64 { return &c.QueueFull }},

@@ -177,12 +177,17 @@ func (r *peerReader) accept(now time.Time, dg []byte) bool {
 		if r.msg.ESP.SPI != r.lastSPI {
 			r.lastSPI = r.msg.ESP.SPI
 			f.book.NoteESPIn(r.lastSPI)
+			if r.link != nil {
+				if spi, from := f.links.fromPeerESP(r.link.path, r.lastSPI, now); from != nil {
+					r.link.move(spi, from)
+				}
+			}
 		}
 	case framing.KindIKE:
 		f.inbound(now, r.via, &r.msg)
 		f.book.NoteIKE(&r.msg.IKE)
 		if r.link != nil {
-			f.links.fromPeer(r.link.path, &r.msg.IKE)
+			f.links.fromPeer(r.link.path, &r.msg.IKE, now)
 		}
 	case framing.KindControl:
 		if r.link != nil {

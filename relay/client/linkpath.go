@@ -62,180 +62,6 @@ type heldTicket struct {
 	key ticket.Key
 }
 
-// linkPaths are a flow's link paths and how the daemon's datagrams find
-// theirs. An IKE message's IKE SA says it; an IKE_SA_INIT request opens a
-// new path. ESP is harder: its SPI says nothing of its IKE SA to anyone
-// outside the daemons. A new outbound SPI goes to the path whose child SA
-// exchange (IKE_AUTH or CREATE_CHILD_SA) completed earliest without an
-// SPI of its own yet, else to the path used last: right whenever the
-// daemon sends on its child SAs in the order it made them, and the only
-// choice with one IKE SA. The server delivers ESP by its SPI wherever it
-// arrives.
-type linkPaths struct {
-	mu       sync.Mutex // guards the following; taken after Client.mu
-	paths    []*linkPath
-	byIKE    map[uint64]*linkPath
-	byESP    map[uint32]*linkPath
-	children []*linkPath // paths with a child SA that has no outbound SPI yet, oldest first
-	rekeyed  *linkPath   // the path of the latest CREATE_CHILD_SA
-	last     *linkPath   // the path used last
-}
-
-func (lp *linkPaths) init() {
-	lp.byIKE = make(map[uint64]*linkPath)
-	lp.byESP = make(map[uint32]*linkPath)
-}
-
-// forDaemon returns the path for a datagram of the daemon's, decoded in
-// msg, opening one if needed.
-func (lp *linkPaths) forDaemon(f *flow, msg *framing.Message, now int64) *linkPath {
-	lp.mu.Lock()
-	defer lp.mu.Unlock()
-	var p *linkPath
-	switch msg.Kind {
-	case framing.KindIKE:
-		h := &msg.IKE
-		if p = lp.byIKE[h.InitiatorSPI]; p == nil {
-			if !h.IsInitRequest() {
-				// A rekeyed IKE SA stays on its predecessor's link.
-				p = relay.OrDefault(lp.rekeyed, lp.last)
-			}
-			if p == nil {
-				p = lp.openLocked(f)
-			}
-			lp.byIKE[h.InitiatorSPI] = p
-		}
-		lp.exchangeLocked(p, h, false)
-		p.book.NoteIKE(h)
-		f.book.NoteIKE(h)
-	case framing.KindESP:
-		if p = lp.byESP[msg.ESP.SPI]; p == nil {
-			if len(lp.children) > 0 {
-				p = lp.children[0]
-				lp.children = append(lp.children[:0], lp.children[1:]...)
-			} else if p = lp.last; p == nil {
-				p = lp.openLocked(f)
-			}
-			lp.byESP[msg.ESP.SPI] = p
-			p.book.NoteESPOut(msg.ESP.SPI)
-			f.book.NoteESPOut(msg.ESP.SPI)
-		}
-	}
-	lp.last = p
-	p.lastUsed.Store(now)
-	return p
-}
-
-// fromPeer learns from an IKE message the peer sent on path p: the IKE
-// SA is p's (the server sends each session's on its connection), and an
-// answer to a child SA exchange gives p a child SA.
-func (lp *linkPaths) fromPeer(p *linkPath, h *framing.IKEHeader) {
-	lp.mu.Lock()
-	defer lp.mu.Unlock()
-	if lp.byIKE[h.InitiatorSPI] == nil {
-		lp.byIKE[h.InitiatorSPI] = p
-	}
-	lp.exchangeLocked(p, h, true)
-	p.book.NoteIKE(h)
-}
-
-// exchangeLocked notes what an IKE message says of p's child SAs: the
-// answer to an IKE_AUTH or CREATE_CHILD_SA made one (fromPeer says who
-// answered).
-func (lp *linkPaths) exchangeLocked(p *linkPath, h *framing.IKEHeader, _ bool) {
-	if h.Exchange == framing.CreateChildSA {
-		lp.rekeyed = p
-	}
-	answered := h.IsResponse() && (h.Exchange == framing.IKEAuth || h.Exchange == framing.CreateChildSA)
-	if !answered {
-		return
-	}
-	for _, q := range lp.children {
-		if q == p {
-			return
-		}
-	}
-	lp.children = append(lp.children, p)
-}
-
-// openLocked opens a new path for f.
-func (lp *linkPaths) openLocked(f *flow) *linkPath {
-	p := &linkPath{f: f, id: f.cl.nextID.Add(1), queue: make(chan *datagram, f.cl.cfg.queueLen())}
-	p.ctx, p.cancel = context.WithCancel(f.ctx)
-	lp.paths = append(lp.paths, p)
-	return p
-}
-
-// prune closes the paths the daemon has not used for idle, and forgets
-// them.
-func (lp *linkPaths) prune(now time.Time, idle time.Duration) {
-	lp.mu.Lock()
-	defer lp.mu.Unlock()
-	keep := lp.paths[:0]
-	for _, p := range lp.paths {
-		if now.Sub(time.Unix(0, p.lastUsed.Load())) <= idle {
-			keep = append(keep, p)
-			continue
-		}
-		p.cancel()
-		for k, q := range lp.byIKE {
-			if q == p {
-				delete(lp.byIKE, k)
-			}
-		}
-		for k, q := range lp.byESP {
-			if q == p {
-				delete(lp.byESP, k)
-			}
-		}
-		lp.children = deleteAll(lp.children, p)
-		if lp.rekeyed == p {
-			lp.rekeyed = nil
-		}
-		if lp.last == p {
-			lp.last = nil
-		}
-	}
-	clear(lp.paths[len(keep):])
-	lp.paths = keep
-}
-
-func deleteAll(s []*linkPath, p *linkPath) []*linkPath {
-	out := s[:0]
-	for _, q := range s {
-		if q != p {
-			out = append(out, q)
-		}
-	}
-	clear(s[len(out):])
-	return out
-}
-
-// status describes the paths.
-func (lp *linkPaths) status() []relay.LinkStatus {
-	lp.mu.Lock()
-	paths := append([]*linkPath(nil), lp.paths...)
-	lp.mu.Unlock()
-	out := make([]relay.LinkStatus, 0, len(paths))
-	for _, p := range paths {
-		ls := relay.LinkStatus{ID: p.id, Connections: p.conns.Load()}
-		switch p.state.Load() {
-		case stateUp:
-			ls.State = "up"
-		case stateConnecting:
-			ls.State = "connecting"
-		default:
-			ls.State = "waiting"
-		}
-		p.mu.Lock()
-		ls.Peer, ls.Local, ls.Session = relay.OrDefault(p.peer, p.f.dial), p.local, p.session
-		p.mu.Unlock()
-		p.book.FillLink(&ls)
-		out = append(out, ls)
-	}
-	return out
-}
-
 // enqueue puts d in the path's queue, starting its link on first use, or
 // counts d dropped when the queue is full. It reports whether the queue
 // took d. Client.mu must be held.
@@ -475,6 +301,29 @@ func (lr *linkReader) control(m *framing.Control) {
 		}
 		cl.log.Info("session claimed back", "link", p.id, "session", id, "accepted", accepted)
 	}
+}
+
+// move tells an iketcp server that outbound ESP SPI spi, which went to
+// path from's session at first, is this link's: proved with from's
+// ticket. Without a handshake on this link, or a ticket of from's, the
+// server keeps delivering the SPI through from's session.
+func (lr *linkReader) move(spi uint32, from *linkPath) {
+	p := lr.path
+	p.f.cl.log.Info("ESP SPI moved to its IKE SA's link", "flow", p.f.id, "spi", relay.SPI32(spi), "from_link", from.id, "to_link", p.id)
+	if lr.server == nil {
+		return
+	}
+	from.mu.Lock()
+	var t heldTicket
+	if n := len(from.tickets); n > 0 {
+		t = from.tickets[n-1]
+	}
+	from.mu.Unlock()
+	if t.id == 0 {
+		return
+	}
+	mac := ticket.MoveMAC(t.key, t.id, spi, lr.ex.Public(), lr.server)
+	lr.send(framing.ControlMove, binary.BigEndian.AppendUint32(nil, spi), binary.BigEndian.AppendUint64(nil, t.id), mac[:])
 }
 
 func deleteTicket(ts []heldTicket, id uint64) []heldTicket {

@@ -300,8 +300,40 @@ func (c *conn) control(m *framing.Control, now time.Time) bool {
 		return c.hello(m.Body)
 	case framing.ControlClaim:
 		return c.claim(m.SessionID(), m.Body[8:], now)
+	case framing.ControlMove:
+		return c.move(binary.BigEndian.Uint32(m.Body), m.SessionID(), m.Body[12:], now)
 	}
 	return false
+}
+
+// move moves ESP SPI spi from session from to the session this
+// connection carries, if the client proves it owns session from: its
+// first packets went to the wrong connection, and the peer's answers have
+// shown it since.
+func (c *conn) move(spi uint32, fromID uint64, mac []byte, now time.Time) bool {
+	s := c.srv
+	k := c.keys.Load()
+	to := c.current
+	ok := false
+	s.mu.Lock()
+	from := s.sessions[fromID]
+	r := s.routes.esp.m[spi]
+	if k != nil && from != nil && from.keyed && r != nil && r.sess == from && c.carries(to) && to != from &&
+		to.confirmed.Load() && ticket.CheckMove(from.key, fromID, spi, k.client, k.server, mac) {
+		s.routes.esp.forget(from, &from.espKeys, spi)
+		ok = s.routes.esp.add(to, &to.espKeys, spi, now) != nil
+	}
+	s.mu.Unlock()
+	if !ok {
+		s.counters.ClaimsRefused.Add(1)
+		s.logs.claimRefused.Log(s.log, slog.LevelWarn, "move refused: it proves nothing", "conn", c.id, "remote", c.remote,
+			"spi", relay.SPI32(spi), "from_session", fromID)
+		return false
+	}
+	s.counters.SPIMoves.Add(1)
+	c.lastRoute = nil
+	to.book.NoteESPIn(spi)
+	return true
 }
 
 // hello answers an iketcp client's Hello: the link's key exchange.

@@ -114,6 +114,19 @@ func (t *table[K]) evictStale(sess *session, keys *[]K, now time.Time) bool {
 	return true
 }
 
+// forget removes key from sess's keys and the table, if it routes there.
+func (t *table[K]) forget(sess *session, keys *[]K, key K) {
+	if r := t.m[key]; r != nil && r.sess == sess {
+		delete(t.m, key)
+	}
+	for i, k := range *keys {
+		if k == key {
+			*keys = append((*keys)[:i], (*keys)[i+1:]...)
+			break
+		}
+	}
+}
+
 // drop removes the keys that still route to sess.
 func (t *table[K]) drop(sess *session, keys []K) {
 	for _, k := range keys {

@@ -91,6 +91,27 @@ func ClaimMAC(session Key, id uint64, client, server []byte) [KeySize]byte {
 	return out
 }
 
+// MoveMAC is the proof, bound to the link whose public keys are client and
+// server, that whoever sends it knows the key of session id, where ESP
+// SPI spi routes now, and so may move that SPI to the link's session.
+func MoveMAC(session Key, id uint64, spi uint32, client, server []byte) [KeySize]byte {
+	m := hmac.New(sha256.New, session[:])
+	m.Write([]byte("iketcp move"))
+	m.Write(binary.BigEndian.AppendUint64(nil, id))
+	m.Write(binary.BigEndian.AppendUint32(nil, spi))
+	m.Write(client)
+	m.Write(server)
+	var out [KeySize]byte
+	m.Sum(out[:0])
+	return out
+}
+
+// CheckMove reports, in constant time, whether mac is MoveMAC's.
+func CheckMove(session Key, id uint64, spi uint32, client, server, mac []byte) bool {
+	want := MoveMAC(session, id, spi, client, server)
+	return hmac.Equal(want[:], mac)
+}
+
 // CheckClaim reports, in constant time, whether mac is ClaimMAC's for the
 // session, the ID and the link.
 func CheckClaim(session Key, id uint64, client, server, mac []byte) bool {

@@ -56,3 +56,24 @@ func TestLinkKeyRefusesBadPublicKeys(t *testing.T) {
 		t.Error("the all-zero (low-order) public key was taken")
 	}
 }
+
+func TestMoveMACBindsSPIAndLink(t *testing.T) {
+	c, _ := NewExchange()
+	s, _ := NewExchange()
+	k := Key{9}
+	mac := MoveMAC(k, 3, 0xc0000001, c.Public(), s.Public())
+	if !CheckMove(k, 3, 0xc0000001, c.Public(), s.Public(), mac[:]) {
+		t.Fatal("a good move was refused")
+	}
+	c2, _ := NewExchange()
+	for name, ok := range map[string]bool{
+		"other SPI":     CheckMove(k, 3, 0xc0000002, c.Public(), s.Public(), mac[:]),
+		"other session": CheckMove(k, 4, 0xc0000001, c.Public(), s.Public(), mac[:]),
+		"other link":    CheckMove(k, 3, 0xc0000001, c2.Public(), s.Public(), mac[:]),
+		"a claim's MAC": CheckClaim(k, 3, c.Public(), s.Public(), mac[:]),
+	} {
+		if ok {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
