@@ -52,11 +52,11 @@ type linkPaths struct {
 // was guessed keeps its SPI, and what made the guess (to give back if the
 // guess was wrong).
 type pending struct {
-	p     *linkPath
-	at    time.Time
-	spi   uint32
-	made  *pending
-	auth  bool // made by an IKE_AUTH, not a CREATE_CHILD_SA
+	p    *linkPath
+	at   time.Time
+	spi  uint32
+	made *pending
+	auth bool // made by an IKE_AUTH, not a CREATE_CHILD_SA
 }
 
 const (
@@ -268,6 +268,7 @@ func index(list []pending, p *linkPath) int {
 	}
 	return -1
 }
+
 // openLocked opens a new path for f.
 func (lp *linkPaths) openLocked(f *flow) *linkPath {
 	p := &linkPath{f: f, id: f.cl.nextID.Add(1), queue: make(chan *datagram, f.cl.cfg.queueLen())}
@@ -318,7 +319,6 @@ func (lp *linkPaths) prune(now time.Time, idle time.Duration) {
 	lp.paths = keep
 }
 
-
 // status describes the paths.
 func (lp *linkPaths) status() []relay.LinkStatus {
 	lp.mu.Lock()
@@ -343,4 +343,3 @@ func (lp *linkPaths) status() []relay.LinkStatus {
 	}
 	return out
 }
-
