@@ -48,6 +48,7 @@ type conn struct {
 	unconfirmedSince time.Time
 
 	// Owned by the link's reader (Receive's caller).
+	identity  string // the TLS client certificate's subject, known from the first burst
 	msg       framing.Message
 	current   *session // the session of the last frame this connection carries
 	lastESP   uint32   // cache of the last ESP lookup
@@ -90,6 +91,7 @@ func (c *conn) Receive(burst []relay.Datagram) error {
 	if c.pending == nil {
 		c.pending = make([]pendingFrame, 0, connBatch)
 		c.out = make([]udpbatch.Message, 0, connBatch)
+		c.identity = relay.IdentityOf(c.link) // the handshake is done once data came
 	}
 	now := time.Now()
 	for _, d := range burst {
@@ -177,6 +179,10 @@ func (c *conn) sessionForIKE(h *framing.IKEHeader, now time.Time) *session {
 		return nil
 	}
 	sess := r.sess
+	if !s.ownsLocked(sess, c) {
+		s.mu.Unlock()
+		return nil
+	}
 	fresh := !h.IsResponse() && r.request(h.MessageID)
 	s.steerLocked(sess, c, fresh, h)
 	r.touch(now.Unix())
@@ -211,6 +217,10 @@ func (c *conn) sessionForESP(spi uint32, now time.Time) *session {
 		}
 	}
 	sess := r.sess
+	if !s.ownsLocked(sess, c) {
+		s.mu.Unlock()
+		return nil
+	}
 	s.steerLocked(sess, c, false, nil)
 	r.touch(now.Unix())
 	carrier := sess.conn.Load() == c
@@ -230,6 +240,18 @@ func (s *Server) learnLocked(sess *session, now time.Time) bool {
 		return true
 	}
 	s.counters.LearnRefused.Add(1)
+	return false
+}
+
+// ownsLocked reports whether c may carry sess: a session created over TLS
+// with a client certificate belongs to that certificate's identity, and
+// frames of it from a connection with another identity (or none) are
+// counted and dropped. Server.mu must be held.
+func (s *Server) ownsLocked(sess *session, c *conn) bool {
+	if sess.owner == "" || sess.owner == c.identity {
+		return true
+	}
+	s.counters.IdentityRefused.Add(1)
 	return false
 }
 
@@ -318,7 +340,7 @@ func (c *conn) move(spi uint32, fromID uint64, mac []byte, now time.Time) bool {
 	s.mu.Lock()
 	from := s.sessions[fromID]
 	r := s.routes.esp.m[spi]
-	if k != nil && from != nil && from.keyed && r != nil && r.sess == from && c.carries(to) && to != from &&
+	if k != nil && from != nil && from.keyed && r != nil && r.sess == from && c.carries(to) && to != from && from.owner == to.owner &&
 		to.confirmed.Load() && ticket.CheckMove(from.key, fromID, spi, k.client, k.server, mac) {
 		s.routes.esp.forget(from, &from.espKeys, spi)
 		ok = s.routes.esp.add(to, &to.espKeys, spi, now) != nil
@@ -362,7 +384,8 @@ func (c *conn) claim(id uint64, mac []byte, now time.Time) bool {
 	ok := false
 	s.mu.Lock()
 	sess := s.sessions[id]
-	if k != nil && sess != nil && sess.keyed && ticket.CheckClaim(sess.key, id, k.client, k.server, mac) {
+	if k != nil && sess != nil && sess.keyed && (sess.owner == "" || sess.owner == c.identity) &&
+		ticket.CheckClaim(sess.key, id, k.client, k.server, mac) {
 		ok = true
 		if sess.conn.Load() != c {
 			s.moveLocked(sess, c, "its client proved it owns it")

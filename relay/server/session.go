@@ -29,6 +29,7 @@ type session struct {
 	srv     *Server
 	id      uint64
 	src     source // the client's, as it opened the session
+	owner   string // the identity of the client that opened it, over TLS with a client certificate
 	created time.Time
 	udp     *udpbatch.Conn
 	local   netip.AddrPort // the backend socket's address: the peer the daemon sees
@@ -127,6 +128,7 @@ func (s *Server) newSession(c *conn, h *framing.IKEHeader, now time.Time) (sess 
 		srv:     s,
 		id:      s.nextSessionID.Add(1),
 		src:     c.src,
+		owner:   c.identity,
 		created: now,
 		udp:     udpbatch.New(uc, udpbatch.Options{BatchSize: sessionBatch, Logger: s.log}),
 		local:   uc.LocalAddr().(*net.UDPAddr).AddrPort(),
