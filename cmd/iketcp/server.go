@@ -1,0 +1,98 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/iketcp/iketcp/nat/fakenet"
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/fakelink"
+	"github.com/iketcp/iketcp/relay/server"
+	"github.com/iketcp/iketcp/relay/streamlink"
+)
+
+func serverCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "server",
+		Usage: "accept RFC 9329 TCP and relay it to the gateway's IKE daemon over UDP",
+		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "listen", Value: ":4500", Usage: "TCP address to accept clients on", EnvVars: envVar("listen")},
+			&cli.StringFlag{Name: "backend", Value: "127.0.0.1:4500", Usage: "the IKE daemon's UDP NAT-T address", EnvVars: envVar("backend")},
+			&cli.DurationFlag{Name: "prefix-timeout", Value: streamlink.DefaultPrefixTimeout, Usage: "close connections that do not send IKETCP within this time", EnvVars: envVar("prefix-timeout")},
+			&cli.DurationFlag{Name: "session-idle", Value: server.DefaultSessionIdle, Usage: "how long a session waits for its client to reconnect", EnvVars: envVar("session-idle")},
+			&cli.IntFlag{Name: "max-conns", Value: server.DefaultMaxConns, Usage: "most connections at once; when full, the oldest connection without a confirmed session makes room", EnvVars: envVar("max-conns")},
+			&cli.IntFlag{Name: "max-unconfirmed-per-source", Value: server.DefaultMaxUnconfirmedPerSource, Usage: "most connections without a confirmed session from one source (IPv4 address, IPv6 /64)", EnvVars: envVar("max-unconfirmed-per-source")},
+			&cli.DurationFlag{Name: "confirm-timeout", Value: server.DefaultConfirmTimeout, Usage: "close a connection that has carried no confirmed session for this long", EnvVars: envVar("confirm-timeout")},
+			&cli.IntFlag{Name: "max-sessions", Value: server.DefaultMaxSessions, Usage: "most sessions (IKE SAs) at once", EnvVars: envVar("max-sessions")},
+			&cli.IntFlag{Name: "max-sessions-per-source", Value: server.DefaultMaxSessionsPerSource, Usage: "most sessions from one source (carrier-grade NAT puts many clients behind one)", EnvVars: envVar("max-sessions-per-source")},
+			&cli.IntFlag{Name: "max-half-open", Value: server.DefaultMaxHalfOpen, Usage: "most sessions whose IKE_SA_INIT the backend has not answered yet", EnvVars: envVar("max-half-open")},
+			&cli.IntFlag{Name: "max-half-open-per-source", Value: server.DefaultMaxHalfOpenPerSource, Usage: "most half-open sessions from one source", EnvVars: envVar("max-half-open-per-source")},
+			&cli.DurationFlag{Name: "half-open-timeout", Value: server.DefaultHalfOpenTimeout, Usage: "drop a session whose IKE_SA_INIT the backend has not answered in this long", EnvVars: envVar("half-open-timeout")},
+		}, commonFlags("server")...),
+		Action: runServer,
+	}
+}
+
+func runServer(c *cli.Context) error {
+	log, err := prepare(c, "prefix-timeout", "session-idle", "max-conns", "max-unconfirmed-per-source", "confirm-timeout",
+		"max-sessions", "max-sessions-per-source", "max-half-open", "max-half-open-per-source", "half-open-timeout")
+	if err != nil {
+		return err
+	}
+	if e := c.String("encap"); e != "rfc9329" && e != "fake-tcp" {
+		return fmt.Errorf("--encap %q: want rfc9329 or fake-tcp", e)
+	}
+	backend, err := resolveUDP(c.String("backend"))
+	if err != nil {
+		return fmt.Errorf("--backend: %w", err)
+	}
+	counters := new(relay.Counters)
+	srv, err := server.New(server.Config{
+		Backend:                 backend,
+		Counters:                counters,
+		Logger:                  log,
+		SessionIdle:             c.Duration("session-idle"),
+		MaxConns:                c.Int("max-conns"),
+		MaxUnconfirmedPerSource: c.Int("max-unconfirmed-per-source"),
+		ConfirmTimeout:          c.Duration("confirm-timeout"),
+		MaxSessions:             c.Int("max-sessions"),
+		MaxSessionsPerSource:    c.Int("max-sessions-per-source"),
+		MaxHalfOpen:             c.Int("max-half-open"),
+		MaxHalfOpenPerSource:    c.Int("max-half-open-per-source"),
+		HalfOpenTimeout:         c.Duration("half-open-timeout"),
+		MaxDatagram:             c.Int("max-datagram"),
+		Version:                 versionString(),
+	})
+	if err != nil {
+		return err
+	}
+	if c.String("encap") == "fake-tcp" {
+		_, port, err := net.SplitHostPort(c.String("listen"))
+		p, perr := strconv.ParseUint(port, 10, 16)
+		if err != nil || perr != nil || p == 0 {
+			return fmt.Errorf("--listen %q: fake-tcp needs a port (e.g. :4500)", c.String("listen"))
+		}
+		stack, stop, err := startFakeTCP(c, log, fakenet.Server, uint16(p))
+		if err != nil {
+			return err
+		}
+		defer stop()
+		ln, err := stack.Listen(uint16(p))
+		if err != nil {
+			return err
+		}
+		links := fakelink.NewListener(ln, c.String("listen"))
+		return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
+			func(ctx context.Context) error { return srv.Serve(ctx, links) })
+	}
+	links, err := streamlink.Listen(c.Context, c.String("listen"), linkConfig(c, counters, log))
+	if err != nil {
+		return err
+	}
+	return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
+		func(ctx context.Context) error { return srv.Serve(ctx, links) })
+}
