@@ -3,14 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
-	"strconv"
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/iketcp/iketcp/nat/fakenet"
 	"github.com/iketcp/iketcp/relay"
-	"github.com/iketcp/iketcp/relay/fakelink"
 	"github.com/iketcp/iketcp/relay/server"
 	"github.com/iketcp/iketcp/relay/streamlink"
 )
@@ -20,7 +16,9 @@ func serverCommand() *cli.Command {
 		Name:  "server",
 		Usage: "accept RFC 9329 TCP and relay it to the gateway's IKE daemon over UDP",
 		Flags: append([]cli.Flag{
-			&cli.StringFlag{Name: "listen", Value: ":4500", Usage: "TCP address to accept clients on", EnvVars: envVar("listen")},
+			&cli.StringSliceFlag{Name: "listen", Usage: "address to accept clients on, [rfc9329://|fake-tcp://]host:port, the scheme defaulting to --encap (repeat for several; default :4500)", EnvVars: envVar("listen")},
+			&cli.UintFlag{Name: "ike-tcp-port", Usage: "FortiOS's ike-tcp-port: 4500 listens on TCP 4500; any other port P listens on 4500 and 11443 and redirects P to 11443 (see --redirect)", EnvVars: envVar("ike-tcp-port")},
+			&cli.StringFlag{Name: "redirect", Value: "nftables", Usage: "how --ike-tcp-port reaches 11443: nftables (a table iketcp owns; needs CAP_NET_ADMIN) or none (a container's or load balancer's port mapping does it)", EnvVars: envVar("redirect")},
 			&cli.StringFlag{Name: "backend", Value: "127.0.0.1:4500", Usage: "the IKE daemon's UDP NAT-T address", EnvVars: envVar("backend")},
 			&cli.DurationFlag{Name: "prefix-timeout", Value: streamlink.DefaultPrefixTimeout, Usage: "close connections that do not send IKETCP within this time", EnvVars: envVar("prefix-timeout")},
 			&cli.DurationFlag{Name: "session-idle", Value: server.DefaultSessionIdle, Usage: "how long a session waits for its client to reconnect", EnvVars: envVar("session-idle")},
@@ -70,29 +68,23 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if c.String("encap") == "fake-tcp" {
-		_, port, err := net.SplitHostPort(c.String("listen"))
-		p, perr := strconv.ParseUint(port, 10, 16)
-		if err != nil || perr != nil || p == 0 {
-			return fmt.Errorf("--listen %q: fake-tcp needs a port (e.g. :4500)", c.String("listen"))
-		}
-		stack, stop, err := startFakeTCP(c, log, fakenet.Server, uint16(p))
-		if err != nil {
-			return err
-		}
-		defer stop()
-		ln, err := stack.Listen(uint16(p))
-		if err != nil {
-			return err
-		}
-		links := fakelink.NewListener(ln, c.String("listen"))
-		return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
-			func(ctx context.Context) error { return srv.Serve(ctx, links) })
-	}
-	links, err := streamlink.Listen(c.Context, c.String("listen"), linkConfig(c, counters, log))
+	specs, redirectFrom, err := listenSpecs(c)
 	if err != nil {
 		return err
 	}
+	lns, closeListeners, err := listeners(c, log, counters, specs)
+	if err != nil {
+		return err
+	}
+	defer closeListeners()
+	stopRedirect, err := startRedirect(c, log, redirectFrom)
+	if err != nil {
+		for _, ln := range lns {
+			ln.Close()
+		}
+		return err
+	}
+	defer stopRedirect()
 	return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
-		func(ctx context.Context) error { return srv.Serve(ctx, links) })
+		func(ctx context.Context) error { return srv.Serve(ctx, lns...) })
 }

@@ -1,0 +1,173 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/iketcp/iketcp/nat/fakenet"
+	"github.com/iketcp/iketcp/nat/redirect"
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/fakelink"
+	"github.com/iketcp/iketcp/relay/streamlink"
+)
+
+// FortiOS's ports: with ike-tcp-port 4500 the daemon takes TCP 4500; with
+// any other port it takes 4500 and 11443, and the chosen port is
+// redirected to 11443.
+const (
+	natTPort      = 4500
+	redirectPort  = 11443
+	encapRFC9329  = "rfc9329"
+	encapFakeTCP  = "fake-tcp"
+	schemeDivider = "://"
+)
+
+// listenSpec is one address the server listens on, and the links it
+// carries there.
+type listenSpec struct {
+	encap string // encapRFC9329 or encapFakeTCP
+	addr  string // host:port
+}
+
+func (l listenSpec) String() string { return l.encap + schemeDivider + l.addr }
+
+// parseListen reads one --listen value: [rfc9329://|fake-tcp://]host:port,
+// the scheme defaulting to encap.
+func parseListen(v, encap string) (listenSpec, error) {
+	if i := strings.Index(v, schemeDivider); i >= 0 {
+		encap, v = v[:i], v[i+len(schemeDivider):]
+	}
+	if encap != encapRFC9329 && encap != encapFakeTCP {
+		return listenSpec{}, fmt.Errorf("--listen %q: the encapsulation is rfc9329:// or fake-tcp://, not %s://", v, encap)
+	}
+	_, port, err := net.SplitHostPort(v)
+	if p, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || p == 0 {
+		return listenSpec{}, fmt.Errorf("--listen %q: want [rfc9329://|fake-tcp://]host:port, e.g. :4500 or fake-tcp://:4501", v)
+	}
+	return listenSpec{encap: encap, addr: v}, nil
+}
+
+// listenSpecs returns what the server's flags ask it to listen on, and
+// the port to redirect to 11443, or 0 (planListen).
+func listenSpecs(c *cli.Context) ([]listenSpec, uint16, error) {
+	return planListen(c.StringSlice("listen"), c.String("encap"), c.Uint("ike-tcp-port"), c.IsSet("ike-tcp-port"))
+}
+
+// planListen returns what the server listens on: every --listen, and for
+// --ike-tcp-port P (when ikeSet) the ports FortiOS's daemon takes: 4500,
+// and 11443 when P is not 4500. With neither, :4500 in encap. It also
+// returns the port to redirect to 11443, or 0.
+func planListen(listen []string, encap string, ikePort uint, ikeSet bool) (specs []listenSpec, redirectFrom uint16, err error) {
+	for _, v := range listen {
+		s, err := parseListen(v, encap)
+		if err != nil {
+			return nil, 0, err
+		}
+		specs = append(specs, s)
+	}
+	add := func(s listenSpec) {
+		if !slices.Contains(specs, s) {
+			specs = append(specs, s)
+		}
+	}
+	if ikeSet {
+		if ikePort == 0 || ikePort > 65535 {
+			return nil, 0, fmt.Errorf("--ike-tcp-port %d: want 1 to 65535", ikePort)
+		}
+		add(listenSpec{encap: encapRFC9329, addr: ":" + strconv.Itoa(natTPort)})
+		if ikePort != natTPort {
+			add(listenSpec{encap: encapRFC9329, addr: ":" + strconv.Itoa(redirectPort)})
+			if ikePort != redirectPort {
+				redirectFrom = uint16(ikePort)
+			}
+		}
+	}
+	if len(specs) == 0 {
+		specs = []listenSpec{{encap: encap, addr: ":" + strconv.Itoa(natTPort)}}
+	}
+	fake := 0
+	for _, s := range specs {
+		if s.encap == encapFakeTCP {
+			fake++
+		}
+	}
+	if fake > 1 {
+		return nil, 0, errors.New("--listen: one fake-tcp:// port per server (its TCP stack serves one port)")
+	}
+	return specs, redirectFrom, nil
+}
+
+// listeners opens what specs ask for. close releases everything they hold
+// (fake-TCP's device and rules included) once the server is done.
+func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs []listenSpec) (lns []relay.Listener, close func(), err error) {
+	var stops []func()
+	close = func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
+	}
+	defer func() {
+		if err != nil {
+			for _, ln := range lns {
+				ln.Close()
+			}
+			close()
+		}
+	}()
+	for _, s := range specs {
+		switch s.encap {
+		case encapFakeTCP:
+			_, port, _ := net.SplitHostPort(s.addr)
+			p, _ := strconv.ParseUint(port, 10, 16)
+			stack, stop, err := startFakeTCP(c, log, fakenet.Server, uint16(p))
+			if err != nil {
+				return lns, close, err
+			}
+			stops = append(stops, stop)
+			ln, err := stack.Listen(uint16(p))
+			if err != nil {
+				return lns, close, err
+			}
+			lns = append(lns, fakelink.NewListener(ln, s.addr))
+		default:
+			ln, err := streamlink.Listen(c.Context, s.addr, linkConfig(c, counters, log))
+			if err != nil {
+				return lns, close, fmt.Errorf("--listen %s: %w", s, err)
+			}
+			lns = append(lns, ln)
+		}
+	}
+	return lns, close, nil
+}
+
+// startRedirect installs the ike-tcp-port redirect, as --redirect says.
+// stop removes it.
+func startRedirect(c *cli.Context, log *slog.Logger, from uint16) (stop func(), err error) {
+	switch mode := c.String("redirect"); {
+	case from == 0:
+		return func() {}, nil
+	case mode == "none":
+		log.Info("port redirect left to the platform (--redirect none): map the ike-tcp-port to iketcp's",
+			"ike_tcp_port", from, "to", redirectPort)
+		return func() {}, nil
+	case mode != "nftables":
+		return nil, fmt.Errorf("--redirect %q: want nftables or none", mode)
+	}
+	r, err := redirect.Setup(redirect.Config{From: from, To: redirectPort, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	log.Info("ike-tcp-port redirected", "from", from, "to", redirectPort, "table", r.Table())
+	return func() {
+		if err := r.Close(); err != nil {
+			log.Error("removing the port redirect", "table", r.Table(), "err", err)
+		}
+	}, nil
+}
