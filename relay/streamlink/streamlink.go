@@ -138,11 +138,23 @@ func (d *Dialer) DialLink(ctx context.Context, addr string) (relay.Link, error) 
 }
 
 // clientTLS runs a TLS handshake over nc as a client.
+//
+// Without a ServerName the host dialled is the name checked. crypto/tls
+// sends no SNI for an IP address and so leaves ConnectionState.ServerName
+// empty; a VerifyConnection hook is told the name all the same.
 func clientTLS(ctx context.Context, nc net.Conn, cfg *tls.Config, addr string) (net.Conn, error) {
 	if cfg.ServerName == "" {
-		cfg = cfg.Clone()
 		if host, _, err := net.SplitHostPort(addr); err == nil {
+			cfg = cfg.Clone()
 			cfg.ServerName = host
+			if verify := cfg.VerifyConnection; verify != nil {
+				cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+					if cs.ServerName == "" {
+						cs.ServerName = host
+					}
+					return verify(cs)
+				}
+			}
 		}
 	}
 	tc := tls.Client(nc, cfg)
