@@ -15,6 +15,7 @@ import (
 	"github.com/iketcp/iketcp/nat/intercept"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/client"
+	"github.com/iketcp/iketcp/relay/dial"
 	"github.com/iketcp/iketcp/relay/fakelink"
 	"github.com/iketcp/iketcp/relay/streamlink"
 )
@@ -31,6 +32,14 @@ func clientCommand() *cli.Command {
 			&cli.BoolFlag{Name: "race", Usage: "auto: open TCP alongside UDP after the daemon's first unanswered retransmission and keep whichever answers first", EnvVars: envVar("race")},
 			&cli.UintFlag{Name: "udp-port", Value: 4500, Usage: "udp, auto: the peer's UDP NAT-T port (its IKE daemon's own)", EnvVars: envVar("udp-port")},
 			&cli.BoolFlag{Name: "plain-rfc9329", Usage: "the server is a third-party RFC 9329 responder (a FortiGate, libreswan with espintcp): send only RFC 9329 frames, none of iketcp's own (sessions then come back after a reconnect only through IKE)", EnvVars: envVar("plain-rfc9329")},
+			&cli.BoolFlag{Name: "tls", Usage: "wrap each connection in TLS 1.3 (the IKETCP prefix goes inside), checking the server's certificate against the system's roots, --tls-ca or --tls-pin", EnvVars: envVar("tls")},
+			&cli.StringFlag{Name: "tls-server-name", Usage: "--tls: the name the server's certificate must carry (default: the host of --peer)", EnvVars: envVar("tls-server-name")},
+			&cli.StringFlag{Name: "tls-ca", Usage: "--tls: a PEM file of the CAs that may sign the server's certificate (default: the system's roots)", EnvVars: envVar("tls-ca")},
+			&cli.StringFlag{Name: "tls-pin", Usage: "--tls: the SHA-256 of the server's public key (SubjectPublicKeyInfo), hex, as sha256:<hex>; alone it is the whole check", EnvVars: envVar("tls-pin")},
+			&cli.BoolFlag{Name: "tls-insecure", Usage: "--tls: check nothing of the server's certificate (labs only: anyone on the path can pose as the server)", EnvVars: envVar("tls-insecure")},
+			&cli.StringFlag{Name: "tls-client-cert", Usage: "--tls: a PEM certificate to prove this client's identity to a server that asks (with --tls-client-key)", EnvVars: envVar("tls-client-cert")},
+			&cli.StringFlag{Name: "tls-client-key", Usage: "--tls: the key of --tls-client-cert", EnvVars: envVar("tls-client-key")},
+			&cli.StringFlag{Name: "http-proxy", Usage: "reach the server through this HTTP proxy with CONNECT, http://[user:password@]host:port (for networks whose only way out is a proxy)", EnvVars: envVar("http-proxy")},
 			&cli.BoolFlag{Name: "tun", Usage: "transparent mode: intercept the unchanged daemon's UDP 500/4500 and ESP to the peers through a TUN device (needs CAP_NET_ADMIN)", EnvVars: envVar("tun")},
 			&cli.UintFlag{Name: "tcp-port", Value: 4500, Usage: "--tun: the iketcp server's TCP port on each peer", EnvVars: envVar("tcp-port")},
 			&cli.StringFlag{Name: "tun-name", Value: "iketcp0", Usage: "--tun: the TUN device's name", EnvVars: envVar("tun-name")},
@@ -84,8 +93,15 @@ func runClient(c *cli.Context) error {
 	}
 	switch c.String("encap") {
 	case "rfc9329":
-		cfg.Dialer = streamlink.NewDialer(linkConfig(c, counters, log))
+		d, err := streamDialer(c, log, counters)
+		if err != nil {
+			return err
+		}
+		cfg.Dialer = d
 	case "fake-tcp":
+		if c.Bool("tls") || c.IsSet("http-proxy") {
+			return errors.New("--tls and --http-proxy go with --encap rfc9329: fake-TCP's segments carry no stream")
+		}
 		if mode == fallback.ModeUDP {
 			return errors.New("--encap fake-tcp carries the TCP transport; --transport udp never uses it")
 		}
@@ -164,6 +180,10 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, p
 	cfg.Control = intercept.SetMark(tun.Mark()) // iketcp's own sockets bypass the TUN
 	if d, ok := cfg.Dialer.(*streamlink.Dialer); ok {
 		d.Control = cfg.Control
+		if d.Dial != nil { // through the proxy: its connection bypasses the TUN too
+			u, _ := dial.ParseProxyURL(c.String("http-proxy"))
+			d.Dial = dial.ViaHTTPProxy(u, dial.Direct(cfg.Control))
+		}
 	}
 	cl, err := client.New(cfg)
 	if err != nil {
@@ -193,4 +213,41 @@ func resolvePeers(args []string) ([]netip.Addr, error) {
 		}
 	}
 	return peers, nil
+}
+
+// streamDialer is the RFC 9329 dialer the flags ask for: TLS checked as
+// --tls-* say, through --http-proxy.
+func streamDialer(c *cli.Context, log *slog.Logger, counters *relay.Counters) (*streamlink.Dialer, error) {
+	d := streamlink.NewDialer(linkConfig(c, counters, log))
+	if !c.Bool("tls") {
+		for _, f := range []string{"tls-server-name", "tls-ca", "tls-pin", "tls-insecure", "tls-client-cert", "tls-client-key"} {
+			if c.IsSet(f) {
+				return nil, fmt.Errorf("--%s goes with --tls", f)
+			}
+		}
+	} else {
+		cfg, err := dial.TLSConfig(dial.TLSOptions{
+			ServerName: c.String("tls-server-name"),
+			CAFile:     c.String("tls-ca"),
+			Pin:        c.String("tls-pin"),
+			Insecure:   c.Bool("tls-insecure"),
+			ClientCert: c.String("tls-client-cert"),
+			ClientKey:  c.String("tls-client-key"),
+		})
+		if err != nil {
+			return nil, err
+		}
+		if c.Bool("tls-insecure") {
+			log.Warn(dial.InsecureWarning)
+		}
+		d.TLS = cfg
+	}
+	if v := c.String("http-proxy"); v != "" {
+		u, err := dial.ParseProxyURL(v)
+		if err != nil {
+			return nil, fmt.Errorf("--http-proxy: %w", err)
+		}
+		d.Dial = dial.ViaHTTPProxy(u, dial.Direct(nil))
+	}
+	return d, nil
 }
