@@ -3,9 +3,12 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
+	"net/netip"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/iketcp/iketcp/nat/realaddr"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/server"
 	"github.com/iketcp/iketcp/relay/streamlink"
@@ -18,6 +21,7 @@ func serverCommand() *cli.Command {
 		Flags: append([]cli.Flag{
 			&cli.StringSliceFlag{Name: "listen", Usage: "address to accept clients on, [rfc9329://|fake-tcp://]host:port, the scheme defaulting to --encap (repeat for several; default :4500)", EnvVars: envVar("listen")},
 			&cli.UintFlag{Name: "ike-tcp-port", Usage: "FortiOS's ike-tcp-port: 4500 listens on TCP 4500; any other port P listens on 4500 and 11443 and redirects P to 11443 (see --redirect)", EnvVars: envVar("ike-tcp-port")},
+			&cli.BoolFlag{Name: "real-address", Usage: "each session's socket toward the backend carries the client's own address (and a port of its own), so the IKE daemon sees and limits its real peers; needs CAP_NET_ADMIN, and --backend on one of this host's own, non-loopback addresses", EnvVars: envVar("real-address")},
 			&cli.StringFlag{Name: "redirect", Value: "nftables", Usage: "how --ike-tcp-port reaches 11443: nftables (a table iketcp owns; needs CAP_NET_ADMIN) or none (a container's or load balancer's port mapping does it)", EnvVars: envVar("redirect")},
 			&cli.StringFlag{Name: "backend", Value: "127.0.0.1:4500", Usage: "the IKE daemon's UDP NAT-T address", EnvVars: envVar("backend")},
 			&cli.DurationFlag{Name: "prefix-timeout", Value: streamlink.DefaultPrefixTimeout, Usage: "close connections that do not send IKETCP within this time", EnvVars: envVar("prefix-timeout")},
@@ -49,7 +53,18 @@ func runServer(c *cli.Context) error {
 		return fmt.Errorf("--backend: %w", err)
 	}
 	counters := new(relay.Counters)
+	var dialBackend func(netip.Addr, netip.AddrPort) (*net.UDPConn, func() error, error)
+	if c.Bool("real-address") {
+		ra, err := realaddr.Setup(realaddr.Config{Logger: log})
+		if err != nil {
+			return err
+		}
+		defer ra.Close()
+		dialBackend = ra.Dial
+		log.Info("real-address mode: the backend sees each client's own address", "backend", backend.String())
+	}
 	srv, err := server.New(server.Config{
+		DialBackend:             dialBackend,
 		Backend:                 backend,
 		Counters:                counters,
 		Logger:                  log,

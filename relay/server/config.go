@@ -2,6 +2,7 @@ package server
 
 import (
 	"log/slog"
+	"net"
 	"net/netip"
 	"time"
 
@@ -56,6 +57,12 @@ type Config struct {
 	// long one may wait for that answer.
 	MaxHalfOpen, MaxHalfOpenPerSource int
 	HalfOpenTimeout                   time.Duration
+	// DialBackend, if set, opens each session's socket toward the backend,
+	// for the client at client (its address as the server sees it, or as
+	// a PROXY header says): nat/realaddr's sockets carry that address, so
+	// the daemon sees its real peers. release closes the socket. Nil means
+	// a socket of the server's own address.
+	DialBackend func(client netip.Addr, backend netip.AddrPort) (conn *net.UDPConn, release func() error, err error)
 	// MaxDatagram is the largest datagram relayed from the backend; larger
 	// ones are counted and dropped.
 	MaxDatagram int

@@ -32,6 +32,7 @@ type session struct {
 	owner   string // the identity of the client that opened it, over TLS with a client certificate
 	created time.Time
 	udp     *udpbatch.Conn
+	release func() error   // closes udp's socket
 	local   netip.AddrPort // the backend socket's address: the peer the daemon sees
 
 	conn       atomic.Pointer[conn] // return path; nil while the client is away
@@ -118,7 +119,7 @@ func (s *Server) newSession(c *conn, h *framing.IKEHeader, now time.Time) (sess 
 		s.tidyLocked(c.src)
 		s.mu.Unlock()
 	}
-	uc, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(cfg.Backend))
+	uc, closeUDP, err := s.dialBackend(c)
 	if err != nil {
 		release()
 		return nil, false, fmt.Errorf("cannot open a socket toward the backend %v: %w", cfg.Backend, err)
@@ -131,6 +132,7 @@ func (s *Server) newSession(c *conn, h *framing.IKEHeader, now time.Time) (sess 
 		owner:   c.identity,
 		created: now,
 		udp:     udpbatch.New(uc, udpbatch.Options{BatchSize: sessionBatch, Logger: s.log}),
+		release: closeUDP,
 		local:   uc.LocalAddr().(*net.UDPAddr).AddrPort(),
 	}
 	sess.lastActive.Store(now.UnixNano())
@@ -139,7 +141,7 @@ func (s *Server) newSession(c *conn, h *framing.IKEHeader, now time.Time) (sess 
 	if existing := s.routes.ike.m[h.InitiatorSPI]; s.closing || existing != nil {
 		// Shutting down, or another connection opened it meanwhile.
 		s.mu.Unlock()
-		uc.Close()
+		closeUDP()
 		release()
 		if existing != nil {
 			return existing.sess, false, nil
@@ -156,6 +158,23 @@ func (s *Server) newSession(c *conn, h *framing.IKEHeader, now time.Time) (sess 
 	s.counters.SessionsCreated.Add(1)
 	go sess.readBackend()
 	return sess, true, nil
+}
+
+// dialBackend opens a session's socket toward the backend, for c's
+// client.
+func (s *Server) dialBackend(c *conn) (*net.UDPConn, func() error, error) {
+	if s.cfg.DialBackend != nil {
+		ap, err := netip.ParseAddrPort(c.remote)
+		if err != nil {
+			return nil, nil, fmt.Errorf("the client's address %q: %w", c.remote, err)
+		}
+		return s.cfg.DialBackend(ap.Addr().Unmap(), s.cfg.Backend)
+	}
+	uc, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(s.cfg.Backend))
+	if err != nil {
+		return nil, nil, err
+	}
+	return uc, uc.Close, nil
 }
 
 // readBackend relays the backend's datagrams for the session onto the
@@ -336,7 +355,7 @@ func (s *Server) removeSession(sess *session) {
 	}
 	s.tidyLocked(sess.src)
 	s.mu.Unlock()
-	sess.udp.Close()
+	sess.release()
 }
 
 // status describes the session.
