@@ -14,6 +14,11 @@
 //     carries each datagram in a segment of its own over a tun.Device.
 //   - nat/tun: the one packet-device interface, tun.Device, and the Linux
 //     TUN device that both modes create and remove.
+//   - nat/redirect: the server's ike-tcp-port, FortiOS's way: an nftables
+//     table that sends the chosen port to iketcp's 11443.
+//   - nat/realaddr: real-address mode: transparent sockets that carry a
+//     client's own address toward the gateway's daemon, and the policy
+//     routing and nftables marks that bring its replies back.
 //   - nat/packet: the IP packet codec of transparent mode.
 //   - nat/internal/setup: what every setup of the modes does the same
 //     way: its errors, the capability check, undoing a failed setup.
