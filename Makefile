@@ -92,7 +92,7 @@ alloc:
 
 # Each fuzz target of each package that has some, for a short while;
 # findings land in that package's testdata/fuzz.
-FUZZ_PACKAGES := ./framing ./nat/packet ./nat/faketcp ./relay/dial
+FUZZ_PACKAGES := ./framing ./nat/packet ./nat/faketcp ./relay/dial ./relay/frontdoor
 fuzz:
 	@for pkg in $(FUZZ_PACKAGES); do \
 		for target in $$($(GO) test -list 'Fuzz.*' $$pkg | grep ^Fuzz); do \

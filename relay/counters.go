@@ -21,7 +21,8 @@ type Counters struct {
 	ProxyRefused      atomic.Uint64 // server: a PROXY header from an untrusted source, or none from a trusted one
 	TLSFailures       atomic.Uint64 // TLS handshakes that failed
 	SharedConns       atomic.Uint64 // server: connections handed to --share-backend
-	Unrecognized      atomic.Uint64 // server: connections that began with neither IKETCP, TLS nor HTTP
+	Unrecognized      atomic.Uint64 // server: connections that began with nothing the front door takes: neither IKETCP nor TLS for iketcp, nor TLS or HTTP for --share-backend
+	ClearRefused      atomic.Uint64 // server: IKETCP in clear, refused because TLS is required
 	IdentityRefused   atomic.Uint64 // server: frames of a session from a connection with another TLS identity (not moved)
 	PrefixTimeouts    atomic.Uint64 // server: no IKETCP prefix within the deadline
 	BadPrefix         atomic.Uint64 // server: a stream that began with something else
@@ -87,6 +88,7 @@ var counterDefs = []counterDef{
 	{"tls_failures", true, true, func(c *Counters) *atomic.Uint64 { return &c.TLSFailures }},
 	{"shared_conns", true, false, func(c *Counters) *atomic.Uint64 { return &c.SharedConns }},
 	{"unrecognized", true, false, func(c *Counters) *atomic.Uint64 { return &c.Unrecognized }},
+	{"clear_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClearRefused }},
 	{"identity_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.IdentityRefused }},
 	{"prefix_timeouts", true, false, func(c *Counters) *atomic.Uint64 { return &c.PrefixTimeouts }},
 	{"bad_prefix", true, false, func(c *Counters) *atomic.Uint64 { return &c.BadPrefix }},
