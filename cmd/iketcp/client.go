@@ -240,6 +240,11 @@ func streamDialer(c *cli.Context, log *slog.Logger, counters *relay.Counters) (*
 		if c.Bool("tls-insecure") {
 			log.Warn(dial.InsecureWarning)
 		}
+		if !c.Bool("plain-rfc9329") {
+			// Say so to an iketcp server that shares its port with a web
+			// site: the ALPN marks iketcp's clients whatever the name.
+			cfg.NextProtos = []string{iketcpALPN}
+		}
 		d.TLS = cfg
 	}
 	if v := c.String("http-proxy"); v != "" {

@@ -1,13 +1,19 @@
 package main
 
 import (
+	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
+	"os"
+	"os/signal"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/urfave/cli/v2"
 
@@ -15,6 +21,7 @@ import (
 	"github.com/iketcp/iketcp/nat/redirect"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/fakelink"
+	"github.com/iketcp/iketcp/relay/frontdoor"
 	"github.com/iketcp/iketcp/relay/streamlink"
 )
 
@@ -106,7 +113,7 @@ func planListen(listen []string, encap string, ikePort uint, ikeSet bool) (specs
 
 // listeners opens what specs ask for. close releases everything they hold
 // (fake-TCP's device and rules included) once the server is done.
-func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs []listenSpec) (lns []relay.Listener, close func(), err error) {
+func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs []listenSpec, door *frontdoor.Config) (lns []relay.Listener, close func(), err error) {
 	var stops []func()
 	close = func() {
 		for i := len(stops) - 1; i >= 0; i-- {
@@ -137,11 +144,16 @@ func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs
 			}
 			lns = append(lns, fakelink.NewListener(ln, s.addr))
 		default:
-			ln, err := streamlink.Listen(c.Context, s.addr, linkConfig(c, counters, log))
+			lc := net.ListenConfig{KeepAliveConfig: relay.TCPKeepAlive}
+			inner, err := lc.Listen(c.Context, "tcp", s.addr)
 			if err != nil {
-				return lns, close, fmt.Errorf("--listen %s: %w", s, err)
+				return lns, close, fmt.Errorf("--listen %s: %w", s, relay.ListenHint(err,
+					"another TCP service (an IKE daemon with TCP support, a web server?) holds the port: stop it, choose another port, or share it with --share-backend"))
 			}
-			lns = append(lns, ln)
+			if door != nil {
+				inner = frontdoor.Listen(inner, *door)
+			}
+			lns = append(lns, streamlink.NewListener(inner, linkConfig(c, counters, log)))
 		}
 	}
 	return lns, close, nil
@@ -171,3 +183,85 @@ func startRedirect(c *cli.Context, log *slog.Logger, from uint16) (stop func(), 
 		}
 	}, nil
 }
+
+// frontDoor is the front door the flags ask for in front of the rfc9329
+// ports, or nil when they ask for none (then the ports take RFC 9329 in
+// clear only). On SIGHUP it reloads --tls-cert and --tls-key, until the
+// command's context ends; live connections keep their certificate.
+func frontDoor(c *cli.Context, log *slog.Logger, counters *relay.Counters) (*frontdoor.Config, error) {
+	cfg := &frontdoor.Config{
+		ServerNames:  c.StringSlice("tls-server-name"),
+		ShareBackend: c.String("share-backend"),
+		RequireTLS:   c.Bool("tls-required"),
+		Protocols:    []string{iketcpALPN},
+		Counters:     counters,
+		Logger:       log,
+	}
+	for _, v := range c.StringSlice("proxy-protocol-from") {
+		for _, f := range strings.Split(v, ",") {
+			p, err := netip.ParsePrefix(strings.TrimSpace(f))
+			if err != nil {
+				a, aerr := netip.ParseAddr(strings.TrimSpace(f))
+				if aerr != nil {
+					return nil, fmt.Errorf("--proxy-protocol-from %q: want CIDRs such as 192.0.2.10/32 or 2001:db8::/64", f)
+				}
+				p = netip.PrefixFrom(a, a.BitLen())
+			}
+			cfg.ProxyFrom = append(cfg.ProxyFrom, p.Masked())
+		}
+	}
+	certSet, keySet := c.String("tls-cert") != "", c.String("tls-key") != ""
+	switch {
+	case certSet != keySet:
+		return nil, errors.New("--tls-cert and --tls-key go together: give both")
+	case certSet:
+		cf := &frontdoor.CertFile{CertPath: c.String("tls-cert"), KeyPath: c.String("tls-key")}
+		if err := cf.Load(); err != nil {
+			return nil, fmt.Errorf("--tls-cert, --tls-key: %w", err)
+		}
+		cfg.Certificate = cf
+		reloadOnHUP(c.Context, log, cf)
+	case c.IsSet("tls-client-ca") || c.Bool("tls-required") || c.IsSet("tls-server-name"):
+		return nil, errors.New("--tls-client-ca, --tls-required and --tls-server-name need the server's certificate: --tls-cert and --tls-key")
+	}
+	if v := c.String("tls-client-ca"); v != "" {
+		pem, err := os.ReadFile(v)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-client-ca: %w", err)
+		}
+		cfg.ClientCAs = x509.NewCertPool()
+		if !cfg.ClientCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--tls-client-ca %s holds no PEM certificate", v)
+		}
+		cfg.RequireTLS = true // a client in clear would have no identity
+	}
+	if cfg.Certificate == nil && len(cfg.ProxyFrom) == 0 && cfg.ShareBackend == "" {
+		return nil, nil
+	}
+	return cfg, nil
+}
+
+// reloadOnHUP reloads cf on every SIGHUP until ctx ends.
+func reloadOnHUP(ctx context.Context, log *slog.Logger, cf *frontdoor.CertFile) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {
+		defer signal.Stop(hup)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				if err := cf.Load(); err != nil {
+					log.Error("SIGHUP: the TLS certificate was not reloaded; the old one stays", "cert", cf.CertPath, "err", err)
+					continue
+				}
+				log.Info("SIGHUP: TLS certificate reloaded; new connections get it, live ones keep theirs", "cert", cf.CertPath)
+			}
+		}
+	}()
+}
+
+// iketcpALPN is the ALPN protocol iketcp's clients offer and its servers
+// take as theirs.
+const iketcpALPN = "iketcp"

@@ -3,7 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -16,6 +23,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/dial"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -85,13 +93,56 @@ func TestVersion(t *testing.T) {
 
 // TestServerAndClientFromTheCommandLine runs both roles as a user would,
 // as processes of the built binary (flags from the environment included),
-// sends a datagram through them and reads both back with `iketcp status`.
+// sends a datagram through them and reads both back with `iketcp status`:
+// in clear, and over TLS with the server's key pinned.
 func TestServerAndClientFromTheCommandLine(t *testing.T) {
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "iketcp")
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
+	t.Run("clear", func(t *testing.T) { commandLinePair(t, bin, nil, nil) })
+	t.Run("TLS", func(t *testing.T) {
+		certFile, keyFile, pin := selfSigned(t)
+		commandLinePair(t, bin, []string{"--tls-cert", certFile, "--tls-key", keyFile, "--tls-required"},
+			[]string{"--tls", "--tls-pin", pin})
+	})
+}
+
+// selfSigned writes a self-signed certificate and its key for ::1, and
+// returns their files and the pin of the key.
+func selfSigned(t *testing.T) (certFile, keyFile, pin string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "hub"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, IPAddresses: []net.IP{net.IPv6loopback}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	os.WriteFile(certFile, certPEM, 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600)
+	if pin, err = dial.PinOf(certPEM); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile, pin
+}
+
+// commandLinePair runs a server and a client of bin with the extra
+// arguments given, and carries an IKE_SA_INIT and its answer through.
+func commandLinePair(t *testing.T, bin string, srvExtra, clExtra []string) {
+	dir := t.TempDir()
 	backend, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv6loopback})
 	if err != nil {
 		t.Fatal(err)
@@ -129,8 +180,8 @@ func TestServerAndClientFromTheCommandLine(t *testing.T) {
 		return cmd
 	}
 	start([]string{"IKETCP_BACKEND=" + backend.LocalAddr().String(), "IKETCP_LOG_LEVEL=error"},
-		"server", "--listen", srvAddr, "--control", srvCtl)
-	start([]string{"IKETCP_PEER=" + srvAddr}, "client", "--listen", clAddr, "--control", clCtl)
+		append([]string{"server", "--listen", srvAddr, "--control", srvCtl}, srvExtra...)...)
+	start([]string{"IKETCP_PEER=" + srvAddr}, append([]string{"client", "--listen", clAddr, "--control", clCtl}, clExtra...)...)
 
 	waitStatus := func(path string) *relay.Status {
 		for range 200 {

@@ -21,6 +21,13 @@ func serverCommand() *cli.Command {
 		Flags: append([]cli.Flag{
 			&cli.StringSliceFlag{Name: "listen", Usage: "address to accept clients on, [rfc9329://|fake-tcp://]host:port, the scheme defaulting to --encap (repeat for several; default :4500)", EnvVars: envVar("listen")},
 			&cli.UintFlag{Name: "ike-tcp-port", Usage: "FortiOS's ike-tcp-port: 4500 listens on TCP 4500; any other port P listens on 4500 and 11443 and redirects P to 11443 (see --redirect)", EnvVars: envVar("ike-tcp-port")},
+			&cli.StringFlag{Name: "tls-cert", Usage: "the server's TLS certificate (PEM, with its chain): TLS 1.3 clients are served on every rfc9329 port, beside clients in clear; reloaded on SIGHUP", EnvVars: envVar("tls-cert")},
+			&cli.StringFlag{Name: "tls-key", Usage: "the key of --tls-cert", EnvVars: envVar("tls-key")},
+			&cli.StringFlag{Name: "tls-client-ca", Usage: "a PEM file of the CAs whose client certificates are accepted: TLS clients must prove one, clients in clear are refused, and a session belongs to the identity that opened it", EnvVars: envVar("tls-client-ca")},
+			&cli.BoolFlag{Name: "tls-required", Usage: "refuse RFC 9329 clients in clear", EnvVars: envVar("tls-required")},
+			&cli.StringSliceFlag{Name: "tls-server-name", Usage: "TLS server names (SNI) that are iketcp's when a port is shared with --share-backend (*.example.com matches one label); iketcp clients also say so with ALPN", EnvVars: envVar("tls-server-name")},
+			&cli.StringFlag{Name: "share-backend", Usage: "host:port of the HTTPS or HTTP site that shares the port: TLS for other names, and HTTP, go there untouched", EnvVars: envVar("share-backend")},
+			&cli.StringSliceFlag{Name: "proxy-protocol-from", Usage: "CIDRs of load balancers whose connections begin with a PROXY protocol header (v1 or v2): required from them, refused from anyone else; the client's real address is what limits, logs and status see", EnvVars: envVar("proxy-protocol-from")},
 			&cli.BoolFlag{Name: "real-address", Usage: "each session's socket toward the backend carries the client's own address (and a port of its own), so the IKE daemon sees and limits its real peers; needs CAP_NET_ADMIN, and --backend on one of this host's own, non-loopback addresses", EnvVars: envVar("real-address")},
 			&cli.StringFlag{Name: "redirect", Value: "nftables", Usage: "how --ike-tcp-port reaches 11443: nftables (a table iketcp owns; needs CAP_NET_ADMIN) or none (a container's or load balancer's port mapping does it)", EnvVars: envVar("redirect")},
 			&cli.StringFlag{Name: "backend", Value: "127.0.0.1:4500", Usage: "the IKE daemon's UDP NAT-T address", EnvVars: envVar("backend")},
@@ -87,7 +94,11 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	lns, closeListeners, err := listeners(c, log, counters, specs)
+	door, err := frontDoor(c, log, counters)
+	if err != nil {
+		return err
+	}
+	lns, closeListeners, err := listeners(c, log, counters, specs, door)
 	if err != nil {
 		return err
 	}
