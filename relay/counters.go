@@ -40,7 +40,8 @@ type Counters struct {
 	SPIMoves          atomic.Uint64 // server: ESP SPIs an iketcp client moved to the session they belong to
 	KeepalivesDropped atomic.Uint64 // NAT keepalives not carried over TCP (RFC 9329 6.6)
 	NoPath            atomic.Uint64 // datagrams for a session or flow with no link (dropped)
-	QueueFull         atomic.Uint64 // client: datagrams dropped on a full flow queue
+	QueueFull         atomic.Uint64 // datagrams refused by a link's full queue (ESP over --queue-bytes)
+	QueueLate         atomic.Uint64 // ESP dropped at the head of a link's queue: it waited longer than --queue-delay
 	Foreign           atomic.Uint64 // client, transparent mode: intercepted packets for no configured peer
 	Port500Refused    atomic.Uint64 // client, explicit mode: IKE from the daemon's port 500 (needs local_port = 4500)
 	SessionsCreated   atomic.Uint64 // server
@@ -106,7 +107,8 @@ var counterDefs = []counterDef{
 	{"spi_moves", true, false, func(c *Counters) *atomic.Uint64 { return &c.SPIMoves }},
 	{"keepalives_dropped", true, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesDropped }},
 	{"no_path", true, true, func(c *Counters) *atomic.Uint64 { return &c.NoPath }},
-	{"queue_full", false, true, func(c *Counters) *atomic.Uint64 { return &c.QueueFull }},
+	{"queue_full", true, true, func(c *Counters) *atomic.Uint64 { return &c.QueueFull }},
+	{"queue_late", true, true, func(c *Counters) *atomic.Uint64 { return &c.QueueLate }},
 	{"foreign_packets", false, true, func(c *Counters) *atomic.Uint64 { return &c.Foreign }},
 	{"port500_refused", false, true, func(c *Counters) *atomic.Uint64 { return &c.Port500Refused }},
 	{"sessions_created", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsCreated }},

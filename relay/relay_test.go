@@ -150,13 +150,13 @@ func BenchmarkRelay(b *testing.B) {
 			b.Fatal(err)
 		}
 		defer rx.Close()
-		relay.GrowSocketBuffers(rx)
+		relay.SizeSocketBuffers(rx)
 		tx, err := net.DialUDP("udp", nil, rx.LocalAddr().(*net.UDPAddr))
 		if err != nil {
 			b.Fatal(err)
 		}
 		defer tx.Close()
-		relay.GrowSocketBuffers(tx)
+		relay.SizeSocketBuffers(tx)
 		relaytest.MeasureFlow(b, tx, rx)
 	})
 	b.Run("iketcp", func(b *testing.B) {
@@ -200,7 +200,7 @@ func startTransparentClient(tb testing.TB, r *relaytest.Rig) *net.UDPConn {
 			tun.Close()
 			return err
 		}
-		relay.GrowSocketBuffers(daemon)
+		relay.SizeSocketBuffers(daemon)
 		return nil
 	})
 	tb.Cleanup(func() { daemon.Close(); tun.Close() })

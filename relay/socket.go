@@ -22,24 +22,33 @@ const (
 // authoritative).
 var TCPKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 4}
 
-// socketBuffer is the receive and send buffer iketcp asks for on its UDP
-// sockets: a burst of datagrams from an IKE daemon must not overflow the
-// kernel's default (about 208 KiB) while the relay is writing to TCP.
-const socketBuffer = 4 << 20
+// UDP socket buffers iketcp asks for. Its readers never wait for a link
+// (a link queues what it cannot send), so a receive buffer only has to
+// ride out a reader's scheduling delay: a few milliseconds at gigabits,
+// not seconds at the rates a congested link leaves.
+const (
+	// ReceiveBuffer is a UDP socket's receive buffer: about 4 ms at
+	// 1 Gbit/s.
+	ReceiveBuffer = 512 << 10
+	// SendBuffer is a UDP socket's send buffer: sends are batches to a
+	// local daemon or the next hop, which drain at once.
+	SendBuffer = 1 << 20
+)
 
-// GrowSocketBuffers raises a UDP socket's buffers to 4 MiB. With
-// CAP_NET_ADMIN it goes past the system's rmem_max/wmem_max (the FORCE
-// options); otherwise the kernel caps the request silently, which is the
-// best an unprivileged process can do.
-func GrowSocketBuffers(uc *net.UDPConn) {
-	uc.SetReadBuffer(socketBuffer)
-	uc.SetWriteBuffer(socketBuffer)
+// SizeSocketBuffers sets a UDP socket's buffers to ReceiveBuffer and
+// SendBuffer, past the kernel's default (about 208 KiB), which a burst
+// overflows. With CAP_NET_ADMIN it goes past the system's
+// rmem_max/wmem_max (the FORCE options); otherwise the kernel caps the
+// request silently, which is the best an unprivileged process can do.
+func SizeSocketBuffers(uc *net.UDPConn) {
+	uc.SetReadBuffer(ReceiveBuffer)
+	uc.SetWriteBuffer(SendBuffer)
 	rc, err := uc.SyscallConn()
 	if err != nil {
 		return
 	}
 	rc.Control(func(fd uintptr) {
-		forceBuffers(int(fd), socketBuffer)
+		forceBuffers(int(fd), ReceiveBuffer, SendBuffer)
 	})
 }
 

@@ -3,4 +3,4 @@
 package relay
 
 // forceBuffers does nothing where the FORCE options do not exist.
-func forceBuffers(fd, size int) {}
+func forceBuffers(fd, rcv, snd int) {}

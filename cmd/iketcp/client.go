@@ -48,7 +48,6 @@ func clientCommand() *cli.Command {
 			&cli.IntFlag{Name: "tun-priority", Value: 100, Usage: "--tun: priority of iketcp's policy rules (bypass rule; interception rules at +1); must come before other rules that route the peers", EnvVars: envVar("tun-priority")},
 			&cli.IntFlag{Name: "max-flows", Value: client.DefaultMaxFlows, Usage: "most local daemon addresses served at once", EnvVars: envVar("max-flows")},
 			&cli.DurationFlag{Name: "flow-idle", Value: client.DefaultFlowIdle, Usage: "close a flow whose daemon has sent nothing for this long", EnvVars: envVar("flow-idle")},
-			&cli.IntFlag{Name: "queue-len", Value: client.DefaultQueueLen, Usage: "datagrams held per flow while its connection is down or busy", EnvVars: envVar("queue-len")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: client.DefaultDialTimeout, Usage: "give up a connection attempt after this long", EnvVars: envVar("dial-timeout")},
 			&cli.DurationFlag{Name: "reconnect-max", Value: client.DefaultReconnectMax, Usage: "longest wait between reconnection attempts", EnvVars: envVar("reconnect-max")},
 		}, commonFlags("client")...),
@@ -57,7 +56,7 @@ func clientCommand() *cli.Command {
 }
 
 func runClient(c *cli.Context) error {
-	log, err := prepare(c, "max-flows", "flow-idle", "queue-len", "dial-timeout", "reconnect-max")
+	log, err := prepare(c, "max-flows", "flow-idle", "dial-timeout", "reconnect-max")
 	if err != nil {
 		return err
 	}
@@ -85,7 +84,8 @@ func runClient(c *cli.Context) error {
 		Logger:            log,
 		MaxFlows:          c.Int("max-flows"),
 		FlowIdle:          c.Duration("flow-idle"),
-		QueueLen:          c.Int("queue-len"),
+		QueueBytes:        c.Int("queue-bytes"),
+		QueueDelay:        c.Duration("queue-delay"),
 		MaxDatagram:       c.Int("max-datagram"),
 		DialTimeout:       c.Duration("dial-timeout"),
 		ReconnectMax:      c.Duration("reconnect-max"),

@@ -15,6 +15,7 @@ import (
 	"github.com/iketcp/iketcp/nat/fakenet"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/control"
+	"github.com/iketcp/iketcp/relay/sendq"
 	"github.com/iketcp/iketcp/relay/streamlink"
 )
 
@@ -31,6 +32,10 @@ func commonFlags(role string) []cli.Flag {
 		&cli.IntFlag{Name: "max-datagram", Value: relay.DefaultMaxDatagram, Usage: "largest datagram relayed either way, bytes (up to 65533)", EnvVars: envVar("max-datagram")},
 		&cli.IntFlag{Name: "conn-buffer", Value: relay.DefaultConnBuffer, Usage: "read buffer of each TCP connection, bytes, taken from a pool while data is in flight", EnvVars: envVar("conn-buffer")},
 		&cli.DurationFlag{Name: "write-timeout", Value: relay.DefaultWriteTimeout, Usage: "close a TCP connection that takes no data for this long", EnvVars: envVar("write-timeout")},
+		&cli.IntFlag{Name: "queue-bytes", Value: sendq.DefaultBudget, Usage: "ESP held for a connection that cannot send it yet, bytes; beyond it the newest is dropped (IKE waits apart and goes first)", EnvVars: envVar("queue-bytes")},
+		&cli.DurationFlag{Name: "queue-delay", Value: sendq.DefaultTarget, Usage: "ESP (but small packets) that waited this long for its connection is dropped rather than sent late", EnvVars: envVar("queue-delay")},
+		&cli.IntFlag{Name: "tcp-notsent", Value: streamlink.DefaultNotSentLowat, Usage: "TCP_NOTSENT_LOWAT of each TCP connection: about the most it holds unsent, bytes (-1: the system's, unlimited)", EnvVars: envVar("tcp-notsent")},
+		&cli.StringFlag{Name: "tcp-congestion", Value: streamlink.DefaultCongestion, Usage: "TCP congestion control of each connection (\"-\": the system's)", EnvVars: envVar("tcp-congestion")},
 	}
 }
 
@@ -99,7 +104,7 @@ func prepare(c *cli.Context, mustBePositive ...string) (*slog.Logger, error) {
 	if err := checkSizes(c); err != nil {
 		return nil, err
 	}
-	return log, positive(c, append(mustBePositive, "write-timeout")...)
+	return log, positive(c, append(mustBePositive, "write-timeout", "queue-bytes", "queue-delay")...)
 }
 
 // linkConfig is the configuration of RFC 9329 links from the flags both
@@ -110,6 +115,10 @@ func linkConfig(c *cli.Context, counters *relay.Counters, log *slog.Logger) stre
 		BufferSize:    c.Int("conn-buffer"),
 		WriteTimeout:  c.Duration("write-timeout"),
 		PrefixTimeout: c.Duration("prefix-timeout"), // the server's; zero on a client
+		QueueBytes:    c.Int("queue-bytes"),
+		QueueDelay:    c.Duration("queue-delay"),
+		NotSentLowat:  c.Int("tcp-notsent"),
+		Congestion:    c.String("tcp-congestion"),
 		Counters:      counters,
 		Logger:        log,
 	}

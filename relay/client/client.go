@@ -66,11 +66,12 @@ type Client struct {
 	mode string
 	side daemonSide
 
-	mu       sync.Mutex // guards the following
-	listen   string
-	flows    map[flowKey]*flow
-	msg      framing.Message // takeLocked's scratch
-	udpSends []*flow         // flows with datagrams waiting in udpOut for flushUDPLocked
+	mu        sync.Mutex // guards the following
+	listen    string
+	flows     map[flowKey]*flow
+	msg       framing.Message // takeLocked's scratch
+	udpSends  []*flow         // flows with datagrams waiting in udpOut for flushUDPLocked
+	linkSends []*linkPath     // paths with datagrams waiting in out for flushLinksLocked
 
 	wg sync.WaitGroup // every goroutine the client starts
 

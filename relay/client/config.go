@@ -14,7 +14,6 @@ import (
 const (
 	DefaultMaxFlows     = 64
 	DefaultFlowIdle     = 2 * time.Minute
-	DefaultQueueLen     = 256
 	DefaultDialTimeout  = 5 * time.Second
 	DefaultReconnectMin = 100 * time.Millisecond
 	DefaultReconnectMax = 5 * time.Second
@@ -63,8 +62,11 @@ type Config struct {
 	// FlowIdle closes a flow, and its link, when the daemon has sent
 	// nothing (not even a keepalive) for that long.
 	FlowIdle time.Duration
-	// QueueLen bounds the datagrams waiting for a flow's link.
-	QueueLen int
+	// QueueBytes bounds the ESP waiting for a link that is not up yet,
+	// and QueueDelay is how long it may wait (package relay/sendq); the
+	// links' own queues are their Dialer's.
+	QueueBytes int
+	QueueDelay time.Duration
 	// MaxDatagram is the largest datagram relayed either way.
 	MaxDatagram int
 	// DialTimeout bounds one connection attempt.
@@ -78,7 +80,6 @@ type Config struct {
 func (c *Config) logger() *slog.Logger    { return relay.OrDefault(c.Logger, slog.Default()) }
 func (c *Config) maxFlows() int           { return relay.OrDefault(c.MaxFlows, DefaultMaxFlows) }
 func (c *Config) flowIdle() time.Duration { return relay.OrDefault(c.FlowIdle, DefaultFlowIdle) }
-func (c *Config) queueLen() int           { return relay.OrDefault(c.QueueLen, DefaultQueueLen) }
 func (c *Config) maxDatagram() int        { return relay.OrDefault(c.MaxDatagram, relay.DefaultMaxDatagram) }
 func (c *Config) dialTimeout() time.Duration {
 	return relay.OrDefault(c.DialTimeout, DefaultDialTimeout)

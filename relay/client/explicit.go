@@ -21,7 +21,7 @@ func ListenUDP(addr string) (*net.UDPConn, error) {
 	if err != nil {
 		return nil, relay.ListenHint(err, "the IKE daemon (or another iketcp) holds this UDP port: choose another --listen port and set the daemon's remote_port to it")
 	}
-	relay.GrowSocketBuffers(uc)
+	relay.SizeSocketBuffers(uc)
 	return uc, nil
 }
 

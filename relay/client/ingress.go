@@ -63,11 +63,9 @@ func (cl *Client) readDaemon(ctx context.Context) error {
 			if a.skip {
 				continue
 			}
-			if cl.takeLocked(ctx, a, now) {
-				a.d = cl.getDatagram()
-			}
+			cl.takeLocked(ctx, a, now)
 		}
-		cl.flushUDPLocked()
+		cl.flushLocked()
 		cl.mu.Unlock()
 	}
 }

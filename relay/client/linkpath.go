@@ -12,6 +12,7 @@ import (
 	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/sendq"
 	"github.com/iketcp/iketcp/relay/ticket"
 )
 
@@ -31,13 +32,17 @@ const (
 )
 
 // linkPath is one IKE SA's way to the iketcp server (and the IKE SAs
-// rekeyed from it): a link, kept up with reconnects, and the queue of the
-// daemon's datagrams that wait for it. RFC 9329 6: IKE SAs do not share a
-// TCP connection, but for the overlap of a rekey.
+// rekeyed from it): a link, kept up with reconnects. RFC 9329 6: IKE SAs
+// do not share a TCP connection, but for the overlap of a rekey.
+//
+// The daemon's datagrams go to the link from the goroutine that read
+// them, in one Send per path and batch: a link queues what it cannot send
+// at once (package relay/sendq). While the path has no link (before the
+// first connection, between reconnects) they wait in the path's own
+// queue, with the same discipline: IKE kept, late ESP dropped.
 type linkPath struct {
 	f      *flow
 	id     uint64
-	queue  chan *datagram
 	ctx    context.Context // ends the path
 	cancel context.CancelFunc
 
@@ -46,10 +51,14 @@ type linkPath struct {
 	lastUsed atomic.Int64 // unix ns of the daemon's last datagram routed here
 	book     relay.SABook
 
-	started bool // runLink is running; guarded by Client.mu
+	// Guarded by Client.mu.
+	started bool     // runLink is running
+	out     [][]byte // the daemon's datagrams of this batch, for flushLinksLocked
 
-	mu      sync.Mutex // guards the following
-	peer    string     // the current link's ends
+	mu      sync.Mutex  // guards the following
+	link    relay.Link  // the link up, or nil
+	waiting sendq.Queue // what waits while there is none
+	peer    string      // the current link's ends
 	local   string
 	tickets []heldTicket // newest last
 	session uint64       // the server's session, from its latest ticket
@@ -62,34 +71,86 @@ type heldTicket struct {
 	key ticket.Key
 }
 
-// enqueue puts d in the path's queue, starting its link on first use, or
-// counts d dropped when the queue is full. It reports whether the queue
-// took d. Client.mu must be held.
-func (p *linkPath) enqueueLocked(d *datagram) bool {
+func newLinkPath(f *flow) *linkPath {
+	cl := f.cl
+	p := &linkPath{f: f, id: cl.nextID.Add(1)}
+	p.waiting.Budget, p.waiting.Target = cl.cfg.QueueBytes, cl.cfg.QueueDelay
+	p.ctx, p.cancel = context.WithCancel(f.ctx)
+	return p
+}
+
+// queueLocked adds d to what the path sends at the end of the caller's
+// batch (flushLinksLocked), starting its link on first use. d stays the
+// caller's. Client.mu must be held.
+func (p *linkPath) queueLocked(d *datagram) {
 	cl := p.f.cl
 	if !p.started {
 		p.started = true
 		cl.wg.Add(1)
 		go p.runLink()
 	}
-	select {
-	case p.queue <- d:
-		return true
-	default:
-		cl.counters.QueueFull.Add(1)
-		cl.logDrop.Log(cl.log, slog.LevelWarn, "datagram dropped: link queue full (connection down or too slow)",
-			"flow", p.f.id, "link", p.id, "queue", cap(p.queue))
-		return false
+	if len(p.out) == 0 {
+		cl.linkSends = append(cl.linkSends, p)
 	}
+	p.out = append(p.out, d.withHeadroom())
+}
+
+// flushLinksLocked sends every path's datagrams of this batch, one Send
+// per path, before the caller reuses their buffers. cl.mu must be held.
+func (cl *Client) flushLinksLocked() {
+	for i, p := range cl.linkSends {
+		p.send(p.out)
+		clear(p.out)
+		p.out = p.out[:0]
+		cl.linkSends[i] = nil
+	}
+	cl.linkSends = cl.linkSends[:0]
+}
+
+// send hands bufs (each with relay.Headroom in front) to the path's link,
+// or queues copies while it has none.
+func (p *linkPath) send(bufs [][]byte) {
+	cl := p.f.cl
+	var bytes uint64
+	for _, b := range bufs {
+		bytes += uint64(len(b) - relay.Headroom)
+	}
+	p.mu.Lock()
+	link := p.link
+	if link == nil {
+		now := time.Now().UnixNano()
+		for _, b := range bufs {
+			p.waiting.Push(b, sendq.LaneOf(b[relay.Headroom:]), now)
+		}
+		p.countDropsLocked()
+		p.mu.Unlock()
+		p.f.traffic.CountOut(cl.counters, len(bufs), bytes)
+		return
+	}
+	p.mu.Unlock()
+	if err := link.Send(bufs); err != nil {
+		cl.counters.NoPath.Add(uint64(len(bufs)))
+		link.Close() // its reader ends, and the path reconnects
+		return
+	}
+	p.f.traffic.CountOut(cl.counters, len(bufs), bytes)
+}
+
+// countDropsLocked adds what the waiting queue dropped to the counters.
+// p.mu must be held.
+func (p *linkPath) countDropsLocked() {
+	d := p.waiting.TakeDrops()
+	if d.Full > 0 {
+		cl := p.f.cl
+		cl.counters.QueueFull.Add(d.Full)
+		cl.logDrop.Log(cl.log, slog.LevelWarn, "datagrams dropped: the queue for a link that is not up is full (--queue-bytes)",
+			"flow", p.f.id, "link", p.id, "dropped", d.Full)
+	}
+	p.f.cl.counters.QueueLate.Add(d.Late)
 }
 
 // runLink keeps a link to the iketcp server for the path, reconnecting
-// with backoff, and writes the path's queue onto it.
-//
-// A path leaves its flow (under linkPaths.mu, which readDaemon takes
-// under Client.mu while it queues) before it is stopped, and readDaemon
-// has returned before run stops the rest, so nothing is queued after
-// runLink drains the queue.
+// with backoff.
 func (p *linkPath) runLink() {
 	cl := p.f.cl
 	defer cl.wg.Done()
@@ -130,16 +191,11 @@ func (p *linkPath) runLink() {
 	}
 }
 
-// drain returns queued datagrams to the pool as runLink ends.
+// drain drops what still waits as runLink ends.
 func (p *linkPath) drain() {
-	for {
-		select {
-		case d := <-p.queue:
-			p.f.cl.putDatagram(d)
-		default:
-			return
-		}
-	}
+	p.mu.Lock()
+	p.waiting.Reset()
+	p.mu.Unlock()
 }
 
 // connect opens a link to the iketcp server for the path.
@@ -169,7 +225,8 @@ func (p *linkPath) connect() (relay.Link, error) {
 // carry moves the path's traffic over link both ways until the link fails
 // or the path ends, closes the link, and says why it ended. To an iketcp
 // server it says hello first, and claims its sessions back once the
-// server has answered.
+// server has answered. Then what waited goes, and the link takes the
+// daemon's datagrams directly.
 func (p *linkPath) carry(link relay.Link) string {
 	lr := &linkReader{path: p, link: link}
 	if !p.f.cl.cfg.PlainRFC9329 {
@@ -184,58 +241,42 @@ func (p *linkPath) carry(link relay.Link) string {
 		defer p.f.cl.wg.Done()
 		readDone <- link.Serve(newPeerReader(p.f, fallback.TCP, lr))
 	}()
-	reason, readerEnded := p.writeLink(link, readDone)
-	link.Close()
-	if !readerEnded {
-		<-readDone
+	var reason string
+	if err := p.attach(link); err != nil {
+		reason = "write: " + err.Error()
+	} else {
+		select {
+		case err := <-readDone:
+			readDone <- err
+			reason = err.Error()
+		case <-p.ctx.Done():
+			reason = "link closed"
+		}
 	}
+	p.mu.Lock()
+	p.link = nil
+	p.mu.Unlock()
+	link.Close()
+	<-readDone
 	return reason
 }
 
-// writeLink sends batches from the path's queue on link until a send
-// fails, the reader ends (readerEnded) or the path ends, and says why.
-func (p *linkPath) writeLink(link relay.Link, readDone <-chan error) (reason string, readerEnded bool) {
-	cl := p.f.cl
-	batch := make([]*datagram, 0, clientBatch)
-	bufs := make([][]byte, 0, clientBatch)
-	for {
-		select {
-		case d := <-p.queue:
-			batch = append(batch, d)
-		case err := <-readDone:
-			return err.Error(), true
-		case <-p.ctx.Done():
-			return "link closed", false
-		}
-	gather:
-		for len(batch) < cap(batch) {
-			select {
-			case d := <-p.queue:
-				batch = append(batch, d)
-			default:
-				break gather
-			}
-		}
-		var bytes uint64
-		for _, d := range batch {
-			bytes += uint64(d.n)
-			bufs = append(bufs, d.withHeadroom())
-		}
+// attach sends what waited for a link on link, and makes it the path's.
+func (p *linkPath) attach(link relay.Link) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var bufs [][]byte
+	for !p.waiting.Empty() {
+		bufs = p.waiting.Pop(bufs[:0], clientBatch, 256<<10, time.Now().UnixNano())
 		err := link.Send(bufs)
-		n := len(batch)
-		for i, d := range batch {
-			cl.putDatagram(d)
-			batch[i] = nil
-		}
-		batch = batch[:0]
-		clear(bufs)
-		bufs = bufs[:0]
+		p.waiting.Release()
 		if err != nil {
-			cl.counters.WriteErrors.Add(1)
-			return "write: " + err.Error(), false
+			return err
 		}
-		p.f.traffic.CountOut(cl.counters, n, bytes)
 	}
+	p.countDropsLocked()
+	p.link = link
+	return nil
 }
 
 // linkReader is a link's iketcp handshake, from the client's side: the

@@ -1,7 +1,6 @@
 package client
 
 import (
-	"context"
 	"sync"
 	"time"
 
@@ -271,8 +270,7 @@ func index(list []pending, p *linkPath) int {
 
 // openLocked opens a new path for f.
 func (lp *linkPaths) openLocked(f *flow) *linkPath {
-	p := &linkPath{f: f, id: f.cl.nextID.Add(1), queue: make(chan *datagram, f.cl.cfg.queueLen())}
-	p.ctx, p.cancel = context.WithCancel(f.ctx)
+	p := newLinkPath(f)
 	lp.paths = append(lp.paths, p)
 	return p
 }

@@ -13,30 +13,30 @@ import (
 
 // takeLocked routes one of the daemon's datagrams, in port-4500 form in
 // a.d, to its flow, starting the flow if needed; the flow's transport
-// machine says where it goes. It reports whether a link's queue took
-// a.d; UDP sends wait in the flow's udpOut until flushUDPLocked, at the
-// end of the caller's batch, so a.d stays the caller's until then.
-// cl.mu must be held.
-func (cl *Client) takeLocked(ctx context.Context, a *arrival, now int64) bool {
+// machine says where it goes. Sends wait, on UDP in the flow's udpOut,
+// on a link in its path's out, until flushLocked at the end of the
+// caller's batch: a.d stays the caller's, to reuse after that. cl.mu must
+// be held.
+func (cl *Client) takeLocked(ctx context.Context, a *arrival, now int64) {
 	kind, ok := cl.decodeLocked(a)
 	if !ok {
-		return false
+		return
 	}
 	f := cl.flows[a.key]
 	if kind == framing.KindKeepalive {
 		cl.keepaliveLocked(f, a.d, now)
-		return false
+		return
 	}
 	if f == nil {
 		if f = cl.newFlowLocked(ctx, a.key); f == nil {
-			return false
+			return
 		}
 	}
 	f.lastLocal.Store(now)
 	if a.intercepted {
 		f.ports.note(kind, a.rawESP, a.srcPort, a.dstPort)
 	}
-	return cl.sendLocked(f, a.d, now)
+	cl.sendLocked(f, a.d, now)
 }
 
 // decodeLocked parses a's datagram into cl.msg. A datagram that is not a
@@ -67,23 +67,22 @@ func (cl *Client) keepaliveLocked(f *flow, d *datagram, now int64) {
 }
 
 // sendLocked sends d the way the flow's transport machine says: on UDP,
-// on the flow's link, or both while racing. It reports whether the link's
-// queue took d.
-func (cl *Client) sendLocked(f *flow, d *datagram, now int64) bool {
+// on the flow's link, or both while racing.
+func (cl *Client) sendLocked(f *flow, d *datagram, now int64) {
 	route := f.outbound(time.Unix(0, now), &cl.msg)
 	if route&fallback.UDP != 0 {
-		if route&fallback.TCP != 0 {
-			// Racing: d also goes to the link, which takes the buffer, so
-			// it leaves on UDP now rather than at the flush.
-			cl.sendUDPNow(f, d)
-		} else {
-			cl.queueUDPLocked(f, d)
-		}
+		cl.queueUDPLocked(f, d)
 	}
-	if route&fallback.TCP == 0 {
-		return false
+	if route&fallback.TCP != 0 {
+		f.links.forDaemon(f, &cl.msg, now).queueLocked(d)
 	}
-	return f.links.forDaemon(f, &cl.msg, now).enqueueLocked(d)
+}
+
+// flushLocked sends what the caller's batch queued, on UDP and on links.
+// cl.mu must be held.
+func (cl *Client) flushLocked() {
+	cl.flushUDPLocked()
+	cl.flushLinksLocked()
 }
 
 // newFlowLocked starts a flow for a new key, or returns nil over the flow

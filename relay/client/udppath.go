@@ -51,7 +51,7 @@ func (cl *Client) udpLocked(f *flow) *udpPath {
 		return nil
 	}
 	uc := c.(*net.UDPConn)
-	relay.GrowSocketBuffers(uc)
+	relay.SizeSocketBuffers(uc)
 	u := &udpPath{bc: udpbatch.New(uc, udpbatch.Options{BatchSize: clientBatch, Logger: cl.log})}
 	f.udp.Store(u)
 	cl.log.Info("UDP path open", "flow", f.id, "local", uc.LocalAddr().String(), "peer", f.udpTarget)
@@ -72,19 +72,6 @@ func (cl *Client) queueUDPLocked(f *flow, d *datagram) {
 		cl.udpSends = append(cl.udpSends, f)
 	}
 	f.udpOut = append(f.udpOut, udpbatch.Message{Buf: d.bytes()})
-}
-
-// sendUDPNow sends d's datagram on the flow's UDP path at once. cl.mu
-// must be held.
-func (cl *Client) sendUDPNow(f *flow, d *datagram) {
-	u := cl.udpLocked(f)
-	if u == nil {
-		cl.counters.WriteErrors.Add(1)
-		return
-	}
-	one := [1]udpbatch.Message{{Buf: d.bytes()}}
-	n, err := u.bc.WriteBatch(one[:])
-	cl.countUDPSent(f, one[:n], err)
 }
 
 // flushUDPLocked sends every flow's pending UDP datagrams, one sendmmsg

@@ -102,7 +102,7 @@ func NewRig(tb testing.TB, o RigOptions) *Rig {
 		tb.Fatal(err)
 	}
 	r.Backend = backend.(*net.UDPConn)
-	relay.GrowSocketBuffers(r.Backend)
+	relay.SizeSocketBuffers(r.Backend)
 	tb.Cleanup(func() { r.Backend.Close() })
 
 	o.Server.Backend = r.Backend.LocalAddr().(*net.UDPAddr).AddrPort()
@@ -179,7 +179,7 @@ func NewRig(tb testing.TB, o RigOptions) *Rig {
 			tb.Fatal(err)
 		}
 		r.Site = site
-		relay.GrowSocketBuffers(site)
+		relay.SizeSocketBuffers(site)
 		tb.Cleanup(func() { r.Site.Close() })
 	}
 	tb.Cleanup(r.Stop)

@@ -124,7 +124,7 @@ func (s *Server) newSession(c *conn, h *framing.IKEHeader, now time.Time) (sess 
 		release()
 		return nil, false, fmt.Errorf("cannot open a socket toward the backend %v: %w", cfg.Backend, err)
 	}
-	relay.GrowSocketBuffers(uc)
+	relay.SizeSocketBuffers(uc)
 	sess = &session{
 		srv:     s,
 		id:      s.nextSessionID.Add(1),

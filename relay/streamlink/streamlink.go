@@ -25,6 +25,7 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/sendq"
 )
 
 // DefaultPrefixTimeout bounds a server's wait for the IKETCP prefix.
@@ -32,6 +33,16 @@ const DefaultPrefixTimeout = 5 * time.Second
 
 // burstSize is the most frames handed to the receiver at once.
 const burstSize = 64
+
+// DefaultNotSentLowat keeps a link's socket to about this much unsent: a
+// few milliseconds at tens of megabits, and enough at gigabits that the
+// writer is not woken for every segment.
+const DefaultNotSentLowat = 32 << 10
+
+// DefaultCongestion is the links' TCP congestion control: BBR keeps the
+// bottleneck's queue short, where a loss-based one fills it. If the
+// kernel lacks it, the link says so once and keeps the system's.
+const DefaultCongestion = "bbr"
 
 // Config configures the links of a Dialer or a Listener. Zero values mean
 // the defaults.
@@ -46,6 +57,17 @@ type Config struct {
 	WriteTimeout time.Duration
 	// PrefixTimeout bounds a server link's wait for the IKETCP prefix.
 	PrefixTimeout time.Duration
+	// QueueBytes bounds the ESP waiting for a link that cannot send it
+	// yet, and QueueDelay is how long ESP may wait before it is dropped
+	// (package relay/sendq). IKE waits apart and goes first.
+	QueueBytes int
+	QueueDelay time.Duration
+	// NotSentLowat is the socket's TCP_NOTSENT_LOWAT: about the most it
+	// holds unsent. Negative leaves the system's (unlimited).
+	NotSentLowat int
+	// Congestion is the links' TCP congestion control; "" means
+	// DefaultCongestion, "-" the system's.
+	Congestion string
 	// Counters counts what the links drop and why (nil: not counted).
 	Counters *relay.Counters
 	Logger   *slog.Logger
@@ -60,6 +82,18 @@ func (c *Config) bufferSize() int {
 func (c *Config) writeTimeout() time.Duration {
 	return relay.OrDefault(c.WriteTimeout, relay.DefaultWriteTimeout)
 }
+func (c *Config) notSentLowat() int {
+	return max(relay.OrDefault(c.NotSentLowat, DefaultNotSentLowat), 0)
+}
+func (c *Config) congestion() string {
+	switch c.Congestion {
+	case "":
+		return DefaultCongestion
+	case "-":
+		return ""
+	}
+	return c.Congestion
+}
 func (c *Config) prefixTimeout() time.Duration {
 	return relay.OrDefault(c.PrefixTimeout, DefaultPrefixTimeout)
 }
@@ -71,6 +105,7 @@ type shared struct {
 	cfg          Config
 	log          *slog.Logger
 	logOversize  relay.Sometimes
+	logTune      relay.Sometimes
 	prefixExpect bool      // links expect the prefix: the server's side
 	buffers      sync.Pool // of *[]byte, the links' read buffers
 }
@@ -203,35 +238,29 @@ func (l *Listener) Encap() string { return "rfc9329" }
 
 // Link is one RFC 9329 connection.
 type Link struct {
-	nc     net.Conn
-	sh     *shared
-	closed atomic.Bool
+	nc      net.Conn
+	sh      *shared
+	direct  directWriter // nil: frames go through nc.Write (TLS)
+	closed  atomic.Bool
+	writers sync.WaitGroup
 
-	wmu     sync.Mutex // guards writes to nc and the following
-	vec     net.Buffers
-	vecBack [][]byte
+	wmu      sync.Mutex // guards the write side (send.go): the following
+	q        sendq.Queue
+	writing  bool     // the writer goroutine owns the socket's write side
+	pend     [][]byte // Send's scratch, in pendBack
+	pendBack [][]byte
+	rest     []byte // the unsent tail of a frame a direct write sent in part, in restBuf; nil if none
+	restBuf  []byte
+	werr     error // the write error that ended the link
 }
 
 func newLink(nc net.Conn, sh *shared) *Link {
-	return &Link{nc: nc, sh: sh, vecBack: make([][]byte, 0, burstSize)}
-}
-
-// Send writes the datagrams as frames, each Length written in place in
-// front of it, in one writev.
-func (l *Link) Send(bufs [][]byte) error {
-	l.wmu.Lock()
-	defer l.wmu.Unlock()
-	l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
-	l.vecBack = l.vecBack[:0]
-	for _, b := range bufs {
-		f := b[relay.Headroom-framing.LengthSize:]
-		framing.PutLength(f, len(b)-relay.Headroom)
-		l.vecBack = append(l.vecBack, f)
+	l := &Link{nc: nc, sh: sh, direct: directFor(nc)}
+	l.q.Budget, l.q.Target = sh.cfg.QueueBytes, sh.cfg.QueueDelay
+	if err := tuneSocket(nc, &sh.cfg); err != nil {
+		sh.logTune.Log(sh.log, slog.LevelWarn, "link socket option not set", "err", err)
 	}
-	l.vec = l.vecBack
-	_, err := l.vec.WriteTo(l.nc)
-	clear(l.vecBack)
-	return err
+	return l
 }
 
 // Serve reads the stream until it ends: on a server's link the prefix
@@ -268,7 +297,7 @@ func (l *Link) Serve(rx relay.Receiver) error {
 			}
 			if w != nil {
 				if err := w.wait(); err != nil {
-					if d == nil {
+					if d == nil && l.sh.prefixExpect {
 						return l.prefixFailed(err)
 					}
 					return l.ended(err)
@@ -342,6 +371,9 @@ func (l *Link) prefixFailed(err error) error {
 	cfg := &l.sh.cfg
 	var ne net.Error
 	var pe *framing.PrefixError
+	if werr := l.writeErr(); werr != nil {
+		return werr
+	}
 	switch {
 	case l.closed.Load():
 		return relay.ErrClosedHere
@@ -373,16 +405,23 @@ func (l *Link) ended(err error) error {
 	case errors.Is(err, framing.ErrBadLength):
 		cfg.Counters.BadLength.Add(1)
 		return &relay.ProtocolError{Reason: "invalid frame: " + err.Error()}
-	case l.closed.Load() || errors.Is(err, net.ErrClosed):
+	}
+	if werr := l.writeErr(); werr != nil {
+		return werr
+	}
+	if l.closed.Load() || errors.Is(err, net.ErrClosed) {
 		return relay.ErrClosedHere
 	}
 	return fmt.Errorf("read failed: %w", err)
 }
 
-// Close closes the connection; Serve returns.
+// Close closes the connection, and waits for the writer to stop; Serve
+// returns.
 func (l *Link) Close() error {
 	l.closed.Store(true)
-	return l.nc.Close()
+	err := l.nc.Close()
+	l.writers.Wait()
+	return err
 }
 
 // Identity is the subject of the certificate a TLS client proved it

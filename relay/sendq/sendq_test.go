@@ -1,0 +1,221 @@
+package sendq
+
+import (
+	"encoding/binary"
+	"testing"
+	"time"
+)
+
+// ike returns an IKE datagram in port-4500 form (behind the non-ESP
+// marker) of n bytes, tagged with seq.
+func ike(n int, seq uint32) []byte {
+	p := make([]byte, n)
+	binary.BigEndian.PutUint32(p[8:], seq)
+	return p
+}
+
+// esp returns an ESP datagram of n bytes, tagged with seq.
+func esp(n int, seq uint32) []byte {
+	p := make([]byte, n)
+	binary.BigEndian.PutUint32(p, 0x1000)
+	binary.BigEndian.PutUint32(p[4:], seq)
+	return p
+}
+
+func seqOf(p []byte) uint32 {
+	if LaneOf(p) == Priority {
+		return binary.BigEndian.Uint32(p[8:])
+	}
+	return binary.BigEndian.Uint32(p[4:])
+}
+
+func TestLaneOf(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		p    []byte
+		want Lane
+	}{
+		{"IKE", ike(100, 1), Priority},
+		{"keepalive", []byte{0xff}, Priority},
+		{"ESP", esp(100, 1), Bulk},
+		{"ESP with a zero byte in its SPI", []byte{0, 0, 0, 1, 0, 0, 0, 1}, Bulk},
+		{"short", []byte{0, 0}, Bulk},
+	} {
+		if got := LaneOf(tc.p); got != tc.want {
+			t.Errorf("%s: lane %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestIKEGoesFirst: IKE queued behind ESP leaves before it, and each lane
+// keeps its order.
+func TestIKEGoesFirst(t *testing.T) {
+	var q Queue
+	now := time.Now().UnixNano()
+	for i := range uint32(10) {
+		q.Push(esp(1400, i), Bulk, now)
+	}
+	q.Push(ike(300, 100), Priority, now)
+	q.Push(ike(300, 101), Priority, now)
+	got := q.Pop(nil, 64, 1<<20, now)
+	if len(got) != 12 {
+		t.Fatalf("popped %d datagrams, want 12", len(got))
+	}
+	want := []uint32{100, 101, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
+	for i, p := range got {
+		if seqOf(p) != want[i] {
+			t.Fatalf("datagram %d is %d, want %d (order %v)", i, seqOf(p), want[i], want)
+		}
+	}
+	q.Release()
+	if !q.Empty() {
+		t.Fatal("queue not empty after popping everything")
+	}
+}
+
+// TestBudgetRefusesTheNewest: over the budget, the newest ESP is refused
+// and counted, what waits stays; IKE has its own budget.
+func TestBudgetRefusesTheNewest(t *testing.T) {
+	q := Queue{Budget: 10 * 1400}
+	now := time.Now().UnixNano()
+	for i := range uint32(15) {
+		v := q.Push(esp(1400, i), Bulk, now)
+		if want := i < 10; (v == Queued) != want {
+			t.Fatalf("datagram %d: verdict %d, queued want %v", i, v, want)
+		}
+	}
+	if v := q.Push(ike(500, 99), Priority, now); v != Queued {
+		t.Fatal("IKE refused because ESP spent its budget")
+	}
+	if d := q.TakeDrops(); d.Full != 5 || d.Late != 0 {
+		t.Fatalf("drops %+v, want 5 full", d)
+	}
+	if _, bulk := q.Bytes(); bulk != 10*1400 {
+		t.Fatalf("bulk bytes %d, want %d", bulk, 10*1400)
+	}
+	got := q.Pop(nil, 64, 1<<20, now)
+	if len(got) != 11 || seqOf(got[0]) != 99 || seqOf(got[1]) != 0 || seqOf(got[10]) != 9 {
+		t.Fatalf("popped %d, first %d: want IKE 99 then ESP 0..9", len(got), seqOf(got[0]))
+	}
+	q.Release()
+}
+
+// TestLateESPIsDropped: ESP that waited past the target is dropped at the
+// head, but small ESP and IKE are not.
+func TestLateESPIsDropped(t *testing.T) {
+	q := Queue{Target: 5 * time.Millisecond}
+	t0 := time.Now().UnixNano()
+	q.Push(esp(1400, 1), Bulk, t0)
+	q.Push(esp(100, 2), Bulk, t0) // small: a ping
+	q.Push(ike(1400, 3), Priority, t0)
+	q.Push(esp(1400, 4), Bulk, t0+int64(9*time.Millisecond))
+	got := q.Pop(nil, 64, 1<<20, t0+int64(10*time.Millisecond))
+	var seqs []uint32
+	for _, p := range got {
+		seqs = append(seqs, seqOf(p))
+	}
+	if len(seqs) != 3 || seqs[0] != 3 || seqs[1] != 2 || seqs[2] != 4 {
+		t.Fatalf("popped %v, want [3 2 4]: IKE, the small late ESP, the fresh ESP", seqs)
+	}
+	if d := q.TakeDrops(); d.Late != 1 || d.Full != 0 {
+		t.Fatalf("drops %+v, want 1 late", d)
+	}
+	q.Release()
+}
+
+// TestPopBounds: Pop stops at max datagrams and about maxBytes, but
+// always returns one if any waits.
+func TestPopBounds(t *testing.T) {
+	var q Queue
+	now := time.Now().UnixNano()
+	for i := range uint32(10) {
+		q.Push(esp(1000, i), Bulk, now)
+	}
+	if got := q.Pop(nil, 3, 1<<20, now); len(got) != 3 {
+		t.Fatalf("max 3: popped %d", len(got))
+	}
+	q.Release()
+	if got := q.Pop(nil, 64, 2500, now); len(got) != 2 {
+		t.Fatalf("maxBytes 2500: popped %d, want 2", len(got))
+	}
+	q.Release()
+	if got := q.Pop(nil, 64, 10, now); len(got) != 1 {
+		t.Fatalf("maxBytes 10: popped %d, want 1 (at least one)", len(got))
+	}
+	q.Release()
+	if n := q.Reset(); n != 4 {
+		t.Fatalf("Reset dropped %d, want 4", n)
+	}
+	if !q.Empty() {
+		t.Fatal("not empty after Reset")
+	}
+}
+
+// TestCopiesAreIndependent: what Push took is a copy, what Pop returns
+// is exactly it.
+func TestCopiesAreIndependent(t *testing.T) {
+	var q Queue
+	now := time.Now().UnixNano()
+	p := esp(777, 7)
+	q.Push(p, Bulk, now)
+	p[4] = 0xaa
+	got := q.Pop(nil, 1, 1<<20, now)
+	if len(got) != 1 || len(got[0]) != 777 || seqOf(got[0]) != 7 {
+		t.Fatalf("popped %d bytes, seq %d: want the 777 bytes pushed, seq 7", len(got[0]), seqOf(got[0]))
+	}
+	q.Release()
+}
+
+func TestSizeClasses(t *testing.T) {
+	for _, tc := range []struct{ n, size int }{{1, 256}, {256, 256}, {257, 512}, {1402, 2048}, {9218, 16384}, {65535, 65536}} {
+		b := getBuffer(tc.n)
+		if len(*b) != tc.size {
+			t.Errorf("getBuffer(%d): %d bytes, want %d", tc.n, len(*b), tc.size)
+		}
+		putBuffer(b)
+	}
+	if b := getBuffer(70000); len(*b) != 70000 {
+		t.Errorf("getBuffer(70000): %d bytes", len(*b))
+	}
+}
+
+// TestSteadyStateDoesNotAllocate: once warm, a queue takes and gives
+// datagrams without allocating.
+func TestSteadyStateDoesNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector's sync.Pool drops buffers at random; allocations are checked without -race")
+	}
+	var q Queue
+	p := esp(1400, 1)
+	k := ike(200, 2)
+	dst := make([][]byte, 0, 64)
+	now := time.Now().UnixNano()
+	round := func() {
+		for range 32 {
+			q.Push(p, Bulk, now)
+		}
+		q.Push(k, Priority, now)
+		dst = q.Pop(dst[:0], 64, 1<<20, now)
+		q.Release()
+	}
+	round()
+	if a := testing.AllocsPerRun(100, round); a != 0 {
+		t.Fatalf("%.1f allocations per round of 33 datagrams", a)
+	}
+}
+
+func BenchmarkPushPop(b *testing.B) {
+	var q Queue
+	p := esp(1400, 1)
+	dst := make([][]byte, 0, 64)
+	now := time.Now().UnixNano()
+	b.ReportAllocs()
+	b.SetBytes(1400)
+	for i := 0; b.Loop(); i++ {
+		q.Push(p, Bulk, now)
+		if i%32 == 31 {
+			dst = q.Pop(dst[:0], 64, 1<<20, now)
+			q.Release()
+		}
+	}
+}

@@ -1,0 +1,218 @@
+package streamlink
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/iketcp/iketcp/framing"
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/sendq"
+)
+
+// The write side of a link.
+//
+// Send never waits for the network. The goroutine that calls it (a
+// server's session reading its backend, a client reading its daemon)
+// writes its frames itself while the socket takes them: one non-blocking
+// writev, no copy, no hand-off. What the socket does not take waits in
+// the link's queue (package relay/sendq: bytes, not datagrams; IKE first;
+// late ESP dropped), and a writer goroutine, started then and gone once
+// the queue is empty, writes it as the socket drains. The socket itself
+// holds little unsent (TCP_NOTSENT_LOWAT), so that what waits, waits in
+// the queue, where IKE can pass ESP and old ESP can be dropped, rather
+// than in the kernel, where it cannot.
+//
+// TLS cannot write without blocking: over TLS every frame goes through
+// the queue and the writer, which writes a batch in one TLS write.
+
+const (
+	// writeChunk is about the most bytes the writer takes from the queue
+	// for one write.
+	writeChunk = 256 << 10
+	// maxIov bounds the frames in one writev.
+	maxIov = burstSize
+)
+
+// Send sends the datagrams as frames, each Length written in place in
+// front of it: those the socket takes at once are sent now, the rest
+// queued for the writer. It returns an error only once the link has
+// failed.
+func (l *Link) Send(bufs [][]byte) error {
+	now := time.Now().UnixNano()
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	if l.werr != nil {
+		return l.werr
+	}
+	if l.closed.Load() {
+		return net.ErrClosed
+	}
+	for len(bufs) > 0 {
+		chunk := bufs[:min(len(bufs), maxIov)]
+		bufs = bufs[len(chunk):]
+		if l.pendBack == nil {
+			l.pendBack = make([][]byte, 0, maxIov)
+		}
+		l.pend = l.pendBack[:0] // try advances pend's start: begin again from its backing
+		for _, b := range chunk {
+			f := b[relay.Headroom-framing.LengthSize:]
+			framing.PutLength(f, len(b)-relay.Headroom)
+			l.pend = append(l.pend, f)
+		}
+		if l.direct != nil && !l.writing && l.rest == nil && l.q.Empty() {
+			if err := l.direct.try(&l.pend); err != nil {
+				clear(l.pendBack[:cap(l.pendBack)])
+				l.failLocked(err)
+				return l.werr
+			}
+			if len(l.pend) > 0 && l.partial(chunk, len(l.pend)) {
+				// A frame went out in part: its tail goes next, before
+				// anything else, or the stream breaks.
+				l.restBuf = append(l.restBuf[:0], l.pend[0]...)
+				l.rest = l.restBuf
+				l.pend = l.pend[1:]
+			}
+		}
+		for _, f := range l.pend {
+			l.q.Push(f, sendq.LaneOf(f[framing.LengthSize:]), now)
+		}
+		clear(l.pendBack[:cap(l.pendBack)])
+	}
+	l.countDropsLocked()
+	if !l.writing && (l.rest != nil || !l.q.Empty()) {
+		l.writing = true
+		l.writers.Add(1)
+		go l.writeQueued()
+	}
+	return nil
+}
+
+// partial reports whether the first of the n frames left unsent of chunk
+// went out in part.
+func (l *Link) partial(chunk [][]byte, n int) bool {
+	whole := chunk[len(chunk)-n]
+	return len(l.pend[0]) < len(whole)-(relay.Headroom-framing.LengthSize)
+}
+
+// countDropsLocked adds what the queue dropped to the counters.
+func (l *Link) countDropsLocked() {
+	d := l.q.TakeDrops()
+	if d.Full == 0 && d.Late == 0 {
+		return
+	}
+	c := l.sh.cfg.Counters
+	c.QueueFull.Add(d.Full)
+	c.QueueLate.Add(d.Late)
+}
+
+// writeQueued is the writer: it writes what the queue holds, a batch at a
+// time, until the queue is empty or the link fails.
+func (l *Link) writeQueued() {
+	defer l.writers.Done()
+	var frames [][]byte
+	var coalesced []byte // TLS: a batch in one buffer, one write
+	for {
+		l.wmu.Lock()
+		l.q.Release()
+		if l.werr != nil || l.closed.Load() {
+			l.q.Reset()
+			l.rest, l.writing = nil, false
+			l.wmu.Unlock()
+			return
+		}
+		frames = frames[:0]
+		if l.rest != nil {
+			frames = append(frames, l.rest)
+		}
+		frames = l.q.Pop(frames, maxIov, writeChunk, time.Now().UnixNano())
+		l.countDropsLocked()
+		if len(frames) == 0 {
+			l.writing = false
+			l.wmu.Unlock()
+			return
+		}
+		l.rest = nil // restBuf stays put: no direct write while the writer runs
+		l.wmu.Unlock()
+
+		l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
+		var err error
+		if l.direct != nil {
+			err = l.direct.write(frames)
+		} else {
+			coalesced = coalesced[:0]
+			for _, f := range frames {
+				coalesced = append(coalesced, f...)
+			}
+			_, err = l.nc.Write(coalesced)
+		}
+		clear(frames)
+		if err != nil {
+			l.wmu.Lock()
+			l.failLocked(err)
+			l.wmu.Unlock()
+		}
+	}
+}
+
+// failLocked records the write error that ends the link and closes the
+// connection, so that Serve returns and says why.
+func (l *Link) failLocked(err error) {
+	if l.werr != nil {
+		return
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		err = fmt.Errorf("the peer took no data for %v (--write-timeout)", l.sh.cfg.writeTimeout())
+	}
+	l.sh.cfg.Counters.WriteErrors.Add(1)
+	l.werr = fmt.Errorf("write failed: %w", err)
+	l.nc.Close()
+}
+
+// writeErr returns the write error that ended the link, or nil.
+func (l *Link) writeErr() error {
+	l.wmu.Lock()
+	defer l.wmu.Unlock()
+	return l.werr
+}
+
+// directWriter writes frames on a socket without Go's blocking Write: try
+// sends what the socket takes now, write waits for it to take all.
+type directWriter interface {
+	try(pend *[][]byte) error
+	write(frames [][]byte) error
+}
+
+// tuneSocket sets the options a link's socket needs: TCP_NOTSENT_LOWAT,
+// so that little waits unsent in the kernel, and the congestion control.
+// It returns why an option could not be set, for a warning.
+func tuneSocket(nc net.Conn, cfg *Config) error {
+	raw := rawConn(underlying(nc))
+	if raw == nil {
+		return nil
+	}
+	return setSocketOptions(raw, cfg.notSentLowat(), cfg.congestion())
+}
+
+// underlying returns the connection under TLS.
+func underlying(nc net.Conn) net.Conn {
+	if tc, ok := nc.(*tls.Conn); ok {
+		return tc.NetConn()
+	}
+	return nc
+}
+
+// directFor returns the direct writer of nc, or nil where frames must go
+// through nc's Write (TLS).
+func directFor(nc net.Conn) directWriter {
+	if _, ok := nc.(*tls.Conn); ok {
+		return nil
+	}
+	if raw := rawConn(nc); raw != nil {
+		return newDirect(raw)
+	}
+	return nil
+}

@@ -1,0 +1,120 @@
+package streamlink
+
+import (
+	"fmt"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// direct writes frames with sendmsg on the raw socket: a writev that
+// neither raises SIGPIPE nor allocates. Its callbacks are made once, so
+// that a write does not allocate either. The link's write lock, or its
+// writer (which runs alone), owns it.
+type direct struct {
+	raw  syscall.RawConn
+	iov  [maxIov]unix.Iovec
+	msg  unix.Msghdr
+	pend [][]byte // what is left to send; the callbacks advance it
+	err  error
+	once bool // try: give up on EAGAIN rather than wait
+
+	fn func(fd uintptr) bool
+}
+
+func newDirect(raw syscall.RawConn) directWriter {
+	d := &direct{raw: raw}
+	d.fn = d.send
+	return d
+}
+
+// try sends what the socket takes now of *pend, and leaves in *pend what
+// it did not: the first frame perhaps cut to its unsent tail.
+func (d *direct) try(pend *[][]byte) error {
+	d.pend, d.err, d.once = *pend, nil, true
+	err := d.raw.Write(d.fn)
+	*pend = d.pend
+	d.pend = nil
+	if err != nil {
+		return err
+	}
+	return d.err
+}
+
+// write sends all of frames, waiting for the socket to take them (within
+// the connection's write deadline).
+func (d *direct) write(frames [][]byte) error {
+	d.pend, d.err, d.once = frames, nil, false
+	err := d.raw.Write(d.fn)
+	d.pend = nil
+	if err != nil {
+		return err
+	}
+	return d.err
+}
+
+// send is the RawConn.Write callback: it reports whether it is done (all
+// sent, failed, or in try, the socket full).
+func (d *direct) send(fd uintptr) bool {
+	for len(d.pend) > 0 {
+		n := 0
+		for _, f := range d.pend[:min(len(d.pend), maxIov)] {
+			d.iov[n].Base = &f[0]
+			d.iov[n].SetLen(len(f))
+			n++
+		}
+		d.msg.Iov = &d.iov[0]
+		d.msg.SetIovlen(n)
+		sent, _, errno := unix.Syscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&d.msg)), unix.MSG_NOSIGNAL|unix.MSG_DONTWAIT)
+		clear(d.iov[:n])
+		switch errno {
+		case 0:
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return d.once
+		default:
+			d.err = errno
+			return true
+		}
+		d.advance(int(sent))
+	}
+	return true
+}
+
+// advance drops the first n bytes of d.pend.
+func (d *direct) advance(n int) {
+	for n > 0 && len(d.pend) > 0 {
+		if n < len(d.pend[0]) {
+			d.pend[0] = d.pend[0][n:]
+			return
+		}
+		n -= len(d.pend[0])
+		d.pend[0] = nil
+		d.pend = d.pend[1:]
+	}
+}
+
+// setSocketOptions sets TCP_NOTSENT_LOWAT (0: leave it) and the
+// congestion control ("": the system's).
+func setSocketOptions(raw syscall.RawConn, lowat int, congestion string) error {
+	var err error
+	cerr := raw.Control(func(fd uintptr) {
+		if lowat > 0 {
+			if e := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, lowat); e != nil {
+				err = fmt.Errorf("TCP_NOTSENT_LOWAT: %w", e)
+				return
+			}
+		}
+		if congestion != "" {
+			if e := unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, congestion); e != nil {
+				err = fmt.Errorf("TCP congestion control %q: %w (load its module, or allow it in net.ipv4.tcp_allowed_congestion_control)", congestion, e)
+			}
+		}
+	})
+	if cerr != nil {
+		return cerr
+	}
+	return err
+}
