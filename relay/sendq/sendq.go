@@ -84,9 +84,10 @@ type Queue struct {
 }
 
 type entry struct {
-	buf *[]byte // pooled; the datagram is (*buf)[:n]
-	n   int
-	at  int64 // unix ns it was queued
+	buf  *[]byte // pooled; the datagram is (*buf)[:n]
+	n    int
+	at   int64 // unix ns it was queued
+	lane Lane
 }
 
 func (q *Queue) budget() int {
@@ -129,7 +130,7 @@ func (q *Queue) Push(p []byte, lane Lane, now int64) Verdict {
 	}
 	buf := getBuffer(len(p))
 	copy(*buf, p)
-	r.push(entry{buf: buf, n: len(p), at: now})
+	r.push(entry{buf: buf, n: len(p), at: now, lane: lane})
 	return Queued
 }
 
@@ -162,6 +163,23 @@ func (q *Queue) Pop(dst [][]byte, max, maxBytes int, now int64) [][]byte {
 		dst = append(dst, (*e.buf)[:e.n])
 	}
 	return dst
+}
+
+// Requeue puts the last n datagrams of the last Pop back at the heads of
+// their lanes, in order, as they were: the link could not send them yet.
+// Their buffers stay theirs (Release skips them); the slices Pop returned
+// for them must not be used again.
+func (q *Queue) Requeue(n int) {
+	for i := len(q.popped) - 1; i >= len(q.popped)-n && i >= 0; i-- {
+		e := q.popped[i]
+		r := &q.bulk
+		if e.lane == Priority {
+			r = &q.prio
+		}
+		r.pushFront(e)
+		q.popped[i] = entry{}
+	}
+	q.popped = q.popped[:max(len(q.popped)-n, 0)]
 }
 
 // Release returns the buffers of the last Pop to the pool: their
@@ -207,16 +225,29 @@ type ring struct {
 func (r *ring) len() int     { return r.n }
 func (r *ring) peek() *entry { return &r.buf[r.head] }
 func (r *ring) push(e entry) {
-	if r.n == len(r.buf) {
-		grown := make([]entry, max(16, 2*len(r.buf)))
-		for i := range r.n {
-			grown[i] = r.buf[(r.head+i)%len(r.buf)]
-		}
-		r.buf, r.head = grown, 0
-	}
+	r.grow()
 	r.buf[(r.head+r.n)%len(r.buf)] = e
 	r.n++
 	r.bytes += e.n
+}
+
+func (r *ring) pushFront(e entry) {
+	r.grow()
+	r.head = (r.head - 1 + len(r.buf)) % len(r.buf)
+	r.buf[r.head] = e
+	r.n++
+	r.bytes += e.n
+}
+
+func (r *ring) grow() {
+	if r.n < len(r.buf) {
+		return
+	}
+	grown := make([]entry, max(16, 2*len(r.buf)))
+	for i := range r.n {
+		grown[i] = r.buf[(r.head+i)%len(r.buf)]
+	}
+	r.buf, r.head = grown, 0
 }
 
 func (r *ring) pop() entry {

@@ -219,3 +219,45 @@ func BenchmarkPushPop(b *testing.B) {
 		}
 	}
 }
+
+// TestRequeue: what a link could not send goes back to the heads of its
+// lanes, in order, ahead of what came meanwhile, and keeps its age.
+func TestRequeue(t *testing.T) {
+	q := Queue{Target: 5 * time.Millisecond}
+	t0 := time.Now().UnixNano()
+	q.Push(ike(200, 1), Priority, t0)
+	for i := range uint32(4) {
+		q.Push(esp(1400, 10+i), Bulk, t0)
+	}
+	got := q.Pop(nil, 64, 1<<20, t0)
+	if len(got) != 5 {
+		t.Fatalf("popped %d", len(got))
+	}
+	q.Requeue(3) // ESP 11, 12, 13 unsent
+	q.Release()
+	q.Push(esp(1400, 20), Bulk, t0+1)
+	q.Push(ike(200, 2), Priority, t0+1)
+	got = q.Pop(nil, 64, 1<<20, t0+2)
+	var seqs []uint32
+	for _, p := range got {
+		seqs = append(seqs, seqOf(p))
+	}
+	want := []uint32{2, 11, 12, 13, 20}
+	if len(seqs) != len(want) {
+		t.Fatalf("popped %v, want %v", seqs, want)
+	}
+	for i := range want {
+		if seqs[i] != want[i] {
+			t.Fatalf("popped %v, want %v", seqs, want)
+		}
+	}
+	q.Requeue(4)
+	q.Release()
+	got = q.Pop(nil, 64, 1<<20, t0+int64(6*time.Millisecond))
+	if len(got) != 0 {
+		t.Fatalf("popped %d after they grew late, want 0: requeued ESP keeps its age", len(got))
+	}
+	if d := q.TakeDrops(); d.Late != 4 {
+		t.Fatalf("drops %+v, want 4 late", d)
+	}
+}

@@ -29,9 +29,13 @@ import (
 // the queue and the writer, which writes a batch in one TLS write.
 
 const (
-	// writeChunk is about the most bytes the writer takes from the queue
-	// for one write.
-	writeChunk = 256 << 10
+	// directChunk is about the most bytes the writer takes from the queue
+	// for one write on a raw socket: more than the socket takes at once
+	// (TCP_NOTSENT_LOWAT) and few enough to put back cheaply.
+	directChunk = 64 << 10
+	// tlsChunk is the most bytes for one TLS write, which blocks: one
+	// record.
+	tlsChunk = 16 << 10
 	// maxIov bounds the frames in one writev.
 	maxIov = burstSize
 )
@@ -108,11 +112,19 @@ func (l *Link) countDropsLocked() {
 	c.QueueLate.Add(d.Late)
 }
 
-// writeQueued is the writer: it writes what the queue holds, a batch at a
-// time, until the queue is empty or the link fails.
+// writeQueued is the writer: it writes what the queue holds until the
+// queue is empty or the link fails.
+//
+// Over a raw socket it writes only what the socket takes now, puts back
+// what it did not, and waits for the socket to drain before it takes
+// again: so that each time, the queue decides afresh what goes next (IKE
+// that came meanwhile, ESP that is now late), and nothing waits
+// committed to a write. Over TLS, which cannot write so, it writes a
+// batch of at most one record's worth at a time.
 func (l *Link) writeQueued() {
 	defer l.writers.Done()
-	var frames [][]byte
+	var frames, pend [][]byte
+	var lens []int       // the frames' lengths as popped
 	var coalesced []byte // TLS: a batch in one buffer, one write
 	for {
 		l.wmu.Lock()
@@ -124,43 +136,90 @@ func (l *Link) writeQueued() {
 			return
 		}
 		frames = frames[:0]
-		if l.rest != nil {
+		hasRest := l.rest != nil
+		if hasRest {
 			frames = append(frames, l.rest)
+			l.rest = nil
 		}
-		frames = l.q.Pop(frames, maxIov, writeChunk, time.Now().UnixNano())
+		chunk := tlsChunk
+		if l.direct != nil {
+			chunk = directChunk
+		}
+		frames = l.q.Pop(frames, maxIov, chunk, time.Now().UnixNano())
 		l.countDropsLocked()
 		if len(frames) == 0 {
 			l.writing = false
 			l.wmu.Unlock()
 			return
 		}
-		l.rest = nil // restBuf stays put: no direct write while the writer runs
 		l.wmu.Unlock()
 
-		l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
-		var err error
-		if l.direct != nil {
-			err = l.direct.write(frames)
-		} else {
+		if l.direct == nil {
 			coalesced = coalesced[:0]
 			for _, f := range frames {
 				coalesced = append(coalesced, f...)
 			}
-			_, err = l.nc.Write(coalesced)
+			l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
+			_, err := l.nc.Write(coalesced)
+			clear(frames)
+			if err != nil {
+				l.wmu.Lock()
+				l.failLocked(err)
+				l.wmu.Unlock()
+			}
+			continue
 		}
-		clear(frames)
+
+		lens = lens[:0]
+		for _, f := range frames {
+			lens = append(lens, len(f))
+		}
+		pend = frames
+		err := l.direct.try(&pend)
+		l.wmu.Lock()
 		if err != nil {
-			l.wmu.Lock()
 			l.failLocked(err)
-			l.wmu.Unlock()
+		} else if len(pend) > 0 {
+			l.putBackLocked(pend, lens[len(lens)-len(pend)], hasRest && len(pend) == len(frames))
+		}
+		l.wmu.Unlock()
+		clear(frames)
+		if err == nil && len(pend) > 0 {
+			l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
+			if err := l.direct.waitWritable(); err != nil {
+				l.wmu.Lock()
+				l.failLocked(err)
+				l.wmu.Unlock()
+			}
 		}
 	}
+}
+
+// putBackLocked returns what a write left of a batch: the first of pend
+// (popped whole at firstLen bytes, or the rest of a frame if isRest) as
+// the rest if it went out in part, and the whole frames after it to the
+// queue.
+func (l *Link) putBackLocked(pend [][]byte, firstLen int, isRest bool) {
+	whole := len(pend)
+	if isRest || len(pend[0]) < firstLen {
+		// copy, not append: pend[0] may be the tail of restBuf itself.
+		if cap(l.restBuf) < len(pend[0]) {
+			l.restBuf = make([]byte, len(pend[0]), max(len(pend[0]), 2048))
+		}
+		l.rest = l.restBuf[:copy(l.restBuf[:cap(l.restBuf)], pend[0])]
+		whole--
+	}
+	l.q.Requeue(whole)
 }
 
 // failLocked records the write error that ends the link and closes the
 // connection, so that Serve returns and says why.
 func (l *Link) failLocked(err error) {
 	if l.werr != nil {
+		return
+	}
+	if l.closed.Load() {
+		l.werr = net.ErrClosed // closed here: not a failure
 		return
 	}
 	var ne net.Error
@@ -180,10 +239,12 @@ func (l *Link) writeErr() error {
 }
 
 // directWriter writes frames on a socket without Go's blocking Write: try
-// sends what the socket takes now, write waits for it to take all.
+// sends what the socket takes now.
 type directWriter interface {
 	try(pend *[][]byte) error
-	write(frames [][]byte) error
+	// waitWritable waits, within the write deadline, for the socket to
+	// take more, after try left something unsent.
+	waitWritable() error
 }
 
 // tuneSocket sets the options a link's socket needs: TCP_NOTSENT_LOWAT,

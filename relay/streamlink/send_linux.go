@@ -13,26 +13,26 @@ import (
 // that a write does not allocate either. The link's write lock, or its
 // writer (which runs alone), owns it.
 type direct struct {
-	raw  syscall.RawConn
-	iov  [maxIov]unix.Iovec
-	msg  unix.Msghdr
-	pend [][]byte // what is left to send; the callbacks advance it
-	err  error
-	once bool // try: give up on EAGAIN rather than wait
+	raw    syscall.RawConn
+	iov    [maxIov]unix.Iovec
+	msg    unix.Msghdr
+	pend   [][]byte // what is left to send; the callbacks advance it
+	err    error
+	waited bool
 
-	fn func(fd uintptr) bool
+	fn, waitFn func(fd uintptr) bool
 }
 
 func newDirect(raw syscall.RawConn) directWriter {
 	d := &direct{raw: raw}
-	d.fn = d.send
+	d.fn, d.waitFn = d.send, d.wait
 	return d
 }
 
 // try sends what the socket takes now of *pend, and leaves in *pend what
 // it did not: the first frame perhaps cut to its unsent tail.
 func (d *direct) try(pend *[][]byte) error {
-	d.pend, d.err, d.once = *pend, nil, true
+	d.pend, d.err = *pend, nil
 	err := d.raw.Write(d.fn)
 	*pend = d.pend
 	d.pend = nil
@@ -42,20 +42,24 @@ func (d *direct) try(pend *[][]byte) error {
 	return d.err
 }
 
-// write sends all of frames, waiting for the socket to take them (within
-// the connection's write deadline).
-func (d *direct) write(frames [][]byte) error {
-	d.pend, d.err, d.once = frames, nil, false
-	err := d.raw.Write(d.fn)
-	d.pend = nil
-	if err != nil {
-		return err
-	}
-	return d.err
+// waitWritable waits for the socket to take more (within the
+// connection's write deadline), after try left something unsent.
+func (d *direct) waitWritable() error {
+	d.waited = false
+	return d.raw.Write(d.waitFn)
+}
+
+// wait is waitWritable's RawConn.Write callback: false at first, which
+// has the poller wait for the socket to become writable, then true.
+func (d *direct) wait(uintptr) bool {
+	done := d.waited
+	d.waited = true
+	return done
 }
 
 // send is the RawConn.Write callback: it reports whether it is done (all
-// sent, failed, or in try, the socket full).
+// sent, failed, or the socket full: try gives up, with what is left in
+// d.pend).
 func (d *direct) send(fd uintptr) bool {
 	for len(d.pend) > 0 {
 		n := 0
@@ -73,7 +77,7 @@ func (d *direct) send(fd uintptr) bool {
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
-			return d.once
+			return true
 		default:
 			d.err = errno
 			return true

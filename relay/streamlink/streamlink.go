@@ -37,7 +37,7 @@ const burstSize = 64
 // DefaultNotSentLowat keeps a link's socket to about this much unsent: a
 // few milliseconds at tens of megabits, and enough at gigabits that the
 // writer is not woken for every segment.
-const DefaultNotSentLowat = 32 << 10
+const DefaultNotSentLowat = 16 << 10
 
 // DefaultCongestion is the links' TCP congestion control: BBR keeps the
 // bottleneck's queue short, where a loss-based one fills it. If the
