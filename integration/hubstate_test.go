@@ -105,6 +105,21 @@ func TestIKETCPPort443(t *testing.T) {
 	if s := serverSession(t, ctx, tun); s.State != "up" || !hasIKESA(s, sa.InitiatorSPI) {
 		t.Fatalf("server session: %+v", s)
 	}
+	// The output chain: the hub's own connection to its address at 443
+	// reaches the server too.
+	accepted := counter(t, st, "conns_accepted")
+	local, err := l.Hub.DialRFC9329(ctx, net.JoinHostPort(lab.HubOuter, "443"))
+	if err != nil {
+		t.Fatalf("from the hub itself: %v", err)
+	}
+	waitFor(t, "the server to accept the hub's own connection to 443", func() bool {
+		st, err := tun.ServerStatus(ctx)
+		return err == nil && counter(t, st, "conns_accepted") == accepted+1
+	})
+	t.Logf("the hub's own connection from %s to %s:443 reached the server too", local.LocalAddr(), lab.HubOuter)
+	if err := local.Close(); err != nil {
+		t.Fatal(err)
+	}
 
 	// A crash leaves the table; the next start removes it first.
 	if err := tun.KillServer(); err != nil {
