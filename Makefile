@@ -68,8 +68,9 @@ build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/iketcp ./cmd/iketcp
 	$(GO) build -o $(BIN)/iketcp-lab ./cmd/iketcp-lab
 
-# The lab's packages (strongSwan, nftables, tcpdump, iproute2), installed
-# only when a tool is missing.
+# The lab's packages (strongSwan, nftables, tcpdump, iproute2, and the
+# front door's third parties: haproxy, nginx, tinyproxy, curl), installed
+# only when a tool is missing, with no service started on the host.
 deps: build
 	$(BIN)/iketcp-lab deps
 

@@ -16,21 +16,28 @@ const (
 	CounterUDPDropped   = "udp_dropped"   // forwarded UDP dropped while UDP is blocked
 	CounterUDPForwarded = "udp_forwarded" // forwarded UDP let through
 	CounterTCPForwarded = "tcp_forwarded" // forwarded TCP
+	CounterTCPDropped   = "tcp_dropped"   // forwarded TCP toward the hub dropped while its port is blocked
 )
 
 // carrierRuleset: forwarded UDP is dropped while the set blocked_l4 holds
-// "udp"; BlockUDP and AllowUDP only change the set, so the rules, and with
-// them the counters, stay as they are.
+// "udp", and forwarded TCP toward the hub to the ports in
+// blocked_tcp_ports; BlockUDP, AllowUDP and BlockTCPToHub only change the
+// sets, so the rules, and with them the counters, stay as they are.
 const carrierRuleset = `table inet iketcp_lab {
 	counter udp_dropped {}
 	counter udp_forwarded {}
 	counter tcp_forwarded {}
+	counter tcp_dropped {}
 	set blocked_l4 {
 		type inet_proto
+	}
+	set blocked_tcp_ports {
+		type inet_service
 	}
 	chain forward {
 		type filter hook forward priority filter; policy accept;
 		meta l4proto @blocked_l4 meta l4proto udp counter name udp_dropped drop
+		oifname "c-hub" tcp dport @blocked_tcp_ports counter name tcp_dropped drop
 		meta l4proto udp counter name udp_forwarded
 		meta l4proto tcp counter name tcp_forwarded
 	}
@@ -70,6 +77,25 @@ func (l *Lab) AllowUDP(ctx context.Context) error {
 	}
 	l.logf("lab %s: carrier forwards UDP", l.Name)
 	return nil
+}
+
+// BlockTCPToHub makes the carrier drop forwarded TCP toward the hub to
+// port, counting the packets in tcp_dropped: the site cannot reach the
+// hub's port directly. What the carrier itself sends (a proxy running in
+// its namespace) is not forwarded, so it still gets through.
+func (l *Lab) BlockTCPToHub(ctx context.Context, port uint16) error {
+	if _, err := l.Carrier.Run(ctx, l.nftPath, "add", "element", "inet", CarrierTable, "blocked_tcp_ports", fmt.Sprintf("{ %d }", port)); err != nil {
+		return fmt.Errorf("block TCP to the hub's port %d at the carrier: %w", port, err)
+	}
+	l.logf("lab %s: carrier drops forwarded TCP to the hub's port %d", l.Name, port)
+	return nil
+}
+
+// TCPDropped returns how many forwarded TCP packets toward the hub the
+// carrier dropped (BlockTCPToHub).
+func (l *Lab) TCPDropped(ctx context.Context) (uint64, error) {
+	packets, _, err := l.Counter(ctx, CounterTCPDropped)
+	return packets, err
 }
 
 // UDPDropped returns how many forwarded UDP packets the carrier dropped.

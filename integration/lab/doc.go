@@ -37,6 +37,18 @@
 // client's RFC 9329 stream apart from a capture, and a [RawPeer] sends
 // frames of its own to the server from any namespace.
 //
+// The server's front door meets third parties, which the lab runs in its
+// namespaces from Debian's packages, each with a configuration, pid file
+// and logs of its own in the lab directory, stopped by PID on Close (never
+// the packages' system services): HAProxy in front of the server
+// ([Namespace.StartHAProxy], with a PROXY v2 header), nginx behind it
+// ([Namespace.StartNginx], a site sharing its port) and tinyproxy on the
+// carrier ([Namespace.StartTinyproxy], with [Lab.BlockTCPToHub] closing
+// the direct way). [NewCA] makes the certificates, [Lab.StartIketcp] runs
+// more iketcp instances beside the tunnel's (a client with other flags,
+// nudged to dial by an [IKESAInitDatagram]), and [TCPStreams] with
+// [SplitTLSRecords] reads a capture's TLS as the carrier sees it.
+//
 // The package needs root and the tools listed by [MissingTools]. It works
 // without the testing package (everything takes a context and returns
 // errors); [Require] and [NewForTest] are small helpers for tests.

@@ -129,7 +129,20 @@ func clientStream(pcapPath string, dstPort uint16, limit int) ([]byte, error) {
 	if first < 0 {
 		return nil, fmt.Errorf("%s: no TCP payload toward port %d", pcapPath, dstPort)
 	}
-	src, dst := segs[first].src, segs[first].dst
+	return reassemble(segs[first:], segs[first].src, segs[first].dst, limit), nil
+}
+
+// reassemble returns the byte stream that src sent to dst in segs, from
+// the first segment that carries payload on, in sequence order,
+// retransmissions ignored, up to the first gap, stopping once it has at
+// least limit bytes.
+func reassemble(segs []tcpSegment, src, dst string, limit int) []byte {
+	first := slices.IndexFunc(segs, func(s tcpSegment) bool {
+		return s.src == src && s.dst == dst && len(s.tcp.Payload) > 0
+	})
+	if first < 0 {
+		return nil
+	}
 	start := segs[first].tcp.Seq
 	var stream []byte
 	// Each pass appends every segment that continues the stream; bounded by
@@ -154,7 +167,58 @@ func clientStream(pcapPath string, dstPort uint16, limit int) ([]byte, error) {
 			break
 		}
 	}
-	return stream, nil
+	return stream
+}
+
+// TCPStream is one TCP connection of a capture: its ends, and what each
+// sent.
+type TCPStream struct {
+	// Client and Server are the ends, "addr:port"; the server's port is
+	// the one TCPStreams was asked for.
+	Client, Server string
+	// FromClient and FromServer are what each end sent, reassembled as
+	// ClientStream does.
+	FromClient, FromServer []byte
+}
+
+// TCPStreams returns the connections to a server on dstPort in the pcap
+// file that carried payload either way, in the order their first payload
+// appears.
+func TCPStreams(pcapPath string, dstPort uint16) ([]TCPStream, error) {
+	segs, err := readTCPSegments(pcapPath)
+	if err != nil {
+		return nil, err
+	}
+	type ends struct{ client, server string }
+	var order []ends
+	seen := make(map[ends]bool)
+	for _, s := range segs {
+		if len(s.tcp.Payload) == 0 {
+			continue
+		}
+		var e ends
+		switch {
+		case uint16(s.tcp.DstPort) == dstPort:
+			e = ends{s.src, s.dst}
+		case uint16(s.tcp.SrcPort) == dstPort:
+			e = ends{s.dst, s.src}
+		default:
+			continue
+		}
+		if !seen[e] {
+			seen[e] = true
+			order = append(order, e)
+		}
+	}
+	streams := make([]TCPStream, 0, len(order))
+	for _, e := range order {
+		streams = append(streams, TCPStream{
+			Client: e.client, Server: e.server,
+			FromClient: reassemble(segs, e.client, e.server, math.MaxInt),
+			FromServer: reassemble(segs, e.server, e.client, math.MaxInt),
+		})
+	}
+	return streams, nil
 }
 
 // CountTCPFlags counts the TCP segments in the pcap file that have flag set,

@@ -1,11 +1,13 @@
 package lab
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -123,6 +125,37 @@ func (p *Process) ExitErr() error {
 		return nil
 	}
 	return p.waitErr
+}
+
+// Signal sends sig to the program, by PID (through a pidfd, so never to
+// a recycled PID).
+func (p *Process) Signal(sig os.Signal) error {
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("signal %s (pid %d): %w", p.name, p.PID(), err)
+	}
+	return nil
+}
+
+// WaitLog polls the program's output, every 50 ms for at most d (and ctx),
+// until it contains substr, and returns the first line that does. The
+// error says what the log held instead.
+func (p *Process) WaitLog(ctx context.Context, substr string, d time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	const poll = 50 * time.Millisecond
+	for range int(d/poll) + 1 {
+		for _, line := range strings.Split(p.Log(), "\n") {
+			if strings.Contains(line, substr) {
+				return line, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("%s (pid %d) did not log %q within %s; its log %s:\n%s", filepath.Base(p.Name()), p.PID(), substr, d, p.LogPath(), tail(p.Log(), 3000))
+		case <-time.After(poll):
+		}
+	}
+	return "", fmt.Errorf("%s (pid %d) did not log %q within %s", filepath.Base(p.Name()), p.PID(), substr, d)
 }
 
 // Stop ends the program: SIGTERM, up to 5 s for it to exit, then SIGKILL.

@@ -35,6 +35,23 @@ const (
 	ExchangeInformational = 37
 )
 
+// IKESAInitDatagram returns what a daemon's first datagram to port 4500
+// begins with: the non-ESP marker and the fixed header of an IKE_SA_INIT
+// request (initiator flag, message ID 0, no responder SPI) from the
+// initiator SPI spi, with no payloads. Sent to `iketcp client` in place of
+// a daemon's, it makes the client open its connection to the server: the
+// way to watch a client connect, or fail to, without a daemon.
+func IKESAInitDatagram(spi uint64) []byte {
+	b := make([]byte, 4+ikeHeaderSize)
+	m := b[4:] // after the non-ESP marker
+	binary.BigEndian.PutUint64(m[0:], spi)
+	m[17] = 0x20 // version 2.0
+	m[18] = ExchangeIKESAInit
+	m[19] = 0x08 // initiator
+	binary.BigEndian.PutUint32(m[24:], ikeHeaderSize)
+	return b
+}
+
 // Frame is the payload of one RFC 9329 frame.
 type Frame []byte
 

@@ -15,15 +15,23 @@ import (
 // CharonPath is where Debian's charon-systemd package installs the daemon.
 const CharonPath = "/usr/sbin/charon-systemd"
 
-// DebianPackages are the packages that provide every tool the lab uses.
+// DebianPackages are the packages that provide every tool the lab uses:
+// strongSwan and the network tools, and the third parties the front door
+// meets (haproxy in front of the server, nginx behind it, tinyproxy on the
+// carrier, curl as a browser). Of tinyproxy only the executable: its
+// service package would start a proxy in the host's namespace. The
+// services of haproxy and nginx are kept from starting while they install
+// (see InstallPackages); the lab runs its own instances in its namespaces.
 var DebianPackages = []string{
 	"strongswan-swanctl", "charon-systemd", "libcharon-extra-plugins",
 	"iputils-ping", "tcpdump", "nftables", "iproute2", "iptables",
+	"haproxy", "nginx", "tinyproxy-bin", "curl",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
 // reports them.
-var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump", "ss", "ping", "iptables-legacy"}
+var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump", "ss", "ping", "iptables-legacy",
+	"haproxy", "nginx", "tinyproxy", "curl"}
 
 // toolDirs are searched after $PATH: test runners and CI often start with a
 // PATH that lacks the sbin directories.
@@ -68,7 +76,8 @@ func mustTool(name string) (string, error) {
 }
 
 // MissingTools reports which of the programs the lab needs (ip, nft,
-// charon-systemd, swanctl, tcpdump, ss, ping) are not installed.
+// charon-systemd, swanctl, tcpdump, ss, ping, iptables-legacy, haproxy,
+// nginx, tinyproxy, curl) are not installed.
 // charon-systemd is looked for at [CharonPath]; the others in $PATH and the
 // usual sbin/bin directories.
 func MissingTools() []string {
@@ -81,8 +90,24 @@ func MissingTools() []string {
 	return missing
 }
 
+// policyRCD is where Debian's invoke-rc.d asks whether a package may
+// start its service.
+const policyRCD = "/usr/sbin/policy-rc.d"
+
+// denyServices is a policy-rc.d that refuses every service start (101:
+// action forbidden).
+const denyServices = "#!/bin/sh\n# iketcp-lab: no service starts while the lab's packages install.\nexit 101\n"
+
+// aptLockWait is how long apt-get waits for another apt or dpkg to finish.
+const aptLockWait = "120"
+
 // InstallPackages installs [DebianPackages] with apt-get (update, then
 // install -y, non-interactively), writing apt's output to out. It needs root.
+//
+// No service starts in the host's namespace: unless the host has a
+// policy-rc.d of its own (which is left alone), one that forbids every
+// start is in place for the install and removed after it, so haproxy's
+// and nginx's packages install without starting their daemons.
 func InstallPackages(ctx context.Context, out io.Writer) error {
 	if os.Geteuid() != 0 {
 		return errors.New("installing the lab's packages needs root: run make deps as root")
@@ -94,9 +119,14 @@ func InstallPackages(ctx context.Context, out io.Writer) error {
 	if aptGet == "" {
 		return errors.New("apt-get not found: install these packages by hand: " + strings.Join(DebianPackages, " "))
 	}
+	restore, err := holdServices()
+	if err != nil {
+		return err
+	}
+	defer restore()
 	steps := [][]string{
-		{"update"},
-		append([]string{"install", "-y"}, DebianPackages...),
+		{"-o", "DPkg::Lock::Timeout=" + aptLockWait, "update"},
+		append([]string{"-o", "DPkg::Lock::Timeout=" + aptLockWait, "install", "-y"}, DebianPackages...),
 	}
 	for _, args := range steps {
 		cmd := exec.CommandContext(ctx, aptGet, args...)
@@ -109,6 +139,28 @@ func InstallPackages(ctx context.Context, out io.Writer) error {
 		}
 	}
 	return nil
+}
+
+// holdServices puts a policy-rc.d that forbids service starts in place,
+// unless one is there already, and returns what removes it again.
+func holdServices() (restore func(), err error) {
+	f, err := os.OpenFile(policyRCD, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o755)
+	if errors.Is(err, os.ErrExist) {
+		return func() {}, nil // the host's own: it decides
+	}
+	if err != nil {
+		return nil, fmt.Errorf("keeping services from starting during the install: %w", err)
+	}
+	if _, err := f.WriteString(denyServices); err != nil {
+		f.Close()
+		os.Remove(policyRCD)
+		return nil, fmt.Errorf("write %s: %w", policyRCD, err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(policyRCD)
+		return nil, fmt.Errorf("write %s: %w", policyRCD, err)
+	}
+	return func() { os.Remove(policyRCD) }, nil
 }
 
 // MissingRequirements describes what keeps the lab from running here (root,

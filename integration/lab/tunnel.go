@@ -2,8 +2,8 @@ package lab
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
+	"net"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -33,6 +33,10 @@ type TunnelOptions struct {
 	// and iketcp intercepts its traffic. Otherwise the site's charon talks
 	// to `iketcp client` on 127.0.0.1 (explicit mode).
 	Transparent bool
+	// BeforeServer, if set, runs after the hub's charon has started and
+	// before `iketcp server` does: the moment to take a snapshot of what
+	// the server may change at the hub.
+	BeforeServer func(context.Context) error
 	// BeforeClient, if set, runs after both charons and the server have
 	// started and before `iketcp client` does: the moment to take a
 	// snapshot of the site's routing.
@@ -41,6 +45,17 @@ type TunnelOptions struct {
 	Mobike *bool
 	// ServerArgs and ClientArgs are appended to the iketcp command lines.
 	ServerArgs, ClientArgs []string
+	// ServerListen are the server's --listen addresses. Nil means
+	// HubOuter:ServerPort; an empty, non-nil slice gives no --listen at
+	// all, for the server's own choice (its default, or what ServerArgs
+	// such as --ike-tcp-port ask for).
+	ServerListen []string
+	// Backend is the server's --backend; empty means 127.0.0.1:4500, the
+	// hub's charon on loopback.
+	Backend string
+	// Peer is the explicit-mode client's --peer; empty means
+	// HubOuter:ServerPort.
+	Peer string
 	// Connections, if 2 or more, gives each charon that many connections
 	// instead of one, each its own IKE SA when initiated (see TunnelConn);
 	// at most MaxTunnelConns.
@@ -154,7 +169,12 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 	if t.Hub, err = l.StartCharon(ctx, l.Hub, hub[0], hub[1:]...); err != nil {
 		return nil, err
 	}
-	if err := t.startServer(ctx); err != nil {
+	if opts.BeforeServer != nil {
+		if err := opts.BeforeServer(ctx); err != nil {
+			return nil, err
+		}
+	}
+	if err := t.StartServer(ctx); err != nil {
 		return nil, err
 	}
 	for i := range site {
@@ -196,19 +216,43 @@ func (l *Lab) addInnerAddrs(ctx context.Context, c TunnelConn) error {
 	return nil
 }
 
-func (t *Tunnel) startServer(ctx context.Context) (err error) {
-	t.Server, err = t.startIketcp(ctx, t.Lab.Hub, t.ServerControl, append([]string{"server",
-		"--listen", HubOuter + ":" + strconv.Itoa(ServerPort),
-		"--backend", "127.0.0.1:4500",
-	}, t.Opts.ServerArgs...))
+// StartServer starts `iketcp server` at the hub (again, after StopServer
+// or KillServer).
+func (t *Tunnel) StartServer(ctx context.Context) (err error) {
+	listen := t.Opts.ServerListen
+	if listen == nil {
+		listen = []string{net.JoinHostPort(HubOuter, strconv.Itoa(ServerPort))}
+	}
+	backend := t.Opts.Backend
+	if backend == "" {
+		backend = "127.0.0.1:4500"
+	}
+	args := []string{"server"}
+	for _, a := range listen {
+		args = append(args, "--listen", a)
+	}
+	args = append(args, "--backend", backend)
+	t.Server, err = t.startIketcp(ctx, t.Lab.Hub, t.ServerControl, append(args, t.Opts.ServerArgs...))
 	return err
 }
 
+// StopServer stops `iketcp server` (SIGTERM, by PID): a plain exit, after
+// which it has removed whatever it installed.
+func (t *Tunnel) StopServer() error { return t.Server.Stop() }
+
+// KillServer kills `iketcp server` with SIGKILL, as a crash would: it
+// leaves behind whatever it installed.
+func (t *Tunnel) KillServer() error { return t.Server.Kill() }
+
 // StartClient starts `iketcp client` at the site (again, after StopClient).
 func (t *Tunnel) StartClient(ctx context.Context) (err error) {
+	peer := t.Opts.Peer
+	if peer == "" {
+		peer = net.JoinHostPort(HubOuter, strconv.Itoa(ServerPort))
+	}
 	args := []string{"client",
 		"--listen", "127.0.0.1:" + strconv.Itoa(ClientListenPort),
-		"--peer", HubOuter + ":" + strconv.Itoa(ServerPort),
+		"--peer", peer,
 	}
 	if t.Opts.Transparent {
 		args = []string{"client", "--tun", "--peer", HubOuter, "--tcp-port", strconv.Itoa(ServerPort)}
@@ -242,47 +286,18 @@ func RoutingSnapshot(ctx context.Context, ns *Namespace) (string, error) {
 // startIketcp runs iketcp with args in ns, logging at debug level to a
 // file named after the namespace, and waits until it answers on control.
 func (t *Tunnel) startIketcp(ctx context.Context, ns *Namespace, control string, args []string) (*Process, error) {
-	args = append(args, "--control", control, "--log-level", "debug")
-	p, err := ns.Start(ctx, filepath.Join(t.Lab.Dir, ns.Role+"-iketcp.log"), t.Opts.Binary, args...)
+	inst, err := t.Lab.startIketcp(ctx, ns, t.Opts.Binary, control, filepath.Join(t.Lab.Dir, ns.Role+"-iketcp.log"), args)
 	if err != nil {
 		return nil, err
 	}
-	return p, t.waitReady(ctx, ns, control, p)
+	return inst.Process, nil
 }
 
 // StopClient stops `iketcp client` (SIGTERM, by PID).
 func (t *Tunnel) StopClient() error { return t.Client.Stop() }
 
-// waitReady waits until an iketcp instance answers on its control socket.
-func (t *Tunnel) waitReady(ctx context.Context, ns *Namespace, control string, p *Process) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	for range 200 {
-		if _, err := t.status(ctx, ns, control); err == nil {
-			return nil
-		}
-		if p.Exited() {
-			return fmt.Errorf("iketcp exited at start: %v\n%s", p.ExitErr(), p.Log())
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("iketcp (pid %d) did not answer on %s: %w\n%s", p.PID(), control, ctx.Err(), p.Log())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	return fmt.Errorf("iketcp (pid %d) did not answer on %s", p.PID(), control)
-}
-
 func (t *Tunnel) status(ctx context.Context, ns *Namespace, control string) (*relay.Status, error) {
-	out, err := ns.Run(ctx, t.Opts.Binary, "status", "--json", "--control", control)
-	if err != nil {
-		return nil, err
-	}
-	var st relay.Status
-	if err := json.Unmarshal(out, &st); err != nil {
-		return nil, fmt.Errorf("iketcp status --json: %w: %s", err, out)
-	}
-	return &st, nil
+	return iketcpStatus(ctx, ns, t.Opts.Binary, control)
 }
 
 // ServerStatus runs `iketcp status --json` against the server.
