@@ -161,6 +161,7 @@ func (l *Link) writeQueued() {
 			}
 			l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
 			_, err := l.nc.Write(coalesced)
+			l.nc.SetWriteDeadline(time.Time{})
 			clear(frames)
 			if err != nil {
 				l.wmu.Lock()
@@ -185,8 +186,12 @@ func (l *Link) writeQueued() {
 		l.wmu.Unlock()
 		clear(frames)
 		if err == nil && len(pend) > 0 {
+			// The deadline bounds the wait, and must not outlive it: a
+			// non-blocking write would fail on it once it passed.
 			l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
-			if err := l.direct.waitWritable(); err != nil {
+			err := l.direct.waitWritable()
+			l.nc.SetWriteDeadline(time.Time{})
+			if err != nil {
 				l.wmu.Lock()
 				l.failLocked(err)
 				l.wmu.Unlock()

@@ -267,3 +267,44 @@ func TestSendFailsOnceThePeerIsGone(t *testing.T) {
 	}
 	close(read)
 }
+
+// TestIdleLongerThanTheWriteTimeout: no write deadline outlives the write
+// it bounds. A link idle for longer than --write-timeout, after dialling
+// and after its writer waited, still sends.
+func TestIdleLongerThanTheWriteTimeout(t *testing.T) {
+	cfg := streamlink.Config{WriteTimeout: 100 * time.Millisecond, QueueDelay: time.Minute}
+	link, read, frames := stalledPeer(t, cfg, func(nc net.Conn) net.Conn { return nc }, nil)
+	close(read)
+	expect := func(seq uint32) {
+		t.Helper()
+		select {
+		case p := <-frames:
+			if got, _, err := checkDatagram(p); err != nil || got != seq {
+				t.Fatalf("got datagram %d (%v), want %d", got, err, seq)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("datagram %d did not arrive", seq)
+		}
+	}
+	time.Sleep(250 * time.Millisecond)
+	if err := link.Send([][]byte{datagram(false, 1400, 1)}); err != nil {
+		t.Fatalf("Send after an idle spell longer than the write timeout: %v", err)
+	}
+	expect(1)
+	// A burst that the socket cannot take at once makes the writer wait.
+	burst := make([][]byte, 0, 64)
+	for seq := uint32(2); seq < 2+64; seq++ {
+		burst = append(burst, datagram(false, 8000, seq))
+	}
+	if err := link.Send(burst); err != nil {
+		t.Fatal(err)
+	}
+	for seq := uint32(2); seq < 2+64; seq++ {
+		expect(seq)
+	}
+	time.Sleep(250 * time.Millisecond)
+	if err := link.Send([][]byte{datagram(false, 1400, 100)}); err != nil {
+		t.Fatalf("Send after the writer waited, then an idle spell: %v", err)
+	}
+	expect(100)
+}

@@ -169,6 +169,9 @@ func (d *Dialer) DialLink(ctx context.Context, addr string) (relay.Link, error) 
 		nc.Close()
 		return nil, fmt.Errorf("sending the IKETCP prefix: %w", err)
 	}
+	// No deadline stays behind: the link's non-blocking writes would fail
+	// on it once it passed. Its writer sets one for each wait.
+	nc.SetWriteDeadline(time.Time{})
 	return newLink(nc, d.sh), nil
 }
 
