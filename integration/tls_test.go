@@ -377,7 +377,7 @@ func TestTLSClientCertificates(t *testing.T) {
 		name, want string
 		args       []string
 	}{
-		{"no certificate", "tls: certificate required", nil},
+		{"no certificate", "tls: certificate required (the server accepts only clients with a certificate: give one with --tls-client-cert", nil},
 		{"another CA's certificate", "tls: unknown certificate authority", []string{"--tls-client-cert", strangerCert, "--tls-client-key", strangerKey}},
 	}
 	for i, r := range refused {

@@ -18,6 +18,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -414,6 +415,12 @@ func (l *Link) ended(err error) error {
 	}
 	if l.closed.Load() || errors.Is(err, net.ErrClosed) {
 		return relay.ErrClosedHere
+	}
+	if !l.sh.prefixExpect && strings.Contains(err.Error(), "tls: certificate required") {
+		// TLS 1.3: the client's handshake completed; the server's refusal
+		// comes with the first read.
+		cfg.Counters.TLSFailures.Add(1)
+		return fmt.Errorf("read failed: %w (the server accepts only clients with a certificate: give one with --tls-client-cert and --tls-client-key)", err)
 	}
 	return fmt.Errorf("read failed: %w", err)
 }
