@@ -10,6 +10,14 @@
 // WriteMsgUDPAddrPort; it says so once through Options.Logger, and
 // Conn.Fallback reports why.
 //
+// Where the kernel has UDP generic segmentation offload (UDP_SEGMENT,
+// Linux 4.18), WriteBatch sends each run of equal-sized datagrams to one
+// destination as one segmentation-offload send, within the same
+// sendmmsg: the kernel walks its output path once per run rather than
+// once per datagram, and the datagrams arrive one by one as before. If
+// the kernel refuses (EIO: a way out without checksum offload), the Conn
+// says so once and sends datagram by datagram from then on.
+//
 // Neither ReadBatch nor WriteBatch allocates in steady state: the system-call
 // scratch (mmsghdr, iovec and sockaddr arrays) is made once and reused, and
 // the datagram buffers belong to the caller.
@@ -75,6 +83,10 @@ type Options struct {
 	// forceFallback makes New skip the batch system calls; tests set it to
 	// run the portable path on Linux.
 	forceFallback bool
+	// failGSO makes the kernel's answer to every segmentation-offload
+	// send EIO, as a device without checksum offload gives; tests set it
+	// to run the way back to datagram by datagram.
+	failGSO bool
 }
 
 // Conn moves batches of datagrams over one *net.UDPConn.
@@ -91,6 +103,7 @@ type Conn struct {
 	v4only    bool           // the socket is AF_INET: IPv6 destinations are refused
 	connected bool           // the socket has a peer: Message.Addr must be zero or that peer
 	raddr     netip.AddrPort // the connected peer, unmapped
+	failGSO   bool           // tests: Options.failGSO
 
 	// fallback is nil while the batch system calls are in use. Once it is
 	// set it stays set, and every call moves one datagram per system call.
@@ -123,7 +136,7 @@ func New(c *net.UDPConn, opts Options) *Conn {
 	case batch > MaxBatchSize:
 		batch = MaxBatchSize
 	}
-	bc := &Conn{uc: c, laddr: c.LocalAddr(), batch: batch, log: opts.Logger}
+	bc := &Conn{uc: c, laddr: c.LocalAddr(), batch: batch, log: opts.Logger, failGSO: opts.failGSO}
 	if ua, ok := bc.laddr.(*net.UDPAddr); ok {
 		// Go reports the local address of an AF_INET socket as a 4-byte
 		// IP and that of an AF_INET6 socket as a 16-byte one, even when

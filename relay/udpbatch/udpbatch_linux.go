@@ -2,11 +2,13 @@ package udpbatch
 
 import (
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -39,7 +41,21 @@ type sysConn struct {
 	// concurrent writers, WriteBatch allocates.
 	sendMu   sync.Mutex
 	sendFree []*sendScratch
+
+	// gso is set while WriteBatch coalesces runs of equal-sized datagrams
+	// to one destination into one UDP_SEGMENT send (generic segmentation
+	// offload): the kernel then walks its output path once per run, not
+	// once per datagram. It is cleared for good, and said once, if the
+	// kernel refuses one (EIO: a device without checksum offload).
+	gso atomic.Bool
 }
+
+// GSO limits: the kernel takes at most UDP_MAX_SEGMENTS (64 on older
+// kernels) segments in one send, and an IP packet's worth of payload.
+const (
+	maxGSOSegments = 64
+	maxGSOBytes    = 65507 // an IPv4 datagram's largest payload
+)
 
 // initSys probes recvmmsg and sendmmsg on c's socket and sets up the
 // scratch. It returns why the batch path cannot be used, or nil.
@@ -68,6 +84,7 @@ func (c *Conn) initSys() *UnsupportedError {
 	}
 	c.sys.raw = raw
 	c.sys.recv = newRecvScratch(c.batch)
+	c.sys.gso.Store(gsoProbe(raw))
 	// Keep at most about 1 MiB of idle send scratch, and at least a few.
 	idle := max(4, min(256, (1<<20)/(c.batch*scratchBytesPerMsg)))
 	c.sys.sendFree = make([]*sendScratch, 0, idle)
@@ -93,6 +110,20 @@ func probe(fd uintptr) *UnsupportedError {
 	}
 	return nil
 }
+
+// gsoProbe reports whether the kernel knows UDP_SEGMENT (Linux 4.18).
+func gsoProbe(raw syscall.RawConn) bool {
+	ok := false
+	raw.Control(func(fd uintptr) {
+		_, err := unix.GetsockoptInt(int(fd), unix.IPPROTO_UDP, unix.UDP_SEGMENT)
+		ok = err == nil
+	})
+	return ok
+}
+
+// GSO reports whether WriteBatch coalesces runs of equal-sized datagrams
+// into segmentation-offload sends.
+func (c *Conn) GSO() bool { return c.fallback.Load() == nil && c.sys.gso.Load() }
 
 const scratchBytesPerMsg = int(unsafe.Sizeof(unix.Mmsghdr{}) + unsafe.Sizeof(unix.Iovec{}) + unsafe.Sizeof(unix.RawSockaddrInet6{}))
 
@@ -234,17 +265,39 @@ func (c *Conn) readBatchSys(msgs []Message, try bool) (int, error) {
 }
 
 // sendScratch is the state of one WriteBatch; fn is s.send, made once.
+// With GSO, header i may describe a run of datagrams: counts[i] of them,
+// from iovs[first[i]], with a UDP_SEGMENT control message in ctrl.
 type sendScratch struct {
 	scratch
 	off, end int           // in/out: hdrs[off:end] are still to be sent
 	errno    syscall.Errno // out: the kernel's error for hdrs[off]
+	counts   []int         // datagrams per header
+	ctrl     []byte        // a UDP_SEGMENT control message per header
+	failGSO  bool          // tests: answer EIO to a segmentation-offload send
 	fn       func(fd uintptr) bool
 }
 
+// gsoCmsgSpace is the room of one UDP_SEGMENT control message.
+var gsoCmsgSpace = unix.CmsgSpace(2)
+
 func newSendScratch(n int) *sendScratch {
-	s := &sendScratch{scratch: newScratch(n)}
+	s := &sendScratch{scratch: newScratch(n), counts: make([]int, n), ctrl: make([]byte, n*gsoCmsgSpace)}
+	for i := range n {
+		h := (*unix.Cmsghdr)(unsafe.Pointer(&s.ctrl[i*gsoCmsgSpace]))
+		h.Level, h.Type = unix.IPPROTO_UDP, unix.UDP_SEGMENT
+		h.SetLen(unix.CmsgLen(2))
+	}
 	s.fn = s.send
 	return s
+}
+
+// sentMessages returns how many datagrams the first k headers hold.
+func (s *sendScratch) sentMessages(k int) int {
+	n := 0
+	for _, c := range s.counts[:k] {
+		n += c
+	}
+	return n
 }
 
 // send is the RawConn.Write callback. It loops over partial sendmmsg
@@ -252,6 +305,10 @@ func newSendScratch(n int) *sendScratch {
 // writability, after which it goes on from hdrs[off].
 func (s *sendScratch) send(fd uintptr) bool {
 	for s.off < s.end {
+		if s.failGSO && s.counts[s.off] > 1 {
+			s.errno = unix.EIO
+			return true
+		}
 		r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&s.hdrs[s.off])), uintptr(s.end-s.off), 0, 0, 0)
 		switch e {
 		case 0:
@@ -280,7 +337,9 @@ func (c *Conn) getSend() *sendScratch {
 		return s
 	}
 	c.sys.sendMu.Unlock()
-	return newSendScratch(c.batch)
+	s := newSendScratch(c.batch)
+	s.failGSO = c.failGSO
+	return s
 }
 
 func (c *Conn) putSend(s *sendScratch) {
@@ -296,16 +355,27 @@ func (c *Conn) writeBatchSys(msgs []Message) (sent int, err error) {
 	defer c.putSend(s)
 	for sent < len(msgs) {
 		chunk := msgs[sent:min(len(msgs), sent+c.batch)]
-		k, addrErr := c.fill(s, chunk, sent)
-		s.off, s.end, s.errno = 0, k, 0
-		if k > 0 {
+		gso := c.sys.gso.Load()
+		hdrs, k, addrErr := c.fill(s, chunk, sent, gso)
+		s.off, s.end, s.errno = 0, hdrs, 0
+		if hdrs > 0 {
 			err = c.sys.raw.Write(s.fn)
 		}
 		s.forget(k)
-		sent += s.off
+		done := s.sentMessages(s.off)
+		sent += done
 		switch {
 		case err != nil:
 			return sent, err
+		case s.errno == unix.EIO && gso && s.counts[s.off] > 1:
+			// The way out cannot segment (no checksum offload): send
+			// datagram by datagram from here on.
+			c.sys.gso.Store(false)
+			if c.log != nil {
+				c.log.Info("udpbatch: segmentation offload refused, sending datagram by datagram",
+					slog.String("local", c.laddr.String()), slog.String("err", s.errno.Error()))
+			}
+			continue
 		case s.errno == unix.ENOSYS:
 			return sent, &UnsupportedError{Op: "sendmmsg", Err: s.errno}
 		case s.errno != 0:
@@ -324,29 +394,64 @@ func (c *Conn) writeBatchSys(msgs []Message) (sent int, err error) {
 	return sent, nil
 }
 
-// fill describes chunk to the kernel in s. It stops at the first message
-// whose destination the socket cannot send to, returning its error; k is the
-// number of messages described. base is chunk[0]'s index in the WriteBatch
-// call.
-func (c *Conn) fill(s *sendScratch, chunk []Message, base int) (k int, err error) {
-	for i := range chunk {
-		m := &chunk[i]
-		dst, err := c.dest(base+i, m.Addr)
+// fill describes chunk to the kernel in s: one header per datagram, or
+// with gso one per run of datagrams to the same destination, each as
+// large as the first but the last, which may be shorter (the kernel's
+// rule for segments). It stops at the first message whose destination
+// the socket cannot send to, returning its error. It returns the headers
+// filled and the messages they describe. base is chunk[0]'s index in the
+// WriteBatch call.
+func (c *Conn) fill(s *sendScratch, chunk []Message, base int, gso bool) (hdrs, k int, err error) {
+	for k < len(chunk) {
+		first := k
+		dst, err := c.dest(base+k, chunk[k].Addr)
 		if err != nil {
-			return i, err
+			return hdrs, k, err
 		}
-		s.setBuf(i, m.Buf)
-		h := &s.hdrs[i]
+		size := len(chunk[k].Buf)
+		total := size
+		s.setBuf(k, chunk[k].Buf)
+		k++
+		for gso && size > 0 && k < len(chunk) && k-first < maxGSOSegments {
+			m := &chunk[k]
+			if len(m.Buf) > size || len(m.Buf) == 0 || total+len(m.Buf) > maxGSOBytes {
+				break
+			}
+			next, err := c.dest(base+k, m.Addr)
+			if err != nil || next != dst {
+				break // the next header reports it, or starts a run of its own
+			}
+			s.setBuf(k, m.Buf)
+			total += len(m.Buf)
+			k++
+			if len(m.Buf) < size {
+				break // a shorter segment ends a run
+			}
+		}
+		h := &s.hdrs[hdrs]
 		h.Len = 0
 		h.Hdr.Flags = 0
+		h.Hdr.Iov = &s.iovs[first]
+		h.Hdr.SetIovlen(k - first)
+		s.counts[hdrs] = k - first
+		if k-first > 1 {
+			ctrl := s.ctrl[hdrs*gsoCmsgSpace : (hdrs+1)*gsoCmsgSpace]
+			*(*uint16)(unsafe.Pointer(&ctrl[unix.CmsgLen(0)])) = uint16(size)
+			h.Hdr.Control = &ctrl[0]
+			h.Hdr.SetControllen(len(ctrl))
+		} else {
+			h.Hdr.Control = nil
+			h.Hdr.SetControllen(0)
+		}
 		if !dst.IsValid() {
 			h.Hdr.Name, h.Hdr.Namelen = nil, 0
-			continue
+		} else {
+			h.Hdr.Name = (*byte)(unsafe.Pointer(&s.names[hdrs]))
+			h.Hdr.Namelen = putSockaddr(&s.names[hdrs], dst, c.v4only)
 		}
-		h.Hdr.Name = (*byte)(unsafe.Pointer(&s.names[i]))
-		h.Hdr.Namelen = putSockaddr(&s.names[i], dst, c.v4only)
+		hdrs++
 	}
-	return len(chunk), nil
+	return hdrs, k, nil
 }
 
 // putSockaddr writes a into slot as the socket's family expects it and

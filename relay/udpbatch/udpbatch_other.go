@@ -16,3 +16,6 @@ func (c *Conn) readBatchSys([]Message, bool) (int, error) { return 0, &Unsupport
 func (c *Conn) waitReadSys() error { return nil }
 
 func (c *Conn) writeBatchSys([]Message) (int, error) { return 0, &UnsupportedError{} }
+
+// GSO reports false: segmentation offload is Linux's.
+func (c *Conn) GSO() bool { return false }
