@@ -23,13 +23,14 @@ const (
 var TCPKeepAlive = net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 4}
 
 // UDP socket buffers iketcp asks for. Its readers never wait for a link
-// (a link queues what it cannot send), so a receive buffer only has to
-// ride out a reader's scheduling delay: a few milliseconds at gigabits,
-// not seconds at the rates a congested link leaves.
+// (a link queues what it cannot send, and drops what waited too long), so
+// what a receive buffer holds is only what a reader has not been
+// scheduled to take yet: a burst from a daemon, or a few milliseconds of
+// a busy machine. That must not be lost, and holds no standing queue.
 const (
-	// ReceiveBuffer is a UDP socket's receive buffer: about 4 ms at
+	// ReceiveBuffer is a UDP socket's receive buffer: about 30 ms at
 	// 1 Gbit/s.
-	ReceiveBuffer = 512 << 10
+	ReceiveBuffer = 4 << 20
 	// SendBuffer is a UDP socket's send buffer: sends are batches to a
 	// local daemon or the next hop, which drain at once.
 	SendBuffer = 1 << 20

@@ -5,13 +5,16 @@
 // non-ESP marker) goes in the priority lane: it leaves before any ESP and
 // is never dropped for being late, so that DPD and rekeys survive a link
 // that ESP saturates. ESP goes in the bulk lane, which holds at most
-// Budget bytes (the newest is refused beyond that) and drops at its head,
-// as it dequeues, every datagram that waited longer than Target: under
-// sustained overload the queue stays about Target long, like CoDel's,
-// rather than as long as the budget allows. Small ESP datagrams (pings,
-// TCP acknowledgements, DNS: what users feel) are exempt from the late
-// drop, as a carrier's byte-limited queue would let them in where a full
-// sized one does not fit.
+// Budget bytes (the newest is refused beyond that) and is kept short as
+// CoDel (RFC 8289) keeps a queue short: a burst, or a scheduler that
+// leaves the link's writer waiting a few milliseconds, passes untouched;
+// a standing queue, one whose datagrams have all waited longer than
+// Target for a whole Interval, is drained by dropping at the head every
+// datagram that waited longer than Target, until one did not. A queue
+// that stood within the last sixteen intervals drops again at once. Small ESP datagrams (pings,
+// TCP acknowledgements, DNS: what users feel) are never dropped for
+// being late, as a carrier's byte-limited queue lets them in where a
+// full-sized one does not fit.
 //
 // A Queue copies what it takes, into pooled buffers of a size class near
 // the datagram's: nothing queues while the link keeps up, and then
@@ -29,8 +32,9 @@ import (
 
 // Defaults of a Queue's zero fields.
 const (
-	DefaultBudget         = 512 << 10
+	DefaultBudget         = 2 << 20
 	DefaultTarget         = 5 * time.Millisecond
+	DefaultInterval       = 100 * time.Millisecond
 	DefaultPriorityBudget = 1 << 20
 	// SmallESP is the largest ESP datagram exempt from the late drop.
 	SmallESP = 256
@@ -65,22 +69,27 @@ const (
 // counters.
 type Drops struct {
 	Full uint64 // refused by a spent budget (Push)
-	Late uint64 // ESP dropped at the head for waiting longer than Target (Pop)
+	Late uint64 // ESP dropped at the head of a standing queue (Pop)
 }
 
 // Queue is the queue in front of one link. Its zero value is ready, with
 // the defaults.
 type Queue struct {
-	// Budget bounds the bytes of ESP waiting; Target is the longest an
-	// ESP datagram larger than SmallESP may wait before it is dropped;
-	// PriorityBudget bounds the bytes of IKE waiting, which a link that
-	// works never comes near.
+	// Budget bounds the bytes of ESP waiting; PriorityBudget bounds the
+	// bytes of IKE waiting, which a link that works never comes near.
 	Budget, PriorityBudget int
-	Target                 time.Duration
+	// Target is how long ESP may wait in a standing queue, and Interval
+	// how long a queue must stand before its late ESP is dropped.
+	Target, Interval time.Duration
 
 	prio, bulk ring
 	popped     []entry // what the last Pop returned, until Release
 	drops      Drops
+
+	// The late drop's state, in unix ns.
+	aboveSince  int64 // since when every datagram dequeued was late; 0: the last was not
+	dropping    bool  // the queue stands: late datagrams are dropped
+	droppedLast int64 // when the queue last stopped standing
 }
 
 type entry struct {
@@ -111,6 +120,36 @@ func (q *Queue) target() int64 {
 	return int64(DefaultTarget)
 }
 
+func (q *Queue) interval() int64 {
+	if q.Interval > 0 {
+		return int64(q.Interval)
+	}
+	return int64(DefaultInterval)
+}
+
+// late decides, as the head of the bulk lane leaves at now after waiting
+// since at, whether it is dropped: the queue must have stood (every
+// datagram late) for an interval, or have stood within the last sixteen
+// intervals, as CoDel resumes dropping.
+func (q *Queue) late(at, now int64) bool {
+	if now-at <= q.target() {
+		q.aboveSince = 0
+		if q.dropping {
+			q.dropping, q.droppedLast = false, now
+		}
+		return false
+	}
+	if !q.dropping {
+		if q.aboveSince == 0 {
+			q.aboveSince = now
+		}
+		stood := now-q.aboveSince >= q.interval()
+		again := q.droppedLast != 0 && now-q.droppedLast < 16*q.interval()
+		q.dropping = stood || again
+	}
+	return q.dropping
+}
+
 // Empty reports whether nothing waits.
 func (q *Queue) Empty() bool { return q.prio.len() == 0 && q.bulk.len() == 0 }
 
@@ -136,7 +175,8 @@ func (q *Queue) Push(p []byte, lane Lane, now int64) Verdict {
 
 // Pop takes what is to be sent next, at time now, up to max datagrams and
 // about maxBytes (at least one datagram if any waits): the priority lane
-// first, then the bulk lane, whose late datagrams it drops on the way. It
+// first, then the bulk lane, whose late datagrams it drops on the way
+// once the queue stands (see the package doc). It
 // appends them to dst and returns it; they stay valid until Release.
 func (q *Queue) Pop(dst [][]byte, max, maxBytes int, now int64) [][]byte {
 	bytes := 0
@@ -146,10 +186,9 @@ func (q *Queue) Pop(dst [][]byte, max, maxBytes int, now int64) [][]byte {
 		q.popped = append(q.popped, e)
 		dst = append(dst, (*e.buf)[:e.n])
 	}
-	late := now - q.target()
 	for len(dst) < max && q.bulk.len() > 0 {
 		head := q.bulk.peek()
-		if head.at < late && head.n > SmallESP {
+		if head.n > SmallESP && q.late(head.at, now) {
 			putBuffer(q.bulk.pop().buf)
 			q.drops.Late++
 			continue

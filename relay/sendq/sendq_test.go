@@ -100,27 +100,72 @@ func TestBudgetRefusesTheNewest(t *testing.T) {
 	q.Release()
 }
 
-// TestLateESPIsDropped: ESP that waited past the target is dropped at the
-// head, but small ESP and IKE are not.
+// TestLateESPIsDropped: a queue whose datagrams were late for a moment
+// sends them; one that stood for an interval drops its late ESP at the
+// head, but not small ESP nor IKE, until a datagram comes out in time;
+// one that stood within sixteen intervals drops again at once, and one
+// that stood long ago waits for an interval again.
 func TestLateESPIsDropped(t *testing.T) {
-	q := Queue{Target: 5 * time.Millisecond}
+	const ms = int64(time.Millisecond)
+	q := Queue{Target: 5 * time.Millisecond, Interval: 100 * time.Millisecond}
+	pop := func(now int64) (seqs []uint32) {
+		t.Helper()
+		for _, p := range q.Pop(nil, 64, 1<<20, now) {
+			seqs = append(seqs, seqOf(p))
+		}
+		q.Release()
+		return seqs
+	}
+	expect := func(what string, got []uint32, want ...uint32) {
+		t.Helper()
+		if len(got) != len(want) {
+			t.Fatalf("%s: popped %v, want %v", what, got, want)
+		}
+		for i := range want {
+			if got[i] != want[i] {
+				t.Fatalf("%s: popped %v, want %v", what, got, want)
+			}
+		}
+	}
 	t0 := time.Now().UnixNano()
+
+	// A moment late: sent.
 	q.Push(esp(1400, 1), Bulk, t0)
-	q.Push(esp(100, 2), Bulk, t0) // small: a ping
-	q.Push(ike(1400, 3), Priority, t0)
-	q.Push(esp(1400, 4), Bulk, t0+int64(9*time.Millisecond))
-	got := q.Pop(nil, 64, 1<<20, t0+int64(10*time.Millisecond))
-	var seqs []uint32
-	for _, p := range got {
-		seqs = append(seqs, seqOf(p))
+	expect("late for a moment", pop(t0+10*ms), 1)
+	if d := q.TakeDrops(); d.Late != 0 {
+		t.Fatalf("dropped %d for a moment's lateness", d.Late)
 	}
-	if len(seqs) != 3 || seqs[0] != 3 || seqs[1] != 2 || seqs[2] != 4 {
-		t.Fatalf("popped %v, want [3 2 4]: IKE, the small late ESP, the fresh ESP", seqs)
+
+	// Late ever since, for an interval: the queue stands.
+	q.Push(esp(1400, 2), Bulk, t0+100*ms)
+	q.Push(esp(100, 3), Bulk, t0+100*ms) // small: a ping
+	q.Push(ike(1400, 4), Priority, t0+100*ms)
+	q.Push(esp(1400, 5), Bulk, t0+112*ms) // in time
+	expect("standing", pop(t0+115*ms), 4, 3, 5)
+	if d := q.TakeDrops(); d.Late != 1 {
+		t.Fatalf("drops %+v, want 1 late (ESP 2)", d)
 	}
-	if d := q.TakeDrops(); d.Late != 1 || d.Full != 0 {
-		t.Fatalf("drops %+v, want 1 late", d)
+
+	// It stood less than an interval ago: late ESP goes at once.
+	q.Push(esp(1400, 6), Bulk, t0+120*ms)
+	expect("stood recently", pop(t0+130*ms))
+	if d := q.TakeDrops(); d.Late != 1 {
+		t.Fatalf("drops %+v, want 1 late (ESP 6)", d)
 	}
-	q.Release()
+	q.Push(esp(1400, 7), Bulk, t0+131*ms)
+	expect("in time again", pop(t0+132*ms), 7)
+
+	// Sixteen intervals after it last stood, a moment's lateness passes
+	// again; within them it would not.
+	q.Push(esp(1400, 8), Bulk, t0+1000*ms)
+	expect("ten intervals after", pop(t0+1010*ms))
+	q.Push(esp(1400, 9), Bulk, t0+1011*ms)
+	expect("in time", pop(t0+1012*ms), 9)
+	q.Push(esp(1400, 10), Bulk, t0+2700*ms)
+	expect("long after", pop(t0+2710*ms), 10)
+	if d := q.TakeDrops(); d.Late != 1 {
+		t.Fatalf("drops %+v, want 1 (ESP 8, within sixteen intervals)", d)
+	}
 }
 
 // TestPopBounds: Pop stops at max datagrams and about maxBytes, but
@@ -223,7 +268,7 @@ func BenchmarkPushPop(b *testing.B) {
 // TestRequeue: what a link could not send goes back to the heads of its
 // lanes, in order, ahead of what came meanwhile, and keeps its age.
 func TestRequeue(t *testing.T) {
-	q := Queue{Target: 5 * time.Millisecond}
+	q := Queue{Target: 5 * time.Millisecond, Interval: time.Millisecond}
 	t0 := time.Now().UnixNano()
 	q.Push(ike(200, 1), Priority, t0)
 	for i := range uint32(4) {
@@ -253,7 +298,10 @@ func TestRequeue(t *testing.T) {
 	}
 	q.Requeue(4)
 	q.Release()
-	got = q.Pop(nil, 64, 1<<20, t0+int64(6*time.Millisecond))
+	// Late from now on (the queue starts standing), then an interval on.
+	q.Pop(nil, 1, 1<<20, t0+int64(6*time.Millisecond))
+	q.Requeue(1)
+	got = q.Pop(nil, 64, 1<<20, t0+int64(8*time.Millisecond))
 	if len(got) != 0 {
 		t.Fatalf("popped %d after they grew late, want 0: requeued ESP keeps its age", len(got))
 	}

@@ -115,9 +115,9 @@ func (l *Link) countDropsLocked() {
 // writeQueued is the writer: it writes what the queue holds until the
 // queue is empty or the link fails.
 //
-// Over a raw socket it writes only what the socket takes now, puts back
-// what it did not, and waits for the socket to drain before it takes
-// again: so that each time, the queue decides afresh what goes next (IKE
+// Over a raw socket it writes what the socket takes, waits for it to
+// drain if it did not take all, and puts back what is left before it
+// takes again: so that each time, the queue decides afresh what goes next (IKE
 // that came meanwhile, ESP that is now late), and nothing waits
 // committed to a write. Over TLS, which cannot write so, it writes a
 // batch of at most one record's worth at a time.
@@ -176,7 +176,11 @@ func (l *Link) writeQueued() {
 			lens = append(lens, len(f))
 		}
 		pend = frames
-		err := l.direct.try(&pend)
+		l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
+		err := l.direct.write(&pend)
+		// The deadline bounds the wait, and must not outlive it: a
+		// non-blocking write would fail on it once it passed.
+		l.nc.SetWriteDeadline(time.Time{})
 		l.wmu.Lock()
 		if err != nil {
 			l.failLocked(err)
@@ -185,18 +189,6 @@ func (l *Link) writeQueued() {
 		}
 		l.wmu.Unlock()
 		clear(frames)
-		if err == nil && len(pend) > 0 {
-			// The deadline bounds the wait, and must not outlive it: a
-			// non-blocking write would fail on it once it passed.
-			l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
-			err := l.direct.waitWritable()
-			l.nc.SetWriteDeadline(time.Time{})
-			if err != nil {
-				l.wmu.Lock()
-				l.failLocked(err)
-				l.wmu.Unlock()
-			}
-		}
 	}
 }
 
@@ -246,10 +238,12 @@ func (l *Link) writeErr() error {
 // directWriter writes frames on a socket without Go's blocking Write: try
 // sends what the socket takes now.
 type directWriter interface {
+	// try sends what the socket takes now of *pend, and leaves the rest
+	// in *pend.
 	try(pend *[][]byte) error
-	// waitWritable waits, within the write deadline, for the socket to
-	// take more, after try left something unsent.
-	waitWritable() error
+	// write is try that, if the socket does not take all, then waits
+	// (within the write deadline) until it can take more.
+	write(pend *[][]byte) error
 }
 
 // tuneSocket sets the options a link's socket needs: TCP_NOTSENT_LOWAT,

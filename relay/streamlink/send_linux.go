@@ -13,19 +13,22 @@ import (
 // that a write does not allocate either. The link's write lock, or its
 // writer (which runs alone), owns it.
 type direct struct {
-	raw    syscall.RawConn
-	iov    [maxIov]unix.Iovec
-	msg    unix.Msghdr
-	pend   [][]byte // what is left to send; the callbacks advance it
-	err    error
-	waited bool
+	raw  syscall.RawConn
+	iov  [maxIov]unix.Iovec
+	msg  unix.Msghdr
+	pend [][]byte // what is left to send; the callbacks advance it
+	err  error
+	// In write: the first callback sends and, on EAGAIN, asks to wait
+	// (waiting); the one after the wait (waited) returns at once, for the
+	// writer to take afresh what goes next.
+	waiting, waited bool
 
-	fn, waitFn func(fd uintptr) bool
+	fn func(fd uintptr) bool
 }
 
 func newDirect(raw syscall.RawConn) directWriter {
 	d := &direct{raw: raw}
-	d.fn, d.waitFn = d.send, d.wait
+	d.fn = d.send
 	return d
 }
 
@@ -42,25 +45,29 @@ func (d *direct) try(pend *[][]byte) error {
 	return d.err
 }
 
-// waitWritable waits for the socket to take more (within the
-// connection's write deadline), after try left something unsent.
-func (d *direct) waitWritable() error {
-	d.waited = false
-	return d.raw.Write(d.waitFn)
-}
-
-// wait is waitWritable's RawConn.Write callback: false at first, which
-// has the poller wait for the socket to become writable, then true.
-func (d *direct) wait(uintptr) bool {
-	done := d.waited
-	d.waited = true
-	return done
+// write sends what the socket takes of *pend and, if it does not take
+// all, waits (within the connection's write deadline) until it can take
+// more; it leaves in *pend what is left. The send and the wait are one
+// RawConn.Write: a wait in a call of its own would begin by clearing the
+// poller's note that the socket drained meanwhile, and sleep through it.
+func (d *direct) write(pend *[][]byte) error {
+	d.pend, d.err, d.waiting, d.waited = *pend, nil, true, false
+	err := d.raw.Write(d.fn)
+	*pend = d.pend
+	d.pend, d.waiting = nil, false
+	if err != nil {
+		return err
+	}
+	return d.err
 }
 
 // send is the RawConn.Write callback: it reports whether it is done (all
 // sent, failed, or the socket full: try gives up, with what is left in
 // d.pend).
 func (d *direct) send(fd uintptr) bool {
+	if d.waited {
+		return true
+	}
 	for len(d.pend) > 0 {
 		n := 0
 		for _, f := range d.pend[:min(len(d.pend), maxIov)] {
@@ -77,6 +84,10 @@ func (d *direct) send(fd uintptr) bool {
 		case unix.EINTR:
 			continue
 		case unix.EAGAIN:
+			if d.waiting {
+				d.waited = true
+				return false
+			}
 			return true
 		default:
 			d.err = errno

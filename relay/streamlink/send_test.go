@@ -145,7 +145,7 @@ func testSendDoesNotWait(t *testing.T, late bool) {
 			counters := new(relay.Counters)
 			cfg := streamlink.Config{Counters: counters, QueueBytes: 256 << 10, QueueDelay: time.Minute}
 			if late {
-				cfg.QueueDelay = 20 * time.Millisecond
+				cfg.QueueDelay, cfg.QueueInterval = 20*time.Millisecond, time.Nanosecond
 			}
 			link, read, frames := stalledPeer(t, cfg, tc.wrap, tc.dialTLS)
 
@@ -307,4 +307,57 @@ func TestIdleLongerThanTheWriteTimeout(t *testing.T) {
 		t.Fatalf("Send after the writer waited, then an idle spell: %v", err)
 	}
 	expect(100)
+}
+
+// TestWriterKeepsUpWithASlowReader: a peer that reads in small sips
+// makes the writer wait for the socket thousands of times; it must wake
+// every time the socket drains (a wakeup lost between a write that found
+// the socket full and the wait would stall the link until the write
+// timeout ended it), and everything arrives, whole and in order.
+func TestWriterKeepsUpWithASlowReader(t *testing.T) {
+	cfg := streamlink.Config{WriteTimeout: 2 * time.Second, QueueBytes: 64 << 20, QueueDelay: time.Minute, NotSentLowat: 4096}
+	link, read, frames := stalledPeer(t, cfg, func(nc net.Conn) net.Conn { return &sipper{Conn: nc} }, nil)
+	close(read)
+	const count = 3000
+	go func() {
+		batch := make([][]byte, 0, 16)
+		for seq := uint32(1); seq <= count; seq++ {
+			batch = append(batch, datagram(false, 1400, seq))
+			if len(batch) == cap(batch) || seq == count {
+				if link.Send(batch) != nil {
+					return
+				}
+				batch = batch[:0]
+				time.Sleep(50 * time.Microsecond)
+			}
+		}
+	}()
+	deadline := time.After(30 * time.Second)
+	for want := uint32(1); want <= count; want++ {
+		select {
+		case p, ok := <-frames:
+			if !ok {
+				t.Fatalf("the stream ended after %d of %d datagrams", want-1, count)
+			}
+			seq, _, err := checkDatagram(p)
+			if err != nil || seq != want {
+				t.Fatalf("got datagram %d (%v), want %d", seq, err, want)
+			}
+		case <-deadline:
+			t.Fatalf("after 30 s, %d of %d datagrams arrived", want-1, count)
+		}
+	}
+}
+
+// sipper reads at most 2 KiB at a time, now and then pausing.
+type sipper struct {
+	net.Conn
+	reads int
+}
+
+func (s *sipper) Read(p []byte) (int, error) {
+	if s.reads++; s.reads%64 == 0 {
+		time.Sleep(200 * time.Microsecond)
+	}
+	return s.Conn.Read(p[:min(len(p), 2048)])
 }

@@ -63,6 +63,9 @@ type Config struct {
 	// (package relay/sendq). IKE waits apart and goes first.
 	QueueBytes int
 	QueueDelay time.Duration
+	// QueueInterval is how long a link's queue must stand before its late
+	// ESP is dropped (sendq.DefaultInterval).
+	QueueInterval time.Duration
 	// NotSentLowat is the socket's TCP_NOTSENT_LOWAT: about the most it
 	// holds unsent. Negative leaves the system's (unlimited).
 	NotSentLowat int
@@ -260,7 +263,7 @@ type Link struct {
 
 func newLink(nc net.Conn, sh *shared) *Link {
 	l := &Link{nc: nc, sh: sh, direct: directFor(nc)}
-	l.q.Budget, l.q.Target = sh.cfg.QueueBytes, sh.cfg.QueueDelay
+	l.q.Budget, l.q.Target, l.q.Interval = sh.cfg.QueueBytes, sh.cfg.QueueDelay, sh.cfg.QueueInterval
 	if err := tuneSocket(nc, &sh.cfg); err != nil {
 		sh.logTune.Log(sh.log, slog.LevelWarn, "link socket option not set", "err", err)
 	}
