@@ -19,11 +19,17 @@ const CharonPath = "/usr/sbin/charon-systemd"
 var DebianPackages = []string{
 	"strongswan-swanctl", "charon-systemd", "libcharon-extra-plugins",
 	"iputils-ping", "tcpdump", "nftables", "iproute2", "iptables",
+	// For iketcp-lab bench: the outside baseline and the chart.
+	"udptunnel", "gnuplot-nox",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
 // reports them.
 var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump", "ss", "ping", "iptables-legacy"}
+
+// benchTools are the programs only iketcp-lab bench runs: Debian's
+// udptunnel, the outside baseline, and gnuplot, which draws the chart.
+var benchTools = []string{"udptunnel", "gnuplot"}
 
 // toolDirs are searched after $PATH: test runners and CI often start with a
 // PATH that lacks the sbin directories.
@@ -80,6 +86,22 @@ func MissingTools() []string {
 	}
 	return missing
 }
+
+// MissingBenchTools reports which of the programs that only the
+// benchmark harness needs (udptunnel, gnuplot) are not installed.
+func MissingBenchTools() []string {
+	var missing []string
+	for _, name := range benchTools {
+		if toolPath(name) == "" {
+			missing = append(missing, name)
+		}
+	}
+	return missing
+}
+
+// ToolPath returns the absolute path of an installed tool, or "" when it
+// is not installed.
+func ToolPath(name string) string { return toolPath(name) }
 
 // InstallPackages installs [DebianPackages] with apt-get (update, then
 // install -y, non-interactively), writing apt's output to out. It needs root.
