@@ -4,7 +4,9 @@
 #                (make demo-transparent: the same with the daemon unchanged;
 #                 make demo-fake-tcp: fake-TCP through a strict middlebox)
 #   make test    everything CI checks: lint, unit, race, fuzz, integration
-#   make bench   benchmarks, with each one's ratio to its baseline
+#   make bench   benchmarks, with each one's ratio to its baseline, then
+#                iketcp as whole processes against direct UDP and udptunnel
+#                (iketcp-lab bench: docs/bench.md and docs/bench.png)
 #
 # demo and test install what they need (Debian packages, staticcheck) and
 # need root for the network namespaces.
@@ -68,8 +70,8 @@ build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/iketcp ./cmd/iketcp
 	$(GO) build -o $(BIN)/iketcp-lab ./cmd/iketcp-lab
 
-# The lab's packages (strongSwan, nftables, tcpdump, iproute2), installed
-# only when a tool is missing.
+# The lab's packages (strongSwan, nftables, tcpdump, iproute2; udptunnel and
+# gnuplot for make bench), installed only when a tool is missing.
 deps: build
 	$(BIN)/iketcp-lab deps
 
@@ -106,10 +108,15 @@ test: deps lint unit alloc fuzz
 	@echo "make test: all passed"
 
 # Benchmarks, then each variant's throughput as a ratio to the baseline
-# measured in the same run (median over BENCHCOUNT runs).
-bench:
+# measured in the same run (median over BENCHCOUNT runs); then the harness
+# measures bin/iketcp as whole processes in network namespaces (direct UDP,
+# RFC 9329, fake-TCP, udptunnel; latency under load; the scale ladder) and
+# writes docs/bench.md, docs/bench.png and docs/bench.json. About 12
+# minutes in all on 2 cores.
+bench: deps
 	$(GO) test -p 1 -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./nat/packet ./nat/faketcp ./relay/... ./integration | tee $(BIN)/bench.txt
 	@awk "$$BENCH_RATIOS" $(BIN)/bench.txt
+	$(BIN)/iketcp-lab bench --iketcp $(BIN)/iketcp --out docs
 
 demo: deps build
 	$(BIN)/iketcp-lab demo --iketcp $(BIN)/iketcp
