@@ -56,7 +56,7 @@ END {
 		split(name, p, "/")
 		if (!(p[1] in base) || base[p[1]] == name) continue
 		b = base[p[1]]
-		printf "  %-36s %10.1f %s  vs %-34s %10.1f  ratio %.2f\n", name, median(name), units[name], b, median(b), median(name) / median(b)
+		printf "  %-36s %10.6g %s  vs %-34s %10.6g  ratio %.3g\n", name, median(name), units[name], b, median(b), median(name) / median(b)
 	}
 }
 endef

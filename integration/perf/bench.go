@@ -335,7 +335,12 @@ func runScaleLadder(ctx context.Context, cfg Config, p plan, opts lab.Options, r
 	return nil
 }
 
-func kib(b int64) string { return fmt.Sprintf("%.1f KiB", float64(b)/1024) }
+func kib(b int64) string {
+	if b >= 10<<20 || b <= -10<<20 {
+		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
+	}
+	return fmt.Sprintf("%.1f KiB", float64(b)/1024)
+}
 
 // machine describes this machine.
 func machine() Machine {

@@ -56,8 +56,8 @@ func (r *Results) Markdown() string {
 	w("  straight to the sink at the hub. *iketcp*: `iketcp client` at the site (the blaster sends to its `--listen`")
 	w("  on loopback), `iketcp server` at the hub (the sink is its `--backend` on loopback), default flags but the")
 	w("  addresses and, in fake-TCP mode, `--fake-tcp-net`; the blaster first opens a session with an IKE_SA_INIT that")
-	w("  the sink answers. *udptunnel*: Debian's `udptunnel -c`/`-s`, the same 16-bit length framing over one TCP")
-	w("  connection. All paths are up at once and the harness takes turns between them at each rate.")
+	w("  the sink answers. *udptunnel*: Debian's `udptunnel -c`/`-s`, which frames each datagram with a 16-bit")
+	w("  length over one TCP connection, as RFC 9329 does. All paths are up at once and the harness takes turns between them at each rate.")
 	w("- **Blaster and sink** are the harness's own sockets inside the namespaces, the same on every path, in the")
 	w("  I/O mode that delivered most on direct UDP (the last table: every mode is measured in the same run).")
 	w("- **A step** offers a rate for %v; the first fifth is left out, and over the rest the harness reads the", r.stepTime())
@@ -301,20 +301,30 @@ func (r *Results) scaleTable(w func(string, ...any)) {
 	w("")
 	w("## Scale ladder: one iketcp server, many sessions")
 	w("")
-	w("Each session is a TCP connection of its own on the server's loopback. RSS is the server's VmRSS; *per")
-	w("session* is the growth divided by the sessions (coarse for one session: RSS moves by pages and heap")
-	w("arenas). The ESP offered is spread round-robin over all sessions; CPU is the server's per datagram delivered.")
+	w("Each session is a TCP connection of its own on the server's loopback, as RFC 9329 clients open them,")
+	w("unless the open-file limit cannot hold that many: the server needs a descriptor per connection and one per")
+	w("session's backend socket, so with %d files 10,000 sessions need a few connections that carry two", r.fileLimit())
+	w("(*connections* says how many). RSS is the server's VmRSS; *per session* is the growth divided by the")
+	w("sessions (coarse for one session: RSS moves by pages and heap arenas). The ESP offered is spread")
+	w("round-robin over all sessions; CPU is the server's per datagram delivered.")
 	w("")
-	w("| sessions | opened in | RSS idle | RSS with sessions | per session | per session after traffic | offered/s | delivered/s | loss | server CPU/datagram |")
-	w("|---|---|---|---|---|---|---|---|---|---|")
+	w("| sessions | connections | opened in | RSS idle | RSS with sessions | per session | per session after traffic | offered/s | delivered/s | loss | server CPU/datagram |")
+	w("|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, s := range r.Scale {
 		loss := 0.0
 		if s.Sent > 0 {
 			loss = max(0, 1-float64(s.Received)/float64(s.Sent))
 		}
-		w("| %d | %v | %s | %s | %s | %s | %s | %s | %s | %s |", s.Sessions, s.Open.Round(time.Millisecond), kib(s.RSSBefore), kib(s.RSSOpen),
+		w("| %d | %d | %v | %s | %s | %s | %s | %s | %s | %s | %s |", s.Sessions, s.Conns, s.Open.Round(time.Millisecond), kib(s.RSSBefore), kib(s.RSSOpen),
 			kib(int64(s.PerSession())), kib(int64(s.PerSessionTraffic())), rate(s.Rate), rate(s.Delivered), pct(loss), us(s.CPU))
 	}
+}
+
+func (r *Results) fileLimit() uint64 {
+	for _, s := range r.Scale {
+		return s.FileLimit
+	}
+	return 0
 }
 
 func (r *Results) calibrationTable(w func(string, ...any)) {
