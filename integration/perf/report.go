@@ -422,6 +422,7 @@ set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set key top left
 set grid ytics
+set bmargin 5
 set xtics (%s)
 set offsets 0, 0, graph 0.08, 0
 plot %s using 1 title "p50", '' using 2 title "p99", \
