@@ -225,11 +225,11 @@ func (r *Results) throughputTable(w func(string, ...any)) {
 	w("")
 	w("## Throughput at offered rates")
 	w("")
-	w("Relay CPU is utime+stime of client and server together per datagram delivered; *cores* is the same CPU")
-	w("time per second. *Harness* is the blaster's and sink's CPU per datagram.")
+	w("Relay CPU is utime+stime of client and server together per datagram delivered, then split between")
+	w("them; *cores* is the same CPU time per second. *Harness* is the blaster's and sink's CPU per datagram.")
 	w("")
-	w("| offered | path | reached | delivered/s | ratio to direct | loss | relay CPU/datagram | relay cores | harness CPU/datagram |")
-	w("|---|---|---|---|---|---|---|---|---|")
+	w("| offered | path | reached | delivered/s | ratio to direct | loss | relay CPU/datagram | client + server | relay cores | harness CPU/datagram |")
+	w("|---|---|---|---|---|---|---|---|---|---|")
 	for _, t := range r.targets() {
 		base, _ := r.step(PathDirect, t)
 		for _, p := range r.Paths {
@@ -245,8 +245,12 @@ func (r *Results) throughputTable(w func(string, ...any)) {
 			if s.RelayCPU > 0 {
 				cores = fmt.Sprintf("%.2f", s.RelayCores)
 			}
-			w("| %s | %s | %s/s | %s | %s | %s | %s | %s | %s |", name, p, rate(s.Offered), rate(s.Delivered), ratio(s.Delivered, base.Delivered),
-				pct(s.Loss), us(s.RelayCPU), cores, us(s.HarnessCPU))
+			split := "—"
+			if s.ClientCPU > 0 || s.ServerCPU > 0 {
+				split = fmt.Sprintf("%.1f + %.1f µs", float64(s.ClientCPU)/1e3, float64(s.ServerCPU)/1e3)
+			}
+			w("| %s | %s | %s/s | %s | %s | %s | %s | %s | %s | %s |", name, p, rate(s.Offered), rate(s.Delivered), ratio(s.Delivered, base.Delivered),
+				pct(s.Loss), us(s.RelayCPU), split, cores, us(s.HarnessCPU))
 		}
 	}
 }

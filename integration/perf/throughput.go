@@ -27,6 +27,9 @@ type Step struct {
 	// a path without relays.
 	RelayCPU   time.Duration
 	RelayCores float64
+	// ClientCPU and ServerCPU split RelayCPU between the relay at the
+	// site (client) and the one at the hub (server).
+	ClientCPU, ServerCPU time.Duration
 	// HarnessCPU is this process's CPU (blaster and sink) per datagram
 	// delivered, over the same window.
 	HarnessCPU time.Duration
@@ -60,12 +63,14 @@ func runStep(ctx context.Context, p *Path, rate float64, d time.Duration) (Step,
 	s0 := p.Blaster.Sent()
 	w0 := p.Sink.Datagrams()
 	cpu0, err0 := CPUTimes(pids)
+	each0 := cpuEach(pids)
 	h0, _ := CPUTime(self)
 	r := <-done
 	t1 := time.Now()
 	s1 := p.Blaster.Sent()
 	w1 := p.Sink.Datagrams()
 	cpu1, err1 := CPUTimes(pids)
+	each1 := cpuEach(pids)
 	h1, _ := CPUTime(self)
 	if r.err != nil {
 		return st, fmt.Errorf("%s: %w", p.Name, r.err)
@@ -85,6 +90,10 @@ func runStep(ctx context.Context, p *Path, rate float64, d time.Duration) (Step,
 		if len(pids) > 0 {
 			st.RelayCPU = (cpu1 - cpu0) / time.Duration(got)
 		}
+		if len(pids) == 2 && len(each0) == 2 && len(each1) == 2 {
+			st.ClientCPU = (each1[0] - each0[0]) / time.Duration(got)
+			st.ServerCPU = (each1[1] - each0[1]) / time.Duration(got)
+		}
 		st.HarnessCPU = (h1 - h0) / time.Duration(got)
 	}
 	if len(pids) > 0 {
@@ -95,6 +104,19 @@ func runStep(ctx context.Context, p *Path, rate float64, d time.Duration) (Step,
 		st.Loss = max(0, 1-float64(st.Received)/float64(st.Sent))
 	}
 	return st, p.alive()
+}
+
+// cpuEach is CPUTime of each pid; nil if any cannot be read.
+func cpuEach(pids []int) []time.Duration {
+	out := make([]time.Duration, len(pids))
+	for i, pid := range pids {
+		t, err := CPUTime(pid)
+		if err != nil {
+			return nil
+		}
+		out[i] = t
+	}
+	return out
 }
 
 // drain waits until the sink's count has not moved for 300 ms (at most
