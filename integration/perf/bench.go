@@ -86,6 +86,10 @@ func (c Config) plan() plan {
 type Machine struct {
 	CPU, Kernel, Go string
 	Cores           int
+	// LoadBefore and LoadAfter are /proc/loadavg's 1- and 5-minute load
+	// averages when the run started and ended: other work on the machine
+	// makes the figures noisier (the ratios less so).
+	LoadBefore, LoadAfter string
 }
 
 // Calibration is the blaster and the sink against each other on direct
@@ -187,6 +191,7 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 		fail("scale ladder", err)
 	}
 	res.Took = time.Since(res.Started)
+	res.Machine.LoadAfter = loadavg()
 	if len(res.Errors) > 0 {
 		return res, fmt.Errorf("%d part(s) failed: %s", len(res.Errors), strings.Join(res.Errors, "; "))
 	}
@@ -356,5 +361,19 @@ func machine() Machine {
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
+	m.LoadBefore = loadavg()
 	return m
+}
+
+// loadavg returns the 1- and 5-minute load averages, "1.02 0.87".
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return "?"
+	}
+	return f[0] + " " + f[1]
 }

@@ -33,6 +33,7 @@ func (r *Results) Markdown() string {
 	w("| commit | `%s` |", r.Commit)
 	w("| Go | %s |", r.Machine.Go)
 	w("| run took | %v |", r.Took.Round(time.Second))
+	w("| load average (1, 5 min) before, after | %s; %s (%d cores: above %d, other work shared the machine) |", r.Machine.LoadBefore, r.Machine.LoadAfter, r.Machine.Cores, r.Machine.Cores)
 	w("")
 	w("Every ratio compares figures of this one run: the machine's speed drifts over minutes, so compare")
 	w("ratios, not absolute figures across runs. All datagrams are 1400 bytes unless said otherwise.")
