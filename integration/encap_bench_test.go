@@ -242,6 +242,7 @@ func measureFlow(b *testing.B, tx, rx *net.UDPConn, mode perf.IOMode) {
 	t := time.NewTimer(time.Hour)
 	defer t.Stop()
 	timer := func(d time.Duration) <-chan time.Time { t.Reset(d); return t.C }
+	stalls := 0
 	for sent := 0; sent < b.N; {
 		got := received() + lost
 		if room := window - (sent - got); room > 0 {
@@ -258,6 +259,9 @@ func measureFlow(b *testing.B, tx, rx *net.UDPConn, mode perf.IOMode) {
 		case <-sink.Progress():
 		case <-timer(200 * time.Millisecond):
 			if received()+lost == got {
+				if stalls++; stalls > 50 {
+					b.Fatalf("the receiver stalled 50 times: %d of %d sent, %d received", sent, b.N, received())
+				}
 				lost += sent - got
 			}
 		}
