@@ -4,7 +4,9 @@
 #                (make demo-transparent: the same with the daemon unchanged;
 #                 make demo-fake-tcp: fake-TCP through a strict middlebox)
 #   make test    everything CI checks: lint, unit, race, fuzz, integration
-#   make bench   benchmarks, with each one's ratio to its baseline
+#   make bench   benchmarks, with each one's ratio to its baseline, then
+#                iketcp as whole processes against direct UDP and udptunnel
+#                (iketcp-lab bench: docs/bench.md and docs/bench.png)
 #
 # demo and test install what they need (Debian packages, staticcheck) and
 # need root for the network namespaces.
@@ -54,7 +56,7 @@ END {
 		split(name, p, "/")
 		if (!(p[1] in base) || base[p[1]] == name) continue
 		b = base[p[1]]
-		printf "  %-36s %10.1f %s  vs %-34s %10.1f  ratio %.2f\n", name, median(name), units[name], b, median(b), median(name) / median(b)
+		printf "  %-36s %10.6g %s  vs %-34s %10.6g  ratio %.3g\n", name, median(name), units[name], b, median(b), median(name) / median(b)
 	}
 }
 endef
@@ -68,9 +70,10 @@ build:
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/iketcp ./cmd/iketcp
 	$(GO) build -o $(BIN)/iketcp-lab ./cmd/iketcp-lab
 
-# The lab's packages (strongSwan, nftables, tcpdump, iproute2, and the
-# front door's third parties: haproxy, nginx, tinyproxy, curl), installed
-# only when a tool is missing, with no service started on the host.
+# The lab's packages (strongSwan, nftables, tcpdump, iproute2, the front
+# door's third parties: haproxy, nginx, tinyproxy, curl; udptunnel and
+# gnuplot for make bench), installed only when a tool is missing, with no
+# service started on the host.
 deps: build
 	$(BIN)/iketcp-lab deps
 
@@ -107,10 +110,15 @@ test: deps lint unit alloc fuzz
 	@echo "make test: all passed"
 
 # Benchmarks, then each variant's throughput as a ratio to the baseline
-# measured in the same run (median over BENCHCOUNT runs).
-bench:
+# measured in the same run (median over BENCHCOUNT runs); then the harness
+# measures bin/iketcp as whole processes in network namespaces (direct UDP,
+# RFC 9329, fake-TCP, udptunnel; latency under load; the scale ladder) and
+# writes docs/bench.md, docs/bench.png and docs/bench.json. About 12
+# minutes in all on 2 cores.
+bench: deps
 	$(GO) test -p 1 -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./framing ./nat/packet ./nat/faketcp ./relay/... ./integration | tee $(BIN)/bench.txt
 	@awk "$$BENCH_RATIOS" $(BIN)/bench.txt
+	$(BIN)/iketcp-lab bench --iketcp $(BIN)/iketcp --out docs
 
 demo: deps build
 	$(BIN)/iketcp-lab demo --iketcp $(BIN)/iketcp

@@ -52,25 +52,44 @@ func BenchmarkDeframe(b *testing.B) {
 	})
 }
 
-// BenchmarkFrame measures adding the length to a 1400-byte datagram read
-// with headroom (in place, the relay's way) against appending it to a copy.
+// BenchmarkFrame measures framing a 1400-byte datagram as it comes off a
+// socket, two ways that do the same job: the relay's, which reads the
+// datagram into a buffer with headroom and writes the length in front of
+// it in place, against reading it into a plain buffer and appending the
+// length and a copy to a frame. Both variants pay for the read (a copy of
+// the datagram standing in for the kernel's), so MB/s counts the same
+// 1400 bytes framed in each and the ratio is what the headroom saves: the
+// second copy. (Timing PutLength alone, 2 bytes, and calling that 1400
+// bytes per op measured nothing.)
 func BenchmarkFrame(b *testing.B) {
 	p := espPayload(1400, 0xc0ffee, 1)
 	b.Run("in-place", func(b *testing.B) {
 		buf := make([]byte, Headroom+len(p))
-		copy(buf[Headroom:], p)
 		b.SetBytes(int64(len(p)))
 		b.ReportAllocs()
+		var frame []byte
 		for b.Loop() {
-			PutLength(buf[Headroom-LengthSize:], len(p))
+			n := copy(buf[Headroom:], p) // the read
+			PutLength(buf[Headroom-LengthSize:], n)
+			frame = buf[Headroom-LengthSize : Headroom+n]
 		}
+		if len(frame) != LengthSize+len(p) {
+			b.Fatalf("frame of %d bytes", len(frame))
+		}
+		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "frames/s")
 	})
 	b.Run("append-copy", func(b *testing.B) {
+		rbuf := make([]byte, len(p))
 		dst := make([]byte, 0, 2*len(p))
 		b.SetBytes(int64(len(p)))
 		b.ReportAllocs()
 		for b.Loop() {
-			dst = AppendFrame(dst[:0], p)
+			n := copy(rbuf, p) // the read
+			dst = AppendFrame(dst[:0], rbuf[:n])
 		}
+		if len(dst) != LengthSize+len(p) {
+			b.Fatalf("frame of %d bytes", len(dst))
+		}
+		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "frames/s")
 	})
 }

@@ -1,7 +1,9 @@
 // Package integration holds iketcp's end-to-end tests: real strongSwan
 // daemons in network namespaces (built by package integration/lab), a
 // carrier that masquerades and drops UDP, and the iketcp binary carrying
-// the tunnel over TCP between them.
+// the tunnel over TCP between them. The encapsulation benchmarks run the
+// relays in process; package integration/perf (iketcp-lab bench) measures
+// them as whole processes, and TestBenchQuick runs its smoke mode.
 //
 // The tests need root and the tools integration/lab lists; `make deps`
 // installs them. Outside CI they skip with the reason when something is

@@ -3,8 +3,10 @@
 // masquerade and drop every UDP packet, brings a real strongSwan tunnel up
 // through `iketcp client` and `iketcp server`, shows what happened, and
 // tears everything down on exit. `deps` installs what the lab needs.
+// `bench` measures iketcp as whole processes against the best baselines
+// the machine offers (package integration/perf).
 //
-// It is the program behind `make demo` and `make deps`; the integration
+// It is the program behind `make demo`, `make deps` and `make bench`; the integration
 // tests drive the same scenario through package integration/lab.
 package main
 
@@ -50,6 +52,7 @@ func main() {
 				},
 				Action: runDemo,
 			},
+			benchCommand(),
 		},
 		HideHelpCommand: true,
 	}
@@ -69,7 +72,7 @@ func defaultBinary() string {
 }
 
 func runDeps(c *cli.Context) error {
-	missing := lab.MissingTools()
+	missing := append(lab.MissingTools(), lab.MissingBenchTools()...)
 	if len(missing) == 0 {
 		fmt.Println("lab tools present")
 		return nil
@@ -78,7 +81,7 @@ func runDeps(c *cli.Context) error {
 	if err := lab.InstallPackages(c.Context, os.Stdout); err != nil {
 		return err
 	}
-	if still := lab.MissingTools(); len(still) > 0 {
+	if still := append(lab.MissingTools(), lab.MissingBenchTools()...); len(still) > 0 {
 		return fmt.Errorf("still missing after install: %s", strings.Join(still, ", "))
 	}
 	return nil

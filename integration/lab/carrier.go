@@ -62,6 +62,9 @@ func (l *Lab) setupCarrierFirewall(ctx context.Context) error {
 // BlockUDP makes the carrier drop every forwarded UDP packet (in both
 // directions), counting them in udp_dropped. Established flows are cut too.
 func (l *Lab) BlockUDP(ctx context.Context) error {
+	if l.Carrier == nil {
+		return errNoCarrier
+	}
 	if _, err := l.Carrier.Run(ctx, l.nftPath, "add", "element", "inet", CarrierTable, "blocked_l4", "{ udp }"); err != nil {
 		return fmt.Errorf("block UDP at the carrier: %w", err)
 	}
@@ -72,6 +75,9 @@ func (l *Lab) BlockUDP(ctx context.Context) error {
 // AllowUDP lets forwarded UDP through the carrier again. Counters keep their
 // values.
 func (l *Lab) AllowUDP(ctx context.Context) error {
+	if l.Carrier == nil {
+		return errNoCarrier
+	}
 	if _, err := l.Carrier.Run(ctx, l.nftPath, "flush", "set", "inet", CarrierTable, "blocked_l4"); err != nil {
 		return fmt.Errorf("allow UDP at the carrier: %w", err)
 	}
@@ -118,6 +124,9 @@ func (l *Lab) TCPForwarded(ctx context.Context) (uint64, error) {
 
 // Counter reads a named counter of the carrier's table.
 func (l *Lab) Counter(ctx context.Context, name string) (packets, bytes uint64, err error) {
+	if l.Carrier == nil {
+		return 0, 0, errNoCarrier
+	}
 	out, err := l.Carrier.Run(ctx, l.nftPath, "-j", "list", "counter", "inet", CarrierTable, name)
 	if err != nil {
 		return 0, 0, fmt.Errorf("read carrier counter %s: %w", name, err)

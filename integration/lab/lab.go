@@ -66,6 +66,12 @@ type Options struct {
 	// KeepFiles leaves the configuration and log files in place on Close
 	// (namespaces and processes are removed all the same).
 	KeepFiles bool
+	// Pair builds two namespaces only, site and hub, joined by one veth
+	// pair (s0 and h0, addresses as above) with nothing between them: the
+	// shortest path between two namespaces, for measurements. The lab then
+	// has no Carrier, and what needs one (BlockUDP, LimitRate, the
+	// middlebox, the counters) returns an error.
+	Pair bool
 }
 
 // Lab is one carrier-NAT topology with the processes started in it.
@@ -197,7 +203,11 @@ func namespaceExists(name string) bool {
 
 // build creates the namespaces and everything inside them.
 func (l *Lab) build(ctx context.Context) error {
-	for _, role := range []string{"site", "carrier", "hub"} {
+	roles := []string{"site", "carrier", "hub"}
+	if l.opts.Pair {
+		roles = []string{"site", "hub"}
+	}
+	for _, role := range roles {
 		ns := &Namespace{Name: l.Name + "-" + role, Role: role, lab: l}
 		// Registered first: a cancelled `ip netns add` may still have
 		// created the namespace, and Close must find it.
@@ -219,12 +229,15 @@ func (l *Lab) build(ctx context.Context) error {
 			return fmt.Errorf("disable IPv6 in %s: %w", ns.Name, err)
 		}
 	}
-	if _, err := l.Carrier.Run(ctx, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
-		return fmt.Errorf("enable forwarding in %s: %w", l.Carrier.Name, err)
-	}
 	ip := func(ns *Namespace, args ...string) error {
 		_, err := l.run(ctx, l.ipPath, append([]string{"-n", ns.Name}, args...)...)
 		return err
+	}
+	if l.opts.Pair {
+		return l.buildPair(ip)
+	}
+	if _, err := l.Carrier.Run(ctx, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
+		return fmt.Errorf("enable forwarding in %s: %w", l.Carrier.Name, err)
 	}
 	steps := []struct {
 		ns   *Namespace
@@ -257,6 +270,36 @@ func (l *Lab) build(ctx context.Context) error {
 	}
 	return nil
 }
+
+// buildPair joins site and hub with one veth pair: each routes the other's
+// /24 straight onto the link.
+func (l *Lab) buildPair(ip func(ns *Namespace, args ...string) error) error {
+	steps := []struct {
+		ns   *Namespace
+		args []string
+	}{
+		{l.Site, []string{"link", "add", SiteIface, "type", "veth", "peer", "name", HubIface, "netns", l.Hub.Name}},
+		{l.Site, []string{"addr", "add", SiteInner + "/32", "dev", "lo"}},
+		{l.Site, []string{"addr", "add", SiteOuter + "/24", "dev", SiteIface}},
+		{l.Hub, []string{"addr", "add", HubInner + "/32", "dev", "lo"}},
+		{l.Hub, []string{"addr", "add", HubOuter + "/24", "dev", HubIface}},
+		{l.Site, []string{"link", "set", "lo", "up"}},
+		{l.Site, []string{"link", "set", SiteIface, "up"}},
+		{l.Hub, []string{"link", "set", "lo", "up"}},
+		{l.Hub, []string{"link", "set", HubIface, "up"}},
+		{l.Site, []string{"route", "add", HubOuterNet, "dev", SiteIface}},
+		{l.Hub, []string{"route", "add", SiteOuterNet, "dev", HubIface}},
+	}
+	for _, s := range steps {
+		if err := ip(s.ns, s.args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// errNoCarrier is what the carrier's methods return in a Pair lab.
+var errNoCarrier = errors.New("this lab has no carrier (Options.Pair)")
 
 // Close stops every process and capture the lab started (by PID), kills any
 // other process still inside the lab's namespaces, deletes the namespaces
@@ -326,8 +369,12 @@ func (l *Lab) Close() error {
 	return err
 }
 
-// Namespaces returns the lab's namespaces: site, carrier, hub.
+// Namespaces returns the lab's namespaces: site, carrier, hub (site and
+// hub in a Pair lab).
 func (l *Lab) Namespaces() []*Namespace {
+	if l.Carrier == nil {
+		return []*Namespace{l.Site, l.Hub}
+	}
 	return []*Namespace{l.Site, l.Carrier, l.Hub}
 }
 

@@ -66,6 +66,9 @@ type Middlebox struct {
 // repeat; set net.ipv4.tcp_early_retrans=0 in the site and hub where a
 // test must see no drop at all.
 func (l *Lab) StartStrictMiddlebox(ctx context.Context, cfg antireplay.Config) (*Middlebox, error) {
+	if l.Carrier == nil {
+		return nil, errNoCarrier
+	}
 	ipt := ""
 	for _, name := range middleboxIptables {
 		if ipt = toolPath(name); ipt != "" {

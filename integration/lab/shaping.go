@@ -13,6 +13,9 @@ import (
 // dropped, as at a saturated link). Everything the site sends to the hub
 // crosses it. The lab's teardown removes it with the namespace.
 func (l *Lab) LimitRate(ctx context.Context, rateBits int, latency time.Duration) error {
+	if l.Carrier == nil {
+		return errNoCarrier
+	}
 	if rateBits <= 0 || latency <= 0 {
 		return fmt.Errorf("LimitRate: rate %d and latency %v must be positive", rateBits, latency)
 	}

@@ -26,12 +26,18 @@ var DebianPackages = []string{
 	"strongswan-swanctl", "charon-systemd", "libcharon-extra-plugins",
 	"iputils-ping", "tcpdump", "nftables", "iproute2", "iptables",
 	"haproxy", "nginx", "tinyproxy-bin", "curl",
+	// For iketcp-lab bench: the outside baseline and the chart.
+	"udptunnel", "gnuplot-nox",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
 // reports them.
 var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump", "ss", "ping", "iptables-legacy",
 	"haproxy", "nginx", "tinyproxy", "curl"}
+
+// benchTools are the programs only iketcp-lab bench runs: Debian's
+// udptunnel, the outside baseline, and gnuplot, which draws the chart.
+var benchTools = []string{"udptunnel", "gnuplot"}
 
 // toolDirs are searched after $PATH: test runners and CI often start with a
 // PATH that lacks the sbin directories.
@@ -100,6 +106,22 @@ const denyServices = "#!/bin/sh\n# iketcp-lab: no service starts while the lab's
 
 // aptLockWait is how long apt-get waits for another apt or dpkg to finish.
 const aptLockWait = "120"
+
+// MissingBenchTools reports which of the programs that only the
+// benchmark harness needs (udptunnel, gnuplot) are not installed.
+func MissingBenchTools() []string {
+	var missing []string
+	for _, name := range benchTools {
+		if toolPath(name) == "" {
+			missing = append(missing, name)
+		}
+	}
+	return missing
+}
+
+// ToolPath returns the absolute path of an installed tool, or "" when it
+// is not installed.
+func ToolPath(name string) string { return toolPath(name) }
 
 // InstallPackages installs [DebianPackages] with apt-get (update, then
 // install -y, non-interactively), writing apt's output to out. It needs root.
