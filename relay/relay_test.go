@@ -209,8 +209,19 @@ func startTransparentClient(tb testing.TB, r *relaytest.Rig) *net.UDPConn {
 	if _, err := daemon.Write(ike); err != nil {
 		tb.Fatal(err)
 	}
-	if got, _ := relaytest.Recv(tb, r.Backend); !bytes.Equal(got, ike) {
+	got, from := relaytest.Recv(tb, r.Backend)
+	if !bytes.Equal(got, ike) {
 		tb.Fatal("the IKE message from the daemon did not come through the TUN")
 	}
+	// The backend answers, which confirms the session: only a confirmed
+	// session learns the ESP SPIs its connection carries.
+	resp := relaytest.IKE(0x4343, 0x5151, framing.IKESAInit, framing.FlagResponse, 180)
+	r.Backend.WriteToUDPAddrPort(resp, from)
+	daemon.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 2048)
+	if n, err := daemon.Read(buf); err != nil || !bytes.Equal(buf[:n], resp) {
+		tb.Fatalf("the daemon did not get the IKE_SA_INIT response through the TUN: %v", err)
+	}
+	daemon.SetReadDeadline(time.Time{})
 	return daemon
 }
