@@ -34,7 +34,7 @@ func commonFlags(role string) []cli.Flag {
 		&cli.DurationFlag{Name: "write-timeout", Value: relay.DefaultWriteTimeout, Usage: "close a TCP connection that takes no data for this long", EnvVars: envVar("write-timeout")},
 		&cli.IntFlag{Name: "queue-bytes", Value: sendq.DefaultBudget, Usage: "ESP held for a connection that cannot send it yet, bytes; beyond it the newest is dropped (IKE waits apart and goes first)", EnvVars: envVar("queue-bytes")},
 		&cli.DurationFlag{Name: "queue-delay", Value: sendq.DefaultTarget, Usage: "ESP (but small packets) that waited this long for its connection is dropped rather than sent late", EnvVars: envVar("queue-delay")},
-		&cli.IntFlag{Name: "tcp-notsent", Value: streamlink.DefaultNotSentLowat, Usage: "TCP_NOTSENT_LOWAT of each TCP connection: about the most it holds unsent, bytes (-1: the system's, unlimited)", EnvVars: envVar("tcp-notsent")},
+		&cli.IntFlag{Name: "tcp-notsent", Value: 0, Usage: "TCP_NOTSENT_LOWAT of each TCP connection: about the most it holds unsent, bytes (0: about 2 ms at the connection's delivery rate, 4 KiB to 1 MiB; -1: the system's, unlimited)", EnvVars: envVar("tcp-notsent")},
 		&cli.StringFlag{Name: "tcp-congestion", Value: streamlink.DefaultCongestion, Usage: "TCP congestion control of each connection (\"-\": the system's)", EnvVars: envVar("tcp-congestion")},
 	}
 }

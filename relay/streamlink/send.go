@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"syscall"
 	"time"
 
 	"github.com/iketcp/iketcp/framing"
@@ -155,6 +156,9 @@ func (l *Link) writeQueued() {
 		l.wmu.Unlock()
 
 		if l.direct == nil {
+			if l.lowat != nil {
+				l.lowat.adjust(time.Now().UnixNano())
+			}
 			coalesced = coalesced[:0]
 			for _, f := range frames {
 				coalesced = append(coalesced, f...)
@@ -176,6 +180,9 @@ func (l *Link) writeQueued() {
 			lens = append(lens, len(f))
 		}
 		pend = frames
+		if l.lowat != nil {
+			l.lowat.adjust(time.Now().UnixNano())
+		}
 		l.nc.SetWriteDeadline(time.Now().Add(l.sh.cfg.writeTimeout()))
 		err := l.direct.write(&pend)
 		// The deadline bounds the wait, and must not outlive it: a
@@ -248,13 +255,51 @@ type directWriter interface {
 
 // tuneSocket sets the options a link's socket needs: TCP_NOTSENT_LOWAT,
 // so that little waits unsent in the kernel, and the congestion control.
-// It returns why an option could not be set, for a warning.
-func tuneSocket(nc net.Conn, cfg *Config) error {
+// It returns the lowat to adjust to the delivery rate, if that is the
+// configuration, and why an option could not be set, for a warning.
+func tuneSocket(nc net.Conn, cfg *Config) (*autoLowat, error) {
 	raw := rawConn(underlying(nc))
 	if raw == nil {
-		return nil
+		return nil, nil
 	}
-	return setSocketOptions(raw, cfg.notSentLowat(), cfg.congestion())
+	lowat, auto := cfg.notSentLowat()
+	if err := setSocketOptions(raw, lowat, cfg.congestion()); err != nil {
+		return nil, err
+	}
+	if !auto {
+		return nil, nil
+	}
+	return &autoLowat{raw: raw, set: lowat}, nil
+}
+
+// autoLowat keeps a socket's TCP_NOTSENT_LOWAT at about AutoNotSentTime
+// of its delivery rate. The writer, the only one to use it, checks at
+// most every adjustEvery, while it has something waiting.
+type autoLowat struct {
+	raw     syscall.RawConn
+	set     int   // the lowat set now
+	checked int64 // unix ns of the last check
+}
+
+const adjustEvery = int64(50 * time.Millisecond)
+
+// adjust sets the lowat anew if the delivery rate moved it by more than a
+// quarter.
+func (a *autoLowat) adjust(now int64) {
+	if now-a.checked < adjustEvery {
+		return
+	}
+	a.checked = now
+	rate, err := deliveryRate(a.raw)
+	if err != nil || rate == 0 {
+		return
+	}
+	want := int(min(max(rate*uint64(AutoNotSentTime)/uint64(time.Second), MinNotSentLowat), MaxNotSentLowat))
+	if diff := want - a.set; diff > a.set/4 || -diff > a.set/4 {
+		if setSocketOptions(a.raw, want, "") == nil {
+			a.set = want
+		}
+	}
 }
 
 // underlying returns the connection under TLS.

@@ -133,3 +133,20 @@ func setSocketOptions(raw syscall.RawConn, lowat int, congestion string) error {
 	}
 	return err
 }
+
+// deliveryRate returns the connection's recent delivery rate, bytes a
+// second (TCP_INFO).
+func deliveryRate(raw syscall.RawConn) (uint64, error) {
+	var rate uint64
+	var err error
+	cerr := raw.Control(func(fd uintptr) {
+		var info *unix.TCPInfo
+		if info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			rate = info.Delivery_rate
+		}
+	})
+	if cerr != nil {
+		return 0, cerr
+	}
+	return rate, err
+}

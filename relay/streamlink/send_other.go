@@ -2,7 +2,10 @@
 
 package streamlink
 
-import "syscall"
+import (
+	"errors"
+	"syscall"
+)
 
 // newDirect returns nil where writing without blocking is not built:
 // every frame then goes through the queue and the writer.
@@ -10,3 +13,6 @@ func newDirect(syscall.RawConn) directWriter { return nil }
 
 // setSocketOptions sets nothing where the options are not built.
 func setSocketOptions(syscall.RawConn, int, string) error { return nil }
+
+// deliveryRate is not known where TCP_INFO is not built.
+func deliveryRate(syscall.RawConn) (uint64, error) { return 0, errors.ErrUnsupported }

@@ -361,3 +361,46 @@ func (s *sipper) Read(p []byte) (int, error) {
 	}
 	return s.Conn.Read(p[:min(len(p), 2048)])
 }
+
+// TestNotSentLowatFollowsTheRate: by default a link's TCP_NOTSENT_LOWAT
+// starts at the minimum and grows with the delivery rate, to about
+// AutoNotSentTime of it; a fixed one stays as configured.
+func TestNotSentLowatFollowsTheRate(t *testing.T) {
+	plain := func(nc net.Conn) net.Conn { return nc }
+	fixed, read, _ := stalledPeer(t, streamlink.Config{NotSentLowat: 12345}, plain, nil)
+	close(read)
+	if k, set := streamlink.NotSentLowatOf(fixed); k != 12345 || set != 0 {
+		t.Fatalf("fixed: kernel %d, adjusted %d; want 12345, not adjusted", k, set)
+	}
+
+	link, read, frames := stalledPeer(t, streamlink.Config{QueueDelay: time.Minute}, plain, nil)
+	if k, set := streamlink.NotSentLowatOf(link); k != streamlink.MinNotSentLowat || set != streamlink.MinNotSentLowat {
+		t.Fatalf("at first: kernel %d, set %d; want %d", k, set, streamlink.MinNotSentLowat)
+	}
+	close(read)
+	go func() {
+		for range frames {
+		}
+	}()
+	// Loopback delivers gigabits: 2 ms of that is far above the minimum.
+	deadline := time.Now().Add(10 * time.Second)
+	batch := make([][]byte, 0, 64)
+	for sends := 1; time.Now().Before(deadline); sends++ {
+		for len(batch) < cap(batch) {
+			batch = append(batch, datagram(false, 8000, uint32(len(batch))))
+		}
+		if err := link.Send(batch); err != nil {
+			t.Fatal(err)
+		}
+		batch = batch[:0]
+		if sends%16 == 0 {
+			if k, set := streamlink.NotSentLowatOf(link); k > 4*streamlink.MinNotSentLowat && k == set {
+				t.Logf("TCP_NOTSENT_LOWAT grew to %d bytes", k)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	k, set := streamlink.NotSentLowatOf(link)
+	t.Fatalf("after 10 s of traffic TCP_NOTSENT_LOWAT is %d (set %d): it did not follow the delivery rate", k, set)
+}

@@ -35,10 +35,17 @@ const DefaultPrefixTimeout = 5 * time.Second
 // burstSize is the most frames handed to the receiver at once.
 const burstSize = 64
 
-// DefaultNotSentLowat keeps a link's socket to about this much unsent: a
-// few milliseconds at tens of megabits, and enough at gigabits that the
-// writer is not woken for every segment.
-const DefaultNotSentLowat = 16 << 10
+// A link's socket holds about AutoNotSentTime of unsent data at the
+// connection's delivery rate (TCP_NOTSENT_LOWAT, adjusted as the rate
+// changes), within [MinNotSentLowat, MaxNotSentLowat]: a few kilobytes at
+// tens of megabits, so that IKE and small packets do not wait behind
+// milliseconds of ESP in the kernel, and enough at gigabits that the
+// writer is not woken for every segment. It starts at MinNotSentLowat.
+const (
+	AutoNotSentTime = 2 * time.Millisecond
+	MinNotSentLowat = 4 << 10
+	MaxNotSentLowat = 1 << 20
+)
 
 // DefaultCongestion is the links' TCP congestion control: BBR keeps the
 // bottleneck's queue short, where a loss-based one fills it. If the
@@ -67,7 +74,8 @@ type Config struct {
 	// ESP is dropped (sendq.DefaultInterval).
 	QueueInterval time.Duration
 	// NotSentLowat is the socket's TCP_NOTSENT_LOWAT: about the most it
-	// holds unsent. Negative leaves the system's (unlimited).
+	// holds unsent. Zero adjusts it to the connection's delivery rate
+	// (AutoNotSentTime); negative leaves the system's (unlimited).
 	NotSentLowat int
 	// Congestion is the links' TCP congestion control; "" means
 	// DefaultCongestion, "-" the system's.
@@ -86,8 +94,17 @@ func (c *Config) bufferSize() int {
 func (c *Config) writeTimeout() time.Duration {
 	return relay.OrDefault(c.WriteTimeout, relay.DefaultWriteTimeout)
 }
-func (c *Config) notSentLowat() int {
-	return max(relay.OrDefault(c.NotSentLowat, DefaultNotSentLowat), 0)
+
+// notSentLowat returns the lowat to set at first (0: none) and whether
+// the link adjusts it to its delivery rate.
+func (c *Config) notSentLowat() (lowat int, auto bool) {
+	switch {
+	case c.NotSentLowat == 0:
+		return MinNotSentLowat, true
+	case c.NotSentLowat < 0:
+		return 0, false
+	}
+	return c.NotSentLowat, false
 }
 func (c *Config) congestion() string {
 	switch c.Congestion {
@@ -250,6 +267,7 @@ type Link struct {
 	direct  directWriter // nil: frames go through nc.Write (TLS)
 	closed  atomic.Bool
 	writers sync.WaitGroup
+	lowat   *autoLowat // nil: TCP_NOTSENT_LOWAT stays as set
 
 	wmu      sync.Mutex // guards the write side (send.go): the following
 	q        sendq.Queue
@@ -264,9 +282,11 @@ type Link struct {
 func newLink(nc net.Conn, sh *shared) *Link {
 	l := &Link{nc: nc, sh: sh, direct: directFor(nc)}
 	l.q.Budget, l.q.Target, l.q.Interval = sh.cfg.QueueBytes, sh.cfg.QueueDelay, sh.cfg.QueueInterval
-	if err := tuneSocket(nc, &sh.cfg); err != nil {
+	lowat, err := tuneSocket(nc, &sh.cfg)
+	if err != nil {
 		sh.logTune.Log(sh.log, slog.LevelWarn, "link socket option not set", "err", err)
 	}
+	l.lowat = lowat
 	return l
 }
 
