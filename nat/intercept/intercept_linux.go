@@ -132,19 +132,19 @@ func (i *Interceptor) setup() error {
 	for _, fam := range families(v4, v6) {
 		r := defaultRoute(fam, i.dev.Link().Attrs().Index, cfg.Table)
 		if err := i.nl.RouteAdd(&r); err != nil {
-			return modeTransparent.Failed(fmt.Sprintf("add %s", describeRoute(r, cfg.Name)), err)
+			return modeTransparent.Failed(fmt.Sprintf("add %s", setup.DescribeRoute(r, cfg.Name)), err)
 		}
 		i.routes = append(i.routes, r)
-		if err := setup.Installed(describeRoute(r, cfg.Name)); err != nil {
+		if err := setup.Installed(setup.DescribeRoute(r, cfg.Name)); err != nil {
 			return err
 		}
 	}
 	for _, r := range wantedRules(cfg, v4, v6) {
 		if err := i.nl.RuleAdd(&r); err != nil {
-			return modeTransparent.Failed(fmt.Sprintf("add %s", describeRule(r)), err)
+			return modeTransparent.Failed(fmt.Sprintf("add %s", setup.DescribeRule(r)), err)
 		}
 		i.rules = append(i.rules, r)
-		if err := setup.Installed(describeRule(r)); err != nil {
+		if err := setup.Installed(setup.DescribeRule(r)); err != nil {
 			return err
 		}
 	}
@@ -156,7 +156,7 @@ func (i *Interceptor) setup() error {
 // all traffic to the peers into the device.
 func (i *Interceptor) checkSelectors() error {
 	for _, fam := range families(true, true) {
-		rules, err := listRules(i.nl, fam)
+		rules, err := setup.ListRules(i.nl, fam)
 		if err != nil {
 			if fam == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT) {
 				continue
@@ -235,12 +235,12 @@ func (i *Interceptor) teardown() error {
 	var errs []error
 	for k := len(i.rules) - 1; k >= 0; k-- {
 		if err := i.nl.RuleDel(&i.rules[k]); err != nil && !setup.Gone(err) {
-			errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove %s", describeRule(i.rules[k])), err))
+			errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove %s", setup.DescribeRule(i.rules[k])), err))
 		}
 	}
 	for k := len(i.routes) - 1; k >= 0; k-- {
 		if err := i.nl.RouteDel(&i.routes[k]); err != nil && !setup.Gone(err) {
-			errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove %s", describeRoute(i.routes[k], i.cfg.Name)), err))
+			errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove %s", setup.DescribeRoute(i.routes[k], i.cfg.Name)), err))
 		}
 	}
 	if i.dev != nil {
@@ -286,7 +286,7 @@ func removeStale(h *netlink.Handle, cfg Config) error {
 
 	var errs []error
 	for _, fam := range families(true, true) {
-		rules, err := listRules(h, fam)
+		rules, err := setup.ListRules(h, fam)
 		if fam == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT) {
 			continue // IPv6 is off: nothing can be there
 		}
@@ -299,22 +299,22 @@ func removeStale(h *netlink.Handle, cfg Config) error {
 				continue
 			}
 			if err := h.RuleDel(&r); err != nil && !setup.Gone(err) {
-				errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove stale %s", describeRule(r)), err))
+				errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove stale %s", setup.DescribeRule(r)), err))
 				continue
 			}
-			log.Warn("transparent mode: removed a policy rule that an earlier run left", "rule", describeRule(r))
+			log.Warn("transparent mode: removed a policy rule that an earlier run left", "rule", setup.DescribeRule(r))
 		}
-		routes, err := listRoutes(h, fam, cfg.Table)
+		routes, err := setup.ListRoutes(h, fam, cfg.Table)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("list the routes in table %d: %w", cfg.Table, err))
 			continue
 		}
 		for _, r := range routes {
 			if err := h.RouteDel(&r); err != nil && !setup.Gone(err) {
-				errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove stale %s", describeRoute(r, "")), err))
+				errs = append(errs, modeTransparent.Failed(fmt.Sprintf("remove stale %s", setup.DescribeRoute(r, "")), err))
 				continue
 			}
-			log.Warn("transparent mode: removed a route that an earlier run left", "route", describeRoute(r, ""))
+			log.Warn("transparent mode: removed a route that an earlier run left", "route", setup.DescribeRoute(r, ""))
 		}
 	}
 	if err := stale.Remove(log); err != nil {
@@ -397,85 +397,6 @@ func families(v4, v6 bool) []int {
 		f = append(f, netlink.FAMILY_V6)
 	}
 	return f
-}
-
-// listRules lists the rules of a family, retrying a dump that changes
-// under it.
-func listRules(h *netlink.Handle, fam int) ([]netlink.Rule, error) {
-	var err error
-	for range 5 {
-		var rules []netlink.Rule
-		if rules, err = h.RuleList(fam); !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return rules, err
-		}
-	}
-	return nil, err
-}
-
-// listRoutes lists the routes of a family in table, retrying a dump that
-// changes under it.
-func listRoutes(h *netlink.Handle, fam, table int) ([]netlink.Route, error) {
-	var err error
-	for range 5 {
-		var routes []netlink.Route
-		routes, err = h.RouteListFiltered(fam, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return routes, err
-		}
-	}
-	return nil, err
-}
-
-// describeRule says a rule the way `ip rule` would.
-func describeRule(r netlink.Rule) string {
-	s := fmt.Sprintf("rule %d:", r.Priority)
-	if r.Family == netlink.FAMILY_V6 {
-		s = "IPv6 " + s
-	}
-	if r.Mark != 0 {
-		s += fmt.Sprintf(" fwmark %#x", r.Mark)
-	}
-	if r.Dst != nil {
-		s += " to " + r.Dst.String()
-	}
-	switch r.IPProto {
-	case 0:
-	case unix.IPPROTO_UDP:
-		s += " ipproto udp"
-	case unix.IPPROTO_ESP:
-		s += " ipproto esp"
-	default:
-		s += fmt.Sprintf(" ipproto %d", r.IPProto)
-	}
-	if r.Dport != nil {
-		s += fmt.Sprintf(" dport %d", r.Dport.Start)
-		if r.Dport.End != r.Dport.Start {
-			s += fmt.Sprintf("-%d", r.Dport.End)
-		}
-	}
-	if r.Table == unix.RT_TABLE_MAIN {
-		return s + " lookup main"
-	}
-	return s + fmt.Sprintf(" lookup %d", r.Table)
-}
-
-// describeRoute says a route the way `ip route` would; dev names its
-// device, or is empty.
-func describeRoute(r netlink.Route, dev string) string {
-	dst := "default"
-	if r.Dst != nil {
-		if ones, _ := r.Dst.Mask.Size(); ones != 0 {
-			dst = r.Dst.String()
-		}
-	}
-	fam := ""
-	if r.Family == netlink.FAMILY_V6 || (r.Dst != nil && r.Dst.IP.To4() == nil) {
-		fam = "IPv6 "
-	}
-	if dev == "" {
-		dev = fmt.Sprintf("#%d", r.LinkIndex)
-	}
-	return fmt.Sprintf("%sroute %s dev %s table %d", fam, dst, dev, r.Table)
 }
 
 // SetMark returns a Control function for net.Dialer and net.ListenConfig

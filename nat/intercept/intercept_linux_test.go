@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/internal/setup"
 	"github.com/iketcp/iketcp/nat/nattest"
 	"github.com/iketcp/iketcp/nat/tun"
 	"github.com/iketcp/iketcp/nat/tun/tuntest"
@@ -381,13 +382,13 @@ func TestNotInRootNamespace(t *testing.T) {
 	}
 	defer h.Close()
 	for _, fam := range families(true, true) {
-		rules, err := listRules(h, fam)
+		rules, err := setup.ListRules(h, fam)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, r := range rules {
 			if r.Table == DefaultTable || r.Mark == DefaultMark {
-				t.Errorf("a rule of the tests' in the root namespace: %s", describeRule(r))
+				t.Errorf("a rule of the tests' in the root namespace: %s", setup.DescribeRule(r))
 			}
 		}
 	}

@@ -151,20 +151,20 @@ func (n *Net) setup() error {
 	for _, fam := range families(n.v6) {
 		r := localRoute(fam, lo.Attrs().Index, cfg.Table)
 		if err := n.nl.RouteAdd(&r); err != nil {
-			return modeRealAddr.Failed("add "+describeRoute(r), err)
+			return modeRealAddr.Failed("add "+setup.DescribeRoute(r, ""), err)
 		}
 		n.routes = append(n.routes, r)
-		if err := setup.Installed(describeRoute(r)); err != nil {
+		if err := setup.Installed(setup.DescribeRoute(r, "")); err != nil {
 			return err
 		}
 	}
 	for _, fam := range families(n.v6) {
 		r := markRule(fam, cfg)
 		if err := n.nl.RuleAdd(&r); err != nil {
-			return modeRealAddr.Failed("add "+describeRule(r), err)
+			return modeRealAddr.Failed("add "+setup.DescribeRule(r), err)
 		}
 		n.rules = append(n.rules, r)
-		if err := setup.Installed(describeRule(r)); err != nil {
+		if err := setup.Installed(setup.DescribeRule(r)); err != nil {
 			return err
 		}
 	}
@@ -180,7 +180,7 @@ func (n *Net) setup() error {
 // packets, or it the mode's. Stale rules of the mode's are gone by now.
 func (n *Net) checkMarkFree() error {
 	for _, fam := range families(true) {
-		rules, err := listRules(n.nl, fam)
+		rules, err := setup.ListRules(n.nl, fam)
 		if fam == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT) {
 			continue
 		}
@@ -193,7 +193,7 @@ func (n *Net) checkMarkFree() error {
 				mask = *r.Mask
 			}
 			if (r.Mark != 0 || r.Mask != nil && mask != 0) && (r.Mark^n.cfg.Mark)&mask == 0 {
-				return fmt.Errorf("real-address mode: the firewall mark %#x is in use: %s selects it; pick another Mark", n.cfg.Mark, describeRule(r))
+				return fmt.Errorf("real-address mode: the firewall mark %#x is in use: %s selects it; pick another Mark", n.cfg.Mark, setup.DescribeRule(r))
 			}
 		}
 	}
@@ -251,12 +251,12 @@ func (n *Net) teardown() error {
 	}
 	for k := len(n.rules) - 1; k >= 0; k-- {
 		if err := n.nl.RuleDel(&n.rules[k]); err != nil && !setup.Gone(err) {
-			errs = append(errs, modeRealAddr.Failed("remove "+describeRule(n.rules[k]), err))
+			errs = append(errs, modeRealAddr.Failed("remove "+setup.DescribeRule(n.rules[k]), err))
 		}
 	}
 	for k := len(n.routes) - 1; k >= 0; k-- {
 		if err := n.nl.RouteDel(&n.routes[k]); err != nil && !setup.Gone(err) {
-			errs = append(errs, modeRealAddr.Failed("remove "+describeRoute(n.routes[k]), err))
+			errs = append(errs, modeRealAddr.Failed("remove "+setup.DescribeRoute(n.routes[k], ""), err))
 		}
 	}
 	n.tableUp, n.rules, n.routes = false, nil, nil
@@ -308,7 +308,7 @@ func removeStale(h *netlink.Handle, nft *nftables.Conn, cfg Config) error {
 		log.Warn("real-address mode: removed an nftables table that an earlier run left", "nftables", t.Name)
 	}
 	for _, fam := range families(true) {
-		rules, err := listRules(h, fam)
+		rules, err := setup.ListRules(h, fam)
 		if fam == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT) {
 			continue // IPv6 is off: nothing can be there
 		}
@@ -321,22 +321,22 @@ func removeStale(h *netlink.Handle, nft *nftables.Conn, cfg Config) error {
 				continue
 			}
 			if err := h.RuleDel(&r); err != nil && !setup.Gone(err) {
-				errs = append(errs, modeRealAddr.Failed("remove stale "+describeRule(r), err))
+				errs = append(errs, modeRealAddr.Failed("remove stale "+setup.DescribeRule(r), err))
 				continue
 			}
-			log.Warn("real-address mode: removed a policy rule that an earlier run left", "rule", describeRule(r))
+			log.Warn("real-address mode: removed a policy rule that an earlier run left", "rule", setup.DescribeRule(r))
 		}
-		routes, err := listRoutes(h, fam, cfg.Table)
+		routes, err := setup.ListRoutes(h, fam, cfg.Table)
 		if err != nil {
 			errs = append(errs, modeRealAddr.Failed(fmt.Sprintf("list the routes in table %d", cfg.Table), err))
 			continue
 		}
 		for _, r := range routes {
 			if err := h.RouteDel(&r); err != nil && !setup.Gone(err) {
-				errs = append(errs, modeRealAddr.Failed("remove stale "+describeRoute(r), err))
+				errs = append(errs, modeRealAddr.Failed("remove stale "+setup.DescribeRoute(r, ""), err))
 				continue
 			}
-			log.Warn("real-address mode: removed a route that an earlier run left", "route", describeRoute(r))
+			log.Warn("real-address mode: removed a route that an earlier run left", "route", setup.DescribeRoute(r, ""))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -374,77 +374,6 @@ func families(v6 bool) []int {
 		return []int{netlink.FAMILY_V4, netlink.FAMILY_V6}
 	}
 	return []int{netlink.FAMILY_V4}
-}
-
-// listRules lists the rules of a family, retrying a dump that changes
-// under it.
-func listRules(h *netlink.Handle, fam int) ([]netlink.Rule, error) {
-	var err error
-	for range 5 {
-		var rules []netlink.Rule
-		if rules, err = h.RuleList(fam); !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return rules, err
-		}
-	}
-	return nil, err
-}
-
-// listRoutes lists the routes of a family in table, retrying a dump that
-// changes under it.
-func listRoutes(h *netlink.Handle, fam, table int) ([]netlink.Route, error) {
-	var err error
-	for range 5 {
-		var routes []netlink.Route
-		routes, err = h.RouteListFiltered(fam, &netlink.Route{Table: table}, netlink.RT_FILTER_TABLE)
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return routes, err
-		}
-	}
-	return nil, err
-}
-
-// describeRule says a rule the way `ip rule` would.
-func describeRule(r netlink.Rule) string {
-	s := fmt.Sprintf("rule %d:", r.Priority)
-	if r.Family == netlink.FAMILY_V6 {
-		s = "IPv6 " + s
-	}
-	if r.Mark != 0 || r.Mask != nil {
-		s += fmt.Sprintf(" fwmark %#x", r.Mark)
-		if r.Mask != nil && *r.Mask != 0xffffffff {
-			s += fmt.Sprintf("/%#x", *r.Mask)
-		}
-	}
-	switch r.Table {
-	case unix.RT_TABLE_MAIN:
-		return s + " lookup main"
-	case unix.RT_TABLE_LOCAL:
-		return s + " lookup local"
-	}
-	return s + fmt.Sprintf(" lookup %d", r.Table)
-}
-
-// describeRoute says a route the way `ip route` would, roughly.
-func describeRoute(r netlink.Route) string {
-	dst := "default"
-	if r.Dst != nil {
-		if ones, _ := r.Dst.Mask.Size(); ones != 0 {
-			dst = r.Dst.String()
-		}
-	}
-	fam := ""
-	if r.Family == netlink.FAMILY_V6 || (r.Dst != nil && r.Dst.IP.To4() == nil) {
-		fam = "IPv6 "
-	}
-	typ := ""
-	if r.Type == unix.RTN_LOCAL {
-		typ = "local "
-	}
-	dev := fmt.Sprintf("#%d", r.LinkIndex)
-	if r.LinkIndex == 1 {
-		dev = "lo" // the first device of every namespace
-	}
-	return fmt.Sprintf("%sroute %s%s dev %s table %d", fam, typ, dst, dev, r.Table)
 }
 
 // nsID identifies a network namespace.

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/iketcp/iketcp/nat"
+	"github.com/iketcp/iketcp/nat/internal/setup"
 	"github.com/iketcp/iketcp/nat/nattest"
 )
 
@@ -1037,13 +1038,13 @@ func TestNotInRootNamespace(t *testing.T) {
 	}
 	defer h.Close()
 	for _, fam := range families(true) {
-		rules, err := listRules(h, fam)
+		rules, err := setup.ListRules(h, fam)
 		if err != nil {
 			t.Fatal(err)
 		}
 		for _, r := range rules {
 			if r.Table == DefaultTable || r.Mark == DefaultMark || r.Table == 77 {
-				t.Errorf("a rule of the tests' in the root namespace: %s", describeRule(r))
+				t.Errorf("a rule of the tests' in the root namespace: %s", setup.DescribeRule(r))
 			}
 		}
 	}

@@ -3,8 +3,9 @@
 // in nat/fakenet, and the TUN device of nat/tun that both create): how a
 // mode names itself in its errors and turns a refused step into its
 // CAP_NET_ADMIN error, the up-front capability check, undoing a setup
-// that failed halfway, and the hook through which tests fail a setup
-// after each thing it installs.
+// that failed halfway, the hook through which tests fail a setup after
+// each thing it installs, and listing and describing the policy rules and
+// routes a mode installs (as `ip rule` and `ip route` would say them).
 package setup
 
 import (
