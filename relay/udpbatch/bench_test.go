@@ -24,14 +24,18 @@ const (
 // BenchmarkLoopback moves 1400-byte datagrams over loopback from one socket
 // to another, one op per datagram: "single" uses WriteMsgUDPAddrPort and
 // ReadMsgUDPAddrPort, one system call per datagram; "batch" uses WriteBatch
-// and ReadBatch with batches of 64. Both run the same credit-based flow
-// control, so ns/op of the two compare directly.
+// and ReadBatch with batches of 64 (the sender with segmentation offload
+// where the kernel has it, the receiver without receive offload, so the
+// kernel splits each run on arrival); "gro" is "batch" with receive offload
+// on, so each run arrives as one message. All run the same credit-based
+// flow control, so their ns/op compare directly.
 func BenchmarkLoopback(b *testing.B) {
-	b.Run("single", func(b *testing.B) { benchLoopback(b, false) })
-	b.Run("batch", func(b *testing.B) { benchLoopback(b, true) })
+	b.Run("single", func(b *testing.B) { benchLoopback(b, false, false) })
+	b.Run("batch", func(b *testing.B) { benchLoopback(b, true, false) })
+	b.Run("gro", func(b *testing.B) { benchLoopback(b, true, true) })
 }
 
-func benchLoopback(b *testing.B, batch bool) {
+func benchLoopback(b *testing.B, batch, gro bool) {
 	rx, tx := listen(b, "udp4", lo4), listen(b, "udp4", lo4)
 	_ = rx.SetReadBuffer(4 << 20)
 	_ = tx.SetWriteBuffer(4 << 20)
@@ -41,9 +45,12 @@ func benchLoopback(b *testing.B, batch bool) {
 	to := addrPort(rx)
 	var brx, btx *Conn
 	if batch {
-		brx, btx = New(rx, Options{BatchSize: benchBulk}), New(tx, Options{BatchSize: benchBulk})
+		brx, btx = New(rx, Options{BatchSize: benchBulk, GRO: gro}), New(tx, Options{BatchSize: benchBulk})
 		if why := brx.Fallback(); why != nil {
 			b.Skipf("no batch system calls: %v", why)
+		}
+		if gro && (!brx.GRO() || !btx.GSO()) {
+			b.Skipf("needs UDP_SEGMENT and UDP_GRO: GSO %v, GRO %v", btx.GSO(), brx.GRO())
 		}
 	}
 
@@ -162,4 +169,12 @@ func benchLoopback(b *testing.B, batch bool) {
 	}
 	b.ReportMetric(float64(received)/elapsed.Seconds(), "datagrams/s")
 	b.ReportMetric(float64(lost)/float64(b.N), "lost/op")
+	if gro {
+		// Datagrams per coalesced message: 0 if none came coalesced.
+		perMessage := 0.0
+		if c := brx.Coalesced(); c > 0 {
+			perMessage = float64(received) / float64(c)
+		}
+		b.ReportMetric(perMessage, "datagrams/coalesced")
+	}
 }

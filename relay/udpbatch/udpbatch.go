@@ -18,9 +18,21 @@
 // the kernel refuses (EIO: a way out without checksum offload), the Conn
 // says so once and sends datagram by datagram from then on.
 //
+// On request (Options.GRO), and where the kernel has UDP generic receive
+// offload (UDP_GRO, Linux 5.0), the kernel may queue a run of equal-sized
+// datagrams from one sender as one coalesced message: a peer's
+// segmentation-offload send over loopback or a veth arrives whole, and
+// on a network device the kernel's receive offload may coalesce a run
+// that came in datagram by datagram. The Conn reads
+// such messages into buffers of its own and splits them, so ReadBatch
+// still returns one datagram per Message; what does not fit in the
+// caller's batch waits in the Conn for the next call. Conn.GRO reports
+// whether it is on.
+//
 // Neither ReadBatch nor WriteBatch allocates in steady state: the system-call
 // scratch (mmsghdr, iovec and sockaddr arrays) is made once and reused, and
-// the datagram buffers belong to the caller.
+// the datagram buffers belong to the caller (with GRO, the Conn's receive
+// buffers are made on the first read and reused).
 //
 // Addresses are netip.AddrPort values. Reads return IPv4 peers in their
 // unmapped form even on an IPv6 (dual-stack) socket, so a map keyed by
@@ -77,8 +89,28 @@ type Options struct {
 	// DefaultBatchSize, and values above MaxBatchSize are lowered to it.
 	BatchSize int
 	// Logger, if not nil, is told once when the Conn has to fall back to one
-	// datagram per system call.
+	// datagram per system call, and once when GRO was asked for and the
+	// kernel refuses it.
 	Logger *slog.Logger
+	// GRO asks for UDP generic receive offload (UDP_GRO, Linux 5.0): the
+	// kernel may then hand over a run of equal-sized datagrams from one
+	// sender as one message, walking its receive path once per run rather
+	// than once per datagram. The Conn splits the message and copies each
+	// datagram into a Message of the caller's: ReadBatch and TryReadBatch
+	// return one datagram per Message as without it.
+	//
+	// It costs 512 KiB per Conn: 8 receive buffers of 64 KiB (a coalesced
+	// message must be read whole, or the kernel drops its tail), made on
+	// the first read. One system call then reads at most 8 messages, and
+	// every datagram is copied once more, so it pays off for peers that
+	// send runs (segmentation offload, as WriteBatch does) and costs
+	// batch size for peers that do not: leave it off for those.
+	//
+	// New probes it: where the kernel refuses it (before Linux 5.0), the
+	// Conn reads as without it and says so once through Logger. It needs
+	// the batch system calls, and is off on a Conn that falls back, and on
+	// systems other than Linux. Conn.GRO reports whether it is on.
+	GRO bool
 
 	// forceFallback makes New skip the batch system calls; tests set it to
 	// run the portable path on Linux.
@@ -87,6 +119,10 @@ type Options struct {
 	// send EIO, as a device without checksum offload gives; tests set it
 	// to run the way back to datagram by datagram.
 	failGSO bool
+	// failGRO makes New take the kernel's answer to UDP_GRO to be
+	// ENOPROTOOPT, as a kernel before 5.0 gives; tests set it to run the
+	// way without receive offload.
+	failGRO bool
 }
 
 // Conn moves batches of datagrams over one *net.UDPConn.
@@ -111,9 +147,15 @@ type Conn struct {
 
 	// truncated counts datagrams delivered with Message.Truncated set.
 	truncated atomic.Uint64
+	// coalesced counts messages read that held more than one datagram.
+	coalesced atomic.Uint64
+	// leftover is set while datagrams of coalesced messages already read
+	// wait for the next ReadBatch; it is written with rmu held, and read
+	// without it by WaitRead.
+	leftover atomic.Bool
 
 	// rmu is held for the whole of a ReadBatch; it guards the receive
-	// scratch in sys.
+	// scratch and the leftover datagrams in sys.
 	rmu sync.Mutex
 
 	// sys is the platform's batch state (udpbatch_linux.go,
@@ -151,7 +193,7 @@ func New(c *net.UDPConn, opts Options) *Conn {
 	if opts.forceFallback {
 		why = &UnsupportedError{Err: errForced}
 	} else {
-		why = bc.initSys()
+		why = bc.initSys(opts)
 	}
 	if why != nil {
 		bc.disable(why)
@@ -169,7 +211,8 @@ func (c *Conn) UDPConn() *net.UDPConn { return c.uc }
 // Close closes the underlying UDPConn; blocked calls return net.ErrClosed.
 func (c *Conn) Close() error { return c.uc.Close() }
 
-// BatchSize, UDPConn, Fallback and Truncated are safe for concurrent use.
+// BatchSize, UDPConn, Fallback, Truncated, Coalesced, GSO and GRO are safe
+// for concurrent use.
 
 // Fallback returns nil while the Conn uses the batch system calls, and
 // otherwise an *UnsupportedError saying why it moves one datagram per
@@ -185,6 +228,10 @@ func (c *Conn) Fallback() error {
 // Message.Truncated set since New.
 func (c *Conn) Truncated() uint64 { return c.truncated.Load() }
 
+// Coalesced returns how many messages holding more than one datagram the
+// Conn has read and split since New; it stays 0 without GRO.
+func (c *Conn) Coalesced() uint64 { return c.coalesced.Load() }
+
 // ReadBatch blocks until at least one datagram has arrived, then fills
 // msgs[:n] with as many as are queued, up to min(len(msgs), BatchSize()).
 // It sets N, Addr and Truncated of each filled Message and leaves msgs[n:]
@@ -193,6 +240,11 @@ func (c *Conn) Truncated() uint64 { return c.truncated.Load() }
 // It honours the UDPConn's read deadline: past it, the error is (wraps)
 // os.ErrDeadlineExceeded. After Close it is net.ErrClosed. On a fallback
 // Conn, n is at most 1.
+//
+// With GRO, datagrams of a coalesced message that did not fit in msgs are
+// kept for the next call, which returns them (and only them) without a
+// system call, so past the deadline or after Close; their order is
+// the order of arrival.
 //
 // ReadBatch calls are serialised: one reader at a time. To read in parallel,
 // open several sockets (SO_REUSEPORT) and give each its own Conn.
@@ -207,9 +259,11 @@ func (c *Conn) TryReadBatch(msgs []Message) (n int, err error) { return c.readBa
 
 // WaitRead blocks until a datagram (or a pending error) is queued, or the
 // read deadline passes, or the Conn is closed (an error that is
-// net.ErrClosed). It reads nothing. On a fallback Conn it returns at once.
+// net.ErrClosed). It reads nothing. On a fallback Conn, and while the Conn
+// keeps datagrams of a coalesced message for the next read, it returns
+// at once.
 func (c *Conn) WaitRead() error {
-	if c.fallback.Load() != nil {
+	if c.fallback.Load() != nil || c.leftover.Load() {
 		return nil
 	}
 	return c.waitReadSys()
@@ -224,6 +278,9 @@ func (c *Conn) readBatch(msgs []Message, try bool) (n int, err error) {
 	}
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
+	if c.leftover.Load() {
+		return c.takeLeftoversLocked(msgs), nil
+	}
 	if c.fallback.Load() == nil {
 		n, err = c.readBatchSys(msgs, try)
 		why, refused := err.(*UnsupportedError)
@@ -315,9 +372,13 @@ func (c *Conn) dest(i int, a netip.AddrPort) (netip.AddrPort, error) {
 }
 
 // disable switches the Conn to one datagram per system call, and says so
-// once.
+// once. Receive offload goes with the batch path.
 func (c *Conn) disable(why *UnsupportedError) {
-	if !c.fallback.CompareAndSwap(nil, why) || c.log == nil {
+	if !c.fallback.CompareAndSwap(nil, why) {
+		return
+	}
+	c.stopGRO()
+	if c.log == nil {
 		return
 	}
 	level := slog.LevelWarn

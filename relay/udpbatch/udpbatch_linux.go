@@ -48,6 +48,14 @@ type sysConn struct {
 	// once per datagram. It is cleared for good, and said once, if the
 	// kernel refuses one (EIO: a device without checksum offload).
 	gso atomic.Bool
+
+	// gro is set while the socket has UDP_GRO on (gro_linux.go): reads then
+	// go through groRecv. It is cleared for good if the Conn falls back.
+	gro atomic.Bool
+	// groRecv is the receive state with GRO: the Conn's own buffers and
+	// the datagrams in them still to be returned. Made on the first read;
+	// Conn.rmu guards it.
+	groRecv *groReader
 }
 
 // GSO limits: the kernel takes at most UDP_MAX_SEGMENTS (64 on older
@@ -58,8 +66,9 @@ const (
 )
 
 // initSys probes recvmmsg and sendmmsg on c's socket and sets up the
-// scratch. It returns why the batch path cannot be used, or nil.
-func (c *Conn) initSys() *UnsupportedError {
+// scratch, and receive offload if opts asks for it. It returns why the
+// batch path cannot be used, or nil.
+func (c *Conn) initSys(opts Options) *UnsupportedError {
 	raw, err := c.uc.SyscallConn()
 	if err != nil {
 		return &UnsupportedError{Err: fmt.Errorf("unavailable: %w", err)}
@@ -85,6 +94,9 @@ func (c *Conn) initSys() *UnsupportedError {
 	c.sys.raw = raw
 	c.sys.recv = newRecvScratch(c.batch)
 	c.sys.gso.Store(gsoProbe(raw))
+	if opts.GRO {
+		c.startGRO(opts.failGRO)
+	}
 	// Keep at most about 1 MiB of idle send scratch, and at least a few.
 	idle := max(4, min(256, (1<<20)/(c.batch*scratchBytesPerMsg)))
 	c.sys.sendFree = make([]*sendScratch, 0, idle)
@@ -229,7 +241,23 @@ func peek(fd uintptr) bool {
 
 func (c *Conn) waitReadSys() error { return c.sys.raw.Read(peek) }
 
+// recvError is ReadBatch's error for the kernel's answer to recvmmsg, or
+// nil for none.
+func (c *Conn) recvError(errno syscall.Errno) error {
+	switch errno {
+	case 0:
+		return nil
+	case unix.ENOSYS:
+		return &UnsupportedError{Op: "recvmmsg", Err: errno}
+	}
+	return &net.OpError{Op: "read", Net: c.laddr.Network(), Source: c.laddr, Addr: c.uc.RemoteAddr(),
+		Err: os.NewSyscallError("recvmmsg", errno)}
+}
+
 func (c *Conn) readBatchSys(msgs []Message, try bool) (int, error) {
+	if c.sys.gro.Load() {
+		return c.readGROLocked(msgs, try)
+	}
 	s := c.sys.recv
 	s.vlen, s.try = len(msgs), try
 	for i := range msgs {
@@ -244,12 +272,8 @@ func (c *Conn) readBatchSys(msgs []Message, try bool) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if s.errno != 0 {
-		if s.errno == unix.ENOSYS {
-			return 0, &UnsupportedError{Op: "recvmmsg", Err: s.errno}
-		}
-		return 0, &net.OpError{Op: "read", Net: c.laddr.Network(), Source: c.laddr, Addr: c.uc.RemoteAddr(),
-			Err: os.NewSyscallError("recvmmsg", s.errno)}
+	if err := c.recvError(s.errno); err != nil {
+		return 0, err
 	}
 	for i := range s.n {
 		m, h := &msgs[i], &s.hdrs[i]

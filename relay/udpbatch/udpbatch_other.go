@@ -6,7 +6,7 @@ package udpbatch
 // one datagram per system call.
 type sysConn struct{}
 
-func (c *Conn) initSys() *UnsupportedError { return &UnsupportedError{} }
+func (c *Conn) initSys(Options) *UnsupportedError { return &UnsupportedError{} }
 
 // readBatchSys and writeBatchSys are never reached: initSys always reports
 // the fallback.
@@ -19,3 +19,13 @@ func (c *Conn) writeBatchSys([]Message) (int, error) { return 0, &UnsupportedErr
 
 // GSO reports false: segmentation offload is Linux's.
 func (c *Conn) GSO() bool { return false }
+
+// GRO reports false: receive offload is Linux's.
+func (c *Conn) GRO() bool { return false }
+
+// Without receive offload there is nothing to stop, and no datagram is
+// ever left over.
+
+func (c *Conn) stopGRO() {}
+
+func (c *Conn) takeLeftoversLocked([]Message) int { return 0 }

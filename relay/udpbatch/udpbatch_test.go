@@ -106,9 +106,19 @@ var modes = []struct {
 
 func newConn(t testing.TB, uc *net.UDPConn, fallback bool, batch int) *Conn {
 	t.Helper()
-	c := New(uc, Options{BatchSize: batch, forceFallback: fallback})
-	if !fallback && c.Fallback() != nil {
+	return newConnWith(t, uc, Options{BatchSize: batch, forceFallback: fallback})
+}
+
+// newConnWith is newConn with all the options: it skips the test where
+// the batch system calls, or the receive offload asked for, are missing.
+func newConnWith(t testing.TB, uc *net.UDPConn, opts Options) *Conn {
+	t.Helper()
+	c := New(uc, opts)
+	if !opts.forceFallback && c.Fallback() != nil {
 		t.Skipf("no batch system calls here: %v", c.Fallback())
+	}
+	if opts.GRO && !c.GRO() {
+		skipWithoutGRO(t)
 	}
 	if err := uc.SetDeadline(time.Now().Add(patience)); err != nil {
 		t.Fatal(err)
@@ -556,15 +566,21 @@ func TestFallbackReported(t *testing.T) {
 
 // TestAllocs checks that neither ReadBatch nor WriteBatch allocates once
 // warm, on every topology. The single-datagram fallback is held to the same
-// standard.
+// standard, and so is receive offload, with equal-sized datagrams that
+// arrive coalesced and a read batch they do not fit.
 func TestAllocs(t *testing.T) {
 	const count = 64
+	allocModes := []struct {
+		name          string
+		fallback, gro bool
+	}{{"batch", false, false}, {"single", true, false}, {"gro", false, true}}
 	for _, top := range topologies {
-		for _, mode := range modes {
+		for _, mode := range allocModes {
 			t.Run(top.name+"/"+mode.name, func(t *testing.T) {
 				srvUC, peerUC, srvAt := top.setup(t)
-				srv := newConn(t, srvUC, mode.fallback, count)
-				peer := newConn(t, peerUC, mode.fallback, count)
+				opts := Options{BatchSize: count, forceFallback: mode.fallback, GRO: mode.gro}
+				srv := newConnWith(t, srvUC, opts)
+				peer := newConnWith(t, peerUC, opts)
 				for _, uc := range []*net.UDPConn{srvUC, peerUC} {
 					_ = uc.SetReadBuffer(1 << 20)
 					if err := uc.SetDeadline(time.Now().Add(time.Minute)); err != nil {
@@ -576,11 +592,17 @@ func TestAllocs(t *testing.T) {
 				toPeer, toSrv, rx := make([]Message, count), make([]Message, count), make([]Message, count)
 				for i := range count {
 					toPeer[i].Buf, toSrv[i].Buf = payload(6, i), payload(7, i)
+					if mode.gro {
+						toPeer[i].Buf, toSrv[i].Buf = dgram(6, i, 1000), dgram(7, i, 1000)
+					}
 					toSrv[i].Addr = srvAt
 					if !top.connected {
 						toPeer[i].Addr = peerAt
 					}
 					rx[i].Buf = make([]byte, 2048)
+				}
+				if mode.gro {
+					rx = rx[:13] // a coalesced run of 64 takes several reads
 				}
 				var failure error
 				exchange := func() {
@@ -614,6 +636,9 @@ func TestAllocs(t *testing.T) {
 				}
 				if allocs != 0 {
 					t.Errorf("%v allocations per exchange of 2×%d datagrams, want 0", allocs, count)
+				}
+				if mode.gro && (srv.Coalesced() == 0 || peer.Coalesced() == 0) {
+					t.Errorf("Coalesced() = %d and %d: the runs did not arrive coalesced", srv.Coalesced(), peer.Coalesced())
 				}
 			})
 		}
