@@ -456,3 +456,36 @@ func TestExplicitModeRefusesPort500(t *testing.T) {
 		t.Fatalf("port 500 started %d flows", n)
 	}
 }
+
+// TestReceiveOffloadTrial: the daemon side starts with receive offload
+// and turns it off once the daemon has sent a trial's worth of datagrams
+// without a run; relaying goes on unharmed.
+func TestReceiveOffloadTrial(t *testing.T) {
+	r := relaytest.NewRig(t, relaytest.RigOptions{})
+	r.Establish(0x4242, 0xc9, 0xd9)
+	if !client.DaemonGRO(r.Cl) {
+		t.Skip("no UDP_GRO here (Linux 5.0)")
+	}
+	const n = 5000
+	for i := range n {
+		if _, err := r.Site.Write(relaytest.ESP(0xc9, uint32(i+2), 200)); err != nil {
+			t.Fatal(err)
+		}
+		if i%256 == 255 {
+			for range 256 {
+				relaytest.Recv(t, r.Backend)
+			}
+		}
+	}
+	for range n % 256 {
+		relaytest.Recv(t, r.Backend)
+	}
+	if client.DaemonGRO(r.Cl) {
+		t.Fatalf("receive offload still on after %d datagrams without a run", n)
+	}
+	esp := relaytest.ESP(0xc9, n+2, 1400)
+	r.Site.Write(esp)
+	if got, _ := relaytest.Recv(t, r.Backend); !bytes.Equal(got, esp) {
+		t.Fatal("relaying after the offload went off: the datagram changed")
+	}
+}

@@ -37,7 +37,7 @@ func (cl *Client) Serve(ctx context.Context, pc *net.UDPConn) error {
 	if _, _, err := net.SplitHostPort(cl.cfg.Peer); err != nil {
 		return fmt.Errorf("peer %q: %w (want host:port, e.g. 203.0.113.2:4500 or [2001:db8::1]:4500)", cl.cfg.Peer, err)
 	}
-	side := &udpSide{cl: cl, bc: udpbatch.New(pc, udpbatch.Options{BatchSize: clientBatch, Logger: cl.log})}
+	side := &udpSide{cl: cl, bc: udpbatch.New(pc, udpbatch.Options{BatchSize: clientBatch, Logger: cl.log, GRO: true})}
 	side.msgs = make([]udpbatch.Message, clientBatch)
 	cl.mu.Lock()
 	cl.mode = modeExplicit
@@ -50,11 +50,22 @@ func (cl *Client) Serve(ctx context.Context, pc *net.UDPConn) error {
 
 // udpSide is explicit mode's daemon side: the UDP socket the daemon sends
 // to, each of its addresses a flow.
+//
+// The socket starts with receive offload (UDP_GRO): a daemon that sends
+// runs of datagrams with segmentation offload then costs one system call
+// a run. A daemon that does not gains nothing from it, and every datagram
+// is copied once more, so after groTrial datagrams without a run the side
+// turns it off.
 type udpSide struct {
-	cl   *Client
-	bc   *udpbatch.Conn
-	msgs []udpbatch.Message // read's scratch
+	cl    *Client
+	bc    *udpbatch.Conn
+	msgs  []udpbatch.Message // read's scratch
+	trial uint64             // datagrams read while GRO is on
 }
+
+// groTrial is how many datagrams the daemon side reads before it turns
+// receive offload off for want of a run.
+const groTrial = 4096
 
 func (s *udpSide) batchSize() int { return clientBatch }
 func (s *udpSide) Close() error   { return s.bc.Close() }
@@ -70,6 +81,12 @@ func (s *udpSide) read(in []arrival) (int, error) {
 	})
 	if err != nil {
 		return 0, err
+	}
+	if s.trial < groTrial && s.bc.GRO() {
+		if s.trial += uint64(n); s.trial >= groTrial && s.bc.Coalesced() == 0 {
+			s.bc.StopGRO()
+			cl.log.Debug("receive offload off: the daemon sends no runs of datagrams", "datagrams", s.trial)
+		}
 	}
 	for i := range msgs[:n] {
 		m, a := &msgs[i], &in[i]

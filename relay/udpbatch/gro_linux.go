@@ -92,6 +92,9 @@ func (c *Conn) stopGRO() {
 	c.sys.raw.Control(func(fd uintptr) {
 		_ = unix.SetsockoptInt(int(fd), unix.SOL_UDP, unix.UDP_GRO, 0) // best effort: a socket closed has no queue to read
 	})
+	if !c.leftover.Load() {
+		c.sys.groRecv = nil
+	}
 }
 
 // GRO reports whether the socket has UDP generic receive offload on, so
@@ -165,6 +168,9 @@ func (c *Conn) takeLeftoversLocked(msgs []Message) int {
 		}
 	}
 	c.leftover.Store(g.next < g.got)
+	if g.next >= g.got && !c.sys.gro.Load() {
+		c.sys.groRecv = nil // offload stopped: its buffers go once drained
+	}
 	return k
 }
 

@@ -450,3 +450,34 @@ func TestGROConcurrent(t *testing.T) {
 	}
 	t.Logf("%d datagrams in %d coalesced messages", total, rx.Coalesced())
 }
+
+// TestStopGRO: after StopGRO, the datagrams already split still come,
+// and runs sent afterwards arrive datagram by datagram, whole.
+func TestStopGRO(t *testing.T) {
+	top := topologies[0]
+	srvUC, peerUC, srvAt := top.setup(t)
+	rx := groReceiver(t, srvUC, 64)
+	if !rx.GRO() {
+		skipWithoutGRO(t)
+	}
+	tx := gsoSender(t, peerUC)
+	first := runMessages(srvAt, 1, 0, run{40, 1400})
+	if n, err := tx.WriteBatch(first); n != len(first) || err != nil {
+		t.Fatalf("WriteBatch = %d, %v", n, err)
+	}
+	got, _ := readCounted(t, rx, 10, 2048, 10) // 30 left over
+	rx.StopGRO()
+	if rx.GRO() {
+		t.Fatal("GRO() still on after StopGRO")
+	}
+	coalesced := rx.Coalesced()
+	more := runMessages(srvAt, 1, len(first), run{40, 1400})
+	if n, err := tx.WriteBatch(more); n != len(more) || err != nil {
+		t.Fatalf("WriteBatch = %d, %v", n, err)
+	}
+	rest, _ := readCounted(t, rx, 64, 2048, 70)
+	checkWhole(t, append(got, rest...), append(first, more...), addrPort(peerUC))
+	if rx.Coalesced() != coalesced {
+		t.Fatalf("Coalesced() rose from %d to %d after StopGRO", coalesced, rx.Coalesced())
+	}
+}

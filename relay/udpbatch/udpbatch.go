@@ -269,6 +269,17 @@ func (c *Conn) WaitRead() error {
 	return c.waitReadSys()
 }
 
+// StopGRO turns receive offload off, for a Conn whose peers turn out to
+// send no runs: each datagram would only be copied once more. The
+// datagrams already split stay for the next reads; its buffers go. A
+// message the kernel coalesced in the instant before is read as one
+// datagram, truncated.
+func (c *Conn) StopGRO() {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	c.stopGRO()
+}
+
 func (c *Conn) readBatch(msgs []Message, try bool) (n int, err error) {
 	if len(msgs) == 0 {
 		return 0, nil
