@@ -171,7 +171,7 @@ func (n *Net) setup() error {
 	if err := n.checkSubnetsFree(); err != nil {
 		return err
 	}
-	dev, err := tun.Create(n.nl, modeFakeTCP, cfg.Name, v6)
+	dev, err := tun.Create(n.nl, modeFakeTCP, cfg.Name, v6, tun.Options{})
 	if err != nil {
 		return err
 	}
