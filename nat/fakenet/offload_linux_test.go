@@ -45,11 +45,17 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-func checkStacks(t *testing.T, noOffload bool) {
+// stackPair sets up the lab's two Nets (with offloads unless noOffload)
+// and faketcp stacks on them, connects the client's to the server's, and
+// sends a datagram each way, as iketcp's hello and its answer go first:
+// until the server's stack has sent a segment after its SYN-ACK, the
+// client holds its data to the SYN-ACK's window, never scaled. The
+// client's log lines go to logs.
+func stackPair(t *testing.T, noOffload bool, logs *lockedBuffer) (cs, ss *faketcp.Stack, cc, sc *faketcp.Conn) {
+	t.Helper()
 	l := newFakeTCPLab(t)
-	var logs lockedBuffer
 	ccfg := Config{Role: Client, Name: "ftcli", Net4: ftClientNet4, NoOffload: noOffload,
-		Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+		Logger: slog.New(slog.NewTextHandler(logs, nil))}
 	scfg := Config{Role: Server, Name: "ftsrv", Net4: ftServerNet4, Port: 4500, NoOffload: noOffload}
 	var stacks []*faketcp.Stack
 	t.Cleanup(func() {
@@ -59,13 +65,6 @@ func checkStacks(t *testing.T, noOffload bool) {
 	})
 	client := start(t, ccfg)
 	server := startIn(t, l.server, scfg)
-	want := "fake-TCP mode: the TUN device moves runs of segments in one system call"
-	if noOffload {
-		want = "fake-TCP mode: TUN offloads turned off"
-	}
-	if n := strings.Count(logs.String(), want); n != 1 {
-		t.Errorf("the client logged %q %d times:\n%s", want, n, logs.String())
-	}
 	if (client.Offload() == nil) == noOffload || (server.Offload() == nil) == noOffload {
 		t.Fatalf("offloads: client %v, server %v", client.Offload(), server.Offload())
 	}
@@ -78,7 +77,7 @@ func checkStacks(t *testing.T, noOffload bool) {
 		t.Cleanup(func() { s.Close() })
 		return s
 	}
-	cs, ss := newStack(client), newStack(server)
+	cs, ss = newStack(client), newStack(server)
 	if cs.Offload() == noOffload {
 		t.Fatalf("the client's stack offloads: %v", cs.Offload())
 	}
@@ -88,21 +87,12 @@ func checkStacks(t *testing.T, noOffload bool) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	cc, err := cs.Dial(ctx, netip.AddrPortFrom(ftServerV4, 4500))
-	if err != nil {
+	if cc, err = cs.Dial(ctx, netip.AddrPortFrom(ftServerV4, 4500)); err != nil {
 		t.Fatal(err)
 	}
-	sc, err := ln.Accept(ctx)
-	if err != nil {
+	if sc, err = ln.Accept(ctx); err != nil {
 		t.Fatal(err)
 	}
-
-	// A datagram each way first, as iketcp's hello and its answer go
-	// first: until the server's stack has sent a segment after its
-	// SYN-ACK, conntrack (the client's own, whose table drops what it
-	// finds invalid) holds the client to the SYN-ACK's window, never
-	// scaled, 64240 bytes; a burst past it before the server's first ACK
-	// comes back would be lost.
 	for _, dir := range []struct{ from, to *faketcp.Conn }{{cc, sc}, {sc, cc}} {
 		arrived := make(chan struct{}, 1)
 		dir.to.SetHandler(func([]faketcp.Payload) {
@@ -119,6 +109,19 @@ func checkStacks(t *testing.T, noOffload bool) {
 		case <-ctx.Done():
 			t.Fatal("the first datagram did not arrive")
 		}
+	}
+	return cs, ss, cc, sc
+}
+
+func checkStacks(t *testing.T, noOffload bool) {
+	var logs lockedBuffer
+	cs, ss, cc, sc := stackPair(t, noOffload, &logs)
+	want := "fake-TCP mode: the TUN device moves runs of segments in one system call"
+	if noOffload {
+		want = "fake-TCP mode: TUN offloads turned off"
+	}
+	if n := strings.Count(logs.String(), want); n != 1 {
+		t.Errorf("the client logged %q %d times:\n%s", want, n, logs.String())
 	}
 
 	const count, batch, size = 3200, 32, 1400 // count a multiple of batch
@@ -181,5 +184,64 @@ func checkStacks(t *testing.T, noOffload bool) {
 		t.Errorf("without offloads, %d super-segments", supers)
 	case !noOffload && (cst.SuperSegmentsSent == 0 || ss.Stats().SuperSegments == 0 || sst.SuperSegmentsSent == 0 || cs.Stats().SuperSegments == 0):
 		t.Error("with offloads, some way carried no super-segment whole")
+	}
+}
+
+// TestFakeTCPSenderOutrunsReceiver has the client send 64 MiB as fast as
+// it can to a server whose stack reads slower (its handler takes 1 ms a
+// batch), so that the server's device fills: its 500 packets are, with
+// super-segments, more than the 8 MiB window the server advertised. A
+// sender that ran past that window would send only segments that the
+// client's own conntrack finds invalid (the table drops them); the server
+// would hear nothing more, acknowledge nothing more, and the conn would
+// carry nothing ever after. The client's stack holds to the window
+// instead, dropping what does not fit, and what it sends after the burst
+// arrives.
+func TestFakeTCPSenderOutrunsReceiver(t *testing.T) {
+	var logs lockedBuffer
+	_, _, cc, sc := stackPair(t, false, &logs)
+	var got atomic.Int64
+	final := make(chan struct{})
+	var once sync.Once
+	sc.SetHandler(func(b []faketcp.Payload) {
+		time.Sleep(time.Millisecond)
+		for _, p := range b {
+			got.Add(1)
+			if p.N == 7 {
+				once.Do(func() { close(final) })
+			}
+		}
+	})
+	const batch, size = 32, 1400
+	bufs := make([][]byte, batch)
+	for k := range bufs {
+		bufs[k] = make([]byte, faketcp.Headroom+size)
+	}
+	for range 64 << 20 / (batch * size) {
+		if err := cc.Send(bufs, faketcp.Headroom); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := cc.Stats()
+	t.Logf("the client sent %d datagrams and held back %d at the window's end", st.SegmentsSent, st.DroppedWindow)
+	if st.DroppedWindow == 0 {
+		t.Error("the client ran 64 MiB into a slow reader without holding back at the window's end")
+	}
+	// The server reads what its device held and acknowledges it; then
+	// the client's window moves on, and what it sends arrives.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if err := cc.Send([][]byte{make([]byte, faketcp.Headroom+7)}, faketcp.Headroom); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-final:
+			t.Logf("the server got %d datagrams, then one sent after the burst", got.Load())
+			return
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing sent after the burst arrived in 20 s: the conn stalled (server got %d datagrams; client %+v)", got.Load(), cc.Stats())
+		}
 	}
 }

@@ -67,6 +67,7 @@ type connCounters struct {
 	droppedNoHandler, droppedOversize           atomic.Uint64
 	droppedAfterClose, droppedUnacceptable      atomic.Uint64
 	refusedEmpty, refusedOversize, writeErrored atomic.Uint64
+	droppedWindow                               atomic.Uint64
 }
 
 // ConnStats is a snapshot of a conn's counters and sequence numbers.
@@ -89,10 +90,16 @@ type ConnStats struct {
 	RefusedEmpty    uint64
 	RefusedOversize uint64 // larger than the peer's MSS
 	WriteErrors     uint64
+	// DroppedWindow counts the datagrams Send dropped, without an error,
+	// because they would have run past the window the peer advertised
+	// (SendWindow), which middleboxes enforce: a path that holds more
+	// than the window, or a burst before the peer's first ACK.
+	DroppedWindow uint64
 
-	Seq     uint32 // the next sequence number to send (in SeqFrozen mode, the one every data segment carries)
-	Ack     uint32 // the ack segments carry now
-	PeerMSS int    // the largest payload Send sends
+	Seq        uint32 // the next sequence number to send (in SeqFrozen mode, the one every data segment carries)
+	Ack        uint32 // the ack segments carry now
+	PeerMSS    int    // the largest payload Send sends
+	SendWindow int64  // the bytes Send may send now before it runs past the peer's window (SeqLive)
 }
 
 // maxEarly bounds the datagrams a conn holds for a handler not yet set.
@@ -167,6 +174,17 @@ func (c *Conn) receive(batch []Payload) {
 // checksums. Only the last segment of a run keeps PSH, as from any TCP
 // that segments.
 //
+// Data never runs past the window the peer advertised (its ack plus its
+// window), which every stateful middlebox on the way enforces, the
+// host's own conntrack first: what would is dropped, from the first
+// datagram that does not fit to the end of the batch, and counted
+// (ConnStats.DroppedWindow), as a full link drops a datagram, and Send
+// returns no error for it. That bites only before the peer's first ACK
+// (its SYN-ACK's window is not scaled: 64240 bytes) or when the path
+// holds more than the window (8 MiB), as queues full of super-segments
+// can; then a sender that ran past it would send only segments the path
+// drops, and hear no ACK that could move the window on.
+//
 // A datagram that is empty or larger than the peer's MSS is not sent:
 // Send sends the others and returns an error that wraps ErrTooLarge.
 // After the conn ended it returns Err. It is safe for concurrent use (the
@@ -229,6 +247,23 @@ func (c *Conn) sendData(bufs [][]byte, offset, total int) error {
 			err = ErrClosed
 		}
 		return err
+	}
+	if room := c.tcb.sendRoom(); int64(total) > room {
+		fit, n := 0, 0
+		for _, b := range bufs {
+			size := len(b) - offset
+			if int64(fit+size) > room {
+				break
+			}
+			fit += size
+			n++
+		}
+		c.counters.droppedWindow.Add(uint64(len(bufs) - n))
+		bufs, total = bufs[:n], fit
+		if n == 0 {
+			c.mu.Unlock()
+			return nil
+		}
 	}
 	seq, ack := c.tcb.dataFields(total)
 	mode := c.tcb.cfg.mode
@@ -415,7 +450,7 @@ func (c *Conn) LogValue() slog.Value { return slog.StringValue(c.String()) }
 // Stats returns a snapshot of the conn's counters and sequence numbers.
 func (c *Conn) Stats() ConnStats {
 	c.mu.Lock()
-	state, seq, ack := c.tcb.state, c.tcb.sndNxt, c.tcb.rcvNxt
+	state, seq, ack, room := c.tcb.state, c.tcb.sndNxt, c.tcb.rcvNxt, c.tcb.sendRoom()
 	c.mu.Unlock()
 	k := &c.counters
 	return ConnStats{
@@ -434,8 +469,10 @@ func (c *Conn) Stats() ConnStats {
 		RefusedEmpty:        k.refusedEmpty.Load(),
 		RefusedOversize:     k.refusedOversize.Load(),
 		WriteErrors:         k.writeErrored.Load(),
+		DroppedWindow:       k.droppedWindow.Load(),
 		Seq:                 seq,
 		Ack:                 ack,
 		PeerMSS:             c.sendMSS,
+		SendWindow:          room,
 	}
 }

@@ -16,9 +16,14 @@
 // anti-replay checks drop. SeqFrozen reproduces that, for
 // interoperability tests and demonstrations.
 //
-// What the stack does not do: retransmission, congestion or flow control,
+// What the stack does not do: retransmission, congestion control,
 // reassembly, urgent data, SACK blocks. One datagram is one segment, and
 // one segment is one datagram: the handler gets each payload as it came.
+// Flow control only as far as middleboxes enforce it: data never runs
+// past the window the peer advertised (its ack plus its window), since
+// every stateful middlebox drops what does, the host's own conntrack
+// first; Send drops what would, as a full link drops a datagram, and
+// counts it (ConnStats.DroppedWindow).
 //
 // Choices a real stack would make differently, and why:
 //
@@ -62,8 +67,9 @@
 //     since it will never be filled. Data carries the ack; a receiver
 //     that sends nothing acknowledges within 200 ms (Linux's delayed-ACK
 //     ceiling), and at once after a quarter window of data, so that a
-//     stateful middlebox never sees a sender run past the advertised
-//     window. Pure ACKs and keepalives do not advance seq.
+//     sender, which holds to the window it was shown (see above), finds
+//     it moved on long before it reaches its end. Pure ACKs and
+//     keepalives do not advance seq.
 //   - Keepalive. After KeepAlive with nothing heard, a conn sends what
 //     Linux sends: a segment with no data, ACK, and seq one before the
 //     next, which any TCP answers with an ACK (it is old). It repeats

@@ -74,12 +74,36 @@ func newStacks(t testing.TB, o pairOptions) *pair {
 	return p
 }
 
-// newPair is newStacks with a conn dialled and accepted.
+// newPair is newStacks with a conn dialled and accepted, whose client
+// has heard the server's scaled window (see openWindow).
 func newPair(t testing.TB, o pairOptions) *pair {
 	t.Helper()
 	p := newStacks(t, o)
 	p.client, p.server = p.connect(t)
+	p.openWindow(t)
 	return p
+}
+
+// openWindow has the server show its scaled window with a pure ACK, as
+// its ACK of the client's first data would, and waits until the client
+// has it: until then the client holds its data to the SYN-ACK's window,
+// never scaled, and a test that sends more at once would see it dropped.
+func (p *pair) openWindow(t testing.TB) {
+	t.Helper()
+	c := p.server
+	c.mu.Lock()
+	frozen := c.tcb.cfg.mode == SeqFrozen
+	e := c.tcb.ackEmit(0, c.tcb.sndNxt)
+	c.mu.Unlock()
+	if frozen {
+		return // nothing holds frozen data back
+	}
+	p.b.writeControl(c, e)
+	for deadline := time.Now().Add(10 * time.Second); p.client.Stats().SendWindow <= int64(DefaultWindow); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the client never heard the server's window: %+v", p.client.Stats())
+		}
+	}
 }
 
 // connect dials from a to b and accepts there.

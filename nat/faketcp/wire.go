@@ -57,6 +57,9 @@ const (
 // SYN-ACK, as Linux does for its default buffer sizes.
 const windowScale = 7
 
+// maxWindowShift is the largest window scale shift (RFC 7323 §2.3).
+const maxWindowShift = 14
+
 // segment is the TCP header of one received segment: the fields the state
 // machine reads, with the options it cares about, which only a SYN carries.
 type segment struct {
@@ -66,6 +69,7 @@ type segment struct {
 	window           uint16
 	mss              uint16 // 0: no MSS option
 	windowScale      bool   // the window scale option was offered
+	wsShift          uint8  // its shift count, at most 14 (RFC 7323 §2.3)
 	sackPermitted    bool
 	payloadLen       int
 }
@@ -239,7 +243,7 @@ func parseSYNOptions(opts []byte, seg *segment) {
 		case kind == optMSS && len(body) == 2:
 			seg.mss = binary.BigEndian.Uint16(body)
 		case kind == optWindowScale && len(body) == 1:
-			seg.windowScale = true
+			seg.windowScale, seg.wsShift = true, min(body[0], maxWindowShift)
 		case kind == optSACKPermitted && len(body) == 0:
 			seg.sackPermitted = true
 		}
