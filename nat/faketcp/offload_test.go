@@ -408,3 +408,20 @@ func TestLossOffload(t *testing.T) {
 		t.Errorf("server conn ended: %v", err)
 	}
 }
+
+// TestSuperSegmentBiggerThanMTU: with offloads the read buffers hold a
+// whole super-segment even when Config.MTU is a path's, as a kernel may
+// merge segments up to 64 KiB whatever the MTU.
+func TestSuperSegmentBiggerThanMTU(t *testing.T) {
+	s, _, c, r := drivenStackOn(t, &recordDevice{keep: true, offload: true}, Config{Local: addr4A, MTU: 1500}, netip.AddrPortFrom(addr4B, 40000))
+	got := 0
+	c.SetHandler(func(batch []Payload) { got += len(batch) })
+	var payloads [][]byte
+	for i := range 40 {
+		payloads = append(payloads, datagram(uint32(i), 1400)[Headroom:])
+	}
+	feedVirtio(s, drivenEpoch, r.super(flagACK|flagPSH, tun.VirtioNeedsCsum, 1400, payloads...))
+	if got != 40 || s.Stats().Malformed != 0 {
+		t.Errorf("a 56000-byte super-segment with MTU 1500: %d of 40 datagrams, %d malformed", got, s.Stats().Malformed)
+	}
+}

@@ -184,6 +184,18 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 		conns:      make(map[fourTuple]*Conn),
 		listeners:  make(map[uint16]*Listener),
 	}
+	if od, ok := dev.(tun.OffloadDevice); ok {
+		if err := od.Offload(); err == nil {
+			s.off = od
+			s.log.Debug("faketcp: runs of segments move as super-segments (the device offloads)")
+		} else {
+			s.log.Debug("faketcp: one segment per packet", "reason", err)
+		}
+	}
+	bufSize := Headroom + cfg.MTU
+	if s.off != nil {
+		bufSize = Headroom + max(cfg.MTU, tun.MTU) // a whole super-segment, whatever the MTU
+	}
 	s.rx = receiveScratch{
 		bufs:        make([][]byte, batch),
 		sizes:       make([]int, batch),
@@ -193,7 +205,7 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 		established: make([]*Conn, 0, batch),
 	}
 	for k := range batch {
-		s.rx.bufs[k] = make([]byte, Headroom+cfg.MTU)
+		s.rx.bufs[k] = make([]byte, bufSize)
 		s.rx.replyBufs[k] = make([]byte, controlBufSize)
 	}
 	var key [cookieKeyLen]byte
@@ -204,14 +216,6 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 	if d, ok := dev.(readDeadliner); ok {
 		if err := d.SetReadDeadline(time.Time{}); err != nil {
 			return nil, fmt.Errorf("faketcp: clearing the device's read deadline: %w", err)
-		}
-	}
-	if od, ok := dev.(tun.OffloadDevice); ok {
-		if err := od.Offload(); err == nil {
-			s.off = od
-			s.log.Debug("faketcp: runs of segments move as super-segments (the device offloads)")
-		} else {
-			s.log.Debug("faketcp: one segment per packet", "reason", err)
 		}
 	}
 	if start {
