@@ -35,10 +35,14 @@ func TestSendDoesNotAllocate(t *testing.T) {
 					bufs[i] = datagram(uint32(i), 1400-100*(i/10))
 				}
 				allocs := testing.AllocsPerRun(200, func() {
+					openSendWindow(c)
 					if err := c.Send(bufs, Headroom); err != nil {
 						panic(err)
 					}
 				})
+				if d := c.Stats().DroppedWindow; d > 0 {
+					t.Errorf("%v %v offload %v: the window dropped %d datagrams: the check measured the wrong path", addrs[0], mode, offload, d)
+				}
 				if allocs != 0 {
 					t.Errorf("%v %v offload %v: %v allocations per Send of 32 datagrams", addrs[0], mode, offload, allocs)
 				}
