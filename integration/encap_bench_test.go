@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -103,15 +104,16 @@ func newEncapPath(b *testing.B, encap string, rateBits int) encapPath {
 			return l.Site.Dial(ctx, network, addr)
 		}
 		ccfg.Dialer = d
-	case "fake-tcp":
-		hubStack := fakeTCPStack(b, l.Hub, fakenet.Server, "100.64.251.0/30", 4500)
+	case "fake-tcp", "fake-tcp-no-offload":
+		noOffload := encap == "fake-tcp-no-offload"
+		hubStack := fakeTCPStack(b, l.Hub, fakenet.Server, "100.64.251.0/30", 4500, noOffload)
 		ln, err := hubStack.Listen(4500)
 		if err != nil {
 			b.Fatal(err)
 		}
 		links := fakelink.NewListener(ln, lab.HubOuter+":4500")
 		serve = func(ctx context.Context) error { return srv.Serve(ctx, links) }
-		ccfg.Dialer = &fakelink.Dialer{Stack: fakeTCPStack(b, l.Site, fakenet.Client, "100.64.250.0/30", 0)}
+		ccfg.Dialer = &fakelink.Dialer{Stack: fakeTCPStack(b, l.Site, fakenet.Client, "100.64.250.0/30", 0, noOffload)}
 	default:
 		b.Fatalf("unknown encapsulation %q", encap)
 	}
@@ -173,13 +175,14 @@ func bigBuffers(p encapPath) encapPath {
 }
 
 // fakeTCPStack sets up fake-TCP's device and rules in ns and a stack on
-// them, for the benchmark's life.
-func fakeTCPStack(b *testing.B, ns *lab.Namespace, role fakenet.Role, net4 string, port uint16) *faketcp.Stack {
+// them, for the benchmark's life; with noOffload, without the TUN
+// device's offloads (one segment per system call).
+func fakeTCPStack(b *testing.B, ns *lab.Namespace, role fakenet.Role, net4 string, port uint16, noOffload bool) *faketcp.Stack {
 	b.Helper()
 	var fnet *fakenet.Net
 	err := ns.Do(func() (err error) {
 		fnet, err = fakenet.Setup(fakenet.Config{Role: role, Net4: netip.MustParsePrefix(net4), Port: port,
-			Logger: slog.New(slog.DiscardHandler)})
+			NoOffload: noOffload, Logger: slog.New(slog.DiscardHandler)})
 		return err
 	})
 	if err != nil {
@@ -189,6 +192,11 @@ func fakeTCPStack(b *testing.B, ns *lab.Namespace, role fakenet.Role, net4 strin
 	if err != nil {
 		fnet.Close()
 		b.Fatal(err)
+	}
+	if stack.Offload() == noOffload {
+		stack.Close()
+		fnet.Close()
+		b.Fatalf("fake-TCP offloads: asked %v, got %v (%v)", !noOffload, stack.Offload(), fnet.Offload())
 	}
 	b.Cleanup(func() {
 		stack.Close()
@@ -207,8 +215,10 @@ func fakeTCPStack(b *testing.B, ns *lab.Namespace, role fakenet.Role, net4 strin
 // does too, so it is the best this path does rather than one datagram per
 // skb (which once made it slower than the relay it is the baseline of).
 // `iketcp-lab bench` measures the same with iketcp as whole processes.
+// fake-tcp-no-offload is fake-TCP with one segment per system call, as
+// where the kernel refuses the TUN device's offloads.
 func BenchmarkEncapThroughput(b *testing.B) {
-	for _, encap := range encaps {
+	for _, encap := range append(encaps, "fake-tcp-no-offload") {
 		b.Run(encap, func(b *testing.B) {
 			p := newEncapPath(b, encap, 0)
 			measureFlow(b, p.tx, p.rx, perf.IOMode{Batch: 64, GSO: true, GRO: true})
@@ -221,7 +231,11 @@ func BenchmarkEncapThroughput(b *testing.B) {
 // datagrams in flight so that the kernel and the client's flow queue do
 // not drop them for want of room. Datagrams still missing when nothing has
 // arrived for 200 ms count as lost (reported per op), and the flow goes
-// on, so a drop cannot hang it.
+// on, so a drop cannot hang it. Besides datagrams/s and lost/op it
+// reports this process's CPU time per datagram (cpu-us/op) and per second
+// (cores): the relays', the blaster's and the sink's, with the kernel's
+// work on their system calls; a relay path's figure less udp-direct's is
+// about what the relays add.
 func measureFlow(b *testing.B, tx, rx *net.UDPConn, mode perf.IOMode) {
 	const window = 256 // no more than a client flow queue holds by default
 	sink, err := perf.NewSinkOn(rx, perf.SinkConfig{Mode: mode})
@@ -239,6 +253,7 @@ func measureFlow(b *testing.B, tx, rx *net.UDPConn, mode perf.IOMode) {
 	b.SetBytes(perf.DatagramSize)
 	b.ReportAllocs()
 	b.ResetTimer()
+	cpu0 := processCPU()
 	t := time.NewTimer(time.Hour)
 	defer t.Stop()
 	timer := func(d time.Duration) <-chan time.Time { t.Reset(d); return t.C }
@@ -274,8 +289,21 @@ func measureFlow(b *testing.B, tx, rx *net.UDPConn, mode perf.IOMode) {
 	}
 	lost = max(lost, b.N-received())
 	b.StopTimer()
+	cpu := processCPU() - cpu0
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "datagrams/s")
 	b.ReportMetric(float64(lost)/float64(b.N), "lost/op")
+	b.ReportMetric(float64(cpu.Nanoseconds())/1e3/float64(b.N), "cpu-us/op")
+	b.ReportMetric(cpu.Seconds()/b.Elapsed().Seconds(), "cores")
+}
+
+// processCPU is the CPU time (user and system) this process has used so
+// far.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkEncapRTT measures the round trip of 1400-byte ESP packets on

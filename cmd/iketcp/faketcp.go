@@ -25,7 +25,8 @@ func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint
 			return nil, nil, fmt.Errorf("--fake-tcp-net %q: %w (want a /30, e.g. 100.127.255.252/30)", v, err)
 		}
 	}
-	fnet, err := fakenet.Setup(fakenet.Config{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port, Logger: log})
+	fnet, err := fakenet.Setup(fakenet.Config{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port,
+		NoOffload: !c.Bool("fake-tcp-offload"), Logger: log})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -34,7 +35,7 @@ func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint
 		fnet.Close()
 		return nil, nil, err
 	}
-	log.Info("fake-TCP ready", "device", fnet.Name(), "endpoint", fnet.Endpoint4().String(), "seq", seq.String())
+	log.Info("fake-TCP ready", "device", fnet.Name(), "endpoint", fnet.Endpoint4().String(), "seq", seq.String(), "offload", stack.Offload())
 	if seq == faketcp.SeqFrozen {
 		log.Warn("fake-TCP sequence numbers are frozen (FortiOS's behaviour): strict anti-replay middleboxes drop such segments; use this for interoperability tests and demonstrations only")
 	}

@@ -26,6 +26,7 @@ func commonFlags(role string) []cli.Flag {
 		&cli.StringFlag{Name: "fake-tcp-seq", Value: "live", Usage: "fake-tcp: live (sequence numbers advance, acks track the peer) or frozen (FortiOS's constant sequence number: strict anti-replay middleboxes drop it; for interoperability tests and demonstrations only)", EnvVars: envVar("fake-tcp-seq")},
 		&cli.StringFlag{Name: "fake-tcp-net", Usage: "fake-tcp: the /30 of the TUN device that connects the userspace TCP endpoint to the network, unused by anything else on the host (default 100.127.255.252/30)", EnvVars: envVar("fake-tcp-net")},
 		&cli.StringFlag{Name: "fake-tcp-name", Value: fakenet.DefaultName, Usage: "fake-tcp: the TUN device's name", EnvVars: envVar("fake-tcp-name")},
+		&cli.BoolFlag{Name: "fake-tcp-offload", Value: true, Usage: "fake-tcp: hand TCP segmentation and checksums to the kernel, so that a run of datagrams takes one system call (--fake-tcp-offload=false: one segment per system call, as where the kernel refuses)", EnvVars: envVar("fake-tcp-offload")},
 		&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: envVar("log-level")},
 		&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: envVar("log-format")},
 		&cli.StringFlag{Name: "control", Value: control.DefaultPath(role), Usage: "unix socket that `iketcp status` reads", EnvVars: envVar("control")},

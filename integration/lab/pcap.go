@@ -236,3 +236,43 @@ func CountTCPFlags(pcapPath string, flag TCPFlag) (int, error) {
 	}
 	return count, nil
 }
+
+// CountTCPLonger counts the TCP packets in a pcap file whose IP packet is
+// longer than n bytes: where the capture ran on a device that receives
+// super-segments whole (a veth), a TCP sender's super-segments that
+// crossed it uncut.
+func CountTCPLonger(pcapPath string, n int) (int, error) {
+	f, err := os.Open(pcapPath)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	r, err := pcapgo.NewReader(f)
+	if err != nil {
+		return 0, fmt.Errorf("read pcap %s: %w", pcapPath, err)
+	}
+	count := 0
+	for {
+		data, _, err := r.ReadPacketData()
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return count, nil
+		}
+		if err != nil {
+			return count, fmt.Errorf("read pcap %s: %w", pcapPath, err)
+		}
+		pkt := gopacket.NewPacket(data, r.LinkType(), gopacket.DecodeOptions{Lazy: true, NoCopy: true})
+		if pkt.Layer(layers.LayerTypeTCP) == nil {
+			continue
+		}
+		size := 0
+		switch ip := pkt.NetworkLayer().(type) {
+		case *layers.IPv4:
+			size = int(ip.Length)
+		case *layers.IPv6:
+			size = 40 + int(ip.Length)
+		}
+		if size > n {
+			count++
+		}
+	}
+}

@@ -65,8 +65,13 @@ type Config struct {
 	// Mark, if not 0, is the firewall mark that the kernel gives the
 	// packets it forwards from the endpoint, before it routes them: policy
 	// rules can route them by it (transparent mode's bypass rule, say).
-	Mark   uint32
-	Logger *slog.Logger
+	Mark uint32
+	// NoOffload keeps the TUN device from handing TCP segmentation and
+	// checksums to the kernel (see the package documentation): each
+	// segment then takes a system call and a walk through the kernel's
+	// network stack of its own, as where the kernel refuses the offloads.
+	NoOffload bool
+	Logger    *slog.Logger
 }
 
 // withDefaults returns c with defaults filled in, checked for a setup if

@@ -43,11 +43,18 @@
 //     kernel drops it and writes an ICMP "fragmentation needed" (IPv4 with
 //     DF) or "packet too big" (IPv6) back into the device, from the
 //     kernel's side of it. The stack picks its MSS from the real path.
-//   - GRO and TSO: a super-packet of many segments that reaches the host
-//     (merged by GRO, or sent whole over a veth pair) is forwarded as one,
-//     but the TUN device has no offloads, so the kernel cuts it into its
-//     segments on the way in: Read returns each segment, with correct
-//     checksums.
+//   - GRO and TSO: the TUN device hands TCP segmentation and checksums
+//     to the kernel (tun.OffloadDevice; Config.NoOffload, or a kernel that
+//     refuses, turns that off, which Setup logs). A super-packet of many
+//     segments that reaches the host (merged by GRO, or sent whole over a
+//     veth pair, by a peer's TSO among others) is forwarded as one and
+//     enters the device whole: ReadOffload hands it out as it is, Read as
+//     its segments, with correct checksums. What the endpoint writes with
+//     WriteOffload may be such a super-packet too: the kernel forwards it
+//     as one and cuts it into its segments wherever something on the way
+//     needs them (a device without TSO, an NFQUEUE, the wire), as it does
+//     its own TCP's. Without offloads the kernel cuts a super-packet on its
+//     way into the device, and each Read and Write is one segment.
 //   - Read returns what the kernel routes to the endpoint: its TCP
 //     segments, and ICMP errors about them. With an IPv6 subnet the table
 //     drops the MLD reports that the device's multicast memberships would

@@ -39,6 +39,8 @@ func addrsIn(p netip.Prefix) (kernel, endpoint netip.Addr) {
 // order: a Net's mu, then instancesMu.
 var instancesMu sync.Mutex
 
+var _ tun.OffloadDevice = (*Net)(nil)
+
 // Net is fake-TCP mode's plumbing, running: the TUN device between the
 // userspace TCP endpoint and the kernel, forwarding, and the nftables
 // table that masquerades (client) or redirects (server) the endpoint's
@@ -171,11 +173,19 @@ func (n *Net) setup() error {
 	if err := n.checkSubnetsFree(); err != nil {
 		return err
 	}
-	dev, err := tun.Create(n.nl, modeFakeTCP, cfg.Name, v6)
+	dev, err := tun.Create(n.nl, modeFakeTCP, cfg.Name, v6, tun.Options{Offload: !cfg.NoOffload})
 	if err != nil {
 		return err
 	}
 	n.dev = dev
+	switch err := dev.Offload(); {
+	case err == nil:
+		n.log.Info("fake-TCP mode: the TUN device moves runs of segments in one system call (TCP segmentation and checksum offload)", "device", cfg.Name)
+	case cfg.NoOffload:
+		n.log.Info("fake-TCP mode: TUN offloads turned off; each segment takes a system call", "device", cfg.Name)
+	default:
+		n.log.Warn("fake-TCP mode: "+err.Error(), "device", cfg.Name)
+	}
 	// The endpoint's address is the device's peer, so even a strict
 	// reverse-path filter passes what it writes; the device's own 0 leaves
 	// it to net.ipv4.conf.all.rp_filter (the higher of the two counts).
@@ -345,6 +355,22 @@ func (n *Net) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 // Safe for concurrent use; it does not allocate.
 func (n *Net) Write(bufs [][]byte, offset int) (int, error) {
 	return n.dev.Write(bufs, offset)
+}
+
+// Offload is nil when the device hands TCP segmentation and checksums to
+// the kernel (see tun.OffloadDevice), and otherwise says why not.
+func (n *Net) Offload() error { return n.dev.Offload() }
+
+// ReadOffload is Read with the kernel's super-segments and virtio-net
+// headers: see tun.OffloadDevice.
+func (n *Net) ReadOffload(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return n.dev.ReadOffload(bufs, sizes, offset)
+}
+
+// WriteOffload writes the endpoint's packets with their virtio-net
+// headers, super-segments among them: see tun.OffloadDevice.
+func (n *Net) WriteOffload(pkts []tun.OffloadPacket) (int, error) {
+	return n.dev.WriteOffload(pkts)
 }
 
 // Close removes the table and the device, and turns forwarding back to

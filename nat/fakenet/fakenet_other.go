@@ -42,3 +42,11 @@ func (n *Net) Write(bufs [][]byte, offset int) (int, error) {
 }
 
 func (n *Net) Close() error { return nil }
+
+func (n *Net) Offload() error { return net.ErrClosed }
+
+func (n *Net) ReadOffload(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return 0, net.ErrClosed
+}
+
+func (n *Net) WriteOffload(pkts []tun.OffloadPacket) (int, error) { return 0, net.ErrClosed }

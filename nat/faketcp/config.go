@@ -71,7 +71,9 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// MTU is the largest IP packet the device delivers: each Read buffer
 	// holds Headroom plus this many bytes. It must fit a segment of MSS
-	// bytes. 0 means DefaultMTU (any IP packet).
+	// bytes. 0 means DefaultMTU (any IP packet). On a device that
+	// offloads, the buffers hold a whole super-segment (tun.MTU bytes)
+	// whatever MTU says.
 	MTU int
 	// Logger receives connection events at debug level and device
 	// errors at warn level; nil discards them.

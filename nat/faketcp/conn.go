@@ -7,11 +7,16 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 // Payload is one received datagram: Buf[Off:Off+N]. Buf[:Off] holds at
 // least Headroom bytes the handler may overwrite (to build headers in
-// front of the datagram in place).
+// front of the datagram in place) once it is done with the datagrams
+// before it in the batch: the segments of a super-segment lie one after
+// the other in one buffer, so a datagram's room is the tail of the one
+// before.
 type Payload struct {
 	Buf    []byte
 	Off, N int
@@ -42,10 +47,13 @@ type Conn struct {
 	counters connCounters
 	doneOnce sync.Once
 
-	sendMu sync.Mutex // serializes Send and Close, so that the wire sees their segments in sequence order; guards sendScratch
+	sendMu sync.Mutex // serializes Send and Close, so that the wire sees their segments in sequence order; guards sendScratch and runs
 	// sendScratch holds the buffers of a batch that Send keeps when it
 	// refuses some.
 	sendScratch [][]byte
+	// runs holds a batch's packets for an offloading device: one per
+	// run of equal-sized datagrams.
+	runs []tun.OffloadPacket
 
 	mu  sync.Mutex // guards the following
 	tcb tcb
@@ -53,12 +61,13 @@ type Conn struct {
 
 // connCounters are ConnStats' atomics.
 type connCounters struct {
-	segmentsSent, bytesSent                     atomic.Uint64
+	segmentsSent, bytesSent, superSegmentsSent  atomic.Uint64
 	segmentsReceived, bytesReceived             atomic.Uint64
 	controlSent, controlReceived                atomic.Uint64
 	droppedNoHandler, droppedOversize           atomic.Uint64
 	droppedAfterClose, droppedUnacceptable      atomic.Uint64
 	refusedEmpty, refusedOversize, writeErrored atomic.Uint64
+	droppedWindow                               atomic.Uint64
 }
 
 // ConnStats is a snapshot of a conn's counters and sequence numbers.
@@ -66,6 +75,7 @@ type ConnStats struct {
 	State string // CLOSED, SYN_SENT (Dial's), ESTABLISHED, FIN_WAIT, LAST_ACK, TIME_WAIT
 
 	SegmentsSent, BytesSent         uint64 // data segments written, and their payload bytes
+	SuperSegmentsSent               uint64 // packets that carried two or more of those segments, for the kernel to cut (with offloads)
 	SegmentsReceived, BytesReceived uint64 // data segments delivered to the handler, and their payload bytes
 	ControlSent, ControlReceived    uint64 // segments without payload: handshake (an accepted conn counts the SYN and its SYN-ACK once), ACKs, keepalives, FIN, RST
 
@@ -80,10 +90,16 @@ type ConnStats struct {
 	RefusedEmpty    uint64
 	RefusedOversize uint64 // larger than the peer's MSS
 	WriteErrors     uint64
+	// DroppedWindow counts the datagrams Send dropped, without an error,
+	// because they would have run past the window the peer advertised
+	// (SendWindow), which middleboxes enforce: a path that holds more
+	// than the window, or a burst before the peer's first ACK.
+	DroppedWindow uint64
 
-	Seq     uint32 // the next sequence number to send (in SeqFrozen mode, the one every data segment carries)
-	Ack     uint32 // the ack segments carry now
-	PeerMSS int    // the largest payload Send sends
+	Seq        uint32 // the next sequence number to send (in SeqFrozen mode, the one every data segment carries)
+	Ack        uint32 // the ack segments carry now
+	PeerMSS    int    // the largest payload Send sends
+	SendWindow int64  // the bytes Send may send now before it runs past the peer's window (SeqLive)
 }
 
 // maxEarly bounds the datagrams a conn holds for a handler not yet set.
@@ -150,6 +166,25 @@ func (c *Conn) receive(batch []Payload) {
 // payload's length (SeqLive), or ACK with the frozen seq and ack
 // (SeqFrozen).
 //
+// With offloads (see Stack.Offload) and SeqLive, each run of datagrams of
+// one size (the last may be shorter) goes out as one super-segment: one
+// set of headers, built in front of the run's first datagram, and the
+// datagrams where they lie; the kernel cuts it into the same segments,
+// one datagram each, with the same sequence numbers, and finishes their
+// checksums. Only the last segment of a run keeps PSH, as from any TCP
+// that segments.
+//
+// Data never runs past the window the peer advertised (its ack plus its
+// window), which every stateful middlebox on the way enforces, the
+// host's own conntrack first: what would is dropped, from the first
+// datagram that does not fit to the end of the batch, and counted
+// (ConnStats.DroppedWindow), as a full link drops a datagram, and Send
+// returns no error for it. That bites only before the peer's first ACK
+// (its SYN-ACK's window is not scaled: 64240 bytes) or when the path
+// holds more than the window (8 MiB), as queues full of super-segments
+// can; then a sender that ran past it would send only segments the path
+// drops, and hear no ACK that could move the window on.
+//
 // A datagram that is empty or larger than the peer's MSS is not sent:
 // Send sends the others and returns an error that wraps ErrTooLarge.
 // After the conn ended it returns Err. It is safe for concurrent use (the
@@ -213,6 +248,23 @@ func (c *Conn) sendData(bufs [][]byte, offset, total int) error {
 		}
 		return err
 	}
+	if room := c.tcb.sendRoom(); int64(total) > room {
+		fit, n := 0, 0
+		for _, b := range bufs {
+			size := len(b) - offset
+			if int64(fit+size) > room {
+				break
+			}
+			fit += size
+			n++
+		}
+		c.counters.droppedWindow.Add(uint64(len(bufs) - n))
+		bufs, total = bufs[:n], fit
+		if n == 0 {
+			c.mu.Unlock()
+			return nil
+		}
+	}
 	seq, ack := c.tcb.dataFields(total)
 	mode := c.tcb.cfg.mode
 	c.mu.Unlock()
@@ -220,6 +272,8 @@ func (c *Conn) sendData(bufs [][]byte, offset, total int) error {
 	fields := tcpFields{seq: seq, ack: ack, flags: flagACK | flagPSH, window: c.stack.cfg.Window}
 	if mode == SeqFrozen {
 		fields.flags = flagACK
+	} else if c.stack.off != nil {
+		return c.sendRuns(bufs, offset, fields)
 	}
 	for _, b := range bufs {
 		c.hdr.put(b, offset, fields, nil, c.nextIPID())
@@ -242,6 +296,91 @@ func (c *Conn) sendData(bufs [][]byte, offset, total int) error {
 	if err != nil {
 		c.counters.writeErrored.Add(uint64(len(bufs) - n))
 		return fmt.Errorf("faketcp: the device took %d of %d segments: %w", n, len(bufs), err)
+	}
+	return nil
+}
+
+// Bounds of a super-segment that sendRuns builds.
+const (
+	// maxRunSegments bounds its segments (and so the pieces of its
+	// writev): a run of tiny datagrams gains little from more.
+	maxRunSegments = 64
+	// maxRunPacket bounds its IP packet: what the IPv4 length field
+	// holds, and below the kernel's legacy limit for a super-segment
+	// (65536 bytes), so that no device on the way must cut it in
+	// software for its size.
+	maxRunPacket = 0xffff
+)
+
+// sendRuns sends bufs, SeqLive data segments from fields.seq on, to an
+// offloading device: each run of equal-sized datagrams (the last may be
+// shorter) as one super-segment, written with the others in one
+// WriteOffload. The caller holds sendMu.
+func (c *Conn) sendRuns(bufs [][]byte, offset int, fields tcpFields) error {
+	hd := &c.hdr
+	ipLen := hd.ipHeaderLen()
+	maxPayload := maxRunPacket - ipLen - tcpHeaderLen
+	gso := uint8(tun.GSOTCPv4)
+	if !hd.is4 {
+		gso = tun.GSOTCPv6
+	}
+	runs := c.runs[:0]
+	for i := 0; i < len(bufs); {
+		size := len(bufs[i]) - offset
+		j, total := i+1, size
+		for j < len(bufs) && j-i < maxRunSegments {
+			n := len(bufs[j]) - offset
+			if n > size || total+n > maxPayload {
+				break
+			}
+			total += n
+			j++
+			if n < size {
+				break // a shorter datagram ends the run
+			}
+		}
+		segs := j - i
+		// The kernel numbers the segments' IPv4 IDs on from the first.
+		ipID := uint16(c.ipID.Add(uint32(segs))) - uint16(segs-1)
+		start := hd.putHeaders(bufs[i], offset, total, fields, nil, ipID, true)
+		p := tun.OffloadPacket{
+			Hdr: tun.VirtioNetHdr{
+				Flags:      tun.VirtioNeedsCsum,
+				HdrLen:     uint16(ipLen + tcpHeaderLen),
+				CsumStart:  uint16(ipLen),
+				CsumOffset: 16,
+			},
+			Head:   bufs[i][start:offset],
+			Bufs:   bufs[i:j],
+			Offset: offset,
+		}
+		if segs > 1 {
+			p.Hdr.GSOType, p.Hdr.GSOSize = gso, uint16(size)
+		}
+		runs = append(runs, p)
+		fields.seq += uint32(total)
+		i = j
+	}
+	n, err := c.stack.off.WriteOffload(runs)
+	n = min(max(n, 0), len(runs))
+	segments, sent, supers := 0, 0, 0
+	for _, p := range runs[:n] {
+		segments += len(p.Bufs)
+		for _, b := range p.Bufs {
+			sent += len(b) - offset
+		}
+		if len(p.Bufs) > 1 {
+			supers++
+		}
+	}
+	clear(runs) // keep no reference to the caller's buffers
+	c.runs = runs[:0]
+	c.counters.segmentsSent.Add(uint64(segments))
+	c.counters.bytesSent.Add(uint64(sent))
+	c.counters.superSegmentsSent.Add(uint64(supers))
+	if err != nil {
+		c.counters.writeErrored.Add(uint64(len(bufs) - segments))
+		return fmt.Errorf("faketcp: the device took %d of %d segments: %w", segments, len(bufs), err)
 	}
 	return nil
 }
@@ -311,13 +450,14 @@ func (c *Conn) LogValue() slog.Value { return slog.StringValue(c.String()) }
 // Stats returns a snapshot of the conn's counters and sequence numbers.
 func (c *Conn) Stats() ConnStats {
 	c.mu.Lock()
-	state, seq, ack := c.tcb.state, c.tcb.sndNxt, c.tcb.rcvNxt
+	state, seq, ack, room := c.tcb.state, c.tcb.sndNxt, c.tcb.rcvNxt, c.tcb.sendRoom()
 	c.mu.Unlock()
 	k := &c.counters
 	return ConnStats{
 		State:               state.String(),
 		SegmentsSent:        k.segmentsSent.Load(),
 		BytesSent:           k.bytesSent.Load(),
+		SuperSegmentsSent:   k.superSegmentsSent.Load(),
 		SegmentsReceived:    k.segmentsReceived.Load(),
 		BytesReceived:       k.bytesReceived.Load(),
 		ControlSent:         k.controlSent.Load(),
@@ -329,8 +469,10 @@ func (c *Conn) Stats() ConnStats {
 		RefusedEmpty:        k.refusedEmpty.Load(),
 		RefusedOversize:     k.refusedOversize.Load(),
 		WriteErrors:         k.writeErrored.Load(),
+		DroppedWindow:       k.droppedWindow.Load(),
 		Seq:                 seq,
 		Ack:                 ack,
 		PeerMSS:             c.sendMSS,
+		SendWindow:          room,
 	}
 }

@@ -16,9 +16,14 @@
 // anti-replay checks drop. SeqFrozen reproduces that, for
 // interoperability tests and demonstrations.
 //
-// What the stack does not do: retransmission, congestion or flow control,
+// What the stack does not do: retransmission, congestion control,
 // reassembly, urgent data, SACK blocks. One datagram is one segment, and
 // one segment is one datagram: the handler gets each payload as it came.
+// Flow control only as far as middleboxes enforce it: data never runs
+// past the window the peer advertised (its ack plus its window), since
+// every stateful middlebox drops what does, the host's own conntrack
+// first; Send drops what would, as a full link drops a datagram, and
+// counts it (ConnStats.DroppedWindow).
 //
 // Choices a real stack would make differently, and why:
 //
@@ -62,8 +67,9 @@
 //     since it will never be filled. Data carries the ack; a receiver
 //     that sends nothing acknowledges within 200 ms (Linux's delayed-ACK
 //     ceiling), and at once after a quarter window of data, so that a
-//     stateful middlebox never sees a sender run past the advertised
-//     window. Pure ACKs and keepalives do not advance seq.
+//     sender, which holds to the window it was shown (see above), finds
+//     it moved on long before it reaches its end. Pure ACKs and
+//     keepalives do not advance seq.
 //   - Keepalive. After KeepAlive with nothing heard, a conn sends what
 //     Linux sends: a segment with no data, ACK, and seq one before the
 //     next, which any TCP answers with an ACK (it is old). It repeats
@@ -96,14 +102,40 @@
 //     A FIN from the peer is answered with FIN|ACK and ends the conn with
 //     ErrPeerClosed.
 //
-// GRO: with the TUN device and forwarding that production uses, the
-// kernel segments a GRO'd run again before it enters the TUN, so each
-// read is one segment as it was sent. A segment larger than the MSS this
-// side advertised would be such a run that was not split, or a peer that
-// ignores the MSS: it is dropped and counted (ConnStats.DroppedOversize)
-// rather than handed on as one datagram; its sequence space is still
-// acknowledged. Send likewise refuses datagrams larger than the peer's
-// MSS.
+// Segmentation offload. On a device that hands TCP segmentation and
+// checksums to the kernel (a tun.OffloadDevice whose Offload is nil, as
+// production's TUN device is where the kernel takes the offloads), many
+// segments move in one packet, a super-segment, and one system call:
+//
+//   - Out (TSO): Send writes each run of datagrams of one size (the last
+//     may be shorter, at most 64 and one IP packet's worth) as one
+//     super-segment: the headers of its first segment, built in front of
+//     the first datagram, the datagrams where they lie, and a virtio-net
+//     header that tells the kernel to cut it every so many bytes, the
+//     datagrams' size. The kernel cuts it into exactly the segments Send
+//     would have written, one datagram each, sequence numbers and IPv4
+//     IDs counting on, and finishes their checksums; only the last of a
+//     run keeps PSH, as from any TCP that segments. A datagram boundary
+//     is always a segment boundary: runs never mix sizes, so a receiver
+//     still sees one datagram per segment. SeqFrozen never uses it (the
+//     kernel would number the segments).
+//   - In (GRO): the kernel may hand the reader super-segments whole: a
+//     peer's TSO run that crossed the host's forwarding in one piece, or
+//     segments that GRO merged, which it merges only while they are of one
+//     size. The reader takes each apart where it lies, at the GSO size the
+//     header gives, with each segment's own sequence number and flags, and
+//     runs the segments through the state machine one by one, as if they
+//     had come apart: the handler gets one datagram per segment, in
+//     place, the segments one after the other in one buffer. A checksum
+//     that the kernel left unfinished or verified is not verified again.
+//
+// Without offloads, the kernel segments a super-segment (a GRO'd run) on
+// its way into the TUN, so each read is one segment as it was sent. A
+// segment larger than the MSS this side advertised would be such a run
+// that was not split, or a peer that ignores the MSS: it is dropped and
+// counted (ConnStats.DroppedOversize) rather than handed on as one
+// datagram; its sequence space is still acknowledged. Send likewise
+// refuses datagrams larger than the peer's MSS.
 //
 // A Stack serves one address (Config.Local) of one family, IPv4 or IPv6,
 // verifies every IPv4 header checksum and TCP checksum it receives, and

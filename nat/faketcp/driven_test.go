@@ -6,21 +6,69 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 // recordDevice keeps a copy of every packet written to it (when keep is
 // set) and delivers nothing. A driven stack's reader does not run, so
-// Read is never called, and the stack never closes its device.
+// Read is never called, and the stack never closes its device. With
+// offload it is a tun.OffloadDevice with the offloads on: WriteOffload's
+// packets are kept whole, each behind its virtio-net header, in
+// offloaded.
 type recordDevice struct {
-	mu      sync.Mutex
-	keep    bool
-	packets [][]byte
-	writes  int
+	offload bool
+
+	mu        sync.Mutex
+	keep      bool
+	packets   [][]byte
+	offloaded [][]byte
+	writes    int
 }
 
 func (d *recordDevice) BatchSize() int { return 64 }
 
 func (d *recordDevice) Read([][]byte, []int, int) (int, error) { select {} }
+
+func (d *recordDevice) ReadOffload([][]byte, []int, int) (int, error) { select {} }
+
+func (d *recordDevice) Offload() error {
+	if d.offload {
+		return nil
+	}
+	return &tun.OffloadError{Err: tun.ErrOffloadNotAsked}
+}
+
+func (d *recordDevice) WriteOffload(pkts []tun.OffloadPacket) (int, error) {
+	if !d.offload {
+		return 0, d.Offload()
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.writes += len(pkts)
+	if d.keep {
+		for _, p := range pkts {
+			b := make([]byte, tun.VirtioNetHdrLen)
+			_ = p.Hdr.Encode(b)
+			b = append(b, p.Head...)
+			for _, buf := range p.Bufs {
+				b = append(b, buf[p.Offset:]...)
+			}
+			d.offloaded = append(d.offloaded, b)
+		}
+	}
+	return len(pkts), nil
+}
+
+// takeOffloaded returns the packets WriteOffload was given since the last
+// takeOffloaded, each behind its virtio-net header.
+func (d *recordDevice) takeOffloaded() [][]byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p := d.offloaded
+	d.offloaded = nil
+	return p
+}
 
 func (d *recordDevice) Close() error { return nil }
 
@@ -103,10 +151,23 @@ func (r *remoteEnd) open(t testing.TB, s *Stack, dev *recordDevice, now time.Tim
 // that its stack's cookies, like its randomness, repeat from run to run.
 var drivenEpoch = time.Unix(1_700_000_000, 0)
 
-// feed runs pkts through s as one batch read at now.
+// feed runs pkts through s as one batch read at now; with offloads each
+// behind an empty virtio-net header, as a plain packet comes.
 func feed(s *Stack, now time.Time, pkts ...[]byte) {
 	for k, p := range pkts {
 		s.rx.sizes[k] = copy(s.rx.bufs[k][Headroom:], p)
+		if s.off != nil {
+			clear(s.rx.bufs[k][Headroom-tun.VirtioNetHdrLen : Headroom])
+		}
+	}
+	s.processBatch(len(pkts), now)
+}
+
+// feedVirtio runs pkts, each a virtio-net header and a packet, through s
+// (which offloads) as one batch read at now.
+func feedVirtio(s *Stack, now time.Time, pkts ...[]byte) {
+	for k, p := range pkts {
+		s.rx.sizes[k] = copy(s.rx.bufs[k][Headroom-tun.VirtioNetHdrLen:], p) - tun.VirtioNetHdrLen
 	}
 	s.processBatch(len(pkts), now)
 }
@@ -116,7 +177,12 @@ func feed(s *Stack, now time.Time, pkts ...[]byte) {
 // remoteEnd speaks for. The handshake happens at drivenEpoch.
 func drivenStack(t testing.TB, cfg Config, remote netip.AddrPort) (*Stack, *recordDevice, *Conn, *remoteEnd) {
 	t.Helper()
-	dev := &recordDevice{keep: true}
+	return drivenStackOn(t, &recordDevice{keep: true}, cfg, remote)
+}
+
+// drivenStackOn is drivenStack on dev.
+func drivenStackOn(t testing.TB, dev *recordDevice, cfg Config, remote netip.AddrPort) (*Stack, *recordDevice, *Conn, *remoteEnd) {
+	t.Helper()
 	local := cfg.Local
 	if cfg.MTU == 0 {
 		cfg.MTU = 1600

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 // fixChecksums rewrites the IPv4 header checksum and the TCP checksum of
@@ -65,10 +67,6 @@ func FuzzReceive(f *testing.F) {
 	// Per family: the stack's address, the peer's, and, as the seeds
 	// need, a config with a small MSS and MTU, which keep inputs (and so
 	// their minimization) short.
-	type fuzzFamily struct {
-		cfg  Config
-		peer netip.Addr
-	}
 	families := map[bool]fuzzFamily{
 		false: {Config{Local: addr4A, MSS: 100, MTU: 200}, addr4B},
 		true:  {Config{Local: addr6A, MSS: 100, MTU: 200}, addr6B},
@@ -152,4 +150,97 @@ func FuzzReceive(f *testing.F) {
 			t.Fatalf("a live conn did not deliver: state %s", c.Stats().State)
 		}
 	})
+}
+
+// FuzzReceiveOffload feeds arbitrary packets with arbitrary virtio-net
+// headers, as an offloading device would hand them over, to a stack that
+// holds an established conn from port 40000 of its peer (MSS 1000),
+// IPv6 when the packet's version nibble says 6. Seeds are super-segments
+// of that conn and of a stranger. Checksums are left as they are or
+// fixed up as if the packet were one segment. Invariants: it never
+// panics; every datagram handed over lies within its buffer, behind
+// Headroom; the stack answers no more than once per segment the packet
+// can stand for, each answer a sound segment from its address; and the
+// conn still works afterwards unless the input ended it.
+func FuzzReceiveOffload(f *testing.F) {
+	families := map[bool]fuzzFamily{
+		false: {Config{Local: addr4A, MSS: 1000, MTU: 8000}, addr4B},
+		true:  {Config{Local: addr6A, MSS: 1000, MTU: 8000}, addr6B},
+	}
+	for _, fam := range families {
+		stack := func() *remoteEnd {
+			_, _, _, r := drivenStackOn(f, &recordDevice{keep: true, offload: true}, fam.cfg, netip.AddrPortFrom(fam.peer, 40000))
+			return r
+		}
+		d := func(i, size int) []byte { return datagram(uint32(i), size)[Headroom:] }
+		f.Add(stack().super(flagACK|flagPSH, tun.VirtioNeedsCsum, 100, d(0, 100), d(1, 100), d(2, 50)), false)
+		f.Add(stack().super(flagACK, tun.VirtioDataValid, 1000, d(0, 1000), d(1, 1000)), false)
+		f.Add(stack().super(flagACK|flagFIN, 0, 64, d(0, 64), d(1, 64)), true)
+		f.Add(stack().super(flagACK, tun.VirtioNeedsCsum, 1200, d(0, 1200), d(1, 1200)), false)
+		r := stack()
+		r.hdr = newHeaders(netip.AddrPortFrom(fam.peer, 40002), netip.AddrPortFrom(fam.cfg.Local, testPort), 0)
+		f.Add(r.super(flagACK|flagPSH, tun.VirtioNeedsCsum, 100, d(0, 100), d(1, 100)), false)
+		plain := stack().segment(flagACK|flagPSH, d(0, 100))
+		f.Add(append(make([]byte, tun.VirtioNetHdrLen), plain...), false)
+	}
+	f.Fuzz(func(t *testing.T, b []byte, fix bool) {
+		if len(b) < tun.VirtioNetHdrLen {
+			return
+		}
+		pkt := b[tun.VirtioNetHdrLen:]
+		fam := families[len(pkt) > 0 && pkt[0]>>4 == 6]
+		s, dev, c, r := drivenStackOn(t, &recordDevice{keep: true, offload: true}, fam.cfg, netip.AddrPortFrom(fam.peer, 40000))
+		delivered := 0
+		c.SetHandler(func(batch []Payload) {
+			for _, p := range batch {
+				if p.Off < Headroom || p.N < 0 || p.Off+p.N > len(p.Buf) {
+					t.Fatalf("payload at %d+%d in a %d-byte buffer", p.Off, p.N, len(p.Buf))
+				}
+			}
+			delivered += len(batch)
+		})
+		if fix {
+			fixChecksums(pkt)
+		}
+		if room := len(s.rx.bufs[0]) - Headroom + tun.VirtioNetHdrLen; len(b) > room {
+			b = b[:room]
+		}
+		var h tun.VirtioNetHdr
+		_ = h.Decode(b)
+		segments := 1
+		if h.GSOSize > 0 {
+			segments = len(b)/int(h.GSOSize) + 1
+		}
+		dev.take()
+		feedVirtio(s, drivenEpoch, b)
+		replies := dev.take()
+		if len(replies) > segments {
+			t.Fatalf("%d replies to a packet of at most %d segments", len(replies), segments)
+		}
+		for _, reply := range replies {
+			var in inbound
+			dst := netip.AddrFrom16([16]byte(reply[24:40]))
+			if fam.cfg.Local.Is4() {
+				dst = netip.AddrFrom4([4]byte(reply[16:20]))
+			}
+			if v := parsePacket(reply, dst, dst.Is4(), &in); v != packetOK || in.src != fam.cfg.Local {
+				t.Fatalf("reply does not parse as a segment to %v: verdict %d, from %v", dst, v, in.src)
+			}
+		}
+		now := drivenEpoch.Add(time.Second)
+		s.tickAll(now)
+		dev.take()
+		before := delivered
+		feed(s, now, r.segment(flagACK|flagPSH, []byte("after")))
+		if c.Err() == nil && delivered != before+1 {
+			t.Fatalf("a live conn did not deliver: state %s", c.Stats().State)
+		}
+	})
+}
+
+// fuzzFamily is one family's stack configuration and peer for the fuzz
+// targets.
+type fuzzFamily struct {
+	cfg  Config
+	peer netip.Addr
 }

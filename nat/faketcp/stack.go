@@ -69,7 +69,13 @@ type fourTuple struct {
 // package documentation.
 type Stack struct {
 	// Set by NewStack, read-only afterwards.
-	dev      tun.Device
+	dev tun.Device
+	// off is dev when it hands TCP segmentation and checksums to the
+	// kernel (tun.OffloadDevice, its Offload nil): the reader takes its
+	// packets as the kernel delivers them, super-segments whole, and
+	// Send writes runs of equal-sized datagrams as super-segments. Nil
+	// otherwise.
+	off      tun.OffloadDevice
 	cfg      Config // with defaults
 	tcbCfg   tcbConfig
 	log      *slog.Logger
@@ -122,6 +128,7 @@ type stackCounters struct {
 	refused, ignoredRST, tableFull           atomic.Uint64
 	synCookies, badCookies                   atomic.Uint64
 	acceptQueueFull, readErrors, writeErrors atomic.Uint64
+	superSegments                            atomic.Uint64
 }
 
 // StackStats counts what a Stack dropped or refused before any conn saw
@@ -140,6 +147,9 @@ type StackStats struct {
 	AcceptQueueFull uint64 // conns reset on completing their handshake: the listener's queue was full or closed
 	ReadErrors      uint64 // failed device Reads other than its closing
 	WriteErrors     uint64 // failed device Writes of the stack's own segments (Send reports its own)
+	// SuperSegments counts the packets that arrived as super-segments
+	// (with offloads: see Offload), each counted again as its segments.
+	SuperSegments uint64
 }
 
 // NewStack starts a stack on dev: one reader goroutine and one timer
@@ -174,6 +184,18 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 		conns:      make(map[fourTuple]*Conn),
 		listeners:  make(map[uint16]*Listener),
 	}
+	if od, ok := dev.(tun.OffloadDevice); ok {
+		if err := od.Offload(); err == nil {
+			s.off = od
+			s.log.Debug("faketcp: runs of segments move as super-segments (the device offloads)")
+		} else {
+			s.log.Debug("faketcp: one segment per packet", "reason", err)
+		}
+	}
+	bufSize := Headroom + cfg.MTU
+	if s.off != nil {
+		bufSize = Headroom + max(cfg.MTU, tun.MTU) // a whole super-segment, whatever the MTU
+	}
 	s.rx = receiveScratch{
 		bufs:        make([][]byte, batch),
 		sizes:       make([]int, batch),
@@ -183,7 +205,7 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 		established: make([]*Conn, 0, batch),
 	}
 	for k := range batch {
-		s.rx.bufs[k] = make([]byte, Headroom+cfg.MTU)
+		s.rx.bufs[k] = make([]byte, bufSize)
 		s.rx.replyBufs[k] = make([]byte, controlBufSize)
 	}
 	var key [cookieKeyLen]byte
@@ -244,8 +266,14 @@ func (s *Stack) Stats() StackStats {
 		AcceptQueueFull: c.acceptQueueFull.Load(),
 		ReadErrors:      c.readErrors.Load(),
 		WriteErrors:     c.writeErrors.Load(),
+		SuperSegments:   c.superSegments.Load(),
 	}
 }
+
+// Offload reports whether the stack moves super-segments through its
+// device (a tun.OffloadDevice whose Offload is nil): runs of datagrams
+// go out, and may come in, many segments to a packet.
+func (s *Stack) Offload() bool { return s.off != nil }
 
 // Close ends every conn (an established one with a FIN, Dial's half-open
 // one with nothing; each ends with ErrClosed), closes the
@@ -460,7 +488,13 @@ func (s *Stack) writeControl(c *Conn, e emit) {
 func (s *Stack) runReader() {
 	defer close(s.readerDone)
 	for {
-		n, err := s.dev.Read(s.rx.bufs, s.rx.sizes, Headroom)
+		var n int
+		var err error
+		if s.off != nil {
+			n, err = s.off.ReadOffload(s.rx.bufs, s.rx.sizes, Headroom)
+		} else {
+			n, err = s.dev.Read(s.rx.bufs, s.rx.sizes, Headroom)
+		}
 		if s.closed.Load() {
 			return
 		}
@@ -526,35 +560,76 @@ func (s *Stack) processBatch(n int, now time.Time) {
 	rx.established = rx.established[:0]
 }
 
-// receivePacket runs the packet in s.rx.bufs[k] through the stack.
+// receivePacket runs the packet in s.rx.bufs[k] through the stack. With
+// offloads its virtio-net header lies just before it, and it may be a
+// super-segment, which runs through as the segments it stands for, each
+// delivered where it lies.
 func (s *Stack) receivePacket(k int, now time.Time) {
 	rx := &s.rx
 	buf := rx.bufs[k]
 	size := min(max(rx.sizes[k], 0), len(buf)-Headroom)
+	pkt := buf[Headroom : Headroom+size]
+	var h tun.VirtioNetHdr
+	if s.off != nil {
+		_ = h.Decode(buf[Headroom-tun.VirtioNetHdrLen : Headroom])
+	}
 	var in inbound
-	switch parsePacket(buf[Headroom:Headroom+size], s.cfg.Local, s.cfg.Local.Is4(), &in) {
-	case packetOK:
-	case packetMalformed:
-		s.counters.malformed.Add(1)
-		return
-	case packetNotTCP:
-		s.counters.notTCP.Add(1)
-		return
-	case packetNotLocal:
-		s.counters.notLocal.Add(1)
-		return
-	case packetBadChecksum:
-		s.counters.badChecksum.Add(1)
+	if !s.counted(parseTrusted(pkt, s.cfg.Local, s.cfg.Local.Is4(), &in, h.ChecksumTrusted())) {
 		return
 	}
+	if !h.IsGSO() {
+		s.receiveSegment(buf, Headroom+in.payloadOff, &in, now, nil)
+		return
+	}
+	cut, err := tun.SplitTCP(&h, pkt)
+	if err != nil || cut.TCPOffset() != in.tcpOff || cut.HeaderLen() != in.payloadOff {
+		s.counters.malformed.Add(1)
+		return
+	}
+	s.counters.superSegments.Add(1)
+	flags := in.seg.flags
+	var c *Conn // the segments' conn, looked up once
+	for i := range cut.Segments() {
+		start, end, seq := cut.Segment(i)
+		in.seg.seq, in.seg.payloadLen, in.seg.flags = seq, end-start, cut.SegmentFlags(i, flags)
+		c = s.receiveSegment(buf, Headroom+start, &in, now, c)
+	}
+}
+
+// counted counts a packet that parsing refused, and reports whether it
+// did not.
+func (s *Stack) counted(v verdictIP) bool {
+	switch v {
+	case packetMalformed:
+		s.counters.malformed.Add(1)
+	case packetNotTCP:
+		s.counters.notTCP.Add(1)
+	case packetNotLocal:
+		s.counters.notLocal.Add(1)
+	case packetBadChecksum:
+		s.counters.badChecksum.Add(1)
+	}
+	return v == packetOK
+}
+
+// receiveSegment runs the segment in (its payload at buf[payloadOff:])
+// through its conn's state machine, or the listener's, and queues what
+// it delivers and what it answers. c, if not nil, is the segment's conn,
+// which the caller looked up for an earlier segment of the same
+// super-segment; receiveSegment returns the conn for the next one, nil
+// if it is to be looked up again.
+func (s *Stack) receiveSegment(buf []byte, payloadOff int, in *inbound, now time.Time, c *Conn) *Conn {
+	rx := &s.rx
 	key := fourTuple{netip.AddrPortFrom(in.src, in.seg.srcPort), in.seg.dstPort}
-	s.mu.Lock()
-	c := s.conns[key]
-	s.mu.Unlock()
+	if c == nil {
+		s.mu.Lock()
+		c = s.conns[key]
+		s.mu.Unlock()
+	}
 	opened := false
 	if c == nil {
 		if c = s.receiveUnknown(key, &in.seg, now); c == nil {
-			return
+			return nil
 		}
 		opened = true // by a cookie: the segment is the conn's first
 	}
@@ -581,11 +656,14 @@ func (s *Stack) receivePacket(k int, now time.Time) {
 		c.counters.controlSent.Add(1)
 	}
 	if v.deliver {
-		if rx.pendingConn != c {
+		// A conn's payloads go to its handler together; a full batch
+		// goes at once, so that a batch of super-segments never makes
+		// pending grow.
+		if rx.pendingConn != c || len(rx.pending) == cap(rx.pending) {
 			s.flushPending()
 			rx.pendingConn = c
 		}
-		rx.pending = append(rx.pending, Payload{Buf: buf, Off: Headroom + in.payloadOff, N: in.seg.payloadLen})
+		rx.pending = append(rx.pending, Payload{Buf: buf, Off: payloadOff, N: in.seg.payloadLen})
 	}
 	if v.established || opened {
 		rx.established = append(rx.established, c)
@@ -605,6 +683,10 @@ func (s *Stack) receivePacket(k int, now time.Time) {
 		}
 		s.receiveUnknown(key, &in.seg, now) // a SYN: it opens nothing
 	}
+	if v.remove || v.reopen {
+		return nil
+	}
+	return c
 }
 
 // receiveUnknown handles a segment for no conn. To a listener, a SYN is

@@ -31,6 +31,9 @@ type pairOptions struct {
 	v6    bool
 	batch int // of both devices; 0 means 64
 	cfg   func(*Config)
+	// offload turns offloads on at the client's end of the pipe (0) and
+	// the server's (1): see tuntest.NewOffloadPipe.
+	offload [2]bool
 }
 
 func addrsOf(v6 bool) (client, server netip.Addr) {
@@ -49,7 +52,7 @@ func newStacks(t testing.TB, o pairOptions) *pair {
 		batch = 64
 	}
 	p := &pair{}
-	p.devA, p.devB = tuntest.NewPipe(batch, 1<<15)
+	p.devA, p.devB = tuntest.NewOffloadPipe(batch, 1<<15, o.offload[0], o.offload[1])
 	ca, cb := addrsOf(o.v6)
 	cfgA, cfgB := Config{Local: ca}, Config{Local: cb}
 	if o.cfg != nil {
@@ -71,12 +74,36 @@ func newStacks(t testing.TB, o pairOptions) *pair {
 	return p
 }
 
-// newPair is newStacks with a conn dialled and accepted.
+// newPair is newStacks with a conn dialled and accepted, whose client
+// has heard the server's scaled window (see openWindow).
 func newPair(t testing.TB, o pairOptions) *pair {
 	t.Helper()
 	p := newStacks(t, o)
 	p.client, p.server = p.connect(t)
+	p.openWindow(t)
 	return p
+}
+
+// openWindow has the server show its scaled window with a pure ACK, as
+// its ACK of the client's first data would, and waits until the client
+// has it: until then the client holds its data to the SYN-ACK's window,
+// never scaled, and a test that sends more at once would see it dropped.
+func (p *pair) openWindow(t testing.TB) {
+	t.Helper()
+	c := p.server
+	c.mu.Lock()
+	frozen := c.tcb.cfg.mode == SeqFrozen
+	e := c.tcb.ackEmit(0, c.tcb.sndNxt)
+	c.mu.Unlock()
+	if frozen {
+		return // nothing holds frozen data back
+	}
+	p.b.writeControl(c, e)
+	for deadline := time.Now().Add(10 * time.Second); p.client.Stats().SendWindow <= int64(DefaultWindow); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the client never heard the server's window: %+v", p.client.Stats())
+		}
+	}
 }
 
 // connect dials from a to b and accepts there.
@@ -195,13 +222,16 @@ type wireRecord struct {
 	len      int
 }
 
-// captureData records the data segments dev writes to dst.
+// captureData records the data segments dev writes to dst. An
+// offloading dev's packets leave their checksums to the kernel, and may
+// be super-segments, each recorded as one.
 func captureData(dev *tuntest.PipeEnd, dst netip.Addr) func() []wireRecord {
 	var mu sync.Mutex
 	var records []wireRecord
+	partial := dev.Offload() == nil
 	dev.SetCapture(func(pkt []byte) {
 		var in inbound
-		if parsePacket(pkt, dst, dst.Is4(), &in) != packetOK || in.seg.payloadLen == 0 {
+		if parseTrusted(pkt, dst, dst.Is4(), &in, partial) != packetOK || in.seg.payloadLen == 0 {
 			return
 		}
 		mu.Lock()

@@ -2,6 +2,7 @@ package faketcp
 
 import (
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -134,10 +135,21 @@ type tcb struct {
 	// which shows the scaled window. A conn that a cookie opened has sent
 	// only its SYN-ACK, so it starts with windowShown false, as Dial's
 	// conn does until its handshake ACK.
-	windowShown  bool
-	peerMSS      uint16
-	peerWScale   bool // the peer's SYN offered window scaling
-	peerSACK     bool // the peer's SYN offered SACK
+	windowShown bool
+	peerMSS     uint16
+	peerWScale  bool // the peer's SYN offered window scaling
+	peerSACK    bool // the peer's SYN offered SACK
+	// sndWndEnd is where the window the peer advertised ends: the
+	// furthest ack + window (scaled by peerShift, but a SYN-ACK's) of the
+	// peer's segments that acknowledged nothing this side never sent.
+	// Data past it is what a stateful middlebox, Linux conntrack among
+	// them, finds invalid and drops; Send sends none (see sendRoom).
+	sndWndEnd uint32
+	// peerShift is the peer's window scale shift: its SYN-ACK's, for a
+	// dialled conn; for one that a cookie opened, which keeps only
+	// whether the SYN offered scaling, this stack's own, which iketcp
+	// peers offer.
+	peerShift    uint8
 	opened       time.Time
 	lastSyn      time.Time // when Dial's last SYN went out
 	lastHeard    time.Time // when the last acceptable segment arrived
@@ -149,7 +161,7 @@ type tcb struct {
 
 // newActiveTCB is Dial's state machine: SYN_SENT, with the SYN to send.
 func newActiveTCB(cfg tcbConfig, now time.Time, iss uint32) (tcb, emit) {
-	t := tcb{cfg: cfg, state: stateSynSent, iss: iss, sndNxt: iss + 1, opened: now, lastSyn: now}
+	t := tcb{cfg: cfg, state: stateSynSent, iss: iss, sndNxt: iss + 1, sndWndEnd: iss + 1, opened: now, lastSyn: now}
 	return t, t.synEmit()
 }
 
@@ -172,6 +184,7 @@ func newPassiveTCB(cfg tcbConfig, now time.Time, c synCookie, irs uint32) tcb {
 		state:      stateEstablished,
 		iss:        c.iss,
 		sndNxt:     c.iss + 1,
+		sndWndEnd:  c.iss + 1, // the segment that returned the cookie moves it
 		irs:        irs,
 		rcvNxt:     irs + 1,
 		ackSent:    irs + 1,
@@ -179,6 +192,9 @@ func newPassiveTCB(cfg tcbConfig, now time.Time, c synCookie, irs uint32) tcb {
 		peerSACK:   c.sackPermitted,
 		opened:     now,
 		lastHeard:  now,
+	}
+	if c.windowScale {
+		t.peerShift = windowScale
 	}
 	t.setPeerMSS(c.peerMSS)
 	return t
@@ -296,6 +312,10 @@ func (t *tcb) receiveSynSent(now time.Time, seg *segment) verdict {
 	}
 	t.irs, t.rcvNxt = seg.seq, seg.seq+1
 	t.peerWScale, t.peerSACK = seg.windowScale, seg.sackPermitted
+	if seg.windowScale {
+		t.peerShift = seg.wsShift
+	}
+	t.sndWndEnd = seg.ack + uint32(seg.window) // a SYN-ACK's window is never scaled
 	t.setPeerMSS(seg.mss)
 	t.state = stateEstablished
 	t.lastHeard = now
@@ -325,6 +345,7 @@ func (t *tcb) receiveEstablished(now time.Time, seg *segment) verdict {
 		return verdict{drop: dropUnacceptable}
 	}
 	t.lastHeard = now
+	t.noteWindow(seg)
 	var v verdict
 	end := seg.seq + uint32(seg.payloadLen)
 	if seg.payloadLen > 0 {
@@ -369,6 +390,29 @@ func (t *tcb) receiveEstablished(now time.Time, seg *segment) verdict {
 		v.reply = t.ackEmit(0, t.sndNxt)
 	}
 	return v
+}
+
+// noteWindow moves sndWndEnd to the end of the window seg advertises, if
+// that is further and seg acknowledges nothing this side never sent
+// (which a middlebox would refuse, not believe).
+func (t *tcb) noteWindow(seg *segment) {
+	if seqBefore(t.sndNxt, seg.ack) {
+		return
+	}
+	if end := seg.ack + uint32(seg.window)<<t.peerShift; seqBefore(t.sndWndEnd, end) {
+		t.sndWndEnd = end
+	}
+}
+
+// sendRoom is how many bytes of data the conn may send now without
+// running past the window the peer advertised: none once sndNxt is at or
+// past its end. SeqFrozen data does not move through the sequence space,
+// so it is never held back.
+func (t *tcb) sendRoom() int64 {
+	if t.cfg.mode == SeqFrozen {
+		return math.MaxInt64
+	}
+	return max(int64(int32(t.sndWndEnd-t.sndNxt)), 0)
 }
 
 func (t *tcb) receiveClosing(seg *segment) verdict {

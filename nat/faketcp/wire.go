@@ -57,6 +57,9 @@ const (
 // SYN-ACK, as Linux does for its default buffer sizes.
 const windowScale = 7
 
+// maxWindowShift is the largest window scale shift (RFC 7323 §2.3).
+const maxWindowShift = 14
+
 // segment is the TCP header of one received segment: the fields the state
 // machine reads, with the options it cares about, which only a SYN carries.
 type segment struct {
@@ -66,6 +69,7 @@ type segment struct {
 	window           uint16
 	mss              uint16 // 0: no MSS option
 	windowScale      bool   // the window scale option was offered
+	wsShift          uint8  // its shift count, at most 14 (RFC 7323 §2.3)
 	sackPermitted    bool
 	payloadLen       int
 }
@@ -76,6 +80,7 @@ func (s *segment) has(flags uint8) bool { return s.flags&flags == flags }
 type inbound struct {
 	src, dst   netip.Addr
 	seg        segment
+	tcpOff     int // where the TCP header starts in the packet
 	payloadOff int // where the TCP payload starts in the packet
 }
 
@@ -95,6 +100,15 @@ const (
 // family it must be of (is4). It verifies the IPv4 header checksum and the
 // TCP checksum, ignores bytes beyond the IP length, and does not allocate.
 func parsePacket(pkt []byte, local netip.Addr, is4 bool, in *inbound) verdictIP {
+	return parseTrusted(pkt, local, is4, in, false)
+}
+
+// parseTrusted is parsePacket, without the TCP checksum when the device
+// vouches for it (trusted): the kernel checked it, or left it unfinished
+// on a packet that has not touched a wire since (see
+// tun.VirtioNetHdr.ChecksumTrusted). pkt may be a super-segment: one
+// TCP header, the payload of many segments.
+func parseTrusted(pkt []byte, local netip.Addr, is4 bool, in *inbound, trusted bool) verdictIP {
 	if len(pkt) == 0 {
 		return packetMalformed
 	}
@@ -182,10 +196,12 @@ func parsePacket(pkt []byte, local netip.Addr, is4 bool, in *inbound) verdictIP 
 	if dataOff < tcpHeaderLen || dataOff > len(tcp) {
 		return packetMalformed
 	}
-	sum := pseudoHeaderSum(src, dst)
-	sum = packet.ChecksumAddWord(sum, uint64(len(tcp)))
-	if packet.ChecksumFold(packet.ChecksumAdd(sum, tcp)) != 0xffff {
-		return packetBadChecksum
+	if !trusted {
+		sum := pseudoHeaderSum(src, dst)
+		sum = packet.ChecksumAddWord(sum, uint64(len(tcp)))
+		if packet.ChecksumFold(packet.ChecksumAdd(sum, tcp)) != 0xffff {
+			return packetBadChecksum
+		}
 	}
 	seg := segment{
 		srcPort:    binary.BigEndian.Uint16(tcp[0:2]),
@@ -202,7 +218,7 @@ func parsePacket(pkt []byte, local netip.Addr, is4 bool, in *inbound) verdictIP 
 	if seg.has(flagSYN) {
 		parseSYNOptions(tcp[tcpHeaderLen:dataOff], &seg)
 	}
-	in.src, in.dst, in.seg, in.payloadOff = src, dst, seg, tcpOff+dataOff
+	in.src, in.dst, in.seg, in.tcpOff, in.payloadOff = src, dst, seg, tcpOff, tcpOff+dataOff
 	return packetOK
 }
 
@@ -227,7 +243,7 @@ func parseSYNOptions(opts []byte, seg *segment) {
 		case kind == optMSS && len(body) == 2:
 			seg.mss = binary.BigEndian.Uint16(body)
 		case kind == optWindowScale && len(body) == 1:
-			seg.windowScale = true
+			seg.windowScale, seg.wsShift = true, min(body[0], maxWindowShift)
 		case kind == optSACKPermitted && len(body) == 0:
 			seg.sackPermitted = true
 		}
@@ -294,7 +310,17 @@ type tcpFields struct {
 // packet starts. The caller guarantees the room and a payload that fits
 // one IP packet. It computes both checksums and does not allocate.
 func (hd *headers) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipID uint16) (start int) {
-	tcpLen := tcpHeaderLen + len(opts) + len(buf) - payloadOff
+	return hd.putHeaders(buf, payloadOff, len(buf)-payloadOff, h, opts, ipID, false)
+}
+
+// putHeaders writes the headers of a segment (or a super-segment) with
+// payloadLen bytes of payload into buf[:payloadOff], as put does. With
+// partial, the payload need not be in buf: the TCP checksum field gets
+// only the pseudo-header's sum, folded and not complemented, for the
+// kernel to finish (a virtio-net header's VirtioNeedsCsum), and the IP
+// length counts payloadLen. It does not allocate.
+func (hd *headers) putHeaders(buf []byte, payloadOff, payloadLen int, h tcpFields, opts []byte, ipID uint16, partial bool) (start int) {
+	tcpLen := tcpHeaderLen + len(opts) + payloadLen
 	tcpStart := payloadOff - tcpHeaderLen - len(opts)
 	tcp := buf[tcpStart:]
 	binary.BigEndian.PutUint16(tcp[0:2], hd.local.Port())
@@ -307,7 +333,11 @@ func (hd *headers) put(buf []byte, payloadOff int, h tcpFields, opts []byte, ipI
 	binary.BigEndian.PutUint32(tcp[16:20], 0) // checksum and urgent pointer
 	copy(tcp[tcpHeaderLen:], opts)
 	sum := packet.ChecksumAddWord(hd.addrSum, uint64(tcpLen))
-	binary.BigEndian.PutUint16(tcp[16:18], ^packet.ChecksumFold(packet.ChecksumAdd(sum, tcp)))
+	if partial {
+		binary.BigEndian.PutUint16(tcp[16:18], packet.ChecksumFold(sum))
+	} else {
+		binary.BigEndian.PutUint16(tcp[16:18], ^packet.ChecksumFold(packet.ChecksumAdd(sum, tcp)))
+	}
 
 	if hd.is4 {
 		start = tcpStart - ipv4HeaderLen

@@ -104,7 +104,7 @@ func TestPutParse(t *testing.T) {
 				}
 				want := segment{srcPort: 40000, dstPort: 4500, seq: fields.seq, ack: fields.ack, flags: fields.flags, window: fields.window, payloadLen: payloadLen}
 				if syn {
-					want.mss, want.windowScale, want.sackPermitted = 1460, true, true
+					want.mss, want.windowScale, want.wsShift, want.sackPermitted = 1460, true, windowScale, true
 				}
 				if in.seg != want || in.src != local.Addr() || in.dst != remote.Addr() {
 					t.Errorf("parsed %+v from %v to %v, want %+v", in.seg, in.src, in.dst, want)

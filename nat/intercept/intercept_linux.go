@@ -105,7 +105,7 @@ func newHandle() (*netlink.Handle, error) {
 func (i *Interceptor) setup() error {
 	cfg := &i.cfg
 	v4, v6 := hasFamily(cfg.Peers, false), hasFamily(cfg.Peers, true)
-	dev, err := tun.Create(i.nl, modeTransparent, cfg.Name, v6)
+	dev, err := tun.Create(i.nl, modeTransparent, cfg.Name, v6, tun.Options{})
 	if err != nil {
 		return err
 	}

@@ -300,7 +300,7 @@ func CreateTUN(m setup.Mode, name string) error {
 		return err
 	}
 	defer h.Close()
-	d, err := tun.Create(h, m, name, false)
+	d, err := tun.Create(h, m, name, false, tun.Options{})
 	if err == nil {
 		d.Close()
 	}

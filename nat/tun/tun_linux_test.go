@@ -40,7 +40,7 @@ func create(t *testing.T, name string) (*tun.TUN, *netlink.Handle) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d, err := tun.Create(h, testMode, name, false)
+	d, err := tun.Create(h, testMode, name, false, tun.Options{})
 	if err != nil {
 		h.Close()
 		t.Fatalf("Create: %v", err)
@@ -204,7 +204,7 @@ func TestStale(t *testing.T) {
 // holds, and for the kernel's refusal without CAP_NET_ADMIN.
 func TestCreateErrors(t *testing.T) {
 	d, h := create(t, "tune0")
-	if _, err := tun.Create(h, testMode, d.Name(), false); err == nil || !strings.Contains(err.Error(), "test mode: TUN device tune0 is busy") {
+	if _, err := tun.Create(h, testMode, d.Name(), false, tun.Options{}); err == nil || !strings.Contains(err.Error(), "test mode: TUN device tune0 is busy") {
 		t.Errorf("Create of a device another descriptor holds: %v", err)
 	}
 	err := nattest.WithoutNetAdmin(func() error { return nattest.CreateTUN(testMode, "tune1") })

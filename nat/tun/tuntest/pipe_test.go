@@ -1,9 +1,11 @@
 package tuntest
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"testing"
 	"time"
@@ -11,6 +13,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/iketcp/iketcp/nat/nattest"
+	"github.com/iketcp/iketcp/nat/tun"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -193,4 +196,147 @@ func TestPumpAndClosedChecks(t *testing.T) {
 	c, _ := NewPipe(1, 1)
 	CheckCloseWakesRead(t, c, 16, c.Close)
 	CheckClosed(t, c, 16, []byte("x"))
+}
+
+// superTCP is a super-segment of n segments of size bytes from
+// 192.0.2.2 to 198.51.100.2, as a stack writes one with WriteOffload: the
+// headers, with the pseudo-header's sum in the checksum field, and the
+// payloads in buffers of their own behind 8 bytes of room.
+func superTCP(n, size int) tun.OffloadPacket {
+	src, dst := netip.MustParseAddrPort("192.0.2.2:40000"), netip.MustParseAddrPort("198.51.100.2:4500")
+	var all []byte
+	var bufs [][]byte
+	for k := range n {
+		p := bytes.Repeat([]byte{byte('a' + k)}, size)
+		all = append(all, p...)
+		bufs = append(bufs, append(make([]byte, 8), p...))
+	}
+	head := nattest.TCPPacket(src, dst, 1000, 1, 0x18, 7, all)[:40]
+	tcpLen := 20 + len(all)
+	pseudo := append(append(append([]byte{}, head[12:16]...), head[16:20]...), 0, 6, byte(tcpLen>>8), byte(tcpLen))
+	nattest.Put16(head[36:], ^nattest.Checksum(pseudo))
+	h := tun.VirtioNetHdr{Flags: tun.VirtioNeedsCsum, GSOType: tun.GSOTCPv4, HdrLen: 40, GSOSize: uint16(size), CsumStart: 20, CsumOffset: 16}
+	return tun.OffloadPacket{Hdr: h, Head: head, Bufs: bufs, Offset: 8}
+}
+
+// segmentsOK checks that pkts are n TCP segments of size bytes, 'a'...,
+// sequence numbers from 1000 on, with correct checksums.
+func segmentsOK(t *testing.T, pkts [][]byte, n, size int) {
+	t.Helper()
+	if len(pkts) != n {
+		t.Fatalf("%d packets, want %d segments", len(pkts), n)
+	}
+	for k, p := range pkts {
+		tcp := p[20:]
+		pseudo := append(append([]byte{}, p[12:20]...), 0, 6, byte(len(tcp)>>8), byte(len(tcp)))
+		seq := uint32(tcp[4])<<24 | uint32(tcp[5])<<16 | uint32(tcp[6])<<8 | uint32(tcp[7])
+		if len(p) != 40+size || seq != 1000+uint32(k*size) || p[40] != byte('a'+k) ||
+			nattest.Checksum(p[:20]) != 0 || nattest.Checksum(append(pseudo, tcp...)) != 0 {
+			t.Errorf("segment %d: % x", k, p[:min(len(p), 44)])
+		}
+	}
+}
+
+// readN reads what end holds, with Read or ReadOffload, headers included
+// for ReadOffload.
+func readN(t *testing.T, end *PipeEnd, virtio bool) [][]byte {
+	t.Helper()
+	bufs := [][]byte{make([]byte, 2000), make([]byte, 2000)}
+	if virtio {
+		bufs = [][]byte{make([]byte, superBuf)}
+	}
+	sizes := make([]int, len(bufs))
+	var got [][]byte
+	for range 100 {
+		var n int
+		var err error
+		if virtio {
+			n, err = end.ReadOffload(bufs, sizes, tun.VirtioNetHdrLen)
+		} else {
+			n, err = end.Read(bufs, sizes, tun.VirtioNetHdrLen)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k := range n {
+			from := tun.VirtioNetHdrLen
+			if virtio {
+				from = 0
+			}
+			got = append(got, bytes.Clone(bufs[k][from:tun.VirtioNetHdrLen+sizes[k]]))
+		}
+		if end.Queued() == 0 && end.pendNext == end.pendCut.Segments() {
+			return got
+		}
+	}
+	t.Fatal("the end never ran dry")
+	return nil
+}
+
+// TestOffloadPipe moves a super-segment to an offloading end (whole, or
+// cut by its Read) and to a plain one (cut on the way), and a plain
+// packet to an offloading end.
+func TestOffloadPipe(t *testing.T) {
+	a, b := NewOffloadPipe(4, 16, true, false)
+	if a.Offload() != nil || !errors.Is(b.Offload(), tun.ErrOffloadNotAsked) {
+		t.Fatalf("Offload: %v, %v", a.Offload(), b.Offload())
+	}
+	if _, err := b.WriteOffload([]tun.OffloadPacket{superTCP(2, 10)}); !errors.Is(err, errors.ErrUnsupported) {
+		t.Errorf("WriteOffload at a plain end: %v", err)
+	}
+	var captured []int
+	a.SetCapture(func(pkt []byte) { captured = append(captured, len(pkt)) })
+	if n, err := a.WriteOffload([]tun.OffloadPacket{superTCP(5, 100)}); n != 1 || err != nil {
+		t.Fatalf("WriteOffload: %d, %v", n, err)
+	}
+	if fmt.Sprint(captured) != "[540]" {
+		t.Errorf("captured %v, want the super-segment as one packet", captured)
+	}
+	segmentsOK(t, readN(t, b, false), 5, 100) // cut on the way to a plain end
+
+	c, d := NewOffloadPipe(4, 16, true, true)
+	for _, virtio := range []bool{true, false} {
+		if _, err := c.WriteOffload([]tun.OffloadPacket{superTCP(6, 100)}); err != nil {
+			t.Fatal(err)
+		}
+		got := readN(t, d, virtio)
+		if !virtio {
+			segmentsOK(t, got, 6, 100) // Read cuts it, across calls of two buffers
+			continue
+		}
+		var h tun.VirtioNetHdr
+		if len(got) != 1 || h.Decode(got[0]) != nil || h.GSOType != tun.GSOTCPv4 || h.GSOSize != 100 || len(got[0]) != tun.VirtioNetHdrLen+640 {
+			t.Fatalf("ReadOffload at an offloading end: %d packets, header %+v", len(got), h)
+		}
+	}
+	// A plain packet reaches an offloading end behind an empty header.
+	if _, err := b.Write(packets(1, 0), 0); err != nil {
+		t.Fatal(err)
+	}
+	got := readN(t, a, true)
+	if len(got) != 1 || !bytes.Equal(got[0], append(make([]byte, tun.VirtioNetHdrLen), "p0"...)) {
+		t.Errorf("a plain packet at an offloading end: %q", got)
+	}
+}
+
+// TestOffloadPipeDoesNotAllocate writes super-segments and reads them
+// whole, in steady state.
+func TestOffloadPipeDoesNotAllocate(t *testing.T) {
+	if nattest.RaceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	a, b := NewOffloadPipe(4, 16, true, true)
+	pkts := []tun.OffloadPacket{superTCP(32, 1400)}
+	bufs := [][]byte{make([]byte, superBuf)}
+	sizes := []int{0}
+	if allocs := testing.AllocsPerRun(100, func() {
+		if _, err := a.WriteOffload(pkts); err != nil {
+			panic(err)
+		}
+		if n, err := b.ReadOffload(bufs, sizes, tun.VirtioNetHdrLen); n != 1 || err != nil {
+			panic(fmt.Sprint(n, err))
+		}
+	}); allocs != 0 {
+		t.Errorf("%v allocations per super-segment", allocs)
+	}
 }
