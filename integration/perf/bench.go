@@ -119,7 +119,10 @@ type Results struct {
 	Baseline IOMode // the blaster's and sink's mode on every path
 
 	Calibrations []Calibration
-	Paths        []string
+	// TCPCeiling is one plain TCP stream over the same veth: what no
+	// encapsulation in one TCP connection can exceed here.
+	TCPCeiling *TCPCeiling
+	Paths      []string
 	// IdleCores is each path's relays' CPU in cores with no traffic.
 	IdleCores  map[string]float64
 	Steps      []Step
@@ -243,6 +246,13 @@ func runPaths(ctx context.Context, cfg Config, p plan, opts lab.Options, res *Re
 	mode := res.Calibrations[best].Mode
 	res.Baseline = mode
 	logf("baseline mode: %v", mode)
+	if c, err := measureTCPCeiling(ctx, l, p.calibrate); err != nil {
+		res.Errors = append(res.Errors, err.Error())
+		logf("%v", err)
+	} else {
+		res.TCPCeiling = &c
+		logf("one plain TCP stream over the veth: %.0f MB/s, %.0f datagrams/s of %d bytes", c.BytesPerSecond/1e6, c.Datagrams, DatagramSize)
+	}
 
 	var paths []*Path
 	defer func() {

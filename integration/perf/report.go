@@ -210,6 +210,11 @@ func (r *Results) summary(w func(string, ...any)) {
 			ms(rt.RTTs.Quantile(0.99)), ratio(float64(rt.RTTs.Quantile(0.99)), float64(rtBase.RTTs.Quantile(0.99))),
 			us(at100.RelayCPU), cpuRatio, idle)
 	}
+	if c := r.TCPCeiling; c != nil && peakBase.Delivered > 0 {
+		w("")
+		w("One plain TCP stream over the same veth, with no relay at all, carries %s datagrams/s (%.3f of direct UDP): the ceiling", rate(c.Datagrams), c.Datagrams/peakBase.Delivered)
+		w("of anything that puts datagrams in one TCP connection here (see the baseline section).")
+	}
 	if len(r.Loaded) > 0 {
 		w("")
 		w("Latency under load (ping through a strongSwan tunnel, 20 Mbit/s bottleneck flooded at 40 Mbit/s):")
@@ -351,6 +356,21 @@ func (r *Results) calibrationTable(w func(string, ...any)) {
 			name = "**" + name + "**"
 		}
 		w("| %s | %s | %s | %s | %.3f | %s |", name, rate(c.Step.Offered), rate(c.Step.Delivered), pct(c.Step.Loss), c.MessagesPerDatagram, us(c.Step.HarnessCPU))
+	}
+	if c := r.TCPCeiling; c != nil {
+		best := 0.0
+		for _, c := range r.Calibrations {
+			best = max(best, c.Step.Delivered)
+		}
+		w("")
+		w("The ceiling of any TCP encapsulation here: one plain TCP stream between the same two addresses, written")
+		w("flat out in 256 KiB writes and read in 256 KiB reads, nothing framed or relayed, carried %.0f MB/s, the", c.BytesPerSecond/1e6)
+		w("same as %s datagrams/s of %d bytes with their 2-byte length field", rate(c.Datagrams), DatagramSize)
+		if best > 0 {
+			w("(%.3f of the best direct UDP above).", c.Datagrams/best)
+		} else {
+			w("(no direct UDP figure to compare).")
+		}
 	}
 }
 
