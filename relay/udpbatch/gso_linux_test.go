@@ -126,3 +126,41 @@ func TestGSOConnected(t *testing.T) {
 		}
 	}
 }
+
+// TestSmallBatchSendsWhole: a Conn that reads 8 at a time (a server's
+// backend socket) still sends a burst of 64 in one system call, with a
+// send scratch it shares with other such Conns; what arrives is whole and
+// in order.
+func TestSmallBatchSendsWhole(t *testing.T) {
+	rx := listen(t, "udp4", lo4)
+	rx.SetReadBuffer(4 << 20)
+	var conns []*Conn
+	for range 2 {
+		c := New(dial(t, "udp4", lo4, addrPort(rx)), Options{BatchSize: 8})
+		if c.Fallback() != nil {
+			t.Skipf("no batch system calls: %v", c.Fallback())
+		}
+		conns = append(conns, c)
+	}
+	msgs := make([]Message, sharedSendBatch)
+	for i := range msgs {
+		msgs[i].Buf = payload(4, 1400)
+		msgs[i].Buf[len(msgs[i].Buf)-1] = byte(i)
+	}
+	for _, c := range conns {
+		before := c.sendCalls.Load()
+		if n, err := c.WriteBatch(msgs); n != len(msgs) || err != nil {
+			t.Fatalf("WriteBatch = %d, %v", n, err)
+		}
+		if calls := c.sendCalls.Load() - before; calls != 1 {
+			t.Errorf("%d datagrams took %d system calls on a Conn of batch 8, want 1", len(msgs), calls)
+		}
+	}
+	rc := newConn(t, rx, false, 64)
+	got, _ := readAll(t, rc, 2*len(msgs))
+	for i, m := range got {
+		if want := msgs[i%len(msgs)].Buf; !bytes.Equal(m.Buf[:m.N], want) {
+			t.Fatalf("datagram %d: %d bytes, differs from what was sent", i, m.N)
+		}
+	}
+}

@@ -85,8 +85,10 @@ type Message struct {
 
 // Options configures a Conn. The zero value is valid.
 type Options struct {
-	// BatchSize is the most datagrams one system call moves: 0 means
+	// BatchSize is the most datagrams one system call reads: 0 means
 	// DefaultBatchSize, and values above MaxBatchSize are lowered to it.
+	// One system call sends as many, or 64 where BatchSize is smaller
+	// (the send scratch of such Conns is shared: see WriteBatch).
 	BatchSize int
 	// Logger, if not nil, is told once when the Conn has to fall back to one
 	// datagram per system call, and once when GRO was asked for and the
@@ -149,6 +151,8 @@ type Conn struct {
 	truncated atomic.Uint64
 	// coalesced counts messages read that held more than one datagram.
 	coalesced atomic.Uint64
+	// sendCalls counts sendmmsg calls, for tests.
+	sendCalls atomic.Uint64
 	// leftover is set while datagrams of coalesced messages already read
 	// wait for the next ReadBatch; it is written with rmu held, and read
 	// without it by WaitRead.

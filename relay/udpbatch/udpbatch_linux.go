@@ -97,9 +97,12 @@ func (c *Conn) initSys(opts Options) *UnsupportedError {
 	if opts.GRO {
 		c.startGRO(opts.failGRO)
 	}
-	// Keep at most about 1 MiB of idle send scratch, and at least a few.
-	idle := max(4, min(256, (1<<20)/(c.batch*scratchBytesPerMsg)))
-	c.sys.sendFree = make([]*sendScratch, 0, idle)
+	// Keep at most about 1 MiB of idle send scratch, and at least a few
+	// (none for a Conn that shares its send scratch).
+	if !c.sharesSend() {
+		idle := max(4, min(256, (1<<20)/(c.batch*scratchBytesPerMsg)))
+		c.sys.sendFree = make([]*sendScratch, 0, idle)
+	}
 	return nil
 }
 
@@ -351,22 +354,53 @@ func (s *sendScratch) send(fd uintptr) bool {
 	return true
 }
 
+// sharedSendBatch is how many datagrams one system call describes on a
+// Conn whose BatchSize is smaller: such Conns (a server's per-session
+// backend sockets read 8 at a time, for memory) borrow their send scratch
+// from one list that they all share, so that a burst of 64 frames from
+// one connection leaves in one sendmmsg (with GSO, one skb per run), and
+// 10,000 idle sessions hold no send scratch at all.
+const sharedSendBatch = 64
+
+// sharedSend holds the idle scratch of the Conns that share it: at most
+// 64, about 600 KiB; beyond that many concurrent writers, WriteBatch
+// allocates.
+var sharedSend struct {
+	mu   sync.Mutex
+	free []*sendScratch
+}
+
+func (c *Conn) sharesSend() bool { return c.batch < sharedSendBatch }
+
 func (c *Conn) getSend() *sendScratch {
-	c.sys.sendMu.Lock()
-	if n := len(c.sys.sendFree); n > 0 {
-		s := c.sys.sendFree[n-1]
-		c.sys.sendFree[n-1] = nil
-		c.sys.sendFree = c.sys.sendFree[:n-1]
-		c.sys.sendMu.Unlock()
+	mu, free, size := &c.sys.sendMu, &c.sys.sendFree, c.batch
+	if c.sharesSend() {
+		mu, free, size = &sharedSend.mu, &sharedSend.free, sharedSendBatch
+	}
+	mu.Lock()
+	if n := len(*free); n > 0 {
+		s := (*free)[n-1]
+		(*free)[n-1] = nil
+		*free = (*free)[:n-1]
+		mu.Unlock()
+		s.failGSO = c.failGSO
 		return s
 	}
-	c.sys.sendMu.Unlock()
-	s := newSendScratch(c.batch)
+	mu.Unlock()
+	s := newSendScratch(size)
 	s.failGSO = c.failGSO
 	return s
 }
 
 func (c *Conn) putSend(s *sendScratch) {
+	if c.sharesSend() {
+		sharedSend.mu.Lock()
+		if len(sharedSend.free) < sharedSendBatch {
+			sharedSend.free = append(sharedSend.free, s)
+		}
+		sharedSend.mu.Unlock()
+		return
+	}
 	c.sys.sendMu.Lock()
 	if len(c.sys.sendFree) < cap(c.sys.sendFree) {
 		c.sys.sendFree = append(c.sys.sendFree, s)
@@ -378,11 +412,12 @@ func (c *Conn) writeBatchSys(msgs []Message) (sent int, err error) {
 	s := c.getSend()
 	defer c.putSend(s)
 	for sent < len(msgs) {
-		chunk := msgs[sent:min(len(msgs), sent+c.batch)]
+		chunk := msgs[sent:min(len(msgs), sent+len(s.counts))]
 		gso := c.sys.gso.Load()
 		hdrs, k, addrErr := c.fill(s, chunk, sent, gso)
 		s.off, s.end, s.errno = 0, hdrs, 0
 		if hdrs > 0 {
+			c.sendCalls.Add(1)
 			err = c.sys.raw.Write(s.fn)
 		}
 		s.forget(k)
