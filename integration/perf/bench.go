@@ -251,7 +251,7 @@ func runPaths(ctx context.Context, cfg Config, p plan, opts lab.Options, res *Re
 		logf("%v", err)
 	} else {
 		res.TCPCeiling = &c
-		logf("one plain TCP stream over the veth: %.0f MB/s, %.0f datagrams/s of %d bytes", c.BytesPerSecond/1e6, c.Datagrams, DatagramSize)
+		logf("one plain TCP stream over the veth: %.0f MB/s, %.0f datagrams/s of %d bytes, %v of CPU per datagram", c.BytesPerSecond/1e6, c.Datagrams, DatagramSize, c.CPU)
 	}
 
 	var paths []*Path

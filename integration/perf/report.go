@@ -213,7 +213,8 @@ func (r *Results) summary(w func(string, ...any)) {
 	if c := r.TCPCeiling; c != nil && peakBase.Delivered > 0 {
 		w("")
 		w("One plain TCP stream over the same veth, with no relay at all, carries %s datagrams/s (%.3f of direct UDP): the ceiling", rate(c.Datagrams), c.Datagrams/peakBase.Delivered)
-		w("of anything that puts datagrams in one TCP connection here (see the baseline section).")
+		w("of anything that puts datagrams in one TCP connection here; it costs %s of CPU per datagram, sender and receiver", us(c.CPU))
+		w("together (see the baseline section).")
 	}
 	if len(r.Loaded) > 0 {
 		w("")
@@ -365,7 +366,8 @@ func (r *Results) calibrationTable(w func(string, ...any)) {
 		w("")
 		w("The ceiling of any TCP encapsulation here: one plain TCP stream between the same two addresses, written")
 		w("flat out in 256 KiB writes and read in 256 KiB reads, nothing framed or relayed, carried %.0f MB/s, the", c.BytesPerSecond/1e6)
-		w("same as %s datagrams/s of %d bytes with their 2-byte length field", rate(c.Datagrams), DatagramSize)
+		w("same as %s datagrams/s of %d bytes with their 2-byte length field, for %s of CPU per datagram (sender,", rate(c.Datagrams), DatagramSize, us(c.CPU))
+		w("receiver and the kernel's work for both: what TCP alone costs a relay pair per datagram here)")
 		if best > 0 {
 			w("(%.3f of the best direct UDP above).", c.Datagrams/best)
 		} else {

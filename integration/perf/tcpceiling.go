@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -28,6 +29,10 @@ type TCPCeiling struct {
 	// Datagrams is BytesPerSecond in datagrams of DatagramSize with their
 	// RFC 9329 length field, the unit the paths are measured in.
 	Datagrams float64
+	// CPU is the harness's CPU time (both ends of the stream, and the
+	// kernel's work on their behalf) per datagram's worth of bytes: what
+	// TCP alone costs a relay pair per datagram here.
+	CPU time.Duration
 }
 
 // measureTCPCeiling runs the stream for d and reports what arrived.
@@ -90,6 +95,7 @@ func measureTCPCeiling(ctx context.Context, l *lab.Lab, d time.Duration) (TCPCei
 		}
 	}
 	start, startBytes := time.Now(), read.Load()
+	cpu0, cpuErr := CPUTime(os.Getpid())
 	conn.SetWriteDeadline(start.Add(d))
 	for {
 		if _, err := conn.Write(buf); err != nil {
@@ -99,9 +105,17 @@ func measureTCPCeiling(ctx context.Context, l *lab.Lab, d time.Duration) (TCPCei
 			break
 		}
 	}
-	took := time.Since(start)
-	bps := float64(read.Load()-startBytes) / took.Seconds()
-	return TCPCeiling{BytesPerSecond: bps, Datagrams: bps / float64(frame)}, nil
+	took, got := time.Since(start), read.Load()-startBytes
+	cpu1, err := CPUTime(os.Getpid())
+	if err = errors.Join(cpuErr, err); err != nil {
+		return TCPCeiling{}, fmt.Errorf("tcp ceiling: %w", err)
+	}
+	bps := float64(got) / took.Seconds()
+	c := TCPCeiling{BytesPerSecond: bps, Datagrams: bps / float64(frame)}
+	if n := got / int64(frame); n > 0 {
+		c.CPU = (cpu1 - cpu0) / time.Duration(n)
+	}
+	return c, nil
 }
 
 func isTimeout(err error) bool {
