@@ -110,15 +110,7 @@ func FuzzReceive(f *testing.F) {
 	f.Fuzz(func(t *testing.T, pkt []byte, fix bool) {
 		fam := families[len(pkt) > 0 && pkt[0]>>4 == 6]
 		s, dev, c, r := drivenStack(t, fam.cfg, netip.AddrPortFrom(fam.peer, 40000))
-		delivered := 0
-		c.SetHandler(func(batch []Payload) {
-			for _, p := range batch {
-				if p.Off < Headroom || p.N < 0 || p.Off+p.N > len(p.Buf) {
-					t.Fatalf("payload at %d+%d in a %d-byte buffer", p.Off, p.N, len(p.Buf))
-				}
-			}
-			delivered += len(batch)
-		})
+		delivered := countPayloads(t, c)
 		if fix {
 			fixChecksums(pkt)
 		}
@@ -144,9 +136,9 @@ func FuzzReceive(f *testing.F) {
 		// Time passes; the timers run; then a data segment arrives.
 		s.tickAll(now.Add(time.Second))
 		dev.take()
-		before := delivered
+		before := *delivered
 		feed(s, now.Add(time.Second), r.segment(flagACK|flagPSH, []byte("after")))
-		if c.Err() == nil && delivered != before+1 {
+		if c.Err() == nil && *delivered != before+1 {
 			t.Fatalf("a live conn did not deliver: state %s", c.Stats().State)
 		}
 	})
@@ -190,15 +182,7 @@ func FuzzReceiveOffload(f *testing.F) {
 		pkt := b[tun.VirtioNetHdrLen:]
 		fam := families[len(pkt) > 0 && pkt[0]>>4 == 6]
 		s, dev, c, r := drivenStackOn(t, &recordDevice{keep: true, offload: true}, fam.cfg, netip.AddrPortFrom(fam.peer, 40000))
-		delivered := 0
-		c.SetHandler(func(batch []Payload) {
-			for _, p := range batch {
-				if p.Off < Headroom || p.N < 0 || p.Off+p.N > len(p.Buf) {
-					t.Fatalf("payload at %d+%d in a %d-byte buffer", p.Off, p.N, len(p.Buf))
-				}
-			}
-			delivered += len(batch)
-		})
+		delivered := countPayloads(t, c)
 		if fix {
 			fixChecksums(pkt)
 		}
@@ -230,9 +214,9 @@ func FuzzReceiveOffload(f *testing.F) {
 		now := drivenEpoch.Add(time.Second)
 		s.tickAll(now)
 		dev.take()
-		before := delivered
+		before := *delivered
 		feed(s, now, r.segment(flagACK|flagPSH, []byte("after")))
-		if c.Err() == nil && delivered != before+1 {
+		if c.Err() == nil && *delivered != before+1 {
 			t.Fatalf("a live conn did not deliver: state %s", c.Stats().State)
 		}
 	})
@@ -243,4 +227,19 @@ func FuzzReceiveOffload(f *testing.F) {
 type fuzzFamily struct {
 	cfg  Config
 	peer netip.Addr
+}
+
+// countPayloads makes c's handler check that every payload lies within
+// its buffer, past the headroom, and count them.
+func countPayloads(t *testing.T, c *Conn) *int {
+	delivered := new(int)
+	c.SetHandler(func(batch []Payload) {
+		for _, p := range batch {
+			if p.Off < Headroom || p.N < 0 || p.Off+p.N > len(p.Buf) {
+				t.Fatalf("payload at %d+%d in a %d-byte buffer", p.Off, p.N, len(p.Buf))
+			}
+		}
+		*delivered += len(batch)
+	})
+	return delivered
 }

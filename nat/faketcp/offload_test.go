@@ -323,33 +323,7 @@ func TestDatagramsBothWaysOffload(t *testing.T) {
 					t.Fatalf("offloads: client %v, server %v", p.a.Offload(), p.b.Offload())
 				}
 				wireA := captureData(p.devA, p.b.LocalAddr())
-				atServer, atClient := newCollector(count-1), newCollector(count-1)
-				p.server.SetHandler(atServer.handle)
-				p.client.SetHandler(atClient.handle)
-				mss := p.client.Stats().PeerMSS
-				errs := make(chan error, 2)
-				go func() { errs <- sendRunsOf(p.client, p.devB, 0, count-1, rand.New(rand.NewPCG(1, 1)), mss) }()
-				go func() { errs <- sendRunsOf(p.server, p.devA, 0, count-1, rand.New(rand.NewPCG(2, 2)), mss) }()
-				for range 2 {
-					if err := <-errs; err != nil {
-						t.Fatal(err)
-					}
-				}
-				atServer.wait(t, "client to server")
-				atClient.wait(t, "server to client")
-				for who, col := range map[string]*collector{"server": atServer, "client": atClient} {
-					if len(col.errs) > 0 {
-						t.Fatalf("%s: %d bad datagrams, first: %v", who, len(col.errs), col.errs[0])
-					}
-					if len(col.indices) != count {
-						t.Fatalf("%s got %d datagrams, want %d", who, len(col.indices), count)
-					}
-					for i, index := range col.indices {
-						if index != uint32(i) {
-							t.Fatalf("%s: datagram %d arrived as number %d", who, index, i)
-						}
-					}
-				}
+				crossBothWays(t, p, count, sendRunsOf)
 				// The client's packets as written: super-segments where it
 				// offloads, each following the one before.
 				records, total := wireA(), 0

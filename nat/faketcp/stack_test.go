@@ -198,6 +198,39 @@ func (c *collector) wait(t testing.TB, what string) {
 
 // sendDatagrams sends datagrams first..last (inclusive) on c in batches,
 // of sizes from rng, holding back while the peer's queue is long.
+// crossBothWays sends datagrams 0 to count-1 each way at once with send,
+// and checks that each end got them all, intact and in order.
+func crossBothWays(t *testing.T, p *pair, count int, send func(*Conn, *tuntest.PipeEnd, uint32, uint32, *rand.Rand, int) error) {
+	t.Helper()
+	atServer, atClient := newCollector(uint32(count-1)), newCollector(uint32(count-1))
+	p.server.SetHandler(atServer.handle)
+	p.client.SetHandler(atClient.handle)
+	mss := p.client.Stats().PeerMSS
+	errs := make(chan error, 2)
+	go func() { errs <- send(p.client, p.devB, 0, uint32(count-1), rand.New(rand.NewPCG(1, 1)), mss) }()
+	go func() { errs <- send(p.server, p.devA, 0, uint32(count-1), rand.New(rand.NewPCG(2, 2)), mss) }()
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	atServer.wait(t, "client to server")
+	atClient.wait(t, "server to client")
+	for who, col := range map[string]*collector{"server": atServer, "client": atClient} {
+		if len(col.errs) > 0 {
+			t.Fatalf("%s: %d bad datagrams, first: %v", who, len(col.errs), col.errs[0])
+		}
+		if len(col.indices) != count {
+			t.Fatalf("%s got %d datagrams, want %d", who, len(col.indices), count)
+		}
+		for i, index := range col.indices {
+			if index != uint32(i) {
+				t.Fatalf("%s: datagram %d arrived as number %d", who, index, i)
+			}
+		}
+	}
+}
+
 func sendDatagrams(c *Conn, peerDev *tuntest.PipeEnd, first, last uint32, rng *rand.Rand, maxSize int) error {
 	batch := make([][]byte, 0, 32)
 	for i := first; i <= last; i++ {
@@ -285,34 +318,7 @@ func TestDatagramsBothWays(t *testing.T) {
 				p := newPair(t, pairOptions{v6: v6, cfg: func(c *Config) { c.Seq = mode }})
 				wireA := captureData(p.devA, p.b.LocalAddr())
 				wireB := captureData(p.devB, p.a.LocalAddr())
-				atServer, atClient := newCollector(count-1), newCollector(count-1)
-				p.server.SetHandler(atServer.handle)
-				p.client.SetHandler(atClient.handle)
-				mss := p.client.Stats().PeerMSS
-
-				errs := make(chan error, 2)
-				go func() { errs <- sendDatagrams(p.client, p.devB, 0, count-1, rand.New(rand.NewPCG(1, 1)), mss) }()
-				go func() { errs <- sendDatagrams(p.server, p.devA, 0, count-1, rand.New(rand.NewPCG(2, 2)), mss) }()
-				for range 2 {
-					if err := <-errs; err != nil {
-						t.Fatal(err)
-					}
-				}
-				atServer.wait(t, "client to server")
-				atClient.wait(t, "server to client")
-				for who, col := range map[string]*collector{"server": atServer, "client": atClient} {
-					if len(col.errs) > 0 {
-						t.Fatalf("%s: %d bad datagrams, first: %v", who, len(col.errs), col.errs[0])
-					}
-					if len(col.indices) != count {
-						t.Fatalf("%s got %d datagrams, want %d", who, len(col.indices), count)
-					}
-					for i, index := range col.indices {
-						if index != uint32(i) {
-							t.Fatalf("%s: datagram %d arrived as number %d", who, index, i)
-						}
-					}
-				}
+				crossBothWays(t, p, count, sendDatagrams)
 				checkWire(t, "client", mode, wireA(), count)
 				checkWire(t, "server", mode, wireB(), count)
 				if o := p.devA.Overflowed() + p.devB.Overflowed(); o != 0 {
