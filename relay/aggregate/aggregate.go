@@ -131,6 +131,10 @@ func (m *Member) Start(now int64) {
 // Stop takes the member out of the rotation until Start.
 func (m *Member) Stop() { m.started.Store(false) }
 
+// LastAnswer returns when the last probe was answered (or the member
+// started), in unix ns.
+func (m *Member) LastAnswer() int64 { return m.lastAnswer.Load() }
+
 // Live reports whether the member is in the rotation at now.
 func (m *Member) Live(now int64) bool {
 	return m.started.Load() && now-m.lastAnswer.Load() < int64(DeadAfter)

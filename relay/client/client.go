@@ -104,6 +104,9 @@ func (d *datagram) withHeadroom() []byte { return d.buf[d.off-relay.Headroom : d
 
 // New returns a client for cfg.
 func New(cfg Config) (*Client, error) {
+	if err := cfg.checkAggregate(); err != nil {
+		return nil, err
+	}
 	cl := &Client{cfg: cfg, log: cfg.logger(), started: time.Now(), flows: make(map[flowKey]*flow)}
 	cl.counters = cfg.Counters
 	if cl.counters == nil {
@@ -191,8 +194,10 @@ func (cl *Client) Status() *relay.Status {
 	flows := slices.Collect(maps.Values(cl.flows))
 	cl.mu.Unlock()
 	sort.Slice(flows, func(i, j int) bool { return flows[i].id < flows[j].id })
+	now := time.Now()
 	for _, f := range flows {
 		st.Sessions = append(st.Sessions, f.status(cl.mode))
+		st.Aggregates = append(st.Aggregates, f.links.aggregateStatus(now)...)
 	}
 	st.Counters = cl.counters.Snapshot(relay.RoleClient)
 	return st

@@ -152,6 +152,13 @@ func (r *peerReader) Receive(burst []relay.Datagram) error {
 		}
 	}
 	if len(r.keep) > 0 {
+		if r.link != nil && r.link.member != nil {
+			var n uint64
+			for _, d := range r.keep {
+				n += uint64(d.N)
+			}
+			r.link.member.stats.CountIn(len(r.keep), n)
+		}
 		r.f.deliver(r.keep, &r.scratch)
 	}
 	clear(r.keep)

@@ -41,6 +41,7 @@ type conn struct {
 	closed    atomic.Bool
 	closeOnce sync.Once
 	keys      atomic.Pointer[linkKeys] // set once the client said hello: an iketcp client
+	member    atomic.Pointer[member]   // set once it joined an aggregate, under Server.mu
 
 	// Guarded by Server.mu.
 	carrying         map[*session]struct{} // sessions whose return path this is; nil once forgotten
@@ -153,7 +154,13 @@ func (c *conn) undeliverable(now time.Time) error {
 // carries reports whether c is sess's return path; c.current is only ever
 // such a session.
 func (c *conn) carries(sess *session) bool {
-	return sess != nil && !sess.closed.Load() && sess.conn.Load() == c
+	return sess != nil && !sess.closed.Load() && (sess.conn.Load() == c || c.memberOf(sess))
+}
+
+// memberOf reports whether c is a member of sess's aggregate.
+func (c *conn) memberOf(sess *session) bool {
+	m := c.member.Load()
+	return m != nil && m.sess == sess
 }
 
 // sessionForIKE finds the session of an IKE message: by its IKE SA, or a
@@ -186,7 +193,7 @@ func (c *conn) sessionForIKE(h *framing.IKEHeader, now time.Time) *session {
 	fresh := !h.IsResponse() && r.request(h.MessageID)
 	s.steerLocked(sess, c, fresh, h)
 	r.touch(now.Unix())
-	carrier := sess.conn.Load() == c
+	carrier := c.carries(sess)
 	s.mu.Unlock()
 	if carrier {
 		c.current = sess
@@ -223,7 +230,7 @@ func (c *conn) sessionForESP(spi uint32, now time.Time) *session {
 	}
 	s.steerLocked(sess, c, false, nil)
 	r.touch(now.Unix())
-	carrier := sess.conn.Load() == c
+	carrier := c.carries(sess)
 	s.mu.Unlock()
 	c.lastESP, c.lastRoute = spi, nil
 	if carrier {
@@ -266,6 +273,9 @@ func (s *Server) steerLocked(sess *session, c *conn, fresh bool, h *framing.IKEH
 	cur := sess.conn.Load()
 	switch {
 	case cur == c:
+	case c.memberOf(sess) && cur != nil && !cur.closed.Load():
+		// A member of its aggregate: it carries the session beside the
+		// others.
 	case cur == nil || cur.closed.Load():
 		s.moveLocked(sess, c, "its connection was gone")
 	default:
@@ -324,6 +334,10 @@ func (c *conn) control(m *framing.Control, now time.Time) bool {
 		return c.claim(m.SessionID(), m.Body[8:], now)
 	case framing.ControlMove:
 		return c.move(binary.BigEndian.Uint32(m.Body), m.SessionID(), m.Body[12:], now)
+	case framing.ControlJoin:
+		return c.join(m.Join(), now)
+	case framing.ControlProbe:
+		return c.probe(m.Probe(), now)
 	}
 	return false
 }
@@ -429,6 +443,9 @@ func (c *conn) flush(now time.Time) {
 		}
 		sent, err := relay.WriteUDP(sess.udp, c.out)
 		sess.traffic.CountIn(c.srv.counters, sent, bytes)
+		if m := c.member.Load(); m != nil && m.sess == sess {
+			m.CountIn(sent, bytes)
+		}
 		if err != nil && !sess.closed.Load() {
 			c.srv.counters.WriteErrors.Add(uint64(len(c.out) - sent))
 			c.srv.logs.backendSend.Log(c.srv.log, slog.LevelWarn, "send to backend failed", "session", sess.id,

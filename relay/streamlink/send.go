@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -279,6 +280,7 @@ type autoLowat struct {
 	raw     syscall.RawConn
 	set     int   // the lowat set now
 	checked int64 // unix ns of the last check
+	rate    atomic.Uint64
 }
 
 const adjustEvery = int64(50 * time.Millisecond)
@@ -294,12 +296,27 @@ func (a *autoLowat) adjust(now int64) {
 	if err != nil || rate == 0 {
 		return
 	}
+	a.rate.Store(rate)
 	want := int(min(max(rate*uint64(AutoNotSentTime)/uint64(time.Second), MinNotSentLowat), MaxNotSentLowat))
 	if diff := want - a.set; diff > a.set/4 || -diff > a.set/4 {
 		if setSocketOptions(a.raw, want, "") == nil {
 			a.set = want
 		}
 	}
+}
+
+// Backlog says what waits in the link's queue, in bytes, and the
+// connection's delivery rate in bytes a second as TCP_INFO last said
+// while the link was busy (0: unknown), for an aggregate's least-latency
+// scheduler (package relay/aggregate).
+func (l *Link) Backlog() (queued int, rate uint64) {
+	l.wmu.Lock()
+	p, b := l.q.Bytes()
+	l.wmu.Unlock()
+	if l.lowat != nil {
+		rate = l.lowat.rate.Load()
+	}
+	return p + b, rate
 }
 
 // underlying returns the connection under TLS.
