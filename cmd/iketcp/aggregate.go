@@ -9,12 +9,14 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/aggregate"
 	"github.com/iketcp/iketcp/relay/client"
+	"github.com/iketcp/iketcp/relay/reorder"
 )
 
 // memberSpec is one --member: NAME=LOCAL_ADDR->HUB:PORT.
@@ -116,6 +118,19 @@ func aggregateConfig(c *cli.Context, cfg *client.Config, newDialer func(local ne
 	cfg.LocationID, cfg.Aggregate = loc, alg
 	cfg.Peer = cfg.Members[0].Peer
 	return nil
+}
+
+// reorderFlag is --reorder-max, on both roles.
+func reorderFlag() cli.Flag {
+	return &cli.DurationFlag{Name: "reorder-max", Value: reorder.DefaultMax, Usage: "aggregates: the longest ESP from the members waits for a gap before it to fill, on its way to the IKE daemon (the hold follows the members' delay difference up to this); 0 turns the reorder buffer off", EnvVars: envVar("reorder-max")}
+}
+
+// reorderMax is --reorder-max as the roles' configs take it.
+func reorderMax(c *cli.Context) time.Duration {
+	if d := c.Duration("reorder-max"); d > 0 {
+		return d
+	}
+	return -1
 }
 
 // localDial dials from local: a member's own uplink address.

@@ -52,6 +52,7 @@ func clientCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "member", Usage: "an aggregate member, NAME=LOCAL_ADDR->HUB:PORT: a link that leaves by LOCAL_ADDR (its uplink) to the iketcp server at HUB:PORT; repeat for each (instead of --peer); members may share an uplink", EnvVars: envVar("member")},
 			&cli.StringFlag{Name: "location-id", Usage: "--member: this site's location ID, a dotted quad (FortiOS's location-id)", EnvVars: envVar("location-id")},
 			&cli.StringFlag{Name: "aggregate", Value: "round-robin", Usage: "--member: how datagrams are spread over the live members: round-robin, weighted, redundant, l3, l4 (per SA) or least-latency", EnvVars: envVar("aggregate")},
+			reorderFlag(),
 			&cli.StringSliceFlag{Name: "weight", Usage: "--aggregate weighted: a member's weight, NAME=N (default 1)", EnvVars: envVar("weight")},
 			&cli.DurationFlag{Name: "reconnect-max", Value: client.DefaultReconnectMax, Usage: "longest wait between reconnection attempts", EnvVars: envVar("reconnect-max")},
 		}, commonFlags("client")...),
@@ -94,6 +95,7 @@ func runClient(c *cli.Context) error {
 		DialTimeout:       c.Duration("dial-timeout"),
 		ReconnectMax:      c.Duration("reconnect-max"),
 		Version:           versionString(),
+		ReorderMax:        reorderMax(c),
 	}
 	switch c.String("encap") {
 	case "rfc9329":

@@ -83,6 +83,10 @@ type Config struct {
 	Members    []Member
 	LocationID [4]byte
 	Aggregate  aggregate.Algorithm
+	// ReorderMax caps how long an aggregate's reorder buffer holds ESP
+	// behind a gap before the daemon gets it (package relay/reorder):
+	// zero means reorder.DefaultMax, negative turns the buffer off.
+	ReorderMax time.Duration
 }
 
 func (c *Config) logger() *slog.Logger    { return relay.OrDefault(c.Logger, slog.Default()) }

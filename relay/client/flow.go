@@ -158,8 +158,10 @@ func (r *peerReader) Receive(burst []relay.Datagram) error {
 				n += uint64(d.N)
 			}
 			r.link.member.stats.CountIn(len(r.keep), n)
+			r.link.path.reorder.Receive(r.keep, now.UnixNano())
+		} else {
+			r.f.deliver(r.keep, &r.scratch)
 		}
-		r.f.deliver(r.keep, &r.scratch)
 	}
 	clear(r.keep)
 	r.keep = r.keep[:0]

@@ -13,8 +13,10 @@ import (
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/aggregate"
+	"github.com/iketcp/iketcp/relay/reorder"
 	"github.com/iketcp/iketcp/relay/sendq"
 	"github.com/iketcp/iketcp/relay/ticket"
+	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
 // stableAfter is how long a link must last for the next reconnect to
@@ -70,6 +72,9 @@ type linkPath struct {
 	smu     sync.Mutex          // guards the following
 	sched   aggregate.Scheduler
 	primary *memberPath
+
+	reorder reorder.Buffer     // what the members bring, on its way to the daemon
+	scratch []udpbatch.Message // reorder's Deliver's, under its lock
 }
 
 // heldTicket is a server's word that session id is this path's, and the

@@ -14,6 +14,7 @@ import (
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/aggregate"
+	"github.com/iketcp/iketcp/relay/reorder"
 	"github.com/iketcp/iketcp/relay/sendq"
 	"github.com/iketcp/iketcp/relay/ticket"
 )
@@ -85,6 +86,8 @@ type memberPath struct {
 func (p *linkPath) initMembers() {
 	cfg := &p.f.cl.cfg
 	p.sched.Algorithm = relay.OrDefault(cfg.Aggregate, aggregate.RoundRobin)
+	p.reorder.BufSize = relay.Headroom + cfg.maxDatagram()
+	p.reorder.Deliver = func(dgs []relay.Datagram) { p.f.deliver(dgs, &p.scratch) }
 	for i, m := range cfg.Members {
 		mp := &memberPath{p: p, cfg: m, index: uint8(i)}
 		mp.stats.Name, mp.stats.Index, mp.stats.Weight = m.Name, uint8(i), max(m.Weight, 1)
@@ -93,13 +96,34 @@ func (p *linkPath) initMembers() {
 	}
 }
 
-// startMembers starts every member's link.
+// startMembers starts every member's link, and stops the reorder
+// buffer's timer when the path ends.
 func (p *linkPath) startMembers() {
 	cl := p.f.cl
 	for _, m := range p.members {
 		cl.wg.Add(1)
 		go m.run()
 	}
+	cl.wg.Add(1)
+	go func() {
+		defer cl.wg.Done()
+		<-p.ctx.Done()
+		p.reorder.Close()
+	}()
+}
+
+// tuneReorder sizes the reorder buffer's hold from the live members'
+// one-way delays.
+func (p *linkPath) tuneReorder(now int64) {
+	var oneWay [aggregate.MaxMembers]time.Duration
+	n := 0
+	for _, m := range p.stats {
+		if m.Live(now) && n < len(oneWay) {
+			oneWay[n] = m.RTT() / 2
+			n++
+		}
+	}
+	p.reorder.SetHold(reorder.HoldFor(oneWay[:n], reorder.Limit(p.f.cl.cfg.ReorderMax)))
 }
 
 // sendAggregate spreads bufs over the live members as the algorithm picks.
@@ -319,6 +343,7 @@ func (m *memberPath) tend(lr *linkReader, readDone chan error) string {
 			continue
 		}
 		now := time.Now().UnixNano()
+		p.tuneReorder(now)
 		live := m.stats.Live(now)
 		if m.up.Swap(live) != live {
 			if live {
@@ -434,5 +459,6 @@ func (p *linkPath) aggregateStatus(now time.Time) relay.AggregateStatus {
 		}
 		as.Members = append(as.Members, ms)
 	}
+	as.Reorder = p.reorder.Status()
 	return as
 }

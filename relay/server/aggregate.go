@@ -12,7 +12,9 @@ import (
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/aggregate"
+	"github.com/iketcp/iketcp/relay/reorder"
 	"github.com/iketcp/iketcp/relay/ticket"
+	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
 // agg is a session's aggregate: the member connections of one location
@@ -27,6 +29,50 @@ type agg struct {
 
 	// Owned by the session's backend reader.
 	sched aggregate.Scheduler
+
+	// reorder restores the order of what the members bring, on its way
+	// to the backend; msgs is its Deliver's scratch, under its lock.
+	reorder reorder.Buffer
+	msgs    []udpbatch.Message
+}
+
+// newAgg returns the aggregate of sess.
+func newAgg(sess *session, location [4]byte, alg aggregate.Algorithm) *agg {
+	s := sess.srv
+	a := &agg{location: location, algorithm: alg}
+	a.sched.Algorithm = alg
+	a.reorder.BufSize = relay.Headroom + s.cfg.maxDatagram()
+	a.reorder.Deliver = func(dgs []relay.Datagram) {
+		var bytes uint64
+		for _, d := range dgs {
+			a.msgs = append(a.msgs, udpbatch.Message{Buf: d.Bytes()})
+			bytes += uint64(d.N)
+		}
+		sent, err := relay.WriteUDP(sess.udp, a.msgs)
+		sess.traffic.CountIn(s.counters, sent, bytes)
+		if err != nil && !sess.closed.Load() {
+			s.counters.WriteErrors.Add(uint64(len(a.msgs) - sent))
+			s.logs.backendSend.Log(s.log, slog.LevelWarn, "send to backend failed", "session", sess.id,
+				"backend", s.cfg.Backend.String(), "err", backendHint(err))
+		}
+		clear(a.msgs)
+		a.msgs = a.msgs[:0]
+	}
+	return a
+}
+
+// tune sizes the reorder buffer's hold from the live members' one-way
+// delays.
+func (a *agg) tune(limit time.Duration, now int64) {
+	var oneWay [aggregate.MaxMembers]time.Duration
+	n := 0
+	for _, m := range a.set().ms {
+		if m.Live(now) && n < len(oneWay) {
+			oneWay[n] = m.RTT() / 2
+			n++
+		}
+	}
+	a.reorder.SetHold(reorder.HoldFor(oneWay[:n], limit))
 }
 
 // memberSet is an aggregate's members at one time, in the client's order
@@ -114,8 +160,7 @@ func (c *conn) join(j framing.Join, now time.Time) bool {
 	}
 	if why == "" {
 		if a == nil {
-			a = &agg{location: j.Location, algorithm: alg}
-			a.sched.Algorithm = alg
+			a = newAgg(sess, j.Location, alg)
 			sess.agg.Store(a)
 		}
 		m = &member{conn: c, sess: sess}
@@ -223,21 +268,27 @@ func (s *Server) probeMembers(ctx context.Context) {
 	t := time.NewTicker(aggregate.ProbeInterval)
 	defer t.Stop()
 	var ms []*member
+	var aggs []*agg
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		ms = ms[:0]
+		ms, aggs = ms[:0], aggs[:0]
 		s.mu.Lock()
 		for _, sess := range s.sessions {
 			if a := sess.aggOf(); a != nil {
 				ms = append(ms, a.set().ms...)
+				aggs = append(aggs, a)
 			}
 		}
 		s.mu.Unlock()
 		now := time.Now().UnixNano()
+		for _, a := range aggs {
+			a.tune(s.cfg.reorderMax(), now)
+		}
+		clear(aggs)
 		for _, m := range ms {
 			live := m.Live(now)
 			if m.up.Swap(live) != live {
@@ -315,5 +366,6 @@ func (sess *session) aggregateStatus(now time.Time) *relay.AggregateStatus {
 		ms.Remote, ms.Local = m.conn.remote, m.conn.link.LocalAddr()
 		as.Members = append(as.Members, ms)
 	}
+	as.Reorder = a.reorder.Status()
 	return as
 }

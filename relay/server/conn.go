@@ -57,6 +57,7 @@ type conn struct {
 	garbage   budget
 	pending   []pendingFrame
 	out       []udpbatch.Message
+	dgs       []relay.Datagram // flushMember's scratch
 	frames    uint64
 }
 
@@ -435,6 +436,10 @@ func (c *conn) flush(now time.Time) {
 	for i := 0; i < len(p); {
 		sess := p[i].sess
 		sess.lastActive.Store(stamp)
+		if m := c.member.Load(); m != nil && m.sess == sess {
+			i = c.flushMember(m, p, i, stamp)
+			continue
+		}
 		c.out = c.out[:0]
 		var bytes uint64
 		for ; i < len(p) && p[i].sess == sess; i++ {
@@ -443,9 +448,6 @@ func (c *conn) flush(now time.Time) {
 		}
 		sent, err := relay.WriteUDP(sess.udp, c.out)
 		sess.traffic.CountIn(c.srv.counters, sent, bytes)
-		if m := c.member.Load(); m != nil && m.sess == sess {
-			m.CountIn(sent, bytes)
-		}
 		if err != nil && !sess.closed.Load() {
 			c.srv.counters.WriteErrors.Add(uint64(len(c.out) - sent))
 			c.srv.logs.backendSend.Log(c.srv.log, slog.LevelWarn, "send to backend failed", "session", sess.id,
@@ -455,6 +457,24 @@ func (c *conn) flush(now time.Time) {
 	clear(p)
 	c.pending = p[:0]
 	clear(c.out)
+}
+
+// flushMember sends the run of pending frames from i that belong to m's
+// session through the aggregate's reorder buffer, and returns where the
+// run ends.
+func (c *conn) flushMember(m *member, p []pendingFrame, i int, now int64) int {
+	c.dgs = c.dgs[:0]
+	var bytes uint64
+	for ; i < len(p) && p[i].sess == m.sess; i++ {
+		c.dgs = append(c.dgs, relay.Datagram{Buf: p[i].payload, N: len(p[i].payload)})
+		bytes += uint64(len(p[i].payload))
+	}
+	m.CountIn(len(c.dgs), bytes)
+	if a := m.sess.aggOf(); a != nil {
+		a.reorder.Receive(c.dgs, now)
+	}
+	clear(c.dgs)
+	return i
 }
 
 // send sends datagrams to the client, unless the connection is closed.

@@ -356,6 +356,7 @@ func (s *Server) removeSession(sess *session) {
 		for _, m := range a.set().ms {
 			s.leaveLocked(m.conn)
 		}
+		defer a.reorder.Close()
 	}
 	u := s.useLocked(sess.src)
 	u.sessions--
