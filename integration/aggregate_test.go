@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"io"
 	"net"
 	"regexp"
 	"strconv"
@@ -263,4 +264,119 @@ func TestAggregateFailover(t *testing.T) {
 		t.Errorf("iketcp status: %v\n%s", err, text)
 	}
 	t.Logf("iketcp status at the hub:\n%s", text)
+}
+
+// pushFor sends as much as it can from the site's inner address to the
+// hub's through the tunnel for d, and returns how many bytes the hub got.
+func pushFor(t *testing.T, ctx context.Context, l *lab.Lab, d time.Duration) int64 {
+	t.Helper()
+	ln, err := l.Hub.Listen("tcp", net.JoinHostPort(lab.HubInner, "5002"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan int64, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- 0
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(d + 10*time.Second))
+		n, _ := io.Copy(io.Discard, c)
+		got <- n
+	}()
+	c, err := l.Site.Dial(ctx, "tcp", net.JoinHostPort(lab.HubInner, "5002"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64<<10)
+	c.SetWriteDeadline(time.Now().Add(d))
+	for {
+		if _, err := c.Write(buf); err != nil {
+			break
+		}
+	}
+	c.Close()
+	return <-got
+}
+
+// TestAggregateUnequalPaths: the second carrier is a 4 Mbit/s bottleneck
+// whose queue adds up to 100 ms, the first is not limited. A bulk
+// transfer through the tunnel for 3 s: least-latency delivers more than
+// round-robin, and the hub's reorder buffer takes most of round-robin's
+// reordering away before the daemon. Every run reports what the hub's
+// daemon got out of order, and how far behind at most: the replay window
+// it needs.
+func TestAggregateUnequalPaths(t *testing.T) {
+	type run struct {
+		name       string
+		args       []string
+		serverArgs []string
+	}
+	runs := []run{
+		{"round-robin, reorder off", []string{"--aggregate", "round-robin"}, []string{"--reorder-max", "0"}},
+		{"round-robin, reorder on", []string{"--aggregate", "round-robin"}, nil},
+		{"least-latency, reorder off", []string{"--aggregate", "least-latency"}, []string{"--reorder-max", "0"}},
+		{"least-latency, reorder on", []string{"--aggregate", "least-latency"}, nil},
+	}
+	delivered := map[string]int64{}
+	reordered := map[string]relay.ReorderStatus{}
+	for _, r := range runs {
+		t.Run(strings.ReplaceAll(r.name, ", ", "/"), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			tun, _ := upAggregate(t, ctx, lab.TunnelOptions{ServerArgs: r.serverArgs}, r.args...)
+			l := tun.Lab
+			if err := l.LimitCarrierRate(ctx, l.Carrier2, 4_000_000, 100*time.Millisecond); err != nil {
+				t.Fatal(err)
+			}
+			before, err := tun.ServerStatus(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := pushFor(t, ctx, l, 3*time.Second)
+			after, err := tun.ServerStatus(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rb, ra := before.Aggregates[0].Reorder, after.Aggregates[0].Reorder
+			ro := relay.ReorderStatus{
+				HoldMs: ra.HoldMs, Delivered: ra.Delivered - rb.Delivered, Held: ra.Held - rb.Held, Expired: ra.Expired - rb.Expired,
+				OutOfOrder: ra.OutOfOrder - rb.OutOfOrder, MaxBehind: ra.MaxBehind,
+			}
+			in := diff(memberIn(after), memberIn(before))
+			delivered[r.name], reordered[r.name] = n, ro
+			t.Logf("%s: %d bytes in 3s (%.1f Mbit/s); ESP toward the hub per member %v; at the hub's daemon: %d ESP, %d out of order, at most %d behind; held %d, gaps given up %d, hold %.1f ms",
+				r.name, n, float64(n)*8/3e6, in, ro.Delivered, ro.OutOfOrder, ro.MaxBehind, ro.Held, ro.Expired, ro.HoldMs)
+			if n == 0 {
+				t.Fatal("nothing crossed")
+			}
+			if strings.HasSuffix(r.name, "reorder off") && ro.Held != 0 {
+				t.Errorf("the buffer held %d with --reorder-max 0", ro.Held)
+			}
+		})
+	}
+	if t.Failed() {
+		return
+	}
+	if ll, rr := delivered["least-latency, reorder on"], delivered["round-robin, reorder on"]; ll <= rr {
+		t.Errorf("least-latency delivered %d bytes, round-robin %d: want more", ll, rr)
+	}
+	// Round-robin over these paths reorders most: the buffer must take
+	// most of it away before the daemon.
+	if on, off := reordered["round-robin, reorder on"], reordered["round-robin, reorder off"]; off.OutOfOrder == 0 || 2*on.OutOfOrder >= off.OutOfOrder || on.MaxBehind >= off.MaxBehind {
+		t.Errorf("round-robin: the daemon got %d out of order (at most %d behind) with the buffer, %d (%d) without",
+			on.OutOfOrder, on.MaxBehind, off.OutOfOrder, off.MaxBehind)
+	}
+}
+
+// memberIn returns the server's first aggregate's members' packets in.
+func memberIn(st *relay.Status) []uint64 {
+	var in []uint64
+	for _, m := range st.Aggregates[0].Members {
+		in = append(in, m.PacketsIn)
+	}
+	return in
 }

@@ -123,7 +123,8 @@ func (p *linkPath) tuneReorder(now int64) {
 			n++
 		}
 	}
-	p.reorder.SetHold(reorder.HoldFor(oneWay[:n], reorder.Limit(p.f.cl.cfg.ReorderMax)))
+	limit := reorder.Limit(p.f.cl.cfg.ReorderMax)
+	p.reorder.SetHold(reorder.HoldFor(oneWay[:n], limit), limit)
 }
 
 // sendAggregate spreads bufs over the live members as the algorithm picks.

@@ -8,7 +8,8 @@
 // held ones that follow it; one from beyond a gap is copied and held
 // until the gap fills or its hold time passes, whichever comes first; the
 // hold is bounded in time, not in packets, and sized from the members'
-// measured one-way delay difference, with a cap (SetHold). Datagrams
+// measured one-way delay difference, raised by what datagrams that came
+// after their gap was given up say, with a cap (SetHold). Datagrams
 // that are not ESP, or come behind the expected number (late, or
 // repeated), go at once: the daemon decides. In-order traffic passes
 // without a copy or a hand-off to another goroutine; a timer releases
@@ -50,14 +51,21 @@ type Buffer struct {
 
 	mu    sync.Mutex // guards the following
 	hold  time.Duration
-	spis  [maxSPIs]spiState
-	held  []heldDG // in arrival order
-	free  [][]byte
-	out   []relay.Datagram
-	done  [][]byte // held copies delivered in this call, to free after Deliver
-	timer *time.Timer
-	armed int64 // unix ns the timer fires at; 0: not armed
-	stats Stats
+	limit time.Duration // the cap SetHold was given
+	// learned is the hold that the latest datagram to come after its
+	// gap was given up would have needed; it decays by a sixteenth a
+	// second.
+	learned   time.Duration
+	learnedAt int64
+	sized     time.Duration // what the delays asked for at the last SetHold
+	spis      [maxSPIs]spiState
+	held      []heldDG // in arrival order
+	free      [][]byte
+	out       []relay.Datagram
+	done      [][]byte // held copies delivered in this call, to free after Deliver
+	timer     *time.Timer
+	armed     int64 // unix ns the timer fires at; 0: not armed
+	stats     Stats
 }
 
 type spiState struct {
@@ -66,6 +74,10 @@ type spiState struct {
 	highest uint32 // the highest delivered
 	seen    int64  // unix ns, for eviction
 	used    bool
+	// The last gap given up, [skipFrom, skipTo), and when: a datagram of
+	// it that comes after all says how much longer it needed.
+	skipFrom, skipTo uint32
+	skippedAt        int64
 }
 
 type heldDG struct {
@@ -88,15 +100,46 @@ type Stats struct {
 	LateOrRepeat uint64 // ESP that came behind the expected number
 }
 
-// SetHold sets how long a datagram may wait for a gap before it: 0 turns
-// holding off (what waits goes at once).
-func (b *Buffer) SetHold(d time.Duration) {
+// SetHold sets how long a datagram may wait for a gap before it, as the
+// members' delays ask, at most limit: 0 turns holding off (what waits
+// goes at once). What late datagrams taught the buffer since (a gap
+// given up too soon) raises it up to limit.
+func (b *Buffer) SetHold(d, limit time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.hold = max(d, 0)
+	b.sized, b.limit = max(d, 0), max(limit, 0)
+	b.resizeLocked(time.Now().UnixNano())
 	if b.hold == 0 {
 		b.releaseLocked(func(*heldDG) bool { return true })
 		b.flushLocked()
+	}
+}
+
+// resizeLocked sets the hold from what the delays ask and what was
+// learned.
+func (b *Buffer) resizeLocked(now int64) {
+	if b.limit == 0 || b.sized == 0 {
+		b.hold = 0
+		return
+	}
+	if b.learned > 0 {
+		b.learned -= time.Duration(float64(b.learned) / 16 * float64(now-b.learnedAt) / float64(time.Second))
+		b.learnedAt = now
+	}
+	b.hold = min(max(b.sized, b.learned), b.limit)
+}
+
+// lateLocked learns from a datagram of st that came behind the expected
+// number at now: if its gap was given up, the hold was short by the
+// time since.
+func (b *Buffer) lateLocked(st *spiState, seq uint32, now int64) {
+	if st.skippedAt == 0 || int32(seq-st.skipFrom) < 0 || int32(seq-st.skipTo) >= 0 {
+		return
+	}
+	need := b.hold + time.Duration(now-st.skippedAt) + time.Millisecond
+	if need > b.learned {
+		b.learned, b.learnedAt = need, now
+		b.resizeLocked(now)
 	}
 }
 
@@ -135,6 +178,7 @@ func (b *Buffer) Receive(burst []relay.Datagram, now int64) {
 			b.emitLocked(st, d, seq)
 		default:
 			b.stats.LateOrRepeat++
+			b.lateLocked(st, seq, now)
 			b.emitLocked(st, d, seq)
 		}
 	}
@@ -241,6 +285,7 @@ func (b *Buffer) skipGapLocked(st *spiState) {
 		return
 	}
 	b.stats.Expired++
+	st.skipFrom, st.skipTo, st.skippedAt = st.next, low, time.Now().UnixNano()
 	st.next = low
 	b.releaseNextLocked(st)
 }
@@ -343,8 +388,9 @@ func Limit(configured time.Duration) time.Duration {
 
 // HoldFor returns the hold time for members whose one-way delays are
 // oneWay (their measured round trips halved; zero for unmeasured): the
-// difference between the slowest and the fastest, plus a margin of 2 ms
-// for scheduling, at most max. Zero max turns holding off.
+// difference between the slowest and the fastest, twice over (a queue
+// that grows between two probes adds to it), plus a margin of 5 ms for
+// scheduling, at most limit. Zero limit turns holding off.
 func HoldFor(oneWay []time.Duration, limit time.Duration) time.Duration {
 	if limit <= 0 {
 		return 0
@@ -360,7 +406,7 @@ func HoldFor(oneWay []time.Duration, limit time.Duration) time.Duration {
 		hi = max(hi, d)
 	}
 	if lo < 0 {
-		return min(2*time.Millisecond, limit)
+		return min(5*time.Millisecond, limit)
 	}
-	return min(hi-lo+2*time.Millisecond, limit)
+	return min(2*(hi-lo)+5*time.Millisecond, limit)
 }

@@ -72,7 +72,7 @@ func (a *agg) tune(limit time.Duration, now int64) {
 			n++
 		}
 	}
-	a.reorder.SetHold(reorder.HoldFor(oneWay[:n], limit))
+	a.reorder.SetHold(reorder.HoldFor(oneWay[:n], limit), limit)
 }
 
 // memberSet is an aggregate's members at one time, in the client's order

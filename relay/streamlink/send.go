@@ -305,14 +305,19 @@ func (a *autoLowat) adjust(now int64) {
 	}
 }
 
-// Backlog says what waits in the link's queue, in bytes, and the
-// connection's delivery rate in bytes a second as TCP_INFO last said
-// while the link was busy (0: unknown), for an aggregate's least-latency
-// scheduler (package relay/aggregate).
+// Backlog says what waits on the link, in bytes: in its queue, and, on
+// Linux over TCP, in the socket, unsent or unacknowledged (TCP_INFO, read
+// at most every millisecond); and the connection's delivery rate in bytes
+// a second (0: unknown). An aggregate's least-latency scheduler asks it
+// (package relay/aggregate).
 func (l *Link) Backlog() (queued int, rate uint64) {
 	l.wmu.Lock()
 	p, b := l.q.Bytes()
 	l.wmu.Unlock()
+	if l.kernel != nil {
+		k, r := l.kernel.get(time.Now().UnixNano())
+		return p + b + k, r
+	}
 	if l.lowat != nil {
 		rate = l.lowat.rate.Load()
 	}
