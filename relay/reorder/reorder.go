@@ -137,6 +137,9 @@ func (b *Buffer) lateLocked(st *spiState, seq uint32, now int64) {
 		return
 	}
 	need := b.hold + time.Duration(now-st.skippedAt) + time.Millisecond
+	if need > 2*b.limit {
+		return // no hold within the cap would have done: a member that was cut off, come back with what it held
+	}
 	if need > b.learned {
 		b.learned, b.learnedAt = need, now
 		b.resizeLocked(now)
