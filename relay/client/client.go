@@ -18,6 +18,13 @@
 // for writeLink (linkpath.go), UDP's leave at the end of the batch
 // (udppath.go). The way back, the link or the UDP path hands bursts to the
 // flow, which delivers them through the daemon side.
+//
+// With Config.Members, each IKE SA's path is an aggregate (members.go):
+// several member links, each dialled its own way, that join the server's
+// session with the path's ticket, probe it, and carry the daemon's
+// datagrams as the aggregate's algorithm spreads them (package
+// relay/aggregate); what they bring back passes the path's reorder buffer
+// (package relay/reorder) on its way to the daemon.
 package client
 
 import (

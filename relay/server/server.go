@@ -23,6 +23,14 @@
 // client proved with its ticket that it owns the session (package
 // relay/ticket). Every limit refuses the newest or cheapest thing, never
 // an established session.
+//
+// A session may be carried by an aggregate (aggregate.go): member
+// connections of one location ID that each joined it by proving the
+// session's key. The backend's datagrams are then spread over the live
+// members (package relay/aggregate), each member is probed, and what the
+// members bring passes the aggregate's reorder buffer (package
+// relay/reorder) on its way to the backend. The session, its backend
+// socket and its return path stay one.
 package server
 
 import (

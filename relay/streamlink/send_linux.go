@@ -166,6 +166,7 @@ type kernelBacklog struct {
 	at      int64
 	queued  int
 	rate    uint64
+	handed  uint64 // the link's handed bytes at the last read
 	readErr syscall.Errno
 }
 
@@ -187,8 +188,10 @@ func (k *kernelBacklog) read(fd uintptr) {
 }
 
 // get returns the bytes waiting in the socket (unsent, and sent but not
-// acknowledged) and the delivery rate, as of at most backlogEvery ago.
-func (k *kernelBacklog) get(now int64) (int, uint64) {
+// acknowledged) as of at most backlogEvery ago, plus what the link was
+// handed since (handed counts all it was ever handed), and the delivery
+// rate.
+func (k *kernelBacklog) get(now int64, handed uint64) (int, uint64) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if now-k.at >= backlogEvery {
@@ -196,7 +199,8 @@ func (k *kernelBacklog) get(now int64) (int, uint64) {
 		if k.raw.Control(k.fn) == nil && k.readErr == 0 {
 			k.queued = int(k.info.Notsent_bytes) + int(k.info.Unacked)*int(k.info.Snd_mss)
 			k.rate = k.info.Delivery_rate
+			k.handed = handed
 		}
 	}
-	return k.queued, k.rate
+	return k.queued + int(handed-k.handed), k.rate
 }

@@ -22,4 +22,4 @@ type kernelBacklog struct{}
 
 func newKernelBacklog(syscall.RawConn) *kernelBacklog { return nil }
 
-func (*kernelBacklog) get(int64) (int, uint64) { return 0, 0 }
+func (*kernelBacklog) get(int64, uint64) (int, uint64) { return 0, 0 }

@@ -269,6 +269,7 @@ type Link struct {
 	writers sync.WaitGroup
 	lowat   *autoLowat     // nil: TCP_NOTSENT_LOWAT stays as set
 	kernel  *kernelBacklog // nil where the socket's backlog cannot be read
+	handed  atomic.Uint64  // bytes handed to Send, for kernel
 
 	wmu      sync.Mutex // guards the write side (send.go): the following
 	q        sendq.Queue
