@@ -8,8 +8,8 @@
 // held ones that follow it; one from beyond a gap is copied and held
 // until the gap fills or its hold time passes, whichever comes first; the
 // hold is bounded in time, not in packets, and sized from the members'
-// measured one-way delay difference, raised by what datagrams that came
-// after their gap was given up say, with a cap (SetHold). Datagrams
+// measured one-way delay difference, and from how long gaps took to fill
+// (it starts at the cap and learns), with a cap (SetHold). Datagrams
 // that are not ESP, or come behind the expected number (late, or
 // repeated), go at once: the daemon decides. In-order traffic passes
 // without a copy or a hand-off to another goroutine; a timer releases
@@ -52,11 +52,14 @@ type Buffer struct {
 	mu    sync.Mutex // guards the following
 	hold  time.Duration
 	limit time.Duration // the cap SetHold was given
-	// learned is the hold that the latest datagram to come after its
-	// gap was given up would have needed; it decays by a sixteenth a
-	// second.
+	// learned is the hold that what arrived lately asked for: it starts
+	// at the cap, grows to cover a gap that took long to fill (half as
+	// long again) or a datagram that came after its gap was given up, and
+	// decays by a sixteenth a second toward what the delays ask.
 	learned   time.Duration
 	learnedAt int64
+	started   bool
+	filling   int64         // while a gap fills: now, for takeLocked; else 0
 	sized     time.Duration // what the delays asked for at the last SetHold
 	spis      [maxSPIs]spiState
 	held      []heldDG // in arrival order
@@ -83,6 +86,7 @@ type spiState struct {
 type heldDG struct {
 	st       *spiState
 	seq      uint32
+	at       int64 // unix ns it came
 	deadline int64
 	buf      []byte
 	n        int
@@ -107,8 +111,13 @@ type Stats struct {
 func (b *Buffer) SetHold(d, limit time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	now := time.Now().UnixNano()
 	b.sized, b.limit = max(d, 0), max(limit, 0)
-	b.resizeLocked(time.Now().UnixNano())
+	if !b.started && b.limit > 0 && b.sized > 0 {
+		b.started = true
+		b.learned, b.learnedAt = b.limit, now // until the paths have shown what they need
+	}
+	b.resizeLocked(now)
 	if b.hold == 0 {
 		b.releaseLocked(func(*heldDG) bool { return true })
 		b.flushLocked()
@@ -123,7 +132,7 @@ func (b *Buffer) resizeLocked(now int64) {
 		return
 	}
 	if b.learned > 0 {
-		b.learned -= time.Duration(float64(b.learned) / 16 * float64(now-b.learnedAt) / float64(time.Second))
+		b.learned = max(b.learned-time.Duration(float64(b.learned)/16*float64(now-b.learnedAt)/float64(time.Second)), 0)
 		b.learnedAt = now
 	}
 	b.hold = min(max(b.sized, b.learned), b.limit)
@@ -174,7 +183,9 @@ func (b *Buffer) Receive(burst []relay.Datagram, now int64) {
 		switch {
 		case seq == st.next:
 			b.emitLocked(st, d, seq)
+			b.filling = now
 			b.releaseNextLocked(st)
+			b.filling = 0
 		case int32(seq-st.next) > 0 && b.hold > 0:
 			b.holdLocked(st, p, seq, now)
 		case int32(seq-st.next) > 0: // not holding: a gap the daemon sees
@@ -242,7 +253,7 @@ func (b *Buffer) holdLocked(st *spiState, p []byte, seq uint32, now int64) {
 		buf = make([]byte, relay.Headroom+len(p))
 	}
 	copy(buf[relay.Headroom:], p)
-	b.held = append(b.held, heldDG{st: st, seq: seq, deadline: now + int64(b.hold), buf: buf, n: len(p)})
+	b.held = append(b.held, heldDG{st: st, seq: seq, at: now, deadline: now + int64(b.hold), buf: buf, n: len(p)})
 	b.stats.Held++
 }
 
@@ -271,6 +282,14 @@ func (b *Buffer) findLocked(st *spiState, seq uint32) int {
 func (b *Buffer) takeLocked(i int) {
 	h := b.held[i]
 	b.held = append(b.held[:i], b.held[i+1:]...)
+	if now := b.filling; now != 0 {
+		// Its gap filled after it waited this long: a hold half as long
+		// again covers the next.
+		if need := time.Duration(now-h.at)*3/2 + time.Millisecond; need > b.learned && need <= 2*b.limit {
+			b.learned, b.learnedAt = need, now
+			b.resizeLocked(now)
+		}
+	}
 	b.emitLocked(h.st, relay.Datagram{Buf: h.buf, Off: relay.Headroom, N: h.n}, h.seq)
 	b.done = append(b.done, h.buf)
 }

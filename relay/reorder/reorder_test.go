@@ -62,7 +62,7 @@ func TestGivesUpAGapAfterItsHold(t *testing.T) {
 	r := &recorder{}
 	b := &Buffer{Deliver: r.deliver, BufSize: 256}
 	defer b.Close()
-	b.SetHold(30*time.Millisecond, time.Second)
+	b.SetHold(30*time.Millisecond, 30*time.Millisecond)
 	feed(b, time.Now().UnixNano(), 1, 3, 4)
 	if got := r.got(); !slices.Equal(got, []uint32{1}) {
 		t.Fatalf("delivered %v before the hold passed, want [1]", got)
@@ -74,15 +74,37 @@ func TestGivesUpAGapAfterItsHold(t *testing.T) {
 	if got := r.got(); !slices.Equal(got, []uint32{1, 3, 4}) {
 		t.Fatalf("delivered %v, want [1 3 4] once the hold passed", got)
 	}
-	// 2 comes 20 ms late after all: it goes, out of order, and is counted.
-	time.Sleep(20 * time.Millisecond)
+	// 2 comes late after all: it goes, out of order, and is counted.
 	feed(b, time.Now().UnixNano(), 2)
 	if s := b.Stats(); s.Expired != 1 || s.OutOfOrder != 1 || s.MaxBehind != 2 || s.LateOrRepeat != 1 {
 		t.Fatalf("stats %+v", s)
 	}
-	// The hold grows to cover it: 30 ms, and 20 more.
-	if s := b.Stats(); s.Hold < 50*time.Millisecond {
-		t.Fatalf("hold %v after a datagram came 20ms after its gap was given up after 30ms", s.Hold)
+}
+
+// TestHoldLearns: the hold starts at the cap, decays toward what the
+// delays ask, and grows again when a gap takes long to fill or a
+// datagram comes after its gap was given up.
+func TestHoldLearns(t *testing.T) {
+	b := &Buffer{Deliver: func([]relay.Datagram) {}, BufSize: 256}
+	defer b.Close()
+	ms := time.Millisecond
+	b.SetHold(5*ms, 100*ms)
+	if h := b.Stats().Hold; h != 100*ms {
+		t.Fatalf("hold %v at first, want the cap", h)
+	}
+	now := time.Now().UnixNano()
+	b.mu.Lock()
+	b.resizeLocked(now + int64(60*time.Second))
+	b.mu.Unlock()
+	if h := b.Stats().Hold; h > 10*ms {
+		t.Fatalf("hold %v a minute on, want it down near the delays' 5ms", h)
+	}
+	// A gap that takes 20 ms to fill: the hold covers it half as long again.
+	now = time.Now().UnixNano()
+	feed(b, now, 1, 3)
+	b.Receive([]relay.Datagram{esp(7, 2)}, now+int64(20*ms))
+	if h := b.Stats().Hold; h < 30*ms || h > 32*ms {
+		t.Fatalf("hold %v after a gap took 20ms to fill, want 31ms", h)
 	}
 }
 
