@@ -1,7 +1,9 @@
 package integration
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"io"
 	"net"
 	"regexp"
@@ -10,8 +12,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/integration/lab"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/aggregate"
+	"github.com/iketcp/iketcp/relay/relaytest"
+	"github.com/iketcp/iketcp/relay/ticket"
 )
 
 // aggMembers are the site's two members, one per carrier, each from its
@@ -380,4 +386,83 @@ func memberIn(st *relay.Status) []uint64 {
 		in = append(in, m.PacketsIn)
 	}
 	return in
+}
+
+// TestAggregateStrangerCannotJoin: someone on the site's own network who
+// knows the location ID, the session and its SPIs opens a link of its own
+// to the hub, runs the key exchange, and asks to join the aggregate: the
+// join is refused, the aggregate keeps its two members, and the session's
+// traffic never comes to the stranger, while pings keep crossing.
+func TestAggregateStrangerCannotJoin(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	tun, _ := upAggregate(t, ctx, lab.TunnelOptions{}, "--aggregate", "round-robin")
+	if got, err := tun.PingThrough(ctx, 5, 20*time.Millisecond); err != nil || got != 5 {
+		t.Fatalf("%d of 5 pings: %v", got, err)
+	}
+	st, err := tun.ServerStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sessID := st.Aggregates[0].Session
+	if len(st.Sessions) != 1 || len(st.Sessions[0].ESPIn) == 0 {
+		t.Fatalf("want one session with ESP: %+v", st.Sessions)
+	}
+	spi, err := strconv.ParseUint(st.Sessions[0].ESPIn[0], 16, 32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := tun.Lab.Site.Dial(ctx, "tcp", net.JoinHostPort(lab.HubOuter, strconv.Itoa(lab.ServerPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(framing.Prefix)); err != nil {
+		t.Fatal(err)
+	}
+	d := framing.NewDecoder(c, 0, false)
+	ex, err := ticket.NewExchange()
+	if err != nil {
+		t.Fatal(err)
+	}
+	relaytest.Frame(t, c, framing.AppendControl(nil, framing.ControlHello, ex.Public()))
+	var m framing.Message
+	if reply := relaytest.ReadFrame(t, c, d); m.Decode(reply) != nil || m.Control.Type != framing.ControlHelloReply {
+		t.Fatalf("no hello reply: %x", reply)
+	}
+	server := bytes.Clone(m.Control.Body)
+	linkKey, err := ex.LinkKey(server, ex.Public(), server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	loc := [4]byte{1, 1, 1, 1}
+	mac := ticket.JoinMAC(linkKey, sessID, loc, uint8(aggregate.RoundRobin), 1, 2, ex.Public(), server)
+	relaytest.Frame(t, c, framing.AppendControl(nil, framing.ControlJoin, loc[:], binary.BigEndian.AppendUint64(nil, sessID),
+		[]byte{uint8(aggregate.RoundRobin), 1, 2}, mac[:]))
+	if got := relaytest.ReadFrame(t, c, d); m.Decode(got) != nil || m.Control.Type != framing.ControlJoined || m.Control.Body[9] != framing.JoinRefused {
+		t.Fatalf("the stranger's join: %x, want refused", got)
+	}
+	// ESP with the session's SPI: the hub's daemon checks it and drops it;
+	// the session's answers go to its members, not here.
+	relaytest.Frame(t, c, relaytest.ESP(uint32(spi), 1, 200))
+	if got, err := tun.PingThrough(ctx, 20, 20*time.Millisecond); err != nil || got != 20 {
+		t.Fatalf("%d of 20 pings beside the stranger: %v", got, err)
+	}
+	c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if n, err := c.Read(make([]byte, 64)); err == nil || n > 0 {
+		t.Fatalf("the stranger's link got %d bytes of the session", n)
+	}
+	st, err = tun.ServerStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := uint64(0)
+	for _, ctr := range st.Counters {
+		if ctr.Name == "joins_refused" {
+			refused = ctr.Value
+		}
+	}
+	if len(st.Aggregates) != 1 || len(st.Aggregates[0].Members) != 2 || refused != 1 {
+		t.Fatalf("aggregates %+v, joins_refused %d: want one of two members, and one refusal", st.Aggregates, refused)
+	}
 }
