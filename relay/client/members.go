@@ -86,7 +86,6 @@ type memberPath struct {
 func (p *linkPath) initMembers() {
 	cfg := &p.f.cl.cfg
 	p.sched.Algorithm = relay.OrDefault(cfg.Aggregate, aggregate.RoundRobin)
-	p.reorder.BufSize = relay.Headroom + cfg.maxDatagram()
 	p.reorder.Deliver = func(dgs []relay.Datagram) { p.f.deliver(dgs, &p.scratch) }
 	for i, m := range cfg.Members {
 		mp := &memberPath{p: p, cfg: m, index: uint8(i)}

@@ -36,6 +36,11 @@ const (
 	MaxHeld = 512
 	// maxSPIs bounds the SPIs tracked; the least recently seen makes room.
 	maxSPIs = 16
+	// heldSize is the size of a held datagram's copy, headroom included,
+	// unless the datagram needs more; maxFree bounds the copies kept for
+	// reuse, so an idle buffer holds at most maxFree*heldSize.
+	heldSize = 2048
+	maxFree  = 64
 )
 
 // Buffer restores ESP order for one direction of one aggregate. Its zero
@@ -45,9 +50,6 @@ type Buffer struct {
 	// with the buffer's lock held, from Receive's caller or the timer,
 	// and must not keep the datagrams.
 	Deliver func(dgs []relay.Datagram)
-	// BufSize is the size of a held datagram's copy, headroom included
-	// (at least relay.Headroom plus the largest datagram).
-	BufSize int
 
 	mu    sync.Mutex // guards the following
 	hold  time.Duration
@@ -244,13 +246,10 @@ func (b *Buffer) holdLocked(st *spiState, p []byte, seq uint32, now int64) {
 		}
 	}
 	var buf []byte
-	if n := len(b.free); n > 0 {
+	if n := len(b.free); n > 0 && len(b.free[n-1]) >= relay.Headroom+len(p) {
 		buf, b.free = b.free[n-1], b.free[:n-1]
 	} else {
-		buf = make([]byte, max(b.BufSize, relay.Headroom+len(p)))
-	}
-	if relay.Headroom+len(p) > len(buf) {
-		buf = make([]byte, relay.Headroom+len(p))
+		buf = make([]byte, max(heldSize, relay.Headroom+len(p)))
 	}
 	copy(buf[relay.Headroom:], p)
 	b.held = append(b.held, heldDG{st: st, seq: seq, at: now, deadline: now + int64(b.hold), buf: buf, n: len(p)})
@@ -337,7 +336,11 @@ func (b *Buffer) flushLocked() {
 	}
 	clear(b.out)
 	b.out = b.out[:0]
-	b.free = append(b.free, b.done...)
+	for _, buf := range b.done {
+		if len(b.free) < maxFree {
+			b.free = append(b.free, buf)
+		}
+	}
 	clear(b.done)
 	b.done = b.done[:0]
 }

@@ -45,7 +45,7 @@ func feed(b *Buffer, now int64, seqs ...uint32) {
 
 func TestRestoresOrderWhenTheGapFills(t *testing.T) {
 	r := &recorder{}
-	b := &Buffer{Deliver: r.deliver, BufSize: 256}
+	b := &Buffer{Deliver: r.deliver}
 	defer b.Close()
 	b.SetHold(time.Second, time.Second)
 	now := time.Now().UnixNano()
@@ -60,7 +60,7 @@ func TestRestoresOrderWhenTheGapFills(t *testing.T) {
 
 func TestGivesUpAGapAfterItsHold(t *testing.T) {
 	r := &recorder{}
-	b := &Buffer{Deliver: r.deliver, BufSize: 256}
+	b := &Buffer{Deliver: r.deliver}
 	defer b.Close()
 	b.SetHold(30*time.Millisecond, 30*time.Millisecond)
 	feed(b, time.Now().UnixNano(), 1, 3, 4)
@@ -85,7 +85,7 @@ func TestGivesUpAGapAfterItsHold(t *testing.T) {
 // delays ask, and grows again when a gap takes long to fill or a
 // datagram comes after its gap was given up.
 func TestHoldLearns(t *testing.T) {
-	b := &Buffer{Deliver: func([]relay.Datagram) {}, BufSize: 256}
+	b := &Buffer{Deliver: func([]relay.Datagram) {}}
 	defer b.Close()
 	ms := time.Millisecond
 	b.SetHold(5*ms, 100*ms)
@@ -122,7 +122,7 @@ func TestWithoutHoldItMeasures(t *testing.T) {
 
 func TestFullBufferGivesUpTheOldestGap(t *testing.T) {
 	r := &recorder{}
-	b := &Buffer{Deliver: r.deliver, BufSize: 256}
+	b := &Buffer{Deliver: r.deliver}
 	defer b.Close()
 	b.SetHold(time.Minute, time.Minute)
 	now := time.Now().UnixNano()
@@ -136,7 +136,7 @@ func TestFullBufferGivesUpTheOldestGap(t *testing.T) {
 }
 
 func TestInOrderDoesNotAllocate(t *testing.T) {
-	b := &Buffer{Deliver: func([]relay.Datagram) {}, BufSize: 256}
+	b := &Buffer{Deliver: func([]relay.Datagram) {}}
 	defer b.Close()
 	b.SetHold(time.Second, time.Second)
 	burst := []relay.Datagram{esp(7, 1)}

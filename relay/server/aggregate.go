@@ -41,7 +41,6 @@ func newAgg(sess *session, location [4]byte, alg aggregate.Algorithm) *agg {
 	s := sess.srv
 	a := &agg{location: location, algorithm: alg}
 	a.sched.Algorithm = alg
-	a.reorder.BufSize = relay.Headroom + s.cfg.maxDatagram()
 	a.reorder.Deliver = func(dgs []relay.Datagram) {
 		var bytes uint64
 		for _, d := range dgs {
