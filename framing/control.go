@@ -41,6 +41,22 @@ import "encoding/binary"
 //	            this link's session's, not that one's. The client learns
 //	            which IKE SA a new child SA belongs to only from the peer's
 //	            answers, sometimes after its first packets went elsewhere.
+//	Join        client -> server, on a member link of an aggregate after
+//	            HelloReply: the site's location ID (4), a session ID (8),
+//	            the aggregate's algorithm (1), this member's weight (1) and
+//	            index (1, 0 to 15), and a MAC (32) that proves knowledge of
+//	            the session's key over this link's handshake and all of
+//	            the above (relay/ticket.JoinMAC). The link then carries the
+//	            session beside the aggregate's other members. Knowing the
+//	            location ID and the SPIs is not enough to join.
+//	Joined      server -> client: the session ID (8), the member index
+//	            (1) and a result (1): JoinAccepted, or JoinRefused (unknown
+//	            session, bad MAC, another location, too many members).
+//	Probe       either way, on a member link every few hundred ms: a
+//	            sequence number (4), the sender's clock in nanoseconds (8)
+//	            and flags (1): ProbeReply set on the answer, which echoes
+//	            the probe's sequence number and clock. A member whose
+//	            probes go unanswered leaves the rotation (relay/aggregate).
 const (
 	ControlSPI     = 0x000000fe
 	ControlVersion = 1
@@ -62,6 +78,25 @@ const (
 	ControlClaim      ControlType = 4
 	ControlClaimed    ControlType = 5
 	ControlMove       ControlType = 6
+	ControlJoin       ControlType = 7
+	ControlJoined     ControlType = 8
+	ControlProbe      ControlType = 9
+)
+
+// Results of a Join.
+const (
+	JoinAccepted = 0
+	JoinRefused  = 1
+)
+
+// ProbeReply flags a Probe that answers another.
+const ProbeReply = 1
+
+// Sizes of the Join, Joined and Probe bodies.
+const (
+	JoinSize   = 4 + 8 + 3 + ControlMACSize
+	JoinedSize = 10
+	ProbeSize  = 13
 )
 
 // Results of a Claim.
@@ -78,6 +113,9 @@ var controlBodySize = [...]int{
 	ControlClaim:      8 + ControlMACSize,
 	ControlClaimed:    9,
 	ControlMove:       4 + 8 + ControlMACSize,
+	ControlJoin:       JoinSize,
+	ControlJoined:     JoinedSize,
+	ControlProbe:      ProbeSize,
 }
 
 func (t ControlType) String() string {
@@ -94,6 +132,12 @@ func (t ControlType) String() string {
 		return "claimed"
 	case ControlMove:
 		return "move"
+	case ControlJoin:
+		return "join"
+	case ControlJoined:
+		return "joined"
+	case ControlProbe:
+		return "probe"
 	}
 	return "control(" + itoa(int(t)) + ")"
 }
@@ -120,13 +164,53 @@ func (c *Control) Decode(p []byte) error {
 	return nil
 }
 
-// SessionID is the session ID at the start of a Ticket, Claim or Claimed
-// body, or after the SPI of a Move body.
+// SessionID is the session ID at the start of a Ticket, Claim, Claimed or
+// Joined body, or after the SPI of a Move body or the location of a Join
+// body.
 func (c *Control) SessionID() uint64 {
-	if c.Type == ControlMove {
+	if c.Type == ControlMove || c.Type == ControlJoin {
 		return binary.BigEndian.Uint64(c.Body[4:])
 	}
 	return binary.BigEndian.Uint64(c.Body)
+}
+
+// Join is a parsed Join body.
+type Join struct {
+	Location  [4]byte
+	Session   uint64
+	Algorithm uint8
+	Weight    uint8
+	Member    uint8
+	MAC       []byte // aliases the body
+}
+
+// Join parses a Join body; c must be a ControlJoin.
+func (c *Control) Join() Join {
+	b := c.Body
+	return Join{Location: [4]byte(b[0:4]), Session: binary.BigEndian.Uint64(b[4:]), Algorithm: b[12], Weight: b[13], Member: b[14], MAC: b[15:]}
+}
+
+// Probe is a parsed Probe body.
+type Probe struct {
+	Seq   uint32
+	Clock int64
+	Flags uint8
+}
+
+// Probe parses a Probe body; c must be a ControlProbe.
+func (c *Control) Probe() Probe {
+	b := c.Body
+	return Probe{Seq: binary.BigEndian.Uint32(b), Clock: int64(binary.BigEndian.Uint64(b[4:])), Flags: b[12]}
+}
+
+// AppendProbe appends the Probe message p to dst, without allocating when
+// dst has room.
+func AppendProbe(dst []byte, p Probe) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, ControlSPI)
+	dst = append(dst, ControlVersion, byte(ControlProbe))
+	dst = binary.BigEndian.AppendUint32(dst, p.Seq)
+	dst = binary.BigEndian.AppendUint64(dst, uint64(p.Clock))
+	return append(dst, p.Flags)
 }
 
 // AppendControl appends a control message of type t, whose body is the

@@ -389,6 +389,29 @@ func TestControl(t *testing.T) {
 	if err := m.Decode(ticket); err != nil || m.Control.Type != ControlTicket || m.Control.SessionID() != 42 {
 		t.Fatalf("ticket: %v %+v", err, m)
 	}
+	mac := bytes.Repeat([]byte{9}, ControlMACSize)
+	join := AppendControl(nil, ControlJoin, []byte{1, 1, 1, 1}, binary.BigEndian.AppendUint64(nil, 77), []byte{2, 3, 1}, mac)
+	if err := m.Decode(join); err != nil || m.Control.Type != ControlJoin || m.Control.SessionID() != 77 {
+		t.Fatalf("join: %v %+v", err, m)
+	}
+	if j := m.Control.Join(); j.Location != [4]byte{1, 1, 1, 1} || j.Session != 77 || j.Algorithm != 2 || j.Weight != 3 ||
+		j.Member != 1 || !bytes.Equal(j.MAC, mac) {
+		t.Fatalf("join fields: %+v", j)
+	}
+	joined := AppendControl(nil, ControlJoined, binary.BigEndian.AppendUint64(nil, 77), []byte{1, JoinRefused})
+	if err := m.Decode(joined); err != nil || m.Control.Type != ControlJoined || m.Control.SessionID() != 77 || m.Control.Body[9] != JoinRefused {
+		t.Fatalf("joined: %v %+v", err, m)
+	}
+	probe := AppendProbe(make([]byte, 0, 32), Probe{Seq: 0xdeadbeef, Clock: -5, Flags: ProbeReply})
+	if err := m.Decode(probe); err != nil || m.Control.Type != ControlProbe {
+		t.Fatalf("probe: %v %+v", err, m)
+	}
+	if p := m.Control.Probe(); p != (Probe{Seq: 0xdeadbeef, Clock: -5, Flags: ProbeReply}) {
+		t.Fatalf("probe fields: %+v", p)
+	}
+	if n := testing.AllocsPerRun(100, func() { probe = AppendProbe(probe[:0], Probe{Seq: 1}) }); n != 0 {
+		t.Errorf("AppendProbe into room: %v allocations", n)
+	}
 	// ESP with any other SPI, reserved or not, is ESP.
 	for _, spi := range []uint32{1, ControlSPI - 1, ControlSPI + 1, 0xc0000001} {
 		if k := Classify(espPayload(40, spi, 1)); k != KindESP {

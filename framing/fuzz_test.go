@@ -77,6 +77,9 @@ func FuzzMessageDecode(f *testing.F) {
 	f.Add([]byte{KeepaliveByte})
 	f.Add([]byte{0, 0, 0, 0, 1})
 	f.Add(AppendControl(nil, ControlClaim, make([]byte, 8+ControlMACSize)))
+	f.Add(AppendControl(nil, ControlJoin, make([]byte, JoinSize)))
+	f.Add(AppendControl(nil, ControlJoined, make([]byte, JoinedSize)))
+	f.Add(AppendProbe(nil, Probe{Seq: 3, Clock: 42, Flags: ProbeReply}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		var m Message
 		err := m.Decode(p)
@@ -103,6 +106,7 @@ func FuzzMessageDecode(f *testing.F) {
 				if !bytes.Equal(back, p) {
 					t.Fatalf("control %v does not encode back to what it decoded from", m.Control.Type)
 				}
+				checkAggregateControl(t, &m.Control, p)
 			}
 		case KindInvalid:
 			if err == nil {
@@ -110,6 +114,24 @@ func FuzzMessageDecode(f *testing.F) {
 			}
 		}
 	})
+}
+
+// checkAggregateControl checks that a Join or Probe parses to fields that
+// encode back to the same bytes.
+func checkAggregateControl(t *testing.T, c *Control, p []byte) {
+	switch c.Type {
+	case ControlJoin:
+		j := c.Join()
+		back := AppendControl(nil, ControlJoin, j.Location[:], binary.BigEndian.AppendUint64(nil, j.Session),
+			[]byte{j.Algorithm, j.Weight, j.Member}, j.MAC)
+		if !bytes.Equal(back, p) || j.Session != c.SessionID() {
+			t.Fatalf("join %+v does not encode back to what it decoded from", j)
+		}
+	case ControlProbe:
+		if back := AppendProbe(nil, c.Probe()); !bytes.Equal(back, p) {
+			t.Fatalf("probe %+v does not encode back to what it decoded from", c.Probe())
+		}
+	}
 }
 
 // FuzzIKEHeaderDecode checks the IKE header decoder on raw messages.

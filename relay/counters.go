@@ -38,6 +38,9 @@ type Counters struct {
 	ClaimsAccepted    atomic.Uint64 // server: sessions an iketcp client proved it owns
 	ClaimsRefused     atomic.Uint64 // server: claims and moves that proved nothing
 	SPIMoves          atomic.Uint64 // server: ESP SPIs an iketcp client moved to the session they belong to
+	MembersJoined     atomic.Uint64 // links that joined an aggregate (server: accepted; client: the server's word)
+	JoinsRefused      atomic.Uint64 // joins that proved nothing (server), or that the server refused (client)
+	MembersDown       atomic.Uint64 // times a member left its aggregate's rotation: its probes went unanswered
 	KeepalivesDropped atomic.Uint64 // NAT keepalives not carried over TCP (RFC 9329 6.6)
 	NoPath            atomic.Uint64 // datagrams for a session or flow with no link (dropped)
 	QueueFull         atomic.Uint64 // datagrams refused by a link's full queue (ESP over --queue-bytes)
@@ -105,6 +108,9 @@ var counterDefs = []counterDef{
 	{"claims_accepted", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClaimsAccepted }},
 	{"claims_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClaimsRefused }},
 	{"spi_moves", true, false, func(c *Counters) *atomic.Uint64 { return &c.SPIMoves }},
+	{"members_joined", true, true, func(c *Counters) *atomic.Uint64 { return &c.MembersJoined }},
+	{"joins_refused", true, true, func(c *Counters) *atomic.Uint64 { return &c.JoinsRefused }},
+	{"members_down", true, true, func(c *Counters) *atomic.Uint64 { return &c.MembersDown }},
 	{"keepalives_dropped", true, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesDropped }},
 	{"no_path", true, true, func(c *Counters) *atomic.Uint64 { return &c.NoPath }},
 	{"queue_full", true, true, func(c *Counters) *atomic.Uint64 { return &c.QueueFull }},

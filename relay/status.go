@@ -5,6 +5,8 @@ import (
 	"io"
 	"strings"
 	"time"
+
+	"github.com/iketcp/iketcp/relay/aggregate"
 )
 
 // Status describes a running relay: what `iketcp status` prints and the
@@ -20,6 +22,67 @@ type Status struct {
 	Started  time.Time       `json:"started"`
 	Counters []Counter       `json:"counters"`
 	Sessions []SessionStatus `json:"sessions"`
+	// Aggregates are the IKE SAs carried over several member links, as
+	// FortiOS's `diagnose sys ipsec-aggregate list` lists them.
+	Aggregates []AggregateStatus `json:"aggregates,omitempty"`
+}
+
+// AggregateStatus describes one aggregate: one IKE SA's session (server)
+// or link path (client) and the member links that carry it.
+type AggregateStatus struct {
+	LocationID string         `json:"location_id"`
+	Algorithm  string         `json:"algorithm"`
+	Session    uint64         `json:"session,omitempty"` // the server's session
+	Members    []MemberStatus `json:"members"`
+	// Reorder is what this end's reorder buffer did with the ESP the
+	// members brought, on its way to the daemon.
+	Reorder ReorderStatus `json:"reorder"`
+}
+
+// ReorderStatus describes an aggregate's reorder buffer (package
+// relay/reorder).
+type ReorderStatus struct {
+	HoldMs     float64 `json:"hold_ms"`      // how long a datagram may wait for a gap now (0: off)
+	Delivered  uint64  `json:"delivered"`    // ESP datagrams delivered to the daemon
+	Held       uint64  `json:"held"`         // held for a while, behind a gap
+	Expired    uint64  `json:"expired"`      // gaps given up
+	OutOfOrder uint64  `json:"out_of_order"` // ESP the daemon got behind a higher sequence number of its SPI
+	MaxBehind  uint32  `json:"max_behind"`   // the farthest behind: the anti-replay window the daemon needs
+}
+
+// MemberStatus describes one member of an aggregate, from its probes and
+// counters. In and out are seen as in SessionStatus: in came from the far
+// end on this member, out went to it.
+type MemberStatus struct {
+	Name        string  `json:"name"`
+	Index       uint8   `json:"index"`
+	Weight      int     `json:"weight"`
+	Local       string  `json:"local,omitempty"`
+	Remote      string  `json:"remote,omitempty"`
+	State       string  `json:"state"` // "up" (in the rotation), "down" (probes unanswered), "connecting", "waiting", "joining"
+	Connections uint64  `json:"connections,omitempty"`
+	RTTms       float64 `json:"rtt_ms"`
+	Loss        float64 `json:"loss"`       // share of recent probes unanswered, 0 to 1
+	Rate        uint64  `json:"rate_bytes"` // carried lately, bytes a second
+	PacketsIn   uint64  `json:"packets_in"`
+	BytesIn     uint64  `json:"bytes_in"`
+	PacketsOut  uint64  `json:"packets_out"`
+	BytesOut    uint64  `json:"bytes_out"`
+}
+
+// MemberStatusOf fills a MemberStatus from m's figures at now; the state
+// is "up" or "down".
+func MemberStatusOf(m *aggregate.Member, now time.Time) MemberStatus {
+	sn := m.Snapshot(now.UnixNano())
+	ms := MemberStatus{
+		Name: m.Name, Index: m.Index, Weight: max(m.Weight, 1), State: "down",
+		RTTms: float64(sn.RTT.Microseconds()) / 1000, Loss: sn.Loss, Rate: sn.Rate,
+		PacketsIn: sn.PacketsIn, BytesIn: sn.BytesIn, PacketsOut: sn.PacketsOut, BytesOut: sn.BytesOut,
+	}
+	if sn.Live {
+		ms.State = "up"
+	}
+	return ms
 }
 
 // SessionStatus describes one server session or one client flow.
@@ -137,6 +200,25 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 			}
 		}
 		fmt.Fprintf(&b, "stat: rxp=%d txp=%d rxb=%d txb=%d\n", s.PacketsIn, s.PacketsOut, s.BytesIn, s.BytesOut)
+	}
+	if len(st.Aggregates) > 0 {
+		fmt.Fprintf(&b, "\naggregates: %d\n", len(st.Aggregates))
+	}
+	for _, a := range st.Aggregates {
+		b.WriteString("\n")
+		fmt.Fprintf(&b, "location-id: %s  algorithm: %s", a.LocationID, a.Algorithm)
+		if a.Session != 0 {
+			fmt.Fprintf(&b, "  session: %d", a.Session)
+		}
+		fmt.Fprintf(&b, "  members: %d\n", len(a.Members))
+		r := a.Reorder
+		fmt.Fprintf(&b, "  reorder: hold %.1fms  delivered=%d held=%d expired=%d out_of_order=%d max_behind=%d\n",
+			r.HoldMs, r.Delivered, r.Held, r.Expired, r.OutOfOrder, r.MaxBehind)
+		for _, m := range a.Members {
+			fmt.Fprintf(&b, "  member %s: %s -> %s  state: %s  weight: %d  rtt: %.1fms  loss: %.0f%%  rate: %dB/s\n",
+				m.Name, orDash(m.Local), orDash(m.Remote), m.State, m.Weight, m.RTTms, 100*m.Loss, m.Rate)
+			fmt.Fprintf(&b, "    stat: rxp=%d txp=%d rxb=%d txb=%d\n", m.PacketsIn, m.PacketsOut, m.BytesIn, m.BytesOut)
+		}
 	}
 	var nonzero []string
 	for _, c := range st.Counters {

@@ -26,7 +26,7 @@ func clientCommand() *cli.Command {
 		Usage: "relay a local IKE daemon's UDP to an iketcp server over RFC 9329 TCP",
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:14500", Usage: "explicit mode: UDP address the IKE daemon sends to (its remote address and port)", EnvVars: envVar("listen")},
-			&cli.StringSliceFlag{Name: "peer", Required: true, Usage: "explicit mode: the iketcp server, host:port; --tun: an IKE peer's address, where an iketcp server listens on --tcp-port (repeat for several)", EnvVars: envVar("peer")},
+			&cli.StringSliceFlag{Name: "peer", Usage: "explicit mode: the iketcp server, host:port; --tun: an IKE peer's address, where an iketcp server listens on --tcp-port (repeat for several)", EnvVars: envVar("peer")},
 			&cli.StringFlag{Name: "transport", Value: "tcp", Usage: "tcp (RFC 9329 to the iketcp server), udp (straight to the peer's NAT-T port: a plain NAT-T relay), udp-fallback-tcp or its alias auto (UDP first, TCP when UDP gets no answer)", EnvVars: envVar("transport")},
 			&cli.DurationFlag{Name: "fallback-threshold", Value: fallback.DefaultThreshold, Usage: "auto: how long UDP may go unanswered before the daemon's next retransmission goes over TCP (1s to 300s)", EnvVars: envVar("fallback-threshold")},
 			&cli.BoolFlag{Name: "race", Usage: "auto: open TCP alongside UDP after the daemon's first unanswered retransmission and keep whichever answers first", EnvVars: envVar("race")},
@@ -49,6 +49,11 @@ func clientCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-flows", Value: client.DefaultMaxFlows, Usage: "most local daemon addresses served at once", EnvVars: envVar("max-flows")},
 			&cli.DurationFlag{Name: "flow-idle", Value: client.DefaultFlowIdle, Usage: "close a flow whose daemon has sent nothing for this long", EnvVars: envVar("flow-idle")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: client.DefaultDialTimeout, Usage: "give up a connection attempt after this long", EnvVars: envVar("dial-timeout")},
+			&cli.StringSliceFlag{Name: "member", Usage: "an aggregate member, NAME=LOCAL_ADDR->HUB:PORT: a link that leaves by LOCAL_ADDR (its uplink) to the iketcp server at HUB:PORT; repeat for each (instead of --peer); members may share an uplink", EnvVars: envVar("member")},
+			&cli.StringFlag{Name: "location-id", Usage: "--member: this site's location ID, a dotted quad (FortiOS's location-id)", EnvVars: envVar("location-id")},
+			&cli.StringFlag{Name: "aggregate", Value: "round-robin", Usage: "--member: how datagrams are spread over the live members: round-robin, weighted, redundant, l3, l4 (per SA) or least-latency", EnvVars: envVar("aggregate")},
+			reorderFlag(),
+			&cli.StringSliceFlag{Name: "weight", Usage: "--aggregate weighted: a member's weight, NAME=N (default 1)", EnvVars: envVar("weight")},
 			&cli.DurationFlag{Name: "reconnect-max", Value: client.DefaultReconnectMax, Usage: "longest wait between reconnection attempts", EnvVars: envVar("reconnect-max")},
 		}, commonFlags("client")...),
 		Action: runClient,
@@ -90,6 +95,7 @@ func runClient(c *cli.Context) error {
 		DialTimeout:       c.Duration("dial-timeout"),
 		ReconnectMax:      c.Duration("reconnect-max"),
 		Version:           versionString(),
+		ReorderMax:        reorderMax(c),
 	}
 	switch c.String("encap") {
 	case "rfc9329":
@@ -98,7 +104,25 @@ func runClient(c *cli.Context) error {
 			return err
 		}
 		cfg.Dialer = d
+		if c.IsSet("member") && c.IsSet("http-proxy") {
+			return errors.New("--member and --http-proxy exclude each other: each member leaves by its own address")
+		}
+		err = aggregateConfig(c, &cfg, func(local netip.Addr) (relay.Dialer, error) {
+			md, err := streamDialer(c, log, counters)
+			if err != nil {
+				return nil, err
+			}
+			md.Dial = localDial(local)
+			return md, nil
+		})
+		if err != nil {
+			return err
+		}
+		logAggregate(log, &cfg)
 	case "fake-tcp":
+		if c.IsSet("member") {
+			return errors.New("--member goes with --encap rfc9329 (with or without --tls): fake-TCP's segments leave by its TUN device's own address, so members cannot choose their uplink yet")
+		}
 		if c.Bool("tls") || c.IsSet("http-proxy") {
 			return errors.New("--tls and --http-proxy go with --encap rfc9329: fake-TCP's segments carry no stream")
 		}
@@ -114,7 +138,13 @@ func runClient(c *cli.Context) error {
 	default:
 		return fmt.Errorf("--encap %q: want rfc9329 or fake-tcp", c.String("encap"))
 	}
+	if len(cfg.Members) > 0 {
+		return runExplicitClient(c, log, cfg)
+	}
 	peers := c.StringSlice("peer")
+	if len(peers) == 0 {
+		return errors.New("--peer: the iketcp server (host:port), or with --tun the IKE peers, is required (or give --member)")
+	}
 	if c.Bool("tun") {
 		return runTransparentClient(c, log, cfg, peers)
 	}
@@ -125,6 +155,11 @@ func runClient(c *cli.Context) error {
 	if _, _, err := net.SplitHostPort(cfg.Peer); err != nil {
 		return fmt.Errorf("--peer %q: %w (want the iketcp server's host:port, e.g. 203.0.113.2:4500; or use --tun)", cfg.Peer, err)
 	}
+	return runExplicitClient(c, log, cfg)
+}
+
+// runExplicitClient relays the daemon that talks to --listen.
+func runExplicitClient(c *cli.Context, log *slog.Logger, cfg client.Config) error {
 	cl, err := client.New(cfg)
 	if err != nil {
 		return err

@@ -57,6 +57,16 @@ func TestBadFlagsAreRejectedWithAdvice(t *testing.T) {
 		{"transport", nil, []string{"client", "--peer", "203.0.113.2:4500", "--transport", "quic", "--control", ctl}, "--transport: unknown transport \"quic\": want udp, tcp"},
 		{"threshold too short", nil, []string{"client", "--peer", "203.0.113.2:4500", "--transport", "auto", "--fallback-threshold", "500ms", "--control", ctl}, "--fallback-threshold: threshold 500ms is out of range: want 1s to 300s"},
 		{"threshold too long, from the environment", map[string]string{"IKETCP_FALLBACK_THRESHOLD": "301s"}, []string{"client", "--peer", "203.0.113.2:4500", "--transport", "auto", "--control", ctl}, "--fallback-threshold: threshold 5m1s is out of range: want 1s to 300s"},
+		{"member syntax", nil, []string{"client", "--member", "wan1=100.64.0.2", "--location-id", "1.1.1.1", "--control", ctl}, "NAME=LOCAL_ADDR->HUB:PORT"},
+		{"member local address", nil, []string{"client", "--member", "wan1=uplink->203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "local address \"uplink\""},
+		{"member needs a location", nil, []string{"client", "--member", "wan1=100.64.0.2->203.0.113.2:4500", "--control", ctl}, "--location-id"},
+		{"location is a dotted quad", nil, []string{"client", "--member", "wan1=100.64.0.2->203.0.113.2:4500", "--location-id", "site-a", "--control", ctl}, "dotted quad"},
+		{"algorithm", nil, []string{"client", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--aggregate", "wrr", "--control", ctl}, "want round-robin, weighted"},
+		{"weight needs weighted", nil, []string{"client", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--weight", "a=3", "--control", ctl}, "--aggregate weighted"},
+		{"weight of no member", nil, []string{"client", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--aggregate", "weighted", "--weight", "b=3", "--control", ctl}, "no --member of that name"},
+		{"member and peer", nil, []string{"client", "--member", "a=100.64.0.2->203.0.113.2:4500", "--peer", "203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "exclude each other"},
+		{"members and fake-tcp", nil, []string{"client", "--encap", "fake-tcp", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "--encap rfc9329"},
+		{"location without members", nil, []string{"client", "--peer", "203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "--location-id goes with --member"},
 		{"race needs auto", nil, []string{"client", "--peer", "203.0.113.2:4500", "--race", "--control", ctl}, "--race"},
 	}
 	for _, tt := range tests {

@@ -72,6 +72,12 @@ type Options struct {
 	// has no Carrier, and what needs one (BlockUDP, LimitRate, the
 	// middlebox, the counters) returns an error.
 	Pair bool
+	// TwoCarriers adds a second carrier (namespace carrier2), a path of
+	// its own between a second uplink of the site's (s1, SiteOuter2) and a
+	// second address of the hub's (h1, HubOuter2), with the same NAT, for
+	// aggregates (twocarriers.go). The first carrier's topology is
+	// unchanged.
+	TwoCarriers bool
 }
 
 // Lab is one carrier-NAT topology with the processes started in it.
@@ -83,6 +89,8 @@ type Lab struct {
 	Dir string
 	// Site, Carrier and Hub are the lab's namespaces.
 	Site, Carrier, Hub *Namespace
+	// Carrier2 is the second carrier of a TwoCarriers lab, else nil.
+	Carrier2 *Namespace
 
 	opts      Options
 	runDir    string // runRoot/Name
@@ -268,6 +276,9 @@ func (l *Lab) build(ctx context.Context) error {
 	if err := l.setupCarrierFirewall(ctx); err != nil {
 		return err
 	}
+	if l.opts.TwoCarriers {
+		return l.buildSecondCarrier(ctx, ip)
+	}
 	return nil
 }
 
@@ -374,6 +385,9 @@ func (l *Lab) Close() error {
 func (l *Lab) Namespaces() []*Namespace {
 	if l.Carrier == nil {
 		return []*Namespace{l.Site, l.Hub}
+	}
+	if l.Carrier2 != nil {
+		return []*Namespace{l.Site, l.Carrier, l.Carrier2, l.Hub}
 	}
 	return []*Namespace{l.Site, l.Carrier, l.Hub}
 }

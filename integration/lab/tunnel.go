@@ -56,6 +56,9 @@ type TunnelOptions struct {
 	// Peer is the explicit-mode client's --peer; empty means
 	// HubOuter:ServerPort.
 	Peer string
+	// Members, if set, replace --peer with these --member values (an
+	// aggregate; ClientArgs add --location-id and the rest).
+	Members []string
 	// Connections, if 2 or more, gives each charon that many connections
 	// instead of one, each its own IKE SA when initiated (see TunnelConn);
 	// at most MaxTunnelConns.
@@ -253,6 +256,12 @@ func (t *Tunnel) StartClient(ctx context.Context) (err error) {
 	args := []string{"client",
 		"--listen", "127.0.0.1:" + strconv.Itoa(ClientListenPort),
 		"--peer", peer,
+	}
+	if len(t.Opts.Members) > 0 {
+		args = args[:3]
+		for _, m := range t.Opts.Members {
+			args = append(args, "--member", m)
+		}
 	}
 	if t.Opts.Transparent {
 		args = []string{"client", "--tun", "--peer", HubOuter, "--tcp-port", strconv.Itoa(ServerPort)}

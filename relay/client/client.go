@@ -18,6 +18,13 @@
 // for writeLink (linkpath.go), UDP's leave at the end of the batch
 // (udppath.go). The way back, the link or the UDP path hands bursts to the
 // flow, which delivers them through the daemon side.
+//
+// With Config.Members, each IKE SA's path is an aggregate (members.go):
+// several member links, each dialled its own way, that join the server's
+// session with the path's ticket, probe it, and carry the daemon's
+// datagrams as the aggregate's algorithm spreads them (package
+// relay/aggregate); what they bring back passes the path's reorder buffer
+// (package relay/reorder) on its way to the daemon.
 package client
 
 import (
@@ -104,6 +111,9 @@ func (d *datagram) withHeadroom() []byte { return d.buf[d.off-relay.Headroom : d
 
 // New returns a client for cfg.
 func New(cfg Config) (*Client, error) {
+	if err := cfg.checkAggregate(); err != nil {
+		return nil, err
+	}
 	cl := &Client{cfg: cfg, log: cfg.logger(), started: time.Now(), flows: make(map[flowKey]*flow)}
 	cl.counters = cfg.Counters
 	if cl.counters == nil {
@@ -191,8 +201,10 @@ func (cl *Client) Status() *relay.Status {
 	flows := slices.Collect(maps.Values(cl.flows))
 	cl.mu.Unlock()
 	sort.Slice(flows, func(i, j int) bool { return flows[i].id < flows[j].id })
+	now := time.Now()
 	for _, f := range flows {
 		st.Sessions = append(st.Sessions, f.status(cl.mode))
+		st.Aggregates = append(st.Aggregates, f.links.aggregateStatus(now)...)
 	}
 	st.Counters = cl.counters.Snapshot(relay.RoleClient)
 	return st

@@ -8,6 +8,7 @@ import (
 
 	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/aggregate"
 )
 
 // Defaults of Config's zero fields.
@@ -75,6 +76,17 @@ type Config struct {
 	ReconnectMin, ReconnectMax time.Duration
 	// Version is reported in Status.
 	Version string
+	// Members, if set, make each IKE SA's way to the server an aggregate
+	// of these links (members.go), all joined to the server's one session
+	// for it, with LocationID and the Aggregate algorithm (default
+	// round-robin). They need an iketcp server and explicit mode.
+	Members    []Member
+	LocationID [4]byte
+	Aggregate  aggregate.Algorithm
+	// ReorderMax caps how long an aggregate's reorder buffer holds ESP
+	// behind a gap before the daemon gets it (package relay/reorder):
+	// zero means reorder.DefaultMax, negative turns the buffer off.
+	ReorderMax time.Duration
 }
 
 func (c *Config) logger() *slog.Logger    { return relay.OrDefault(c.Logger, slog.Default()) }

@@ -152,7 +152,16 @@ func (r *peerReader) Receive(burst []relay.Datagram) error {
 		}
 	}
 	if len(r.keep) > 0 {
-		r.f.deliver(r.keep, &r.scratch)
+		if r.link != nil && r.link.member != nil {
+			var n uint64
+			for _, d := range r.keep {
+				n += uint64(d.N)
+			}
+			r.link.member.stats.CountIn(len(r.keep), n)
+			r.link.path.reorder.Receive(r.keep, now.UnixNano())
+		} else {
+			r.f.deliver(r.keep, &r.scratch)
+		}
 	}
 	clear(r.keep)
 	r.keep = r.keep[:0]

@@ -12,8 +12,11 @@ import (
 	"github.com/iketcp/iketcp/fallback"
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/aggregate"
+	"github.com/iketcp/iketcp/relay/reorder"
 	"github.com/iketcp/iketcp/relay/sendq"
 	"github.com/iketcp/iketcp/relay/ticket"
+	"github.com/iketcp/iketcp/relay/udpbatch"
 )
 
 // stableAfter is how long a link must last for the next reconnect to
@@ -62,6 +65,16 @@ type linkPath struct {
 	local   string
 	tickets []heldTicket // newest last
 	session uint64       // the server's session, from its latest ticket
+
+	// An aggregate's (members.go): nil members for a path of one link.
+	members []*memberPath
+	stats   []*aggregate.Member // the members' measurements, in order
+	smu     sync.Mutex          // guards the following
+	sched   aggregate.Scheduler
+	primary *memberPath
+
+	reorder reorder.Buffer     // what the members bring, on its way to the daemon
+	scratch []udpbatch.Message // reorder's Deliver's, under its lock
 }
 
 // heldTicket is a server's word that session id is this path's, and the
@@ -76,6 +89,9 @@ func newLinkPath(f *flow) *linkPath {
 	p := &linkPath{f: f, id: cl.nextID.Add(1)}
 	p.waiting.Budget, p.waiting.Target = cl.cfg.QueueBytes, cl.cfg.QueueDelay
 	p.ctx, p.cancel = context.WithCancel(f.ctx)
+	if len(cl.cfg.Members) > 0 {
+		p.initMembers()
+	}
 	return p
 }
 
@@ -86,8 +102,12 @@ func (p *linkPath) queueLocked(d *datagram) {
 	cl := p.f.cl
 	if !p.started {
 		p.started = true
-		cl.wg.Add(1)
-		go p.runLink()
+		if p.members != nil {
+			p.startMembers()
+		} else {
+			cl.wg.Add(1)
+			go p.runLink()
+		}
 	}
 	if len(p.out) == 0 {
 		cl.linkSends = append(cl.linkSends, p)
@@ -110,6 +130,10 @@ func (cl *Client) flushLinksLocked() {
 // send hands bufs (each with relay.Headroom in front) to the path's link,
 // or queues copies while it has none.
 func (p *linkPath) send(bufs [][]byte) {
+	if p.members != nil {
+		p.sendAggregate(bufs)
+		return
+	}
 	cl := p.f.cl
 	var bytes uint64
 	for _, b := range bufs {
@@ -283,12 +307,16 @@ func (p *linkPath) attach(link relay.Link) error {
 // key exchange, then the claims on the sessions the path's tickets name.
 // Its methods run on the link's reader, but for hello.
 type linkReader struct {
-	path *linkPath
-	link relay.Link
-	ex   *ticket.Exchange
-	key  ticket.Key
+	path   *linkPath
+	link   relay.Link
+	member *memberPath // the aggregate's member the link is, or nil
+	ex     *ticket.Exchange
+	key    ticket.Key
 	// server is the server's public key; nil until it answered.
 	server []byte
+
+	jmu      sync.Mutex // guards joinSent, and server once written
+	joinSent bool
 }
 
 // hello starts the key exchange.
@@ -315,7 +343,13 @@ func (lr *linkReader) control(m *framing.Control) {
 			cl.logDrop.Log(cl.log, slog.LevelWarn, "the server's hello is not acceptable", "link", p.id, "err", err)
 			return
 		}
+		lr.jmu.Lock()
 		lr.key, lr.server = key, server
+		lr.jmu.Unlock()
+		if lr.member != nil {
+			lr.joinOnce() // a member joins rather than claims
+			return
+		}
 		p.mu.Lock()
 		held := append([]heldTicket(nil), p.tickets...)
 		p.mu.Unlock()
@@ -333,6 +367,13 @@ func (lr *linkReader) control(m *framing.Control) {
 		p.session = id
 		p.mu.Unlock()
 		cl.log.Debug("ticket for a session", "link", p.id, "session", id)
+		if lr.member != nil {
+			lr.joinOnce()
+		}
+	case m.Type == framing.ControlJoined && lr.member != nil:
+		lr.joined(m)
+	case m.Type == framing.ControlProbe && lr.member != nil:
+		lr.probe(m)
 	case m.Type == framing.ControlClaimed:
 		id, accepted := m.SessionID(), m.Body[8] == framing.ClaimAccepted
 		if !accepted {

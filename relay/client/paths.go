@@ -317,6 +317,20 @@ func (lp *linkPaths) prune(now time.Time, idle time.Duration) {
 	lp.paths = keep
 }
 
+// aggregateStatus describes the aggregates of the paths that are.
+func (lp *linkPaths) aggregateStatus(now time.Time) []relay.AggregateStatus {
+	lp.mu.Lock()
+	paths := append([]*linkPath(nil), lp.paths...)
+	lp.mu.Unlock()
+	var out []relay.AggregateStatus
+	for _, p := range paths {
+		if p.members != nil {
+			out = append(out, p.aggregateStatus(now))
+		}
+	}
+	return out
+}
+
 // status describes the paths.
 func (lp *linkPaths) status() []relay.LinkStatus {
 	lp.mu.Lock()
@@ -325,7 +339,16 @@ func (lp *linkPaths) status() []relay.LinkStatus {
 	out := make([]relay.LinkStatus, 0, len(paths))
 	for _, p := range paths {
 		ls := relay.LinkStatus{ID: p.id, Connections: p.conns.Load()}
-		switch p.state.Load() {
+		state := p.state.Load()
+		if p.members != nil {
+			state = stateWaiting
+			for _, m := range p.members {
+				if s := m.state.Load(); s == stateUp || s == stateConnecting && state != stateUp {
+					state = s
+				}
+			}
+		}
+		switch state {
 		case stateUp:
 			ls.State = "up"
 		case stateConnecting:

@@ -28,6 +28,9 @@ func (cl *Client) ServeTUN(ctx context.Context, dev tun.Device, name string) err
 	if len(cl.cfg.Peers) == 0 {
 		return errors.New("transparent mode needs the IKE peers' addresses")
 	}
+	if len(cl.cfg.Members) > 0 {
+		return errors.New("aggregate members work in explicit mode only: each member dials the hub itself")
+	}
 	batch := min(max(dev.BatchSize(), 1), clientBatch)
 	side := &tunSide{cl: cl, dev: dev, bufs: make([][]byte, batch), sizes: make([]int, batch)}
 	cl.mu.Lock()

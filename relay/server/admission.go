@@ -129,6 +129,7 @@ func (s *Server) forgetConnLocked(c *conn) {
 	if _, ok := s.conns[c]; !ok {
 		return
 	}
+	s.leaveLocked(c)
 	delete(s.conns, c)
 	if c.confirmed == 0 {
 		s.useLocked(c.src).unconfirmed--

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/reorder"
 )
 
 // Defaults of Config's zero fields. The per-source limits suit carrier-
@@ -68,6 +69,10 @@ type Config struct {
 	MaxDatagram int
 	// Version is reported in Status.
 	Version string
+	// ReorderMax caps how long an aggregate's reorder buffer holds ESP
+	// behind a gap before the daemon gets it (package relay/reorder):
+	// zero means reorder.DefaultMax, negative turns the buffer off.
+	ReorderMax time.Duration
 }
 
 func (c *Config) logger() *slog.Logger { return relay.OrDefault(c.Logger, slog.Default()) }
@@ -92,4 +97,5 @@ func (c *Config) maxHalfOpenPerSource() int {
 func (c *Config) halfOpenTimeout() time.Duration {
 	return relay.OrDefault(c.HalfOpenTimeout, DefaultHalfOpenTimeout)
 }
-func (c *Config) maxDatagram() int { return relay.OrDefault(c.MaxDatagram, relay.DefaultMaxDatagram) }
+func (c *Config) reorderMax() time.Duration { return reorder.Limit(c.ReorderMax) }
+func (c *Config) maxDatagram() int          { return relay.OrDefault(c.MaxDatagram, relay.DefaultMaxDatagram) }

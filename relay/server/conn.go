@@ -41,6 +41,7 @@ type conn struct {
 	closed    atomic.Bool
 	closeOnce sync.Once
 	keys      atomic.Pointer[linkKeys] // set once the client said hello: an iketcp client
+	member    atomic.Pointer[member]   // set once it joined an aggregate, under Server.mu
 
 	// Guarded by Server.mu.
 	carrying         map[*session]struct{} // sessions whose return path this is; nil once forgotten
@@ -56,6 +57,7 @@ type conn struct {
 	garbage   budget
 	pending   []pendingFrame
 	out       []udpbatch.Message
+	dgs       []relay.Datagram // flushMember's scratch
 	frames    uint64
 }
 
@@ -153,7 +155,13 @@ func (c *conn) undeliverable(now time.Time) error {
 // carries reports whether c is sess's return path; c.current is only ever
 // such a session.
 func (c *conn) carries(sess *session) bool {
-	return sess != nil && !sess.closed.Load() && sess.conn.Load() == c
+	return sess != nil && !sess.closed.Load() && (sess.conn.Load() == c || c.memberOf(sess))
+}
+
+// memberOf reports whether c is a member of sess's aggregate.
+func (c *conn) memberOf(sess *session) bool {
+	m := c.member.Load()
+	return m != nil && m.sess == sess
 }
 
 // sessionForIKE finds the session of an IKE message: by its IKE SA, or a
@@ -186,7 +194,7 @@ func (c *conn) sessionForIKE(h *framing.IKEHeader, now time.Time) *session {
 	fresh := !h.IsResponse() && r.request(h.MessageID)
 	s.steerLocked(sess, c, fresh, h)
 	r.touch(now.Unix())
-	carrier := sess.conn.Load() == c
+	carrier := c.carries(sess)
 	s.mu.Unlock()
 	if carrier {
 		c.current = sess
@@ -223,7 +231,7 @@ func (c *conn) sessionForESP(spi uint32, now time.Time) *session {
 	}
 	s.steerLocked(sess, c, false, nil)
 	r.touch(now.Unix())
-	carrier := sess.conn.Load() == c
+	carrier := c.carries(sess)
 	s.mu.Unlock()
 	c.lastESP, c.lastRoute = spi, nil
 	if carrier {
@@ -266,6 +274,9 @@ func (s *Server) steerLocked(sess *session, c *conn, fresh bool, h *framing.IKEH
 	cur := sess.conn.Load()
 	switch {
 	case cur == c:
+	case c.memberOf(sess) && cur != nil && !cur.closed.Load():
+		// A member of its aggregate: it carries the session beside the
+		// others.
 	case cur == nil || cur.closed.Load():
 		s.moveLocked(sess, c, "its connection was gone")
 	default:
@@ -324,6 +335,10 @@ func (c *conn) control(m *framing.Control, now time.Time) bool {
 		return c.claim(m.SessionID(), m.Body[8:], now)
 	case framing.ControlMove:
 		return c.move(binary.BigEndian.Uint32(m.Body), m.SessionID(), m.Body[12:], now)
+	case framing.ControlJoin:
+		return c.join(m.Join(), now)
+	case framing.ControlProbe:
+		return c.probe(m.Probe(), now)
 	}
 	return false
 }
@@ -421,6 +436,10 @@ func (c *conn) flush(now time.Time) {
 	for i := 0; i < len(p); {
 		sess := p[i].sess
 		sess.lastActive.Store(stamp)
+		if m := c.member.Load(); m != nil && m.sess == sess {
+			i = c.flushMember(m, p, i, stamp)
+			continue
+		}
 		c.out = c.out[:0]
 		var bytes uint64
 		for ; i < len(p) && p[i].sess == sess; i++ {
@@ -438,6 +457,24 @@ func (c *conn) flush(now time.Time) {
 	clear(p)
 	c.pending = p[:0]
 	clear(c.out)
+}
+
+// flushMember sends the run of pending frames from i that belong to m's
+// session through the aggregate's reorder buffer, and returns where the
+// run ends.
+func (c *conn) flushMember(m *member, p []pendingFrame, i int, now int64) int {
+	c.dgs = c.dgs[:0]
+	var bytes uint64
+	for ; i < len(p) && p[i].sess == m.sess; i++ {
+		c.dgs = append(c.dgs, relay.Datagram{Buf: p[i].payload, N: len(p[i].payload)})
+		bytes += uint64(len(p[i].payload))
+	}
+	m.CountIn(len(c.dgs), bytes)
+	if a := m.sess.aggOf(); a != nil {
+		a.reorder.Receive(c.dgs, now)
+	}
+	clear(c.dgs)
+	return i
 }
 
 // send sends datagrams to the client, unless the connection is closed.

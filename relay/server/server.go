@@ -23,6 +23,14 @@
 // client proved with its ticket that it owns the session (package
 // relay/ticket). Every limit refuses the newest or cheapest thing, never
 // an established session.
+//
+// A session may be carried by an aggregate (aggregate.go): member
+// connections of one location ID that each joined it by proving the
+// session's key. The backend's datagrams are then spread over the live
+// members (package relay/aggregate), each member is probed, and what the
+// members bring passes the aggregate's reorder buffer (package
+// relay/reorder) on its way to the backend. The session, its backend
+// socket and its return path stay one.
 package server
 
 import (
@@ -75,6 +83,7 @@ type logs struct {
 	created, moved, expired, halfOpenExpired, initDropped          relay.Sometimes
 	malformed, unknownIKE, unknownESP, claimRefused, controlUnsent relay.Sometimes
 	backendSend, backendRecv, oversize, writeFailed                relay.Sometimes
+	joined, joinRefused, memberState                               relay.Sometimes
 }
 
 // New returns a server for cfg.
@@ -117,8 +126,9 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 	for _, ln := range listeners {
 		relay.CloseWhenDone(ctx, &s.wg, ln)
 	}
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.sweep(ctx)
+	go s.probeMembers(ctx)
 
 	ended := make(chan error, len(listeners))
 	for _, ln := range listeners {
@@ -210,8 +220,12 @@ func (s *Server) Status() *relay.Status {
 	sessions := slices.Collect(maps.Values(s.sessions))
 	s.mu.Unlock()
 	sort.Slice(sessions, func(i, j int) bool { return sessions[i].id < sessions[j].id })
+	now := time.Now()
 	for _, sess := range sessions {
 		st.Sessions = append(st.Sessions, sess.status())
+		if as := sess.aggregateStatus(now); as != nil {
+			st.Aggregates = append(st.Aggregates, *as)
+		}
 	}
 	st.Counters = s.counters.Snapshot(relay.RoleServer)
 	return st

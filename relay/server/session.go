@@ -36,6 +36,7 @@ type session struct {
 	local   netip.AddrPort // the backend socket's address: the peer the daemon sees
 
 	conn       atomic.Pointer[conn] // return path; nil while the client is away
+	agg        atomic.Pointer[agg]  // its aggregate, once a member joined; set under Server.mu
 	lastActive atomic.Int64         // unix ns of the last frame from the client, or of its disconnect
 	closed     atomic.Bool
 	confirmed  atomic.Bool   // the backend answered the IKE_SA_INIT; written under Server.mu
@@ -265,6 +266,10 @@ func (sess *session) toClient(bb *backendBuffers, n int, msg *framing.Message) {
 	if len(frames) == 0 {
 		return
 	}
+	if a := sess.agg.Load(); a != nil && a.toMembers(sess, frames) {
+		clear(frames)
+		return
+	}
 	c := sess.conn.Load()
 	if c == nil {
 		s.counters.NoPath.Add(uint64(len(frames)))
@@ -346,6 +351,12 @@ func (s *Server) removeSession(sess *session) {
 	s.routes.drop(sess)
 	if c := sess.conn.Load(); c != nil {
 		s.dropCarryLocked(sess, c)
+	}
+	if a := sess.aggOf(); a != nil {
+		for _, m := range a.set().ms {
+			s.leaveLocked(m.conn)
+		}
+		defer a.reorder.Close()
 	}
 	u := s.useLocked(sess.src)
 	u.sessions--

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -47,6 +48,13 @@ const (
 // failed.
 func (l *Link) Send(bufs [][]byte) error {
 	now := time.Now().UnixNano()
+	if l.kernel != nil {
+		var n uint64
+		for _, b := range bufs {
+			n += uint64(len(b) - relay.Headroom + framing.LengthSize)
+		}
+		l.handed.Add(n)
+	}
 	l.wmu.Lock()
 	defer l.wmu.Unlock()
 	if l.werr != nil {
@@ -279,6 +287,7 @@ type autoLowat struct {
 	raw     syscall.RawConn
 	set     int   // the lowat set now
 	checked int64 // unix ns of the last check
+	rate    atomic.Uint64
 }
 
 const adjustEvery = int64(50 * time.Millisecond)
@@ -294,12 +303,35 @@ func (a *autoLowat) adjust(now int64) {
 	if err != nil || rate == 0 {
 		return
 	}
+	a.rate.Store(rate)
 	want := int(min(max(rate*uint64(AutoNotSentTime)/uint64(time.Second), MinNotSentLowat), MaxNotSentLowat))
 	if diff := want - a.set; diff > a.set/4 || -diff > a.set/4 {
 		if setSocketOptions(a.raw, want, "") == nil {
 			a.set = want
 		}
 	}
+}
+
+// Backlog says what waits on the link, in bytes: in its queue, and, on
+// Linux over TCP, in the socket, unsent or unacknowledged (TCP_INFO, read
+// at most every millisecond); and the connection's delivery rate in bytes
+// a second (0: unknown), plus what Send was handed since the socket was
+// read. An aggregate's least-latency scheduler asks it
+// (package relay/aggregate).
+func (l *Link) Backlog() (queued int, rate uint64) {
+	l.wmu.Lock()
+	p, b := l.q.Bytes()
+	l.wmu.Unlock()
+	if l.kernel != nil {
+		// What was handed over since the socket was last read is on its
+		// way in, or queued: counted, once or twice, rather than not.
+		k, r := l.kernel.get(time.Now().UnixNano(), l.handed.Load())
+		return p + b + k, r
+	}
+	if l.lowat != nil {
+		rate = l.lowat.rate.Load()
+	}
+	return p + b, rate
 }
 
 // underlying returns the connection under TLS.

@@ -2,7 +2,9 @@ package streamlink
 
 import (
 	"fmt"
+	"sync"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -149,4 +151,56 @@ func deliveryRate(raw syscall.RawConn) (uint64, error) {
 		return 0, cerr
 	}
 	return rate, err
+}
+
+// kernelBacklog reads what waits in the socket from TCP_INFO, at most
+// every backlogEvery: bytes not sent yet, bytes in flight, and the
+// delivery rate. It does not allocate.
+type kernelBacklog struct {
+	raw syscall.RawConn
+	fn  func(fd uintptr)
+
+	mu      sync.Mutex // guards the following
+	info    unix.TCPInfo
+	size    uint32
+	at      int64
+	queued  int
+	rate    uint64
+	handed  uint64 // the link's handed bytes at the last read
+	readErr syscall.Errno
+}
+
+const backlogEvery = int64(time.Millisecond)
+
+func newKernelBacklog(raw syscall.RawConn) *kernelBacklog {
+	if raw == nil {
+		return nil
+	}
+	k := &kernelBacklog{raw: raw}
+	k.fn = k.read
+	return k
+}
+
+func (k *kernelBacklog) read(fd uintptr) {
+	k.size = uint32(unsafe.Sizeof(k.info))
+	_, _, k.readErr = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.IPPROTO_TCP, unix.TCP_INFO,
+		uintptr(unsafe.Pointer(&k.info)), uintptr(unsafe.Pointer(&k.size)), 0)
+}
+
+// get returns the bytes waiting in the socket (unsent, and sent but not
+// acknowledged) as of at most backlogEvery ago, plus what the link was
+// handed since (handed counts all it was ever handed), and the delivery
+// rate.
+func (k *kernelBacklog) get(now int64, handed uint64) (int, uint64) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if now-k.at >= backlogEvery {
+		k.at = now
+		if k.raw.Control(k.fn) == nil && k.readErr == 0 {
+			k.queued = int(k.info.Notsent_bytes) + int(k.info.Unacked)*int(k.info.Snd_mss)
+			k.rate = k.info.Delivery_rate
+			k.handed = handed
+		}
+	}
+	return k.queued + int(handed-k.handed), k.rate
 }

@@ -267,7 +267,9 @@ type Link struct {
 	direct  directWriter // nil: frames go through nc.Write (TLS)
 	closed  atomic.Bool
 	writers sync.WaitGroup
-	lowat   *autoLowat // nil: TCP_NOTSENT_LOWAT stays as set
+	lowat   *autoLowat     // nil: TCP_NOTSENT_LOWAT stays as set
+	kernel  *kernelBacklog // nil where the socket's backlog cannot be read
+	handed  atomic.Uint64  // bytes handed to Send, for kernel
 
 	wmu      sync.Mutex // guards the write side (send.go): the following
 	q        sendq.Queue
@@ -287,6 +289,7 @@ func newLink(nc net.Conn, sh *shared) *Link {
 		sh.logTune.Log(sh.log, slog.LevelWarn, "link socket option not set", "err", err)
 	}
 	l.lowat = lowat
+	l.kernel = newKernelBacklog(rawConn(underlying(nc)))
 	return l
 }
 

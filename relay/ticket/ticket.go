@@ -112,6 +112,29 @@ func CheckMove(session Key, id uint64, spi uint32, client, server, mac []byte) b
 	return hmac.Equal(want[:], mac)
 }
 
+// JoinMAC is the proof, bound to the link whose public keys are client
+// and server, that whoever sends it knows the key of session id, and so
+// may add the link to that session's aggregate as member index, with the
+// location ID, algorithm and weight it declares.
+func JoinMAC(session Key, id uint64, location [4]byte, algorithm, weight, index uint8, client, server []byte) [KeySize]byte {
+	m := hmac.New(sha256.New, session[:])
+	m.Write([]byte("iketcp join"))
+	m.Write(binary.BigEndian.AppendUint64(nil, id))
+	m.Write(location[:])
+	m.Write([]byte{algorithm, weight, index})
+	m.Write(client)
+	m.Write(server)
+	var out [KeySize]byte
+	m.Sum(out[:0])
+	return out
+}
+
+// CheckJoin reports, in constant time, whether mac is JoinMAC's.
+func CheckJoin(session Key, id uint64, location [4]byte, algorithm, weight, index uint8, client, server, mac []byte) bool {
+	want := JoinMAC(session, id, location, algorithm, weight, index, client, server)
+	return hmac.Equal(want[:], mac)
+}
+
 // CheckClaim reports, in constant time, whether mac is ClaimMAC's for the
 // session, the ID and the link.
 func CheckClaim(session Key, id uint64, client, server, mac []byte) bool {

@@ -77,3 +77,29 @@ func TestMoveMACBindsSPIAndLink(t *testing.T) {
 		}
 	}
 }
+
+func TestJoinMACBindsEverythingItDeclares(t *testing.T) {
+	c, _ := NewExchange()
+	s, _ := NewExchange()
+	k := Key{5}
+	loc := [4]byte{1, 1, 1, 1}
+	mac := JoinMAC(k, 3, loc, 2, 3, 1, c.Public(), s.Public())
+	if !CheckJoin(k, 3, loc, 2, 3, 1, c.Public(), s.Public(), mac[:]) {
+		t.Fatal("a good join was refused")
+	}
+	c2, _ := NewExchange()
+	for name, ok := range map[string]bool{
+		"other key":       CheckJoin(Key{6}, 3, loc, 2, 3, 1, c.Public(), s.Public(), mac[:]),
+		"other session":   CheckJoin(k, 4, loc, 2, 3, 1, c.Public(), s.Public(), mac[:]),
+		"other location":  CheckJoin(k, 3, [4]byte{1, 1, 1, 2}, 2, 3, 1, c.Public(), s.Public(), mac[:]),
+		"other algorithm": CheckJoin(k, 3, loc, 1, 3, 1, c.Public(), s.Public(), mac[:]),
+		"other weight":    CheckJoin(k, 3, loc, 2, 9, 1, c.Public(), s.Public(), mac[:]),
+		"other member":    CheckJoin(k, 3, loc, 2, 3, 0, c.Public(), s.Public(), mac[:]),
+		"other link":      CheckJoin(k, 3, loc, 2, 3, 1, c2.Public(), s.Public(), mac[:]),
+		"a claim's MAC":   CheckClaim(k, 3, c.Public(), s.Public(), mac[:]),
+	} {
+		if ok {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}

@@ -1,0 +1,166 @@
+package reorder
+
+import (
+	"encoding/binary"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/iketcp/iketcp/relay"
+)
+
+func esp(spi, seq uint32) relay.Datagram {
+	b := make([]byte, relay.Headroom+64)
+	binary.BigEndian.PutUint32(b[relay.Headroom:], spi)
+	binary.BigEndian.PutUint32(b[relay.Headroom+4:], seq)
+	return relay.Datagram{Buf: b, Off: relay.Headroom, N: 64}
+}
+
+// recorder collects the sequence numbers delivered.
+type recorder struct {
+	mu   sync.Mutex
+	seqs []uint32
+}
+
+func (r *recorder) deliver(dgs []relay.Datagram) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, d := range dgs {
+		r.seqs = append(r.seqs, binary.BigEndian.Uint32(d.Bytes()[4:]))
+	}
+}
+
+func (r *recorder) got() []uint32 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.seqs)
+}
+
+func feed(b *Buffer, now int64, seqs ...uint32) {
+	for _, s := range seqs {
+		b.Receive([]relay.Datagram{esp(7, s)}, now)
+	}
+}
+
+func TestRestoresOrderWhenTheGapFills(t *testing.T) {
+	r := &recorder{}
+	b := &Buffer{Deliver: r.deliver}
+	defer b.Close()
+	b.SetHold(time.Second, time.Second)
+	now := time.Now().UnixNano()
+	feed(b, now, 1, 2, 4, 5, 3, 6, 8, 7)
+	if want := []uint32{1, 2, 3, 4, 5, 6, 7, 8}; !slices.Equal(r.got(), want) {
+		t.Fatalf("delivered %v, want %v", r.got(), want)
+	}
+	if s := b.Stats(); s.OutOfOrder != 0 || s.Held != 3 || s.Delivered != 8 {
+		t.Fatalf("stats %+v", s)
+	}
+}
+
+func TestGivesUpAGapAfterItsHold(t *testing.T) {
+	r := &recorder{}
+	b := &Buffer{Deliver: r.deliver}
+	defer b.Close()
+	b.SetHold(30*time.Millisecond, 30*time.Millisecond)
+	feed(b, time.Now().UnixNano(), 1, 3, 4)
+	if got := r.got(); !slices.Equal(got, []uint32{1}) {
+		t.Fatalf("delivered %v before the hold passed, want [1]", got)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for len(r.got()) < 3 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := r.got(); !slices.Equal(got, []uint32{1, 3, 4}) {
+		t.Fatalf("delivered %v, want [1 3 4] once the hold passed", got)
+	}
+	// 2 comes late after all: it goes, out of order, and is counted.
+	feed(b, time.Now().UnixNano(), 2)
+	if s := b.Stats(); s.Expired != 1 || s.OutOfOrder != 1 || s.MaxBehind != 2 || s.LateOrRepeat != 1 {
+		t.Fatalf("stats %+v", s)
+	}
+}
+
+// TestHoldLearns: the hold starts at the cap, decays toward what the
+// delays ask, and grows again when a gap takes long to fill or a
+// datagram comes after its gap was given up.
+func TestHoldLearns(t *testing.T) {
+	b := &Buffer{Deliver: func([]relay.Datagram) {}}
+	defer b.Close()
+	ms := time.Millisecond
+	b.SetHold(5*ms, 100*ms)
+	if h := b.Stats().Hold; h != 100*ms {
+		t.Fatalf("hold %v at first, want the cap", h)
+	}
+	now := time.Now().UnixNano()
+	b.mu.Lock()
+	b.resizeLocked(now + int64(60*time.Second))
+	b.mu.Unlock()
+	if h := b.Stats().Hold; h > 10*ms {
+		t.Fatalf("hold %v a minute on, want it down near the delays' 5ms", h)
+	}
+	// A gap that takes 20 ms to fill: the hold covers it half as long again.
+	now = time.Now().UnixNano()
+	feed(b, now, 1, 3)
+	b.Receive([]relay.Datagram{esp(7, 2)}, now+int64(20*ms))
+	if h := b.Stats().Hold; h < 30*ms || h > 32*ms {
+		t.Fatalf("hold %v after a gap took 20ms to fill, want 31ms", h)
+	}
+}
+
+func TestWithoutHoldItMeasures(t *testing.T) {
+	r := &recorder{}
+	b := &Buffer{Deliver: r.deliver}
+	feed(b, time.Now().UnixNano(), 1, 2, 5, 3, 4, 6)
+	if want := []uint32{1, 2, 5, 3, 4, 6}; !slices.Equal(r.got(), want) {
+		t.Fatalf("delivered %v, want them as they came", r.got())
+	}
+	if s := b.Stats(); s.OutOfOrder != 2 || s.MaxBehind != 2 || s.Held != 0 {
+		t.Fatalf("stats %+v", s)
+	}
+}
+
+func TestFullBufferGivesUpTheOldestGap(t *testing.T) {
+	r := &recorder{}
+	b := &Buffer{Deliver: r.deliver}
+	defer b.Close()
+	b.SetHold(time.Minute, time.Minute)
+	now := time.Now().UnixNano()
+	feed(b, now, 1)
+	for s := uint32(3); s < 3+MaxHeld+1; s++ {
+		feed(b, now, s)
+	}
+	if s := b.Stats(); s.HeldNow != 0 || s.Expired != 1 || len(r.got()) != MaxHeld+2 {
+		t.Fatalf("stats %+v, delivered %d", s, len(r.got()))
+	}
+}
+
+func TestInOrderDoesNotAllocate(t *testing.T) {
+	b := &Buffer{Deliver: func([]relay.Datagram) {}}
+	defer b.Close()
+	b.SetHold(time.Second, time.Second)
+	burst := []relay.Datagram{esp(7, 1)}
+	seq := uint32(1)
+	now := time.Now().UnixNano()
+	b.Receive(burst, now)
+	if n := testing.AllocsPerRun(1000, func() {
+		seq++
+		binary.BigEndian.PutUint32(burst[0].Bytes()[4:], seq)
+		b.Receive(burst, now)
+	}); n != 0 {
+		t.Errorf("%v allocations per in-order datagram", n)
+	}
+}
+
+func TestHoldFor(t *testing.T) {
+	ms := time.Millisecond
+	if got := HoldFor([]time.Duration{5 * ms, 25 * ms}, 50*ms); got != 45*ms {
+		t.Errorf("5 and 25 ms: %v, want 45ms", got)
+	}
+	if got := HoldFor([]time.Duration{5 * ms, 500 * ms}, 50*ms); got != 50*ms {
+		t.Errorf("capped: %v", got)
+	}
+	if got := HoldFor([]time.Duration{5 * ms, 25 * ms}, 0); got != 0 {
+		t.Errorf("off: %v", got)
+	}
+}
