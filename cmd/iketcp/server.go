@@ -40,6 +40,7 @@ func serverCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-sessions-per-source", Value: server.DefaultMaxSessionsPerSource, Usage: "most sessions from one source (carrier-grade NAT puts many clients behind one)", EnvVars: envVar("max-sessions-per-source")},
 			&cli.IntFlag{Name: "max-half-open", Value: server.DefaultMaxHalfOpen, Usage: "most sessions whose IKE_SA_INIT the backend has not answered yet", EnvVars: envVar("max-half-open")},
 			&cli.IntFlag{Name: "max-half-open-per-source", Value: server.DefaultMaxHalfOpenPerSource, Usage: "most half-open sessions from one source", EnvVars: envVar("max-half-open-per-source")},
+			&cli.StringFlag{Name: "state", Usage: "file that keeps the session table (it holds secrets: mode 0600), so that a restarted server takes its clients back on the same IKE SAs; unusable files are reported and ignored", EnvVars: envVar("state")},
 			&cli.DurationFlag{Name: "half-open-timeout", Value: server.DefaultHalfOpenTimeout, Usage: "drop a session whose IKE_SA_INIT the backend has not answered in this long", EnvVars: envVar("half-open-timeout")},
 		}, commonFlags("server")...),
 		Action: runServer,
@@ -84,6 +85,7 @@ func runServer(c *cli.Context) error {
 		MaxHalfOpen:             c.Int("max-half-open"),
 		MaxHalfOpenPerSource:    c.Int("max-half-open-per-source"),
 		HalfOpenTimeout:         c.Duration("half-open-timeout"),
+		StatePath:               c.String("state"),
 		MaxDatagram:             c.Int("max-datagram"),
 		Version:                 versionString(),
 	})

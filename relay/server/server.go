@@ -65,6 +65,12 @@ type Server struct {
 
 	wg sync.WaitGroup // every goroutine the server starts
 
+	// The state file (persist.go); stateDirty is nil without one.
+	stateDirty      chan struct{}
+	stateConfigName string     // the configuration it belongs to; set by Serve
+	stateMu         sync.Mutex // serializes writes; guards stateFinal
+	stateFinal      bool
+
 	logs logs
 }
 
@@ -74,7 +80,7 @@ type logs struct {
 	accepted, closed, refused, evicted, unconfirmed, acceptFailed  relay.Sometimes
 	created, moved, expired, halfOpenExpired, initDropped          relay.Sometimes
 	malformed, unknownIKE, unknownESP, claimRefused, controlUnsent relay.Sometimes
-	backendSend, backendRecv, oversize, writeFailed                relay.Sometimes
+	backendSend, backendRecv, oversize, writeFailed, stateWrite    relay.Sometimes
 }
 
 // New returns a server for cfg.
@@ -91,6 +97,9 @@ func New(cfg Config) (*Server, error) {
 		routes:   newRoutes(),
 		conns:    make(map[*conn]struct{}),
 		sources:  make(map[source]*sourceUse),
+	}
+	if cfg.StatePath != "" {
+		s.stateDirty = make(chan struct{}, 1)
 	}
 	size := relay.Headroom + cfg.maxDatagram()
 	s.buffers.New = func() any { return newBackendBuffers(size) }
@@ -117,6 +126,12 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 	for _, ln := range listeners {
 		relay.CloseWhenDone(ctx, &s.wg, ln)
 	}
+	if s.stateDirty != nil {
+		s.stateConfigName = s.stateConfig(listeners)
+		s.restoreState()
+		s.wg.Add(1)
+		go s.persistState(ctx)
+	}
 	s.wg.Add(1)
 	go s.sweep(ctx)
 
@@ -132,6 +147,9 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 	}
 	if parent.Err() != nil {
 		err = nil
+	}
+	if s.stateDirty != nil {
+		s.writeFinalState()
 	}
 	s.shutdown()
 	s.wg.Wait()

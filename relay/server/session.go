@@ -291,8 +291,8 @@ func (sess *session) fromBackend(h *framing.IKEHeader) {
 	now := time.Now()
 	s.mu.Lock()
 	if !sess.closed.Load() {
-		if s.routes.ike.m[h.InitiatorSPI] == nil {
-			s.routes.ike.add(sess, &sess.ikeKeys, h.InitiatorSPI, now)
+		if s.routes.ike.m[h.InitiatorSPI] == nil && s.routes.ike.add(sess, &sess.ikeKeys, h.InitiatorSPI, now) != nil {
+			s.stateChanged()
 		}
 		if h.IsInitResponse() && !sess.confirmed.Load() {
 			ticketOn = s.confirmLockedSession(sess)
@@ -328,6 +328,7 @@ func (s *Server) confirmLockedSession(sess *session) *conn {
 	if _, ok := c.carrying[sess]; ok {
 		s.confirmLocked(c)
 	}
+	s.stateChanged()
 	if k := c.keys.Load(); k != nil && !sess.keyed {
 		sess.key, sess.keyed = k.key, true
 		return c
@@ -356,6 +357,7 @@ func (s *Server) removeSession(sess *session) {
 	s.tidyLocked(sess.src)
 	s.mu.Unlock()
 	sess.release()
+	s.stateChanged()
 }
 
 // status describes the session.
