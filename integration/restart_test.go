@@ -1,0 +1,260 @@
+package integration
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/iketcp/iketcp/integration/lab"
+)
+
+// streamPort is where the hub's echo of a steady stream listens.
+const streamPort = 5001
+
+// stream is a steady stream of numbered datagrams through the tunnel,
+// from the site's inner address to the hub's, which echoes each back. It
+// counts what reached the hub and what came back, and keeps the send time
+// of each, to tell when traffic flowed again after an event.
+type stream struct {
+	interval    time.Duration
+	tx, echo    *net.UDPConn
+	sent, atHub atomic.Uint64
+	back        atomic.Uint64
+	mu          sync.Mutex // guards the following
+	firstAfter  time.Time  // the event
+	resumed     time.Time  // the first echo of a datagram sent after it
+	stop        chan struct{}
+	wg          sync.WaitGroup
+}
+
+// startStream starts a stream of one datagram every interval.
+func startStream(t *testing.T, tun *lab.Tunnel, interval time.Duration) *stream {
+	t.Helper()
+	l := tun.Lab
+	var echo, tx *net.UDPConn
+	err := l.Hub.Do(func() (err error) {
+		echo, err = net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP(lab.HubInner), Port: streamPort})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = l.Site.Do(func() (err error) {
+		tx, err = net.DialUDP("udp", &net.UDPAddr{IP: net.ParseIP(lab.SiteInner)}, &net.UDPAddr{IP: net.ParseIP(lab.HubInner), Port: streamPort})
+		return err
+	})
+	if err != nil {
+		echo.Close()
+		t.Fatal(err)
+	}
+	s := &stream{interval: interval, tx: tx, echo: echo, stop: make(chan struct{})}
+	s.wg.Add(3)
+	go s.send()
+	go s.echoLoop()
+	go s.receive()
+	t.Cleanup(s.close)
+	return s
+}
+
+func (s *stream) send() {
+	defer s.wg.Done()
+	tick := time.NewTicker(s.interval)
+	defer tick.Stop()
+	buf := make([]byte, 200)
+	for {
+		select {
+		case <-s.stop:
+			return
+		case now := <-tick.C:
+			binary.BigEndian.PutUint64(buf, s.sent.Load())
+			binary.BigEndian.PutUint64(buf[8:], uint64(now.UnixNano()))
+			s.tx.Write(buf) // an error (no route for a moment) is a loss like any other
+			s.sent.Add(1)
+		}
+	}
+}
+
+func (s *stream) echoLoop() {
+	defer s.wg.Done()
+	buf := make([]byte, 2048)
+	for {
+		n, from, err := s.echo.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return
+		}
+		s.atHub.Add(1)
+		s.echo.WriteToUDPAddrPort(buf[:n], from)
+	}
+}
+
+func (s *stream) receive() {
+	defer s.wg.Done()
+	buf := make([]byte, 2048)
+	for {
+		n, err := s.tx.Read(buf)
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
+		if err != nil || n < 16 {
+			continue
+		}
+		s.back.Add(1)
+		sentAt := time.Unix(0, int64(binary.BigEndian.Uint64(buf[8:])))
+		s.mu.Lock()
+		if !s.firstAfter.IsZero() && s.resumed.IsZero() && sentAt.After(s.firstAfter) {
+			s.resumed = time.Now()
+		}
+		s.mu.Unlock()
+	}
+}
+
+// mark notes the event after which resumed measures.
+func (s *stream) mark() time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.firstAfter, s.resumed = time.Now(), time.Time{}
+	return s.firstAfter
+}
+
+// waitResumed waits up to d for a datagram sent after the mark to come
+// back, and returns how long after the mark it came.
+func (s *stream) waitResumed(d time.Duration) (time.Duration, error) {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		s.mu.Lock()
+		at, r := s.firstAfter, s.resumed
+		s.mu.Unlock()
+		if !r.IsZero() {
+			return r.Sub(at), nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return 0, fmt.Errorf("no datagram of the stream came back within %v", d)
+}
+
+// finish stops sending, waits for stragglers, and returns the counts.
+func (s *stream) finish() (sent, atHub, back uint64) {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	time.Sleep(500 * time.Millisecond)
+	return s.sent.Load(), s.atHub.Load(), s.back.Load()
+}
+
+func (s *stream) close() {
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
+	s.tx.Close()
+	s.echo.Close()
+	s.wg.Wait()
+}
+
+// sameIKESA fails the test unless both charons still hold the IKE SA sa
+// (same unique ID at the site, same SPIs at both ends), and the site sent
+// no new IKE_SA_INIT since inits.
+func sameIKESA(t *testing.T, ctx context.Context, tun *lab.Tunnel, sa lab.IKESA, inits int) {
+	t.Helper()
+	now, err := tun.Site.ListSAs(ctx)
+	if err != nil || len(now) != 1 {
+		t.Fatalf("site SAs: %+v %v", now, err)
+	}
+	if now[0].UniqueID != sa.UniqueID || now[0].InitiatorSPI != sa.InitiatorSPI || now[0].ResponderSPI != sa.ResponderSPI {
+		t.Fatalf("IKE SA changed: was #%s %s/%s, now #%s %s/%s", sa.UniqueID, sa.InitiatorSPI, sa.ResponderSPI,
+			now[0].UniqueID, now[0].InitiatorSPI, now[0].ResponderSPI)
+	}
+	if n := tun.Site.CountInLog("generating IKE_SA_INIT request"); n != inits {
+		t.Fatalf("site sent %d new IKE_SA_INIT requests", n-inits)
+	}
+	if hub := hubSA(t, ctx, tun); hub.InitiatorSPI != sa.InitiatorSPI || hub.ResponderSPI != sa.ResponderSPI || hub.State != "ESTABLISHED" {
+		t.Fatalf("hub IKE SA changed: %+v", hub)
+	}
+	t.Logf("same IKE SA: #%s %s/%s at the site, %s/%s at the hub", now[0].UniqueID, now[0].InitiatorSPI, now[0].ResponderSPI,
+		sa.InitiatorSPI, sa.ResponderSPI)
+}
+
+// TestServerCrashRestart kills `iketcp server --state` with SIGKILL
+// during a steady stream (100 datagrams a second, each echoed back by
+// the hub), starts it again at once, and checks that traffic flows again
+// on the same IKE SA (MOBIKE on): the restarted server rebinds the
+// session's backend port from the state file, and the client's reconnect
+// claims the session. It reports the time until the stream flowed again
+// and the datagrams lost.
+func TestServerCrashRestart(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	l := lab.NewForTest(t, lab.Options{})
+	if err := l.BlockUDP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(l.Dir, "server.state")
+	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{Binary: iketcpBinary, ServerArgs: []string{"--state", state}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa, err := tun.Initiate(ctx)
+	if err != nil || sa.State != "ESTABLISHED" || !sa.HasInstalledChild() {
+		t.Fatalf("initiate: %+v %v", sa, err)
+	}
+	inits := tun.Site.CountInLog("generating IKE_SA_INIT request")
+	before := serverSession(t, ctx, tun)
+	s := startStream(t, tun, 10*time.Millisecond)
+	if _, err := s.waitResumed(0); err == nil {
+		t.Fatal("resumed before any event")
+	}
+	time.Sleep(2 * time.Second) // the ESP SPI is learned and written
+	oldPID := tun.Server.PID()
+	killedAt := s.mark()
+	if err := tun.KillServer(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tun.StartServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	startedIn := time.Since(killedAt)
+	resumed, err := s.waitResumed(20 * time.Second)
+	if err != nil {
+		t.Fatalf("%v (server restarted in %v)\nserver log:\n%s", err, startedIn, tun.Server.Log())
+	}
+	time.Sleep(2 * time.Second)
+	sent, atHub, back := s.finish()
+	t.Logf("server SIGKILLed (pid %d) and started again (pid %d, answering %v after the kill): the stream flowed again after %v; "+
+		"%d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
+		oldPID, tun.Server.PID(), startedIn.Round(time.Millisecond), resumed.Round(time.Millisecond),
+		sent, atHub, sent-atHub, back, sent-back)
+	if resumed > 10*time.Second {
+		t.Fatalf("traffic took %v to flow again", resumed)
+	}
+	sameIKESA(t, ctx, tun, sa, inits)
+	after := serverSession(t, ctx, tun)
+	if after.ID != before.ID || after.Local != before.Local || after.State != "up" {
+		t.Fatalf("server session: was %d from %s, now %d from %s (%s)", before.ID, before.Local, after.ID, after.Local, after.State)
+	}
+	st, err := tun.ServerStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := counter(t, st, "sessions_restored"); c != 1 {
+		t.Fatalf("sessions_restored = %d", c)
+	}
+	if c := counter(t, st, "claims_accepted"); c != 1 {
+		t.Fatalf("claims_accepted = %d: the client did not claim its session with its ticket", c)
+	}
+	if c := counter(t, st, "sessions_created"); c != 0 {
+		t.Fatalf("the restarted server created %d sessions", c)
+	}
+	if got, err := tun.PingThrough(ctx, 3, 100*time.Millisecond); err != nil || got != 3 {
+		t.Fatalf("ping after the restart: %d of 3 (%v)", got, err)
+	}
+}
