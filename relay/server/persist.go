@@ -129,9 +129,16 @@ func (s *Server) writeFinalState() {
 func (s *Server) snapshot() *statefile.Table {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	t := &statefile.Table{Config: s.stateConfigName, Written: time.Now(), NextSession: s.nextSessionID.Load()}
+	t := s.tableLocked(false)
+	return &t
+}
+
+// tableLocked takes the session table, with the half-open sessions or
+// without. Server.mu must be held.
+func (s *Server) tableLocked(halfOpen bool) statefile.Table {
+	t := statefile.Table{Config: s.stateConfigName, Written: time.Now(), NextSession: s.nextSessionID.Load()}
 	for _, sess := range s.sessions {
-		if !sess.confirmed.Load() || sess.closed.Load() {
+		if !halfOpen && !sess.confirmed.Load() || sess.closed.Load() {
 			continue
 		}
 		e := statefile.Session{
@@ -245,14 +252,16 @@ func (s *Server) restoreSession(e *statefile.Session, now time.Time) error {
 	}
 	relay.SizeSocketBuffers(uc)
 	sess := &session{
-		srv:     s,
-		id:      e.ID,
-		src:     src,
-		owner:   e.Owner,
-		created: e.Created,
-		udp:     udpbatch.New(uc, udpbatch.Options{BatchSize: sessionBatch, Logger: s.log}),
-		release: uc.Close,
-		local:   uc.LocalAddr().(*net.UDPAddr).AddrPort(),
+		srv:        s,
+		id:         e.ID,
+		src:        src,
+		owner:      e.Owner,
+		created:    e.Created,
+		udp:        udpbatch.New(uc, udpbatch.Options{BatchSize: sessionBatch, Logger: s.log}),
+		uc:         uc,
+		readerDone: make(chan struct{}),
+		release:    uc.Close,
+		local:      uc.LocalAddr().(*net.UDPAddr).AddrPort(),
 	}
 	sess.lastActive.Store(now.UnixNano()) // its client has SessionIdle from now to come back
 	sess.confirmed.Store(true)

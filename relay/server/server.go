@@ -63,6 +63,13 @@ type Server struct {
 	halfOpen  int
 	closing   bool
 
+	// A handover (handover.go).
+	handingOver  bool           // no new sessions; Serve waits for handedOver
+	handedOver   chan struct{}  // closed when the handover is done or failed
+	adoptedConns []*conn        // conns Adopt took, for Serve to start
+	adopted      bool           // the sessions came from a handover, not the state file
+	accepting    sync.WaitGroup // the accept loops
+
 	wg sync.WaitGroup // every goroutine the server starts
 
 	// The state file (persist.go); stateDirty is nil without one.
@@ -126,9 +133,12 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 	for _, ln := range listeners {
 		relay.CloseWhenDone(ctx, &s.wg, ln)
 	}
+	s.startAdopted()
 	if s.stateDirty != nil {
 		s.stateConfigName = s.stateConfig(listeners)
-		s.restoreState()
+		if !s.adopted {
+			s.restoreState()
+		}
 		s.wg.Add(1)
 		go s.persistState(ctx)
 	}
@@ -136,11 +146,22 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 	go s.sweep(ctx)
 
 	ended := make(chan error, len(listeners))
+	s.accepting.Add(len(listeners))
 	for _, ln := range listeners {
 		s.log.Info("server listening", "listen", ln.Addr(), "encap", ln.Encap(), "backend", s.cfg.Backend.String())
-		go func() { ended <- s.acceptLinks(ctx, ln) }()
+		go func() {
+			defer s.accepting.Done()
+			ended <- s.acceptLinks(ctx, ln)
+		}()
 	}
 	err := <-ended
+	s.mu.Lock()
+	handover := s.handedOver
+	s.mu.Unlock()
+	if handover != nil { // the listeners were closed for a handover
+		<-handover
+		err = nil
+	}
 	cancel()
 	for range len(listeners) - 1 {
 		<-ended
@@ -149,7 +170,7 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 		err = nil
 	}
 	if s.stateDirty != nil {
-		s.writeFinalState()
+		s.writeFinalState() // nothing, after a handover: the new server owns the file
 	}
 	s.shutdown()
 	s.wg.Wait()
@@ -186,6 +207,9 @@ func (s *Server) acceptLinks(ctx context.Context, ln relay.Listener) error {
 func (s *Server) serveConn(c *conn) {
 	defer s.wg.Done()
 	err := c.link.Serve(c)
+	if errors.Is(err, relay.ErrDetached) {
+		return // handed over: its books stay as they are for the handover; shutdown closes it
+	}
 	c.close()
 	s.forgetConn(c)
 	level := slog.LevelInfo

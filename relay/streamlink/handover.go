@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"time"
 
 	"github.com/iketcp/iketcp/framing"
@@ -21,7 +20,7 @@ import (
 
 // ErrDetached is what Serve returns once Detach stopped it, and Send
 // after that.
-var ErrDetached = errors.New("link handed over to another process")
+var ErrDetached = relay.ErrDetached
 
 // ErrNotDetachable is Detach's error for a link whose state lives in this
 // process only: TLS, whose session keys and sequence numbers Go's
@@ -29,14 +28,7 @@ var ErrDetached = errors.New("link handed over to another process")
 var ErrNotDetachable = errors.New("a TLS link cannot be handed over: its client reconnects and claims its session")
 
 // Detached is a stopped link's stream, for another process.
-type Detached struct {
-	// File is a duplicate of the link's socket; the caller closes it.
-	File *os.File
-	// Pending is what was read from the stream and not delivered: part
-	// of the prefix if PrefixPending, then part of a frame or frames.
-	Pending       []byte
-	PrefixPending bool
-}
+type Detached = relay.DetachedLink
 
 // unreader is a connection that holds bytes it read from the socket and
 // has not handed out yet (the front door's replay of what it sniffed);
