@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -11,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/iketcp/iketcp/integration/lab"
 )
@@ -27,9 +30,11 @@ type stream struct {
 	tx, echo    *net.UDPConn
 	sent, atHub atomic.Uint64
 	back        atomic.Uint64
-	mu          sync.Mutex // guards the following
-	firstAfter  time.Time  // the event
-	resumed     time.Time  // the first echo of a datagram sent after it
+	mu          sync.Mutex    // guards the following
+	firstAfter  time.Time     // the event
+	resumed     time.Time     // the first echo of a datagram sent after it
+	lastBack    time.Time     // the last echo
+	maxGap      time.Duration // the longest wait between two echoes since the event
 	stop        chan struct{}
 	wg          sync.WaitGroup
 }
@@ -107,7 +112,12 @@ func (s *stream) receive() {
 		}
 		s.back.Add(1)
 		sentAt := time.Unix(0, int64(binary.BigEndian.Uint64(buf[8:])))
+		now := time.Now()
 		s.mu.Lock()
+		if !s.firstAfter.IsZero() && !s.lastBack.IsZero() {
+			s.maxGap = max(s.maxGap, now.Sub(s.lastBack))
+		}
+		s.lastBack = now
 		if !s.firstAfter.IsZero() && s.resumed.IsZero() && sentAt.After(s.firstAfter) {
 			s.resumed = time.Now()
 		}
@@ -119,8 +129,15 @@ func (s *stream) receive() {
 func (s *stream) mark() time.Time {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.firstAfter, s.resumed = time.Now(), time.Time{}
+	s.firstAfter, s.resumed, s.maxGap = time.Now(), time.Time{}, 0
 	return s.firstAfter
+}
+
+// gap returns the longest wait between two echoes since the mark.
+func (s *stream) gap() time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.maxGap
 }
 
 // waitResumed waits up to d for a datagram sent after the mark to come
@@ -230,8 +247,8 @@ func TestServerCrashRestart(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	sent, atHub, back := s.finish()
 	t.Logf("server SIGKILLed (pid %d) and started again (pid %d, answering %v after the kill): the stream flowed again after %v; "+
-		"%d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
-		oldPID, tun.Server.PID(), startedIn.Round(time.Millisecond), resumed.Round(time.Millisecond),
+		"longest wait between two echoes %v (one every 10 ms); %d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
+		oldPID, tun.Server.PID(), startedIn.Round(time.Millisecond), resumed.Round(time.Millisecond), s.gap().Round(time.Millisecond),
 		sent, atHub, sent-atHub, back, sent-back)
 	if resumed > 10*time.Second {
 		t.Fatalf("traffic took %v to flow again", resumed)
@@ -256,5 +273,148 @@ func TestServerCrashRestart(t *testing.T) {
 	}
 	if got, err := tun.PingThrough(ctx, 3, 100*time.Millisecond); err != nil || got != 3 {
 		t.Fatalf("ping after the restart: %d of 3 (%v)", got, err)
+	}
+}
+
+// adoptedProcess is a server the test did not start (an upgrade's new
+// process, re-parented when the old one exited), ended by the test by
+// its pidfd, so never a recycled PID.
+type adoptedProcess struct {
+	pid   int
+	pidfd int
+}
+
+func adoptProcess(t *testing.T, pid int) *adoptedProcess {
+	t.Helper()
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		t.Fatalf("pidfd of the new server (pid %d): %v", pid, err)
+	}
+	p := &adoptedProcess{pid: pid, pidfd: fd}
+	t.Cleanup(p.stop)
+	return p
+}
+
+// stop sends SIGTERM, waits up to 5 s for the exit, then SIGKILL.
+func (p *adoptedProcess) stop() {
+	defer unix.Close(p.pidfd)
+	if p.exited(0) {
+		return
+	}
+	for _, sig := range []unix.Signal{unix.SIGTERM, unix.SIGKILL} {
+		if err := unix.PidfdSendSignal(p.pidfd, sig, nil, 0); err != nil {
+			return // gone already
+		}
+		fds := []unix.PollFd{{Fd: int32(p.pidfd), Events: unix.POLLIN}}
+		if n, _ := unix.Poll(fds, 5000); n == 1 {
+			return
+		}
+	}
+}
+
+// exited reports whether the process has exited, waiting up to d.
+func (p *adoptedProcess) exited(d time.Duration) bool {
+	fds := []unix.PollFd{{Fd: int32(p.pidfd), Events: unix.POLLIN}}
+	n, _ := unix.Poll(fds, int(d/time.Millisecond))
+	return n == 1
+}
+
+// TestServerUpgrade upgrades `iketcp server` twice during a steady
+// stream, first with SIGUSR2 and then with `iketcp upgrade`: each time a
+// new process takes over the listening socket, the session's backend
+// socket and the client's live TCP connection. The client must not
+// reconnect, the IKE SA must stay the same (MOBIKE on), and the PID must
+// change; the test reports the datagrams lost and the longest gap.
+func TestServerUpgrade(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	l := lab.NewForTest(t, lab.Options{})
+	if err := l.BlockUDP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{Binary: iketcpBinary})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa, err := tun.Initiate(ctx)
+	if err != nil || sa.State != "ESTABLISHED" || !sa.HasInstalledChild() {
+		t.Fatalf("initiate: %+v %v", sa, err)
+	}
+	inits := tun.Site.CountInLog("generating IKE_SA_INIT request")
+	before := serverSession(t, ctx, tun)
+	dialed := func() uint64 {
+		st, err := tun.ClientStatus(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return counter(t, st, "conns_dialed")
+	}
+	dialedBefore := dialed()
+	s := startStream(t, tun, 10*time.Millisecond)
+	time.Sleep(time.Second)
+
+	pid := tun.Server.PID()
+	oldExited := func(d time.Duration) bool {
+		select {
+		case <-tun.Server.Done():
+			return true
+		case <-time.After(d):
+			return false
+		}
+	}
+	upgrades := []struct {
+		name string
+		do   func() error
+	}{
+		{"SIGUSR2", func() error { return tun.Server.Signal(unix.SIGUSR2) }},
+		{"iketcp upgrade", func() error {
+			out, err := l.Hub.Run(ctx, iketcpBinary, "upgrade", "--control", tun.ServerControl)
+			t.Logf("iketcp upgrade: %s", bytes.TrimSpace(out))
+			return err
+		}},
+	}
+	for _, up := range upgrades {
+		at := s.mark()
+		if err := up.do(); err != nil {
+			t.Fatalf("%s: %v", up.name, err)
+		}
+		// The new server answers on the control socket with its own PID.
+		var newPID int
+		for deadline := time.Now().Add(20 * time.Second); newPID == 0; time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: no new server answered within 20 s\nserver log:\n%s", up.name, tun.Server.Log())
+			}
+			if st, err := tun.ServerStatus(ctx); err == nil && st.PID != pid {
+				newPID = st.PID
+			}
+		}
+		took := time.Since(at)
+		p := adoptProcess(t, newPID)
+		resumed, err := s.waitResumed(10 * time.Second)
+		if err != nil {
+			t.Fatalf("%s: %v", up.name, err)
+		}
+		if !oldExited(5 * time.Second) {
+			t.Fatalf("%s: the old server (pid %d) is still running", up.name, pid)
+		}
+		time.Sleep(time.Second)
+		t.Logf("%s: pid %d -> %d, new server answering %v after the request; a datagram sent after it came back %v after it; longest wait between two echoes %v (one every 10 ms)",
+			up.name, pid, newPID, took.Round(time.Millisecond), resumed.Round(time.Millisecond), s.gap().Round(time.Millisecond))
+		pid = newPID
+		oldExited = func(d time.Duration) bool { return p.exited(d) }
+	}
+	sent, atHub, back := s.finish()
+	t.Logf("over both upgrades: %d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
+		sent, atHub, sent-atHub, back, sent-back)
+	if d := dialed(); d != dialedBefore {
+		t.Fatalf("the client dialed %d new connections: it reconnected", d-dialedBefore)
+	}
+	sameIKESA(t, ctx, tun, sa, inits)
+	after := serverSession(t, ctx, tun)
+	if after.ID != before.ID || after.Local != before.Local || after.State != "up" {
+		t.Fatalf("server session: was %d from %s, now %d from %s (%s)", before.ID, before.Local, after.ID, after.Local, after.State)
+	}
+	if sent-atHub > 0 || sent-back > 0 {
+		t.Fatalf("the upgrades lost datagrams: %d toward the hub, %d in all", sent-atHub, sent-back)
 	}
 }
