@@ -78,6 +78,9 @@ func (u *upgrader) watch(ctx context.Context, wg *sync.WaitGroup) {
 		case <-sig:
 		case <-u.asked:
 		}
+		if ctx.Err() != nil {
+			return
+		}
 		if err := u.upgrade(); err != nil {
 			u.log.Error("upgrade failed, this server keeps running: "+err.Error(), "binary", u.binary)
 		}
@@ -132,6 +135,10 @@ func (u *upgrader) upgrade() error {
 		}
 		return succ.WaitTakenOver(upgradeWait)
 	})
+	if errors.Is(err, server.ErrNotServing) { // stopping meanwhile: nothing was handed over
+		succ.Kill()
+		return err
+	}
 	if err != nil {
 		succ.Kill()
 		u.log.Error("upgrade failed after the hand-over began: running this binary again; clients reconnect and claim their sessions from the state file, if --state is set",

@@ -58,6 +58,11 @@ type HandoverConn struct {
 	PrefixPending bool   `json:"prefix_pending,omitempty"`
 }
 
+// ErrNotServing is Handover's error when there is nothing to hand over:
+// the server is not serving, or stopping, or handing over already. The
+// server is untouched.
+var ErrNotServing = errors.New("server is not serving")
+
 // HandoverTimeout bounds each connection's stop in a handover: its
 // reader's, and its writer's draining.
 const HandoverTimeout = 2 * time.Second
@@ -74,7 +79,7 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 	s.mu.Lock()
 	if s.closing || s.handedOver != nil || s.listeners == nil {
 		s.mu.Unlock()
-		return errors.New("server is not serving")
+		return ErrNotServing
 	}
 	done := make(chan struct{})
 	s.handedOver = done
