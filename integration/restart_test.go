@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -416,5 +417,103 @@ func TestServerUpgrade(t *testing.T) {
 	}
 	if sent-atHub > 0 || sent-back > 0 {
 		t.Fatalf("the upgrades lost datagrams: %d toward the hub, %d in all", sent-atHub, sent-back)
+	}
+}
+
+// waitNewServer waits until a server other than pid answers on the
+// tunnel's control socket, and returns it, ended by the test's cleanup.
+func waitNewServer(t *testing.T, ctx context.Context, tun *lab.Tunnel, pid int) *adoptedProcess {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if st, err := tun.ServerStatus(ctx); err == nil && st.PID != pid {
+			return adoptProcess(t, st.PID)
+		}
+	}
+	t.Fatalf("no new server answered within 20 s\nserver log:\n%s", tun.Server.Log())
+	return nil
+}
+
+// TestServerUpgradeTLS upgrades a server whose client is connected over
+// TLS, which cannot be handed over: the old server closes the connection,
+// and the client reconnects and claims its session from the new one, on
+// the same IKE SA and backend port.
+func TestServerUpgradeTLS(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	l := lab.NewForTest(t, lab.Options{})
+	if err := l.BlockUDP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	pki := newServerPKI(t, l)
+	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{Binary: iketcpBinary, ServerArgs: pki.serverArgs(), ClientArgs: pki.clientArgs()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sa, err := tun.Initiate(ctx)
+	if err != nil || sa.State != "ESTABLISHED" || !sa.HasInstalledChild() {
+		t.Fatalf("initiate: %+v %v", sa, err)
+	}
+	inits := tun.Site.CountInLog("generating IKE_SA_INIT request")
+	before := serverSession(t, ctx, tun)
+	s := startStream(t, tun, 10*time.Millisecond)
+	time.Sleep(time.Second)
+	s.mark()
+	if err := tun.Server.Signal(unix.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	waitNewServer(t, ctx, tun, tun.Server.PID())
+	resumed, err := s.waitResumed(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	sent, atHub, back := s.finish()
+	t.Logf("TLS client, SIGUSR2: the stream flowed again %v after the signal; longest wait between echoes %v; "+
+		"%d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
+		resumed.Round(time.Millisecond), s.gap().Round(time.Millisecond), sent, atHub, sent-atHub, back, sent-back)
+	sameIKESA(t, ctx, tun, sa, inits)
+	after := serverSession(t, ctx, tun)
+	if after.ID != before.ID || after.Local != before.Local || after.State != "up" {
+		t.Fatalf("server session: was %d from %s, now %d from %s (%s)", before.ID, before.Local, after.ID, after.Local, after.State)
+	}
+	st, err := tun.ServerStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := counter(t, st, "claims_accepted"); c != 1 {
+		t.Fatalf("claims_accepted = %d at the new server: the TLS client did not claim its session", c)
+	}
+}
+
+// TestServerUpgradeFails: an upgrade whose binary does not start (here
+// /bin/false, which exits at once) leaves the running server serving,
+// and iketcp upgrade says the upgrade did not happen.
+func TestServerUpgradeFails(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	l := lab.NewForTest(t, lab.Options{})
+	if err := l.BlockUDP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{Binary: iketcpBinary, ServerArgs: []string{"--upgrade-binary", "/bin/false"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tun.Initiate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	out, err := l.Hub.Run(ctx, iketcpBinary, "upgrade", "--control", tun.ServerControl, "--timeout", "2s")
+	if err == nil || !strings.Contains(string(out), "did not happen") {
+		t.Fatalf("iketcp upgrade to /bin/false: %v: %s", err, out)
+	}
+	if _, err := tun.Server.WaitLog(ctx, "upgrade failed, this server keeps running", 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	st, err := tun.ServerStatus(ctx)
+	if err != nil || st.PID != tun.Server.PID() {
+		t.Fatalf("after the failed upgrade the control socket answers %+v (%v), want pid %d", st, err, tun.Server.PID())
+	}
+	if got, err := tun.PingThrough(ctx, 3, 100*time.Millisecond); err != nil || got != 3 {
+		t.Fatalf("ping after the failed upgrade: %d of 3 (%v)", got, err)
 	}
 }
