@@ -3,6 +3,7 @@ package server
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -95,7 +96,7 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 	s.accepting.Wait()
 	s.mu.Lock()
 	s.handingOver = true // no new sessions either
-	sessions := slices.Collect(mapsValues(s.sessions))
+	sessions := slices.Collect(maps.Values(s.sessions))
 	conns := make([]*conn, 0, len(s.conns))
 	for c := range s.conns {
 		conns = append(conns, c)
@@ -187,17 +188,6 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 	s.mu.Unlock()
 	s.log.Info("handing over", "sessions", len(h.Table.Sessions), "conns", len(h.Conns), "conns_not_handed_over", len(conns)-len(h.Conns))
 	return send(h, files)
-}
-
-// mapsValues is maps.Values, spelled out for the session map.
-func mapsValues(m map[uint64]*session) func(func(*session) bool) {
-	return func(yield func(*session) bool) {
-		for _, v := range m {
-			if !yield(v) {
-				return
-			}
-		}
-	}
 }
 
 // dupUDP returns a close-on-exec duplicate of uc's socket.
@@ -307,7 +297,7 @@ func (s *Server) startAdopted() {
 	}
 	conns := s.adoptedConns
 	s.adoptedConns = nil
-	sessions := slices.Collect(mapsValues(s.sessions))
+	sessions := slices.Collect(maps.Values(s.sessions))
 	s.wg.Add(len(sessions) + len(conns))
 	s.mu.Unlock()
 	for _, sess := range sessions {
