@@ -86,8 +86,10 @@ func TestDetachAdopt(t *testing.T) {
 	sendFrom(old, 0, 500)
 
 	// Detach after some frames came in.
-	for len(rx.got) < 300 {
-		time.Sleep(time.Millisecond)
+	for deadline := time.Now().Add(5 * time.Second); len(rx.got) < 300; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d frames came in 5 s", len(rx.got))
+		}
 	}
 	det, err := old.(*streamlink.Link).Detach(2 * time.Second)
 	if err != nil {
