@@ -23,6 +23,15 @@
 // client proved with its ticket that it owns the session (package
 // relay/ticket). Every limit refuses the newest or cheapest thing, never
 // an established session.
+//
+// A server outlives its process two ways. With Config.StatePath it keeps
+// its session table in a file (persist.go, the format in package
+// statefile), written off the data path at a bounded rate, and a server
+// started again rebinds each session's backend port from it and waits for
+// the clients to come back. Handover and Adopt (handover.go) give a
+// running server's sessions and live connections to a successor in
+// another process, which serves them without the clients or the gateway
+// seeing a change.
 package server
 
 import (
