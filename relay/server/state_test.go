@@ -334,3 +334,45 @@ func TestStateRestorePortTaken(t *testing.T) {
 		t.Fatalf("new session's ID %d, want 42", id)
 	}
 }
+
+// TestStateWriteRate: changes are written together, at most once per
+// StateInterval, and datagrams on known SPIs write nothing.
+func TestStateWriteRate(t *testing.T) {
+	const interval = 200 * time.Millisecond
+	path := filepath.Join(t.TempDir(), "state")
+	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true, Server: server.Config{StatePath: path, StateInterval: interval}})
+	sc := r.Srv.Counters()
+	c := r.RawConn(true)
+	d := framing.NewDecoder(c, 0, false)
+	start := time.Now()
+	const sessions = 30
+	for i := range sessions {
+		r.OpenSession(c, d, uint64(0x7000+i))
+		relaytest.Frame(t, c, relaytest.ESP(uint32(0x9000+i), 1, 100)) // learned: a change
+		relaytest.Recv(t, r.Backend)
+		time.Sleep(20 * time.Millisecond)
+	}
+	relaytest.Eventually(t, "every session in the file", func() bool {
+		tb, err := statefile.Read(path)
+		return err == nil && len(tb.Sessions) == sessions
+	})
+	took := time.Since(start)
+	writes := relaytest.Counter(sc, "state_writes")
+	if most := uint64(took/interval) + 2; writes < 1 || writes > most {
+		t.Fatalf("%d writes in %v of changes, want 1 to %d", writes, took.Round(time.Millisecond), most)
+	}
+	// A flood on known SPIs changes nothing.
+	var burst [][]byte
+	for i := range 2000 {
+		burst = append(burst, relaytest.ESP(0x9000+uint32(i%sessions), uint32(i+2), 100))
+	}
+	relaytest.Frame(t, c, burst...)
+	for range burst {
+		relaytest.Recv(t, r.Backend)
+	}
+	time.Sleep(3 * interval)
+	if now := relaytest.Counter(sc, "state_writes"); now != writes {
+		t.Fatalf("2000 datagrams on known SPIs made %d writes", now-writes)
+	}
+	t.Logf("%d sessions and their SPIs over %v: %d writes", sessions, took.Round(time.Millisecond), writes)
+}
