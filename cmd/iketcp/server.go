@@ -145,7 +145,7 @@ func runServer(c *cli.Context) error {
 	ctx, cancel := context.WithCancel(c.Context)
 	defer cancel()
 	u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, refuse: upgradeRefusal(c, specs, redirectFrom),
-		stop: cancel, asked: make(chan struct{}, 1)}
+		stop: cancel, parent: c.Context, asked: make(chan struct{}, 1)}
 	ctl, err := control.Listen(c.String("control"), func() any { return srv.Status() }, log,
 		control.Request{Name: "upgrade", Answer: u.request})
 	if err != nil {

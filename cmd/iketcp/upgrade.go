@@ -49,6 +49,7 @@ type upgrader struct {
 	refuse string                  // why this configuration cannot be upgraded, or ""
 	ctl    *control.Server
 	stop   context.CancelFunc // ends Serve once the new process took over
+	parent context.Context    // ends when the server is told to stop (SIGTERM)
 	asked  chan struct{}      // an upgrade request, from the control socket
 }
 
@@ -136,6 +137,10 @@ func (u *upgrader) upgrade() error {
 		return succ.WaitTakenOver(upgradeWait)
 	})
 	if errors.Is(err, server.ErrNotServing) { // stopping meanwhile: nothing was handed over
+		succ.Kill()
+		return err
+	}
+	if err != nil && u.parent.Err() != nil { // told to stop meanwhile: stop, do not run again
 		succ.Kill()
 		return err
 	}
