@@ -117,24 +117,34 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 
 	// The links stop, all at once.
 	detached := make([]*relay.DetachedLink, len(conns))
+	whyNot := make([]error, len(conns))
 	var wg sync.WaitGroup
 	for i, c := range conns {
 		d, ok := c.link.(relay.Detachable)
 		if !ok {
+			whyNot[i] = fmt.Errorf("a %T cannot be handed over", c.link)
 			continue
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			det, err := d.Detach(HandoverTimeout)
-			if err != nil {
-				s.log.Info("connection not handed over, closing it: its client reconnects", "conn", c.id, "remote", c.remote, "err", err)
-				return
-			}
-			detached[i] = det
+			detached[i], whyNot[i] = d.Detach(HandoverTimeout)
 		}()
 	}
 	wg.Wait()
+	var notHanded int
+	var firstWhy error
+	for _, err := range whyNot {
+		if err != nil {
+			if notHanded++; firstWhy == nil {
+				firstWhy = err
+			}
+		}
+	}
+	if notHanded > 0 { // one line, however many
+		s.log.Info(fmt.Sprintf("%d connections not handed over: they close, and their clients reconnect and claim their sessions", notHanded),
+			"first_reason", firstWhy.Error())
+	}
 
 	h := &Handover{}
 	var files []*os.File
