@@ -27,6 +27,7 @@ type Decoder struct {
 	start, end   int  // buf[start:end] holds bytes read but not yet returned
 	maxFrame     int  // largest frame returned; longer ones are skipped
 	expectPrefix bool // the prefix has yet to be checked
+	broken       bool // a read failed while a frame was being skipped
 }
 
 // NewDecoder returns a decoder reading from r with a buffer of bufSize
@@ -97,6 +98,34 @@ func (d *Decoder) SetHeadroom(n int) {
 // with a *LengthError wrapping ErrTooLarge.
 func (d *Decoder) LimitPayload(n int) {
 	d.maxFrame = max(min(n+LengthSize, len(d.buf)-d.headroom, MaxFrame), LengthSize+1)
+}
+
+// Pending returns the bytes the decoder has read from the stream but not
+// yet returned (part of a frame, or frames not yet asked for), and
+// whether the prefix is still to be checked, in which case they begin
+// with part of it: what a process that hands the stream to another must
+// hand over with it. The slice aliases the decoder's buffer.
+func (d *Decoder) Pending() (b []byte, prefixPending bool) {
+	if d.buf == nil {
+		return nil, d.expectPrefix
+	}
+	return d.buf[d.start:d.end], d.expectPrefix
+}
+
+// Resumable reports whether Pending is where the stream stands: false
+// once a read failed in the middle of skipping an oversized frame.
+func (d *Decoder) Resumable() bool { return !d.broken }
+
+// Preload puts b in front of what the decoder reads from the stream, as
+// if read from it: the Pending bytes of the process that read the stream
+// before. It reports false, and takes nothing, if b does not fit in the
+// buffer beside the headroom. Call it before the first Next.
+func (d *Decoder) Preload(b []byte) bool {
+	if d.buf == nil || len(b) > len(d.buf)-d.end {
+		return false
+	}
+	d.end += copy(d.buf[d.end:], b)
+	return true
 }
 
 // ReadPrefix reads and checks the stream prefix if the decoder expects one
@@ -188,6 +217,7 @@ func (d *Decoder) skip(n int) error {
 			d.end = d.headroom
 			return &TruncatedError{Discarded: skipped + m}
 		case err != nil:
+			d.broken = true // where the skipped frame ends is lost
 			return err
 		case m == 0:
 			if empty++; empty == maxEmptyReads {

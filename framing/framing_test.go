@@ -557,3 +557,75 @@ func TestDecoderHeadroom(t *testing.T) {
 		t.Fatalf("frame after a skip with headroom: %d bytes, %v", len(p), err)
 	}
 }
+
+// stopReader reads r, then fails with errStop instead of io.EOF: a read
+// deadline that stops a link's reader.
+type stopReader struct{ r io.Reader }
+
+var errStop = errors.New("stopped")
+
+func (s stopReader) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	if err == io.EOF {
+		err = errStop
+	}
+	return n, err
+}
+
+// TestPendingPreload: a stream read in part by one decoder, stopped
+// anywhere (within the prefix, a length, a payload), its pending bytes
+// preloaded into another that reads the rest, yields every frame once and
+// whole.
+func TestPendingPreload(t *testing.T) {
+	var stream []byte
+	stream = append(stream, Prefix...)
+	var want [][]byte
+	for i := range 5 {
+		p := bytes.Repeat([]byte{byte(i + 1)}, 100+i*37)
+		want = append(want, p)
+		stream = AppendFrame(stream, p)
+	}
+	for cut := 0; cut <= len(stream); cut++ {
+		first := NewDecoder(stopReader{bytes.NewReader(stream[:cut])}, MinBufferSize, true)
+		first.SetHeadroom(16)
+		var got [][]byte
+		for {
+			p, err := first.Next()
+			if err != nil {
+				if !errors.Is(err, errStop) {
+					t.Fatalf("cut %d: %v", cut, err)
+				}
+				break
+			}
+			got = append(got, bytes.Clone(p))
+		}
+		pending, prefix := first.Pending()
+		pending = bytes.Clone(pending)
+		second := NewDecoder(bytes.NewReader(stream[cut:]), MinBufferSize, prefix)
+		second.SetHeadroom(16)
+		if !second.Preload(pending) {
+			t.Fatalf("cut %d: preload of %d bytes refused", cut, len(pending))
+		}
+		for {
+			p, err := second.Next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatalf("cut %d: %v", cut, err)
+			}
+			got = append(got, bytes.Clone(p))
+		}
+		if len(got) != len(want) {
+			t.Fatalf("cut %d: %d frames, want %d", cut, len(got), len(want))
+		}
+		for i := range want {
+			if !bytes.Equal(got[i], want[i]) {
+				t.Fatalf("cut %d: frame %d differs", cut, i)
+			}
+		}
+	}
+	if NewDecoder(nil, MinBufferSize, false).Preload(make([]byte, MinBufferSize+1)) {
+		t.Fatal("a preload larger than the buffer was taken")
+	}
+}

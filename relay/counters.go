@@ -48,6 +48,8 @@ type Counters struct {
 	Foreign           atomic.Uint64 // client, transparent mode: intercepted packets for no configured peer
 	Port500Refused    atomic.Uint64 // client, explicit mode: IKE from the daemon's port 500 (needs local_port = 4500)
 	SessionsCreated   atomic.Uint64 // server
+	SessionsRestored  atomic.Uint64 // server: rebuilt from --state at start
+	StateWrites       atomic.Uint64 // server: the session table written to --state
 	SessionsExpired   atomic.Uint64 // server: the client did not come back
 	SessionsRejected  atomic.Uint64 // server: over a session or half-open limit
 	HalfOpenExpired   atomic.Uint64 // server: IKE_SA_INIT never answered by the backend
@@ -118,6 +120,8 @@ var counterDefs = []counterDef{
 	{"foreign_packets", false, true, func(c *Counters) *atomic.Uint64 { return &c.Foreign }},
 	{"port500_refused", false, true, func(c *Counters) *atomic.Uint64 { return &c.Port500Refused }},
 	{"sessions_created", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsCreated }},
+	{"sessions_restored", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsRestored }},
+	{"state_writes", true, false, func(c *Counters) *atomic.Uint64 { return &c.StateWrites }},
 	{"sessions_expired", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsExpired }},
 	{"sessions_rejected", true, false, func(c *Counters) *atomic.Uint64 { return &c.SessionsRejected }},
 	{"half_open_expired", true, false, func(c *Counters) *atomic.Uint64 { return &c.HalfOpenExpired }},

@@ -3,6 +3,8 @@ package relay
 import (
 	"context"
 	"errors"
+	"os"
+	"time"
 )
 
 // Headroom is the room every datagram a link sends has in front of it, to
@@ -104,6 +106,27 @@ func IdentityOf(link Link) string {
 	}
 	return ""
 }
+
+// A Detachable link can stop and hand its stream to another process, as
+// a server's upgrade does: the stream continues there, and the far end
+// sees no change. See streamlink's Detach for what it guarantees.
+type Detachable interface {
+	Detach(timeout time.Duration) (*DetachedLink, error)
+}
+
+// DetachedLink is a stopped link's stream, for another process.
+type DetachedLink struct {
+	// File is a duplicate of the link's socket; the receiver closes it.
+	File *os.File
+	// Pending is what was read from the stream and not delivered: part
+	// of the prefix if PrefixPending, then part of a frame or frames.
+	Pending       []byte
+	PrefixPending bool
+}
+
+// ErrDetached is what a link's Serve returns once Detach stopped it, and
+// its Send after that.
+var ErrDetached = errors.New("link handed over to another process")
 
 // ErrClosedHere ends a link that this side closed.
 var ErrClosedHere = errors.New("closed by iketcp")

@@ -111,9 +111,14 @@ func planListen(listen []string, encap string, ikePort uint, ikeSet bool) (specs
 	return specs, redirectFrom, nil
 }
 
-// listeners opens what specs ask for. close releases everything they hold
-// (fake-TCP's device and rules included) once the server is done.
-func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs []listenSpec, door *frontdoor.Config) (lns []relay.Listener, close func(), err error) {
+// listeners opens what specs ask for, taking the TCP listening sockets a
+// predecessor handed over (inherited, by spec) instead of opening them.
+// raw are the TCP listening sockets, by spec, for a successor. close
+// releases everything they hold (fake-TCP's device and rules included)
+// once the server is done.
+func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs []listenSpec, door *frontdoor.Config,
+	inherited map[string]net.Listener) (lns []relay.Listener, raw map[string]net.Listener, close func(), err error) {
+	raw = make(map[string]net.Listener)
 	var stops []func()
 	close = func() {
 		for i := len(stops) - 1; i >= 0; i-- {
@@ -135,28 +140,55 @@ func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs
 			p, _ := strconv.ParseUint(port, 10, 16)
 			stack, stop, err := startFakeTCP(c, log, fakenet.Server, uint16(p))
 			if err != nil {
-				return lns, close, err
+				return lns, raw, close, err
 			}
 			stops = append(stops, stop)
 			ln, err := stack.Listen(uint16(p))
 			if err != nil {
-				return lns, close, err
+				return lns, raw, close, err
 			}
 			lns = append(lns, fakelink.NewListener(ln, s.addr))
 		default:
-			lc := net.ListenConfig{KeepAliveConfig: relay.TCPKeepAlive}
-			inner, err := lc.Listen(c.Context, "tcp", s.addr)
-			if err != nil {
-				return lns, close, fmt.Errorf("--listen %s: %w", s, relay.ListenHint(err,
-					"another TCP service (an IKE daemon with TCP support, a web server?) holds the port: stop it, choose another port, or share it with --share-backend"))
+			inner, ok := inherited[s.String()]
+			if ok {
+				inner = keepAliveListener{inner}
+			} else {
+				lc := net.ListenConfig{KeepAliveConfig: relay.TCPKeepAlive}
+				if inner, err = lc.Listen(c.Context, "tcp", s.addr); err != nil {
+					return lns, raw, close, fmt.Errorf("--listen %s: %w", s, relay.ListenHint(err,
+						"another TCP service (an IKE daemon with TCP support, a web server?) holds the port: stop it, choose another port, or share it with --share-backend"))
+				}
 			}
+			raw[s.String()] = inner
 			if door != nil {
 				inner = frontdoor.Listen(inner, *door)
 			}
 			lns = append(lns, streamlink.NewListener(inner, linkConfig(c, counters, log)))
 		}
 	}
-	return lns, close, nil
+	return lns, raw, close, nil
+}
+
+// keepAliveListener gives the connections of a listening socket handed
+// over by a predecessor the keepalive that listeners iketcp opens give
+// them (net.ListenConfig's cannot be set on a socket from a file).
+type keepAliveListener struct{ net.Listener }
+
+func (l keepAliveListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetKeepAliveConfig(relay.TCPKeepAlive)
+	}
+	return c, err
+}
+
+// File is the listening socket's, for a successor.
+func (l keepAliveListener) File() (*os.File, error) {
+	fl, ok := l.Listener.(interface{ File() (*os.File, error) })
+	if !ok {
+		return nil, errors.New("not a socket")
+	}
+	return fl.File()
 }
 
 // startRedirect installs the ike-tcp-port redirect, as --redirect says.

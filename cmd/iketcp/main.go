@@ -53,6 +53,7 @@ func newApp() *cli.App {
 			serverCommand(),
 			clientCommand(),
 			statusCommand(),
+			upgradeCommand(),
 			{
 				Name:  "version",
 				Usage: "print the version",

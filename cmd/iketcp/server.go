@@ -5,11 +5,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"sync"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/iketcp/iketcp/nat/realaddr"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/control"
 	"github.com/iketcp/iketcp/relay/server"
 	"github.com/iketcp/iketcp/relay/streamlink"
 )
@@ -41,6 +44,8 @@ func serverCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-half-open", Value: server.DefaultMaxHalfOpen, Usage: "most sessions whose IKE_SA_INIT the backend has not answered yet", EnvVars: envVar("max-half-open")},
 			&cli.IntFlag{Name: "max-half-open-per-source", Value: server.DefaultMaxHalfOpenPerSource, Usage: "most half-open sessions from one source", EnvVars: envVar("max-half-open-per-source")},
 			reorderFlag(),
+			&cli.StringFlag{Name: "state", Usage: "file that keeps the session table (it holds secrets: mode 0600), so that a restarted server takes its clients back on the same IKE SAs; unusable files are reported and ignored", EnvVars: envVar("state")},
+			&cli.StringFlag{Name: "upgrade-binary", Usage: "the binary an upgrade (SIGUSR2, iketcp upgrade) starts; default: this one's path as it was at start, so a new binary installed there is the one started", EnvVars: envVar("upgrade-binary")},
 			&cli.DurationFlag{Name: "half-open-timeout", Value: server.DefaultHalfOpenTimeout, Usage: "drop a session whose IKE_SA_INIT the backend has not answered in this long", EnvVars: envVar("half-open-timeout")},
 		}, commonFlags("server")...),
 		Action: runServer,
@@ -86,6 +91,7 @@ func runServer(c *cli.Context) error {
 		MaxHalfOpenPerSource:    c.Int("max-half-open-per-source"),
 		HalfOpenTimeout:         c.Duration("half-open-timeout"),
 		ReorderMax:              reorderMax(c),
+		StatePath:               c.String("state"),
 		MaxDatagram:             c.Int("max-datagram"),
 		Version:                 versionString(),
 	})
@@ -100,19 +106,67 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	lns, closeListeners, err := listeners(c, log, counters, specs, door)
+	pred, inherited, handover, files, err := inherit(log)
 	if err != nil {
 		return err
 	}
+	failed := func(err error) error {
+		if pred != nil {
+			pred.Failed(err)
+		}
+		return err
+	}
+	lns, raw, closeListeners, err := listeners(c, log, counters, specs, door, inherited)
+	if err != nil {
+		return failed(err)
+	}
 	defer closeListeners()
+	if handover != nil {
+		if err := adopt(srv, lns, handover, files); err != nil {
+			for _, ln := range lns {
+				ln.Close()
+			}
+			return failed(err)
+		}
+	}
 	stopRedirect, err := startRedirect(c, log, redirectFrom)
 	if err != nil {
 		for _, ln := range lns {
 			ln.Close()
 		}
-		return err
+		return failed(err)
 	}
 	defer stopRedirect()
-	return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
-		func(ctx context.Context) error { return srv.Serve(ctx, lns...) })
+
+	binary := c.String("upgrade-binary")
+	if binary == "" {
+		if binary, err = os.Executable(); err != nil {
+			binary = "/proc/self/exe"
+		}
+	}
+	ctx, cancel := context.WithCancel(c.Context)
+	defer cancel()
+	u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, refuse: upgradeRefusal(c, specs, redirectFrom),
+		stop: cancel, parent: c.Context, asked: make(chan struct{}, 1)}
+	ctl, err := control.Listen(c.String("control"), func() any { return srv.Status() }, log,
+		control.Request{Name: "upgrade", Answer: u.request})
+	if err != nil {
+		return failed(err)
+	}
+	defer ctl.Close()
+	u.ctl = ctl
+	log.Info("control socket ready", "path", ctl.Path())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go u.watch(ctx, &wg)
+	defer wg.Wait()
+	defer cancel()
+	if pred != nil {
+		if err := pred.TakenOver(); err != nil {
+			return fmt.Errorf("telling the old server: %w", err)
+		}
+	}
+	err = srv.Serve(ctx, lns...)
+	log.Info("stopped")
+	return err
 }

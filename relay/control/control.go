@@ -2,8 +2,9 @@
 // socket and fetches it for `iketcp status`. Each instance has its own
 // socket path, so several can run on one host.
 //
-// The protocol is one request line ("status") and a JSON reply, after
-// which the server closes the connection.
+// The protocol is one request line and a JSON reply, after which the
+// server closes the connection. Every instance answers "status"; an
+// instance may answer more (Request): a server answers "upgrade".
 //
 // Both ends trust only what no other local user can have made: the
 // socket's directory must be a directory, not a symlink, owned by the
@@ -57,6 +58,7 @@ type Server struct {
 	ln     net.Listener
 	path   string
 	status func() any
+	more   []Request
 	log    *slog.Logger
 	wg     sync.WaitGroup
 	once   sync.Once
@@ -69,7 +71,9 @@ type Server struct {
 // with mode 0600. A stale socket left by a crashed instance is replaced;
 // one that a live instance still answers on is an error, so two instances
 // never share a path, and so is anything at path that is not a socket.
-func Listen(path string, status func() any, log *slog.Logger) (*Server, error) {
+//
+// more are the requests it answers besides "status".
+func Listen(path string, status func() any, log *slog.Logger, more ...Request) (*Server, error) {
 	dir := filepath.Dir(path)
 	if err := makeDir(dir, log); err != nil {
 		return nil, err
@@ -84,7 +88,7 @@ func Listen(path string, status func() any, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{ln: ln, path: path, status: status, log: log}
+	s := &Server{ln: ln, path: path, status: status, more: more, log: log}
 	s.wg.Add(1)
 	go s.serve()
 	return s, nil
@@ -126,16 +130,36 @@ func (s *Server) answer(c net.Conn) {
 	if err != nil {
 		return
 	}
-	switch strings.TrimSpace(line) {
-	case "status":
-		enc := json.NewEncoder(c)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(s.status()); err != nil {
-			s.log.Debug("control reply failed", "err", err)
+	name := strings.TrimSpace(line)
+	answer := s.status
+	if name != "status" {
+		answer = nil
+		for _, r := range s.more {
+			if r.Name == name {
+				answer = r.Answer
+			}
 		}
-	default:
-		fmt.Fprintf(c, "{\"error\": %q}\n", "unknown request; the only one is: status")
 	}
+	if answer == nil {
+		names := []string{"status"}
+		for _, r := range s.more {
+			names = append(names, r.Name)
+		}
+		fmt.Fprintf(c, "{\"error\": %q}\n", "unknown request; this instance answers: "+strings.Join(names, ", "))
+		return
+	}
+	enc := json.NewEncoder(c)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(answer()); err != nil {
+		s.log.Debug("control reply failed", "err", err)
+	}
+}
+
+// Request is a request an instance answers besides "status": Answer's
+// result is the JSON reply. Requests must be names of one word.
+type Request struct {
+	Name   string
+	Answer func() any
 }
 
 // Fetch asks the instance at path for its status and returns the JSON.
@@ -143,7 +167,11 @@ func (s *Server) answer(c net.Conn) {
 // directory passes the checks Listen makes, the socket is owned by the
 // effective uid, and (on Linux) the process answering on it runs as the
 // effective uid.
-func Fetch(ctx context.Context, path string) ([]byte, error) {
+func Fetch(ctx context.Context, path string) ([]byte, error) { return Ask(ctx, path, "status") }
+
+// Ask sends the instance at path the request name, after the checks Fetch
+// makes, and returns the JSON reply.
+func Ask(ctx context.Context, path, name string) ([]byte, error) {
 	if err := checkDir(filepath.Dir(path)); err != nil {
 		return nil, err
 	}
@@ -164,7 +192,7 @@ func Fetch(ctx context.Context, path string) ([]byte, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
 	}
-	if _, err := io.WriteString(c, "status\n"); err != nil {
+	if _, err := io.WriteString(c, name+"\n"); err != nil {
 		return nil, err
 	}
 	return io.ReadAll(io.LimitReader(c, 64<<20))

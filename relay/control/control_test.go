@@ -85,3 +85,24 @@ func TestStaleSocketIsReplaced(t *testing.T) {
 		t.Fatalf("after replacing: %q %v", raw, err)
 	}
 }
+
+// TestRequest: an instance answers the requests it was given besides
+// status, and names them when asked something else.
+func TestRequest(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "server.sock")
+	asked := 0
+	s, err := Listen(path, func() any { return "st" }, slog.New(slog.DiscardHandler),
+		Request{Name: "upgrade", Answer: func() any { asked++; return map[string]bool{"upgrading": true} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	raw, err := Ask(context.Background(), path, "upgrade")
+	if err != nil || !strings.Contains(string(raw), `"upgrading": true`) || asked != 1 {
+		t.Fatalf("upgrade: %q %v (asked %d)", raw, err, asked)
+	}
+	raw, err = Ask(context.Background(), path, "other")
+	if err != nil || !strings.Contains(string(raw), "this instance answers: status, upgrade") {
+		t.Fatalf("unknown request: %q %v", raw, err)
+	}
+}

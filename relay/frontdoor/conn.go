@@ -47,6 +47,17 @@ func (c *conn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// Unread takes the replayed bytes not read yet, for a process that
+// serves the connection's stream from here on (streamlink's Detach).
+func (c *conn) Unread() []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b := c.replay
+	c.replay = nil
+	c.drained.Store(true)
+	return b
+}
+
 // RemoteAddr is the client's address: the one a PROXY header named, or
 // the connection's own.
 func (c *conn) RemoteAddr() net.Addr {

@@ -62,7 +62,7 @@ func (s *Server) admit(link relay.Link) *conn {
 	src := sourceOf(remote)
 	now := time.Now()
 	s.mu.Lock()
-	if s.closing {
+	if s.closing || s.handingOver {
 		s.mu.Unlock()
 		link.Close()
 		return nil

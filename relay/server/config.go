@@ -67,6 +67,14 @@ type Config struct {
 	// MaxDatagram is the largest datagram relayed from the backend; larger
 	// ones are counted and dropped.
 	MaxDatagram int
+	// StatePath, if set, is the file in which the server keeps its
+	// session table (package statefile), and from which it rebuilds the
+	// sessions when it starts again. It holds the sessions' ticket keys:
+	// it is written with mode 0600.
+	StatePath string
+	// StateInterval is the least time between two writes of the state
+	// file; changes in between are written together.
+	StateInterval time.Duration
 	// Version is reported in Status.
 	Version string
 	// ReorderMax caps how long an aggregate's reorder buffer holds ESP

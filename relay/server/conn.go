@@ -176,6 +176,9 @@ func (c *conn) sessionForIKE(h *framing.IKEHeader, now time.Time) *session {
 			r = s.routes.ike.add(cur, &cur.ikeKeys, h.InitiatorSPI, now)
 		}
 	}
+	if r != nil && !h.IsResponse() && (!r.anyReq || h.MessageID > r.maxReq) {
+		s.stateChanged() // a new SA or a fresh request: both outlive a restart
+	}
 	if r == nil {
 		s.mu.Unlock()
 		if h.IsInitRequest() {
@@ -215,7 +218,9 @@ func (c *conn) sessionForESP(spi uint32, now time.Time) *session {
 	r := s.routes.esp.m[spi]
 	if r == nil {
 		if cur := c.current; c.carries(cur) && cur.confirmed.Load() && s.learnLocked(cur, now) {
-			r = s.routes.esp.add(cur, &cur.espKeys, spi, now)
+			if r = s.routes.esp.add(cur, &cur.espKeys, spi, now); r != nil {
+				s.stateChanged()
+			}
 		}
 		if r == nil {
 			s.mu.Unlock()
@@ -368,6 +373,7 @@ func (c *conn) move(spi uint32, fromID uint64, mac []byte, now time.Time) bool {
 		return false
 	}
 	s.counters.SPIMoves.Add(1)
+	s.stateChanged()
 	c.lastRoute = nil
 	to.book.NoteESPIn(spi)
 	return true

@@ -31,6 +31,15 @@
 // members bring passes the aggregate's reorder buffer (package
 // relay/reorder) on its way to the backend. The session, its backend
 // socket and its return path stay one.
+//
+// A server outlives its process two ways. With Config.StatePath it keeps
+// its session table in a file (persist.go, the format in package
+// statefile), written off the data path at a bounded rate, and a server
+// started again rebinds each session's backend port from it and waits for
+// the clients to come back. Handover and Adopt (handover.go) give a
+// running server's sessions and live connections to a successor in
+// another process, which serves them without the clients or the gateway
+// seeing a change.
 package server
 
 import (
@@ -71,7 +80,20 @@ type Server struct {
 	halfOpen  int
 	closing   bool
 
+	// A handover (handover.go).
+	handingOver  bool           // no new sessions; Serve waits for handedOver
+	handedOver   chan struct{}  // closed when the handover is done or failed
+	adoptedConns []*conn        // conns Adopt took, for Serve to start
+	adopted      bool           // the sessions came from a handover, not the state file
+	accepting    sync.WaitGroup // the accept loops
+
 	wg sync.WaitGroup // every goroutine the server starts
+
+	// The state file (persist.go); stateDirty is nil without one.
+	stateDirty      chan struct{}
+	stateConfigName string     // the configuration it belongs to; set by Serve
+	stateMu         sync.Mutex // serializes writes; guards stateFinal
+	stateFinal      bool
 
 	logs logs
 }
@@ -82,7 +104,7 @@ type logs struct {
 	accepted, closed, refused, evicted, unconfirmed, acceptFailed  relay.Sometimes
 	created, moved, expired, halfOpenExpired, initDropped          relay.Sometimes
 	malformed, unknownIKE, unknownESP, claimRefused, controlUnsent relay.Sometimes
-	backendSend, backendRecv, oversize, writeFailed                relay.Sometimes
+	backendSend, backendRecv, oversize, writeFailed, stateWrite    relay.Sometimes
 	joined, joinRefused, memberState                               relay.Sometimes
 }
 
@@ -100,6 +122,9 @@ func New(cfg Config) (*Server, error) {
 		routes:   newRoutes(),
 		conns:    make(map[*conn]struct{}),
 		sources:  make(map[source]*sourceUse),
+	}
+	if cfg.StatePath != "" {
+		s.stateDirty = make(chan struct{}, 1)
 	}
 	size := relay.Headroom + cfg.maxDatagram()
 	s.buffers.New = func() any { return newBackendBuffers(size) }
@@ -126,22 +151,45 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 	for _, ln := range listeners {
 		relay.CloseWhenDone(ctx, &s.wg, ln)
 	}
+	s.startAdopted()
+	if s.stateDirty != nil {
+		s.stateConfigName = s.stateConfig(listeners)
+		if !s.adopted {
+			s.restoreState()
+		}
+		s.wg.Add(1)
+		go s.persistState(ctx)
+	}
 	s.wg.Add(2)
 	go s.sweep(ctx)
 	go s.probeMembers(ctx)
 
 	ended := make(chan error, len(listeners))
+	s.accepting.Add(len(listeners))
 	for _, ln := range listeners {
 		s.log.Info("server listening", "listen", ln.Addr(), "encap", ln.Encap(), "backend", s.cfg.Backend.String())
-		go func() { ended <- s.acceptLinks(ctx, ln) }()
+		go func() {
+			defer s.accepting.Done()
+			ended <- s.acceptLinks(ctx, ln)
+		}()
 	}
 	err := <-ended
+	s.mu.Lock()
+	handover := s.handedOver
+	s.mu.Unlock()
+	if handover != nil { // the listeners were closed for a handover
+		<-handover
+		err = nil
+	}
 	cancel()
 	for range len(listeners) - 1 {
 		<-ended
 	}
 	if parent.Err() != nil {
 		err = nil
+	}
+	if s.stateDirty != nil {
+		s.writeFinalState() // nothing, after a handover: the new server owns the file
 	}
 	s.shutdown()
 	s.wg.Wait()
@@ -178,6 +226,9 @@ func (s *Server) acceptLinks(ctx context.Context, ln relay.Listener) error {
 func (s *Server) serveConn(c *conn) {
 	defer s.wg.Done()
 	err := c.link.Serve(c)
+	if errors.Is(err, relay.ErrDetached) {
+		return // handed over: its books stay as they are for the handover; shutdown closes it
+	}
 	c.close()
 	s.forgetConn(c)
 	level := slog.LevelInfo

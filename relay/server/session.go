@@ -32,9 +32,12 @@ type session struct {
 	owner   string // the identity of the client that opened it, over TLS with a client certificate
 	created time.Time
 	udp     *udpbatch.Conn
+	uc      *net.UDPConn   // udp's socket
 	release func() error   // closes udp's socket
 	local   netip.AddrPort // the backend socket's address: the peer the daemon sees
 
+	readerDone chan struct{}        // closed when the backend reader returns
+	frozen     atomic.Bool          // the backend reader stops: a handover
 	conn       atomic.Pointer[conn] // return path; nil while the client is away
 	agg        atomic.Pointer[agg]  // its aggregate, once a member joined; set under Server.mu
 	lastActive atomic.Int64         // unix ns of the last frame from the client, or of its disconnect
@@ -127,27 +130,30 @@ func (s *Server) newSession(c *conn, h *framing.IKEHeader, now time.Time) (sess 
 	}
 	relay.SizeSocketBuffers(uc)
 	sess = &session{
-		srv:     s,
-		id:      s.nextSessionID.Add(1),
-		src:     c.src,
-		owner:   c.identity,
-		created: now,
-		udp:     udpbatch.New(uc, udpbatch.Options{BatchSize: sessionBatch, Logger: s.log}),
-		release: closeUDP,
-		local:   uc.LocalAddr().(*net.UDPAddr).AddrPort(),
+		srv:        s,
+		id:         s.nextSessionID.Add(1),
+		src:        c.src,
+		owner:      c.identity,
+		created:    now,
+		udp:        udpbatch.New(uc, udpbatch.Options{BatchSize: sessionBatch, Logger: s.log}),
+		uc:         uc,
+		readerDone: make(chan struct{}),
+		release:    closeUDP,
+		local:      uc.LocalAddr().(*net.UDPAddr).AddrPort(),
 	}
 	sess.lastActive.Store(now.UnixNano())
 
 	s.mu.Lock()
-	if existing := s.routes.ike.m[h.InitiatorSPI]; s.closing || existing != nil {
-		// Shutting down, or another connection opened it meanwhile.
+	if existing := s.routes.ike.m[h.InitiatorSPI]; s.closing || s.handingOver || existing != nil {
+		// Shutting down or handing over, or another connection opened it
+		// meanwhile.
 		s.mu.Unlock()
 		closeUDP()
 		release()
 		if existing != nil {
 			return existing.sess, false, nil
 		}
-		return nil, false, errors.New("server is shutting down")
+		return nil, false, errors.New("server is shutting down or handing over")
 	}
 	s.sessions[sess.id] = sess
 	r := s.routes.ike.add(sess, &sess.ikeKeys, h.InitiatorSPI, now)
@@ -184,10 +190,11 @@ func (s *Server) dialBackend(c *conn) (*net.UDPConn, func() error, error) {
 func (sess *session) readBackend() {
 	s := sess.srv
 	defer s.wg.Done()
+	defer close(sess.readerDone)
 	var msg framing.Message
 	for {
 		if err := sess.udp.WaitRead(); err != nil {
-			if errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) || sess.frozen.Load() {
 				return
 			}
 			sess.backendFailed(err)
@@ -200,7 +207,7 @@ func (sess *session) readBackend() {
 		for {
 			n, err := sess.udp.TryReadBatch(bb.msgs)
 			if err != nil {
-				if errors.Is(err, net.ErrClosed) {
+				if errors.Is(err, net.ErrClosed) || sess.frozen.Load() {
 					s.buffers.Put(bb)
 					return
 				}
@@ -296,8 +303,8 @@ func (sess *session) fromBackend(h *framing.IKEHeader) {
 	now := time.Now()
 	s.mu.Lock()
 	if !sess.closed.Load() {
-		if s.routes.ike.m[h.InitiatorSPI] == nil {
-			s.routes.ike.add(sess, &sess.ikeKeys, h.InitiatorSPI, now)
+		if s.routes.ike.m[h.InitiatorSPI] == nil && s.routes.ike.add(sess, &sess.ikeKeys, h.InitiatorSPI, now) != nil {
+			s.stateChanged()
 		}
 		if h.IsInitResponse() && !sess.confirmed.Load() {
 			ticketOn = s.confirmLockedSession(sess)
@@ -333,6 +340,7 @@ func (s *Server) confirmLockedSession(sess *session) *conn {
 	if _, ok := c.carrying[sess]; ok {
 		s.confirmLocked(c)
 	}
+	s.stateChanged()
 	if k := c.keys.Load(); k != nil && !sess.keyed {
 		sess.key, sess.keyed = k.key, true
 		return c
@@ -367,6 +375,7 @@ func (s *Server) removeSession(sess *session) {
 	s.tidyLocked(sess.src)
 	s.mu.Unlock()
 	sess.release()
+	s.stateChanged()
 }
 
 // status describes the session.

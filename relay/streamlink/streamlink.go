@@ -271,6 +271,15 @@ type Link struct {
 	kernel  *kernelBacklog // nil where the socket's backlog cannot be read
 	handed  atomic.Uint64  // bytes handed to Send, for kernel
 
+	// Handing over (handover.go).
+	served      chan struct{} // closed when Serve returns
+	detaching   atomic.Bool
+	detached    *Detached // set by Serve before it returns for Detach
+	adopted     bool      // the stream was another process's: Serve reads carry first
+	carry       []byte
+	carryPrefix bool
+	remote      string // the client's address, if not the socket's peer
+
 	wmu      sync.Mutex // guards the write side (send.go): the following
 	q        sendq.Queue
 	writing  bool     // the writer goroutine owns the socket's write side
@@ -282,7 +291,7 @@ type Link struct {
 }
 
 func newLink(nc net.Conn, sh *shared) *Link {
-	l := &Link{nc: nc, sh: sh, direct: directFor(nc)}
+	l := &Link{nc: nc, sh: sh, direct: directFor(nc), served: make(chan struct{})}
 	l.q.Budget, l.q.Target, l.q.Interval = sh.cfg.QueueBytes, sh.cfg.QueueDelay, sh.cfg.QueueInterval
 	lowat, err := tuneSocket(nc, &sh.cfg)
 	if err != nil {
@@ -302,12 +311,13 @@ func newLink(nc net.Conn, sh *shared) *Link {
 // stream to become readable without one (on connections that can wait
 // so: TCP; TLS keeps its buffer).
 func (l *Link) Serve(rx relay.Receiver) error {
+	defer close(l.served)
 	cfg := &l.sh.cfg
 	var w *waiter
 	if raw := rawConn(l.nc); raw != nil {
 		w = newWaiter(raw)
 	}
-	if l.sh.prefixExpect {
+	if l.sh.prefixExpect && (!l.adopted || l.carryPrefix) {
 		l.nc.SetReadDeadline(time.Now().Add(cfg.prefixTimeout()))
 	}
 	var d *framing.Decoder
@@ -318,6 +328,19 @@ func (l *Link) Serve(rx relay.Receiver) error {
 		}
 	}()
 	burst := make([]relay.Datagram, 0, burstSize)
+	if l.adopted {
+		held = l.sh.buffers.Get().(*[]byte)
+		d = framing.NewDecoderOn(l.nc, *held, l.sh.prefixExpect && l.carryPrefix)
+		d.SetHeadroom(relay.Headroom)
+		d.LimitPayload(cfg.maxDatagram())
+		if !d.Preload(l.carry) {
+			return &relay.ProtocolError{Reason: "the stream handed over holds more than a link's buffer"}
+		}
+		l.carry = nil
+		if err := l.readPrefix(d); err != nil {
+			return err
+		}
+	}
 	for {
 		if d == nil || w != nil && d.Empty() {
 			if held != nil {
@@ -327,6 +350,9 @@ func (l *Link) Serve(rx relay.Receiver) error {
 			}
 			if w != nil {
 				if err := w.wait(); err != nil {
+					if l.detaching.Load() {
+						return l.detachedAt(d)
+					}
 					if d == nil && l.sh.prefixExpect {
 						return l.prefixFailed(err)
 					}
@@ -352,6 +378,9 @@ func (l *Link) Serve(rx relay.Receiver) error {
 				l.sh.logOversize.Log(l.sh.log, slog.LevelWarn, "frame skipped: larger than --max-datagram",
 					"remote", l.RemoteAddr(), "err", err)
 				continue
+			}
+			if l.detaching.Load() {
+				return l.detachedAt(d)
 			}
 			return l.ended(err)
 		}
@@ -390,9 +419,15 @@ func (l *Link) readPrefix(d *framing.Decoder) error {
 		return nil
 	}
 	if err := d.ReadPrefix(); err != nil {
+		if l.detaching.Load() {
+			return l.detachedAt(d)
+		}
 		return l.prefixFailed(err)
 	}
 	l.nc.SetReadDeadline(time.Time{})
+	if l.detaching.Load() { // Detach's deadline must hold
+		l.nc.SetReadDeadline(time.Now())
+	}
 	return nil
 }
 
@@ -474,5 +509,10 @@ func (l *Link) Identity() string {
 	return st.VerifiedChains[0][0].Subject.String()
 }
 
-func (l *Link) LocalAddr() string  { return l.nc.LocalAddr().String() }
-func (l *Link) RemoteAddr() string { return l.nc.RemoteAddr().String() }
+func (l *Link) LocalAddr() string { return l.nc.LocalAddr().String() }
+func (l *Link) RemoteAddr() string {
+	if l.remote != "" {
+		return l.remote
+	}
+	return l.nc.RemoteAddr().String()
+}

@@ -1,0 +1,313 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/control"
+	"github.com/iketcp/iketcp/relay/server"
+	"github.com/iketcp/iketcp/relay/streamlink"
+	"github.com/iketcp/iketcp/relay/upgrade"
+)
+
+// A planned restart or upgrade of the server (SIGUSR2, or `iketcp
+// upgrade`): the running server starts a fresh copy of its binary, hands
+// it its listening sockets, sessions and live connections (package
+// relay/upgrade carries them; relay/server's Handover and Adopt fill and
+// empty them), and exits once the new one has taken over.
+
+// upgradeWait bounds each wait on the new process: until it is ready,
+// and until it has taken over.
+const upgradeWait = 15 * time.Second
+
+// upgradePayload is what the old server sends with the file descriptors:
+// first the listening sockets (Listeners[i] is the spec of file i), then
+// what server.Handover indexes.
+type upgradePayload struct {
+	Listeners []string         `json:"listeners"`
+	Server    *server.Handover `json:"server"`
+}
+
+// upgrader runs a server's upgrades.
+type upgrader struct {
+	log    *slog.Logger
+	binary string // what to start: the executable as it was at start, or --upgrade-binary
+	srv    *server.Server
+	raw    map[string]net.Listener // the listening sockets, by spec
+	refuse string                  // why this configuration cannot be upgraded, or ""
+	ctl    *control.Server
+	stop   context.CancelFunc // ends Serve once the new process took over
+	parent context.Context    // ends when the server is told to stop (SIGTERM)
+	asked  chan struct{}      // an upgrade request, from the control socket
+}
+
+// request answers the control socket's "upgrade": the upgrade runs on
+// its own (it closes the control socket), so this only says it started.
+func (u *upgrader) request() any {
+	if u.refuse != "" {
+		return map[string]string{"error": u.refuse}
+	}
+	select {
+	case u.asked <- struct{}{}:
+	default:
+	}
+	return map[string]any{"upgrading": true, "pid": os.Getpid(), "binary": u.binary}
+}
+
+// watch runs an upgrade on each SIGUSR2 or request, until ctx ends.
+func (u *upgrader) watch(ctx context.Context, wg *sync.WaitGroup) {
+	defer wg.Done()
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGUSR2)
+	defer signal.Stop(sig)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sig:
+		case <-u.asked:
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if err := u.upgrade(); err != nil {
+			u.log.Error("upgrade failed, this server keeps running: "+err.Error(), "binary", u.binary)
+		}
+	}
+}
+
+// upgrade starts the new process and hands over to it. An error before
+// the hand-over began leaves this server serving; after, this process
+// runs itself again from the state file (a crash restart's recovery).
+func (u *upgrader) upgrade() error {
+	if u.refuse != "" {
+		return errors.New(u.refuse)
+	}
+	u.log.Info("upgrading: starting the new server", "binary", u.binary)
+	succ, err := upgrade.Start(u.binary, os.Args[1:], os.Stdout, os.Stderr)
+	if err != nil {
+		return err
+	}
+	if err := succ.WaitReady(upgradeWait); err != nil {
+		succ.Kill()
+		return err
+	}
+	var specs []string
+	var files []*os.File
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	for spec, ln := range u.raw {
+		fl, ok := ln.(interface{ File() (*os.File, error) })
+		if !ok {
+			succ.Kill()
+			return fmt.Errorf("listener %s cannot be handed over", spec)
+		}
+		f, err := fl.File()
+		if err != nil {
+			succ.Kill()
+			return fmt.Errorf("listener %s: %w", spec, err)
+		}
+		specs, files = append(specs, spec), append(files, f)
+	}
+	u.ctl.Close() // the new server opens its own at the same path
+	started := time.Now()
+	err = u.srv.Handover(func(h *server.Handover, sfiles []*os.File) error {
+		payload, err := json.Marshal(upgradePayload{Listeners: specs, Server: h})
+		if err != nil {
+			return err
+		}
+		if err := succ.Send(payload, append(append([]*os.File(nil), files...), sfiles...)); err != nil {
+			return err
+		}
+		return succ.WaitTakenOver(upgradeWait)
+	})
+	if errors.Is(err, server.ErrNotServing) { // stopping meanwhile: nothing was handed over
+		succ.Kill()
+		return err
+	}
+	if err != nil && u.parent.Err() != nil { // told to stop meanwhile: stop, do not run again
+		succ.Kill()
+		return err
+	}
+	if err != nil {
+		succ.Kill()
+		u.log.Error("upgrade failed after the hand-over began: running this binary again; clients reconnect and claim their sessions from the state file, if --state is set",
+			"err", err)
+		self, xerr := os.Executable()
+		if xerr == nil {
+			xerr = syscall.Exec(self, os.Args, os.Environ())
+		}
+		return fmt.Errorf("%w; and running again failed: %v", err, xerr)
+	}
+	succ.Release()
+	u.log.Info("upgrade done: the new server took over", "new_pid", succ.PID(), "took", time.Since(started).Round(time.Microsecond).String())
+	u.stop()
+	return nil
+}
+
+// upgradeRefusal says why a server of this configuration cannot hand
+// over: modes that own host state (rules, devices) that two instances
+// would fight over.
+func upgradeRefusal(c *cli.Context, specs []listenSpec, redirectFrom uint16) string {
+	for _, s := range specs {
+		if s.encap == encapFakeTCP {
+			return "upgrade is not supported with fake-TCP listeners (the userspace TCP state stays in this process): restart with --state instead"
+		}
+	}
+	if c.Bool("real-address") {
+		return "upgrade is not supported with --real-address: restart with --state instead"
+	}
+	if redirectFrom != 0 && c.String("redirect") == "nftables" {
+		return "upgrade is not supported with the nftables --ike-tcp-port redirect: restart with --state instead"
+	}
+	return ""
+}
+
+// inherit takes a predecessor's hand-over, if this process was started
+// for one: it says it is ready, and returns the listening sockets and
+// the rest. nil pred: a plain start.
+func inherit(log *slog.Logger) (pred *upgrade.Predecessor, lns map[string]net.Listener, h *server.Handover, files []*os.File, err error) {
+	pred, err = upgrade.Inherited()
+	if pred == nil || err != nil {
+		return nil, nil, nil, nil, err
+	}
+	fail := func(err error) (*upgrade.Predecessor, map[string]net.Listener, *server.Handover, []*os.File, error) {
+		pred.Failed(err)
+		return nil, nil, nil, nil, fmt.Errorf("taking over from the old server: %w", err)
+	}
+	if err := pred.Ready(); err != nil {
+		return fail(err)
+	}
+	raw, all, err := pred.Receive(upgradeWait)
+	if err != nil {
+		return fail(err)
+	}
+	var p upgradePayload
+	if err := json.Unmarshal(raw, &p); err != nil || p.Server == nil {
+		return fail(fmt.Errorf("the hand-over: %v", err))
+	}
+	want := len(p.Listeners) + len(p.Server.Table.Sessions) + len(p.Server.Conns)
+	if len(all) != want {
+		return fail(fmt.Errorf("the hand-over has %d files, want %d", len(all), want))
+	}
+	lns = make(map[string]net.Listener)
+	for i, spec := range p.Listeners {
+		ln, err := net.FileListener(all[i])
+		all[i].Close()
+		if err != nil {
+			return fail(fmt.Errorf("listener %s: %w", spec, err))
+		}
+		lns[spec] = ln
+	}
+	log.Info("taking over from the old server", "listeners", len(lns), "sessions", len(p.Server.Table.Sessions), "conns", len(p.Server.Conns))
+	return pred, lns, p.Server, all[len(p.Listeners):], nil
+}
+
+// adopt gives srv the sessions and connections of a hand-over, the
+// connections served by ln.
+func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files []*os.File) error {
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	var sl *streamlink.Listener
+	for _, ln := range lns {
+		if l, ok := ln.(*streamlink.Listener); ok {
+			sl = l
+			break
+		}
+	}
+	if sl == nil && len(h.Conns) > 0 {
+		return errors.New("connections handed over, and no RFC 9329 listener to serve them")
+	}
+	var backends []*net.UDPConn
+	for i := range h.Table.Sessions {
+		pc, err := net.FilePacketConn(files[i])
+		if err != nil {
+			return fmt.Errorf("session %d's backend socket: %w", h.Table.Sessions[i].ID, err)
+		}
+		uc, ok := pc.(*net.UDPConn)
+		if !ok {
+			pc.Close()
+			return fmt.Errorf("session %d's backend socket is not UDP", h.Table.Sessions[i].ID)
+		}
+		backends = append(backends, uc)
+	}
+	var links []relay.Link
+	for i, hc := range h.Conns {
+		nc, err := net.FileConn(files[len(h.Table.Sessions)+i])
+		if err != nil {
+			return fmt.Errorf("connection from %s: %w", hc.Remote, err)
+		}
+		link, err := sl.Adopt(nc, hc.Pending, hc.PrefixPending, hc.Remote)
+		if err != nil {
+			nc.Close()
+			return fmt.Errorf("connection from %s: %w", hc.Remote, err)
+		}
+		links = append(links, link)
+	}
+	return srv.Adopt(h, backends, links)
+}
+
+func upgradeCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "upgrade",
+		Usage: "replace a running iketcp server with a fresh copy of its binary, handing over its sessions and live connections (as SIGUSR2 does)",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "control", Value: control.DefaultPath("server"), Usage: "control socket of the server", EnvVars: envVar("control")},
+			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "how long to wait for the new server to answer"},
+		},
+		Action: runUpgrade,
+	}
+}
+
+// runUpgrade asks the server to upgrade, and waits until a server with
+// another PID answers on the control socket.
+func runUpgrade(c *cli.Context) error {
+	path := c.String("control")
+	raw, err := control.Ask(c.Context, path, "upgrade")
+	if err != nil {
+		return err
+	}
+	var reply struct {
+		Error  string `json:"error"`
+		PID    int    `json:"pid"`
+		Binary string `json:"binary"`
+	}
+	if err := json.Unmarshal(raw, &reply); err != nil {
+		return fmt.Errorf("the server's reply %q: %w", raw, err)
+	}
+	if reply.Error != "" {
+		return errors.New(reply.Error)
+	}
+	deadline := time.Now().Add(c.Duration("timeout"))
+	for time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+		raw, err := control.Fetch(c.Context, path)
+		if err != nil {
+			continue // between the old server and the new
+		}
+		var st relay.Status
+		if err := decodeStatus(raw, &st); err == nil && st.PID != reply.PID {
+			fmt.Fprintf(c.App.Writer, "upgraded: pid %d -> pid %d (%s), %d sessions\n", reply.PID, st.PID, reply.Binary, len(st.Sessions))
+			return nil
+		}
+	}
+	return fmt.Errorf("pid %d still answers after %v: the upgrade did not happen (see the server's log)", reply.PID, c.Duration("timeout"))
+}
