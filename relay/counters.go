@@ -2,6 +2,8 @@ package relay
 
 import (
 	"sync/atomic"
+
+	"github.com/iketcp/iketcp/relay/sendq"
 )
 
 // Counters are the events a relay counts. Each field says which role
@@ -57,6 +59,12 @@ type Counters struct {
 	PacketsOut        atomic.Uint64 // datagrams from the daemon relayed to the far end
 	BytesOut          atomic.Uint64
 	WriteErrors       atomic.Uint64 // failed or timed-out writes
+	Fallbacks         atomic.Uint64 // client: flows whose transport went from UDP to TCP
+
+	// QueueDelay is how long the datagrams that had to wait in a link's
+	// queue waited, by sendq.Lane: ESP (sendq.Bulk) and IKE
+	// (sendq.Priority). Datagrams the socket took at once are not in it.
+	QueueDelay [2]sendq.Histogram
 }
 
 // Counter is one named value of a snapshot.
@@ -124,6 +132,7 @@ var counterDefs = []counterDef{
 	{"packets_out", true, true, func(c *Counters) *atomic.Uint64 { return &c.PacketsOut }},
 	{"bytes_out", true, true, func(c *Counters) *atomic.Uint64 { return &c.BytesOut }},
 	{"write_errors", true, true, func(c *Counters) *atomic.Uint64 { return &c.WriteErrors }},
+	{"transport_fallbacks", false, true, func(c *Counters) *atomic.Uint64 { return &c.Fallbacks }},
 }
 
 // Snapshot returns the counters of role (RoleServer or RoleClient) with
