@@ -200,3 +200,26 @@ func (cl *Client) Status() *relay.Status {
 
 // describeRoute is how Status names a route: "TCP", "UDP", "UDP+TCP".
 func describeRoute(r fallback.Transport) string { return strings.ToUpper(r.String()) }
+
+// Drain lets out what the client's links have queued, and returns once
+// they have or ctx ends: a stopping client drains so before Serve's
+// context ends.
+func (cl *Client) Drain(ctx context.Context) {
+	var paths []*linkPath
+	cl.mu.Lock()
+	for _, f := range cl.flows {
+		f.links.mu.Lock()
+		paths = append(paths, f.links.paths...)
+		f.links.mu.Unlock()
+	}
+	cl.mu.Unlock()
+	var links []relay.Link
+	for _, p := range paths {
+		p.mu.Lock()
+		if p.link != nil {
+			links = append(links, p.link)
+		}
+		p.mu.Unlock()
+	}
+	relay.DrainLinks(ctx, links)
+}
