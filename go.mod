@@ -3,6 +3,7 @@ module github.com/iketcp/iketcp
 go 1.26.0
 
 require (
+	github.com/creack/pty v1.1.24
 	github.com/google/nftables v0.3.0
 	github.com/gopacket/gopacket v1.7.7
 	github.com/mdlayher/netlink v1.7.3-0.20250113171957-fbb4dce95f42
