@@ -7,7 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -488,5 +490,84 @@ func TestStatusWatchInATerminal(t *testing.T) {
 	out, err := exec.Command(iketcpBinary(t), "status", "--control", ctl, "--session", "deadbeef").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), `no session or flow "deadbeef"`) {
 		t.Errorf("status --session of nothing: %v\n%s", err, out)
+	}
+}
+
+// TestTwoTunnelsInOneClient runs one client process with two tunnels from
+// its file, each to its own server and backend, and carries an
+// IKE_SA_INIT through each; status reads each tunnel on its own socket,
+// and the metrics name both.
+func TestTwoTunnelsInOneClient(t *testing.T) {
+	dir := t.TempDir()
+	var srvs []string
+	var backends []*net.UDPConn
+	for i := range 2 {
+		b := udpBackend(t)
+		srv := freeTCP(t)
+		p := startIketcp(t, "server", "--listen", srv, "--backend", b.LocalAddr().String(), "--control", filepath.Join(dir, fmt.Sprintf("s%d.sock", i)))
+		waitFor(t, "server", func() bool { return strings.Contains(p.out.String(), "server listening") })
+		srvs, backends = append(srvs, srv), append(backends, b)
+	}
+	var listens []string
+	for range 2 {
+		u, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		listens = append(listens, u.LocalAddr().String())
+		u.Close()
+	}
+	metricsAddr := freeTCP(t)
+	file := filepath.Join(dir, "client.yaml")
+	os.WriteFile(file, []byte(fmt.Sprintf(`role: client
+metrics: %s
+tunnels:
+  - name: hub-a
+    peer: %s
+    listen: %s
+    control: %s
+  - name: hub-b
+    peer: %s
+    listen: %s
+    control: %s
+`, metricsAddr, srvs[0], listens[0], filepath.Join(dir, "a.sock"), srvs[1], listens[1], filepath.Join(dir, "b.sock"))), 0o600)
+	p := startIketcp(t, "client", "--config", file)
+	waitFor(t, "both tunnels", func() bool { return strings.Count(p.out.String(), "client listening") == 2 })
+	for i, l := range listens {
+		site, err := net.Dial("udp", l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer site.Close()
+		site.Write(ikeInit())
+		backends[i].SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 100)
+		if n, _, err := backends[i].ReadFromUDP(buf); err != nil || !bytes.Equal(buf[:n], ikeInit()) {
+			t.Fatalf("tunnel %d: backend got %x (%v)", i, buf[:n], err)
+		}
+	}
+	for _, name := range []string{"a", "b"} {
+		if n := counter(t, filepath.Join(dir, name+".sock"), "flows_created"); n != 1 {
+			t.Errorf("tunnel hub-%s: flows_created %d, want 1", name, n)
+		}
+	}
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	http.DefaultClient.CloseIdleConnections()
+	for _, name := range []string{"hub-a", "hub-b"} {
+		if want := `iketcp_frames_total{direction="out",role="client",tunnel="` + name + `"} 1`; !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if code := p.wait(t); code != exitOK {
+		t.Fatalf("exit %d:\n%s", code, p.out.String())
+	}
+	if !strings.Contains(p.out.String(), "tunnel=hub-b") {
+		t.Errorf("log lines do not name their tunnel:\n%s", p.out.String())
 	}
 }
