@@ -559,7 +559,7 @@ tunnels:
 	resp.Body.Close()
 	http.DefaultClient.CloseIdleConnections()
 	for _, name := range []string{"hub-a", "hub-b"} {
-		if want := `iketcp_frames_total{direction="out",role="client",tunnel="` + name + `"} 1`; !strings.Contains(string(body), want) {
+		if want := `iketcp_frames_total{direction="out",kind="ike",role="client",tunnel="` + name + `"} 1`; !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
 		}
 	}

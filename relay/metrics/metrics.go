@@ -44,10 +44,15 @@ var refuseReasons = []string{
 	"half_open_expired",
 }
 
-// Counters exported with a name of their own.
-var renamed = map[string]string{
-	"packets_in": "", "packets_out": "", "bytes_in": "", "bytes_out": "", // in frames_total and bytes_total
+// frameKinds are the counters of iketcp_frames_total{direction,kind}.
+var frameKinds = map[string][2]string{
+	"ike_in": {"in", "ike"}, "esp_in": {"in", "esp"}, "keepalives_in": {"in", "keepalive"},
+	"ike_out": {"out", "ike"}, "esp_out": {"out", "esp"}, "keepalives_out": {"out", "keepalive"},
 }
+
+// Counters exported in another metric: frames by kind, bytes.
+var renamed = map[string]bool{"packets_in": true, "packets_out": true, "bytes_in": true, "bytes_out": true,
+	"ike_in": true, "ike_out": true, "esp_in": true, "esp_out": true, "keepalives_in": true, "keepalives_out": true}
 
 // Source is one relay the Collector reads.
 type Source struct {
@@ -66,7 +71,7 @@ func desc(name, help string, extra ...string) *prometheus.Desc {
 var (
 	descInfo       = desc("iketcp_info", "The relay: its version and mode; always 1.", "version", "mode")
 	descStart      = desc("iketcp_start_time_seconds", "When the relay started, in seconds since the epoch.")
-	descFrames     = desc("iketcp_frames_total", "Datagrams relayed; in: from the far end to the local daemon, out: from the daemon toward the far end.", "direction")
+	descFrames     = desc("iketcp_frames_total", "Datagrams relayed, by direction (in: from the far end to the local daemon; out: from the daemon toward the far end) and kind (ike, esp, keepalive).", "direction", "kind")
 	descBytes      = desc("iketcp_bytes_total", "Bytes of the datagrams relayed, by direction as iketcp_frames_total.", "direction")
 	descSessions   = desc("iketcp_sessions", "Server sessions (IKE SAs) or client flows, by state: up, connecting, waiting, half-open.", "state")
 	descLinks      = desc("iketcp_links", "A client's links to the server (one per IKE SA), by state.", "state")
@@ -134,11 +139,12 @@ func collect(ch chan<- prometheus.Metric, s Source) {
 
 	for _, ctr := range s.Counters.Snapshot(s.Role) {
 		v := float64(ctr.Value)
+		kind, isKind := frameKinds[ctr.Name]
 		switch {
-		case ctr.Name == "packets_in":
-			ch <- prometheus.MustNewConstMetric(descFrames, prometheus.CounterValue, v, with("in")...)
-		case ctr.Name == "packets_out":
-			ch <- prometheus.MustNewConstMetric(descFrames, prometheus.CounterValue, v, with("out")...)
+		case isKind:
+			ch <- prometheus.MustNewConstMetric(descFrames, prometheus.CounterValue, v, with(kind[0], kind[1])...)
+		case ctr.Name == "packets_in" || ctr.Name == "packets_out":
+			continue // the sum of the kinds
 		case ctr.Name == "bytes_in":
 			ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, v, with("in")...)
 		case ctr.Name == "bytes_out":
@@ -193,7 +199,7 @@ func Names() []string {
 	var c relay.Counters
 	for _, role := range []string{relay.RoleServer, relay.RoleClient} {
 		for _, ctr := range c.Snapshot(role) {
-			if _, ok := renamed[ctr.Name]; ok || ctr.Name == "transport_fallbacks" ||
+			if renamed[ctr.Name] || ctr.Name == "transport_fallbacks" ||
 				slices.Contains(dropReasons, ctr.Name) || slices.Contains(refuseReasons, ctr.Name) {
 				continue
 			}

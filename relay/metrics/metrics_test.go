@@ -23,6 +23,12 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 func sources() []metrics.Source {
 	sc, cc := new(relay.Counters), new(relay.Counters)
 	sc.PacketsIn.Store(7)
+	sc.IKEIn.Store(2)
+	sc.ESPIn.Store(5)
+	cc.PacketsOut.Store(4)
+	cc.IKEOut.Store(1)
+	cc.ESPOut.Store(2)
+	cc.KeepalivesOut.Store(1)
 	sc.BytesOut.Store(1398)
 	sc.QueueFull.Store(3)
 	sc.ConnsRejected.Store(2)
@@ -57,12 +63,18 @@ func TestCollector(t *testing.T) {
 	for _, p := range problems {
 		t.Errorf("lint: %s: %s", p.Metric, p.Text)
 	}
-	want := `# HELP iketcp_frames_total Datagrams relayed; in: from the far end to the local daemon, out: from the daemon toward the far end.
+	want := `# HELP iketcp_frames_total Datagrams relayed, by direction (in: from the far end to the local daemon; out: from the daemon toward the far end) and kind (ike, esp, keepalive).
 # TYPE iketcp_frames_total counter
-iketcp_frames_total{direction="in",role="client",tunnel="hub-a"} 0
-iketcp_frames_total{direction="in",role="server",tunnel=""} 7
-iketcp_frames_total{direction="out",role="client",tunnel="hub-a"} 0
-iketcp_frames_total{direction="out",role="server",tunnel=""} 0
+iketcp_frames_total{direction="in",kind="esp",role="client",tunnel="hub-a"} 0
+iketcp_frames_total{direction="in",kind="esp",role="server",tunnel=""} 5
+iketcp_frames_total{direction="in",kind="ike",role="client",tunnel="hub-a"} 0
+iketcp_frames_total{direction="in",kind="ike",role="server",tunnel=""} 2
+iketcp_frames_total{direction="in",kind="keepalive",role="client",tunnel="hub-a"} 0
+iketcp_frames_total{direction="out",kind="esp",role="client",tunnel="hub-a"} 2
+iketcp_frames_total{direction="out",kind="esp",role="server",tunnel=""} 0
+iketcp_frames_total{direction="out",kind="ike",role="client",tunnel="hub-a"} 1
+iketcp_frames_total{direction="out",kind="ike",role="server",tunnel=""} 0
+iketcp_frames_total{direction="out",kind="keepalive",role="client",tunnel="hub-a"} 1
 # HELP iketcp_sessions Server sessions (IKE SAs) or client flows, by state: up, connecting, waiting, half-open.
 # TYPE iketcp_sessions gauge
 iketcp_sessions{role="client",state="connecting",tunnel="hub-a"} 0
