@@ -166,4 +166,8 @@ func TestMetricsAndStatusLive(t *testing.T) {
 	if err != nil || !strings.Contains(string(text), fmt.Sprintf("name: session-%d\n", s.ID)) || !strings.Contains(string(text), "IKE SA: spi "+sa.InitiatorSPI) {
 		t.Errorf("status --session %s: %v\n%s", s.ESPIn[0], err, text)
 	}
+	t.Logf("iketcp status --session %s:\n%s", s.ESPIn[0], text)
+	if all, err := tun.StatusText(ctx, l.Hub, tun.ServerControl); err == nil {
+		t.Logf("iketcp status:\n%s", all)
+	}
 }

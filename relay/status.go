@@ -127,8 +127,7 @@ func (st *Status) WriteSession(w io.Writer, s *SessionStatus, now time.Time) err
 	var b strings.Builder
 	fmt.Fprintf(&b, "iketcp %s (pid %d) listen: %s\n", st.Role, st.PID, st.Listen)
 	st.writeSession(&b, s, now)
-	fmt.Fprintf(&b, "bytes: in %d out %d  packets: in %d out %d\n", s.BytesIn, s.BytesOut, s.PacketsIn, s.PacketsOut)
-	fmt.Fprintf(&b, "created: %s  last active: %s\n", s.Created.Format(time.RFC3339), s.LastActive.Format(time.RFC3339))
+	fmt.Fprintf(&b, "since: %s  last active at: %s\n", s.Created.Format(time.RFC3339), s.LastActive.Format(time.RFC3339))
 	_, err := io.WriteString(w, b.String())
 	return err
 }

@@ -483,7 +483,7 @@ func TestStatusWatchInATerminal(t *testing.T) {
 	for _, key := range []string{"1", "session-1", "4200000000000000"} {
 		out, err := exec.Command(iketcpBinary(t), "status", "--control", ctl, "--session", key).CombinedOutput()
 		if err != nil || !strings.Contains(string(out), "name: session-1\n") || !strings.Contains(string(out), "state: half-open") ||
-			!strings.Contains(string(out), "bytes: in 32 out 0") {
+			!strings.Contains(string(out), "stat: rxp=1 txp=0 rxb=32 txb=0\nsince: ") {
 			t.Errorf("status --session %s: %v\n%s", key, err, out)
 		}
 	}
