@@ -211,8 +211,12 @@ func TestExitCodes(t *testing.T) {
 		{"unknown flag", []string{"server", "--max-connz", "3", "--control", ctl}, exitConfig, "max-connz"},
 		{"bad file", []string{"server", "--config", bad, "--control", ctl}, exitConfig, bad + `:2: unknown key "max-conn"`},
 		{"bad value, checked", []string{"client", "--peer", "203.0.113.2:4500", "--transport", "quic", "--control", ctl}, exitConfig, "--transport"},
+		{"bad environment", []string{"server", "--control", ctl}, exitConfig, `"abc" as int value from environment variable "IKETCP_MAX_CONNS"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "bad environment" {
+				t.Setenv("IKETCP_MAX_CONNS", "abc")
+			}
 			p := startIketcp(t, tc.args...)
 			if code := p.wait(t); code != tc.code || !strings.Contains(p.out.String(), tc.say) {
 				t.Fatalf("exit %d, want %d; output:\n%s", code, tc.code, p.out.String())
