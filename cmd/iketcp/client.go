@@ -139,6 +139,7 @@ func runClient(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	defer p.close()
 	var cleanups []func()
 	defer func() {
 		for i := len(cleanups) - 1; i >= 0; i-- {

@@ -41,6 +41,7 @@ type proc struct {
 	log     *slog.Logger
 	level   *slog.LevelVar
 	metrics *metricsServer // nil without --metrics
+	sigs    chan os.Signal // SIGTERM, SIGINT, SIGHUP from newProc on: one that comes while relays start waits for run
 
 	mu      sync.Mutex // guards the following
 	drains  []func(context.Context)
@@ -56,13 +57,23 @@ func newProc(c *cli.Context, ins []*instance) (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &proc{log: log, level: level, ins: ins}
+	p := &proc{log: log, level: level, ins: ins, sigs: make(chan os.Signal, 4)}
 	if addr := first.String("metrics"); addr != "" {
 		if p.metrics, err = startMetrics(addr, log); err != nil {
 			return nil, err
 		}
 	}
+	signal.Notify(p.sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	return p, nil
+}
+
+// close stops what newProc started: the metrics endpoint and the signal
+// handling. The caller defers it.
+func (p *proc) close() {
+	signal.Stop(p.sigs)
+	if p.metrics != nil {
+		p.metrics.close()
+	}
 }
 
 // onDrain adds what to do when SIGTERM asks the process to stop: stop
@@ -87,12 +98,7 @@ func (p *proc) onReload(f func(old, new *instance)) {
 func (p *proc) run(c *cli.Context, relays []func(context.Context) error) error {
 	ctx, cancel := context.WithCancel(c.Context)
 	defer cancel()
-	if p.metrics != nil {
-		defer p.metrics.close()
-	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(sigs)
+	sigs := p.sigs
 
 	errs := make(chan error, len(relays))
 	for _, r := range relays {

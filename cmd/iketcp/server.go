@@ -98,6 +98,7 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	defer p.close()
 	return runServerInstance(p, in.ctx)
 }
 
