@@ -109,6 +109,11 @@ func (p *proc) run(c *cli.Context, relays []func(context.Context) error) error {
 	}
 	bound := p.ins[0].ctx.Duration("shutdown-timeout")
 	var first error
+	var draining sync.WaitGroup
+	defer func() {
+		cancel() // the drain ends with ctx
+		draining.Wait()
+	}()
 	pending := len(relays)
 	stopping := false
 	for pending > 0 {
@@ -133,7 +138,9 @@ func (p *proc) run(c *cli.Context, relays []func(context.Context) error) error {
 			if p.metrics != nil {
 				p.metrics.setReady(false)
 			}
+			draining.Add(1)
 			go func() {
+				defer draining.Done()
 				p.drain(ctx, s, bound)
 				cancel()
 			}()
