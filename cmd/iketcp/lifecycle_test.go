@@ -575,3 +575,50 @@ tunnels:
 		t.Errorf("log lines do not name their tunnel:\n%s", p.out.String())
 	}
 }
+
+// TestDrainIsBounded: a client that reads nothing keeps frames queued at
+// the server; SIGTERM waits for them until --shutdown-timeout, no longer,
+// says so, and exits 0.
+func TestDrainIsBounded(t *testing.T) {
+	dir := t.TempDir()
+	backend := udpBackend(t)
+	srv := freeTCP(t)
+	p := startIketcp(t, "server", "--listen", srv, "--backend", backend.LocalAddr().String(), "--control", filepath.Join(dir, "s.sock"),
+		"--shutdown-timeout", "1s")
+	waitFor(t, "the server", func() bool { return strings.Contains(p.out.String(), "server listening") })
+	// A client with a small receive window, that never reads.
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	c, err := d.Dial("tcp", srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ike := ikeInit()
+	c.Write(append(binary.BigEndian.AppendUint16([]byte("IKETCP"), uint16(len(ike)+2)), ike...))
+	backend.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, from, err := backend.ReadFromUDP(make([]byte, 100))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The backend answers with 4 MB of IKE, which is never dropped for
+	// being late: what the socket does not take waits in the link's queue.
+	resp := make([]byte, 4+1000)
+	copy(resp, ike)
+	resp[4+8], resp[4+19] = 0x51, 0x20
+	binary.BigEndian.PutUint32(resp[4+24:], 1000)
+	for range 4000 {
+		backend.WriteToUDP(resp, from)
+	}
+	time.Sleep(300 * time.Millisecond)
+	start := time.Now()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	code := p.wait(t)
+	took := time.Since(start)
+	t.Logf("stopped in %v with frames queued", took.Round(time.Millisecond))
+	if code != exitOK || took < 900*time.Millisecond || took > 3*time.Second ||
+		!strings.Contains(p.out.String(), "drain cut short by --shutdown-timeout") {
+		t.Fatalf("exit %d after %v, want 0 after about 1s, the drain cut short:\n%s", code, took, p.out.String())
+	}
+}
