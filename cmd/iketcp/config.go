@@ -270,21 +270,22 @@ func (r recorder) Set(v string) error { *r.vals = append(*r.vals, v); return nil
 func commandLine(flags []cli.Flag, args []string) map[string][]string {
 	set := flag.NewFlagSet("", flag.ContinueOnError)
 	set.SetOutput(new(bytes.Buffer))
-	got := map[string][]string{}
+	recorded := map[string]*[]string{}
 	for _, f := range flags {
 		vals := new([]string)
 		_, isBool := f.(*cli.BoolFlag)
 		for _, n := range f.Names() {
 			set.Var(recorder{vals, isBool}, n, "")
 		}
-		name := f.Names()[0]
-		defer func() {
-			if len(*vals) > 0 {
-				got[name] = *vals
-			}
-		}()
+		recorded[f.Names()[0]] = vals
 	}
 	set.Parse(args) // urfave has parsed them already; errors were its
+	got := map[string][]string{}
+	for name, vals := range recorded {
+		if len(*vals) > 0 {
+			got[name] = *vals
+		}
+	}
 	return got
 }
 
