@@ -343,12 +343,30 @@ func buildInstances(parent *cli.Context, cmd *cli.Command, args []string, file *
 		out = append(out, in)
 	}
 	if len(out) > 1 {
-		if err := distinct(out, "control"); err != nil {
-			return nil, err
+		var explicit, tun, fake []*instance
+		for _, in := range out {
+			if in.ctx.Bool("tun") {
+				tun = append(tun, in)
+			} else {
+				explicit = append(explicit, in)
+			}
+			if in.ctx.String("encap") == encapFakeTCP {
+				fake = append(fake, in)
+			}
 		}
-		if !out[0].ctx.Bool("tun") {
-			if err := distinct(out, "listen"); err != nil {
-				return nil, err
+		for _, check := range []struct {
+			ins   []*instance
+			names []string
+		}{
+			{out, []string{"control"}},
+			{explicit, []string{"listen"}},
+			{tun, []string{"tun-name", "tun-table", "tun-mark"}},
+			{fake, []string{"fake-tcp-name", "fake-tcp-net"}},
+		} {
+			for _, name := range check.names {
+				if err := distinct(check.ins, name); err != nil {
+					return nil, err
+				}
 			}
 		}
 	}
@@ -360,6 +378,9 @@ func distinct(ins []*instance, name string) error {
 	seen := map[string]*instance{}
 	for _, in := range ins {
 		v := fmt.Sprint(in.ctx.Value(name))
+		if v == "" {
+			v = "(the default)"
+		}
 		if o, ok := seen[v]; ok {
 			return configErrorf("tunnels %q and %q both have %s %s: give each its own", o.name, in.name, name, v)
 		}

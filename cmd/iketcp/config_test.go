@@ -172,6 +172,8 @@ func TestConfigErrors(t *testing.T) {
 		{"tunnel name taken", "client", tunnel + "  - name: a\n    peer: 203.0.113.3:4500\n", `:5: tunnel name "a" is taken by the tunnel at line 3`},
 		{"tunnels share a socket", "client", tunnel + "  - name: b\n    peer: 203.0.113.3:4500\n", `tunnels "a" and "b" both have listen 127.0.0.1:14500`},
 		{"no peer anywhere", "client", "max-flows: 3\n", `--peer is required`},
+		{"transparent tunnels share a device", "client", "tun: true\ntunnels:\n  - name: a\n    peer: 203.0.113.2\n  - name: b\n    peer: 203.0.113.3\n", `tunnels "a" and "b" both have tun-name iketcp0`},
+		{"fake-TCP tunnels share a device", "client", "encap: fake-tcp\ntunnels:\n  - name: a\n    peer: 203.0.113.2:4500\n    listen: 127.0.0.1:1\n  - name: b\n    peer: 203.0.113.3:4500\n    listen: 127.0.0.1:2\n", `tunnels "a" and "b" both have fake-tcp-name iketcpft0`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := writeFile(t, tc.file)
