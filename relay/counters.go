@@ -2,6 +2,8 @@ package relay
 
 import (
 	"sync/atomic"
+
+	"github.com/iketcp/iketcp/relay/sendq"
 )
 
 // Counters are the events a relay counts. Each field says which role
@@ -61,7 +63,18 @@ type Counters struct {
 	BytesIn           atomic.Uint64
 	PacketsOut        atomic.Uint64 // datagrams from the daemon relayed to the far end
 	BytesOut          atomic.Uint64
-	WriteErrors       atomic.Uint64 // failed or timed-out writes
+	// Of PacketsIn and PacketsOut, by kind: IKE messages, ESP, and NAT
+	// keepalives (the UDP path's; over TCP they are not carried).
+	IKEIn, IKEOut               atomic.Uint64
+	ESPIn, ESPOut               atomic.Uint64
+	KeepalivesIn, KeepalivesOut atomic.Uint64
+	WriteErrors                 atomic.Uint64 // failed or timed-out writes
+	Fallbacks                   atomic.Uint64 // client: flows whose transport went from UDP to TCP
+
+	// QueueDelay is how long the datagrams that had to wait in a link's
+	// queue waited, by sendq.Lane: ESP (sendq.Bulk) and IKE
+	// (sendq.Priority). Datagrams the socket took at once are not in it.
+	QueueDelay [2]sendq.Histogram
 }
 
 // Counter is one named value of a snapshot.
@@ -133,7 +146,14 @@ var counterDefs = []counterDef{
 	{"bytes_in", true, true, func(c *Counters) *atomic.Uint64 { return &c.BytesIn }},
 	{"packets_out", true, true, func(c *Counters) *atomic.Uint64 { return &c.PacketsOut }},
 	{"bytes_out", true, true, func(c *Counters) *atomic.Uint64 { return &c.BytesOut }},
+	{"ike_in", true, true, func(c *Counters) *atomic.Uint64 { return &c.IKEIn }},
+	{"ike_out", true, true, func(c *Counters) *atomic.Uint64 { return &c.IKEOut }},
+	{"esp_in", true, true, func(c *Counters) *atomic.Uint64 { return &c.ESPIn }},
+	{"esp_out", true, true, func(c *Counters) *atomic.Uint64 { return &c.ESPOut }},
+	{"keepalives_in", false, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesIn }},
+	{"keepalives_out", false, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesOut }},
 	{"write_errors", true, true, func(c *Counters) *atomic.Uint64 { return &c.WriteErrors }},
+	{"transport_fallbacks", false, true, func(c *Counters) *atomic.Uint64 { return &c.Fallbacks }},
 }
 
 // Snapshot returns the counters of role (RoleServer or RoleClient) with
@@ -155,22 +175,54 @@ type Traffic struct {
 	packetsOut, bytesOut atomic.Uint64
 }
 
+// Kinds tallies the IKE messages and NAT keepalives among datagrams in
+// port-4500 form; the others are ESP.
+type Kinds struct{ IKE, Keepalive int }
+
+// Note tallies p.
+func (k *Kinds) Note(p []byte) {
+	switch {
+	case len(p) == 1 && p[0] == 0xff:
+		k.Keepalive++
+	case len(p) >= 4 && p[0]|p[1]|p[2]|p[3] == 0:
+		k.IKE++
+	}
+}
+
 // CountIn counts n datagrams of b bytes in all, from the far end to the
-// daemon, in t and in c.
-func (t *Traffic) CountIn(c *Counters, n int, b uint64) {
+// daemon, in t and in c; k says which of them were IKE or keepalives.
+func (t *Traffic) CountIn(c *Counters, n int, b uint64, k Kinds) {
 	t.packetsIn.Add(uint64(n))
 	t.bytesIn.Add(b)
 	c.PacketsIn.Add(uint64(n))
 	c.BytesIn.Add(b)
+	if k.IKE > 0 {
+		c.IKEIn.Add(uint64(k.IKE))
+	}
+	if k.Keepalive > 0 {
+		c.KeepalivesIn.Add(uint64(k.Keepalive))
+	}
+	if esp := n - k.IKE - k.Keepalive; esp > 0 {
+		c.ESPIn.Add(uint64(esp))
+	}
 }
 
 // CountOut counts n datagrams of b bytes in all, from the daemon to the
-// far end, in t and in c.
-func (t *Traffic) CountOut(c *Counters, n int, b uint64) {
+// far end, in t and in c; k says which of them were IKE or keepalives.
+func (t *Traffic) CountOut(c *Counters, n int, b uint64, k Kinds) {
 	t.packetsOut.Add(uint64(n))
 	t.bytesOut.Add(b)
 	c.PacketsOut.Add(uint64(n))
 	c.BytesOut.Add(b)
+	if k.IKE > 0 {
+		c.IKEOut.Add(uint64(k.IKE))
+	}
+	if k.Keepalive > 0 {
+		c.KeepalivesOut.Add(uint64(k.Keepalive))
+	}
+	if esp := n - k.IKE - k.Keepalive; esp > 0 {
+		c.ESPOut.Add(uint64(esp))
+	}
 }
 
 // Fill copies t into ss.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"sync"
 	"time"
 )
 
@@ -127,6 +128,30 @@ type DetachedLink struct {
 // ErrDetached is what a link's Serve returns once Detach stopped it, and
 // its Send after that.
 var ErrDetached = errors.New("link handed over to another process")
+
+// Drainer is a Link that can let out what it has queued before it is
+// closed: a stopping relay drains its links, within a bound, then closes
+// them.
+type Drainer interface {
+	// Drain returns once nothing waits to be written, or ctx ends.
+	Drain(ctx context.Context) error
+}
+
+// DrainLinks drains, at once, those of links that are Drainers, and
+// returns when all have drained or ctx has ended.
+func DrainLinks(ctx context.Context, links []Link) {
+	var wg sync.WaitGroup
+	for _, l := range links {
+		if d, ok := l.(Drainer); ok {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				d.Drain(ctx)
+			}()
+		}
+	}
+	wg.Wait()
+}
 
 // ErrClosedHere ends a link that this side closed.
 var ErrClosedHere = errors.New("closed by iketcp")

@@ -168,38 +168,7 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 	fmt.Fprintf(&b, "%s: %d\n", noun, len(st.Sessions))
 	for _, s := range st.Sessions {
 		b.WriteString("\n")
-		fmt.Fprintf(&b, "name: %s-%d\n", strings.TrimSuffix(noun, "s"), s.ID)
-		if st.Role == RoleClient {
-			fmt.Fprintf(&b, "addr: %s -> %s\n", s.Local, s.Peer)
-		} else {
-			fmt.Fprintf(&b, "addr: %s -> %s\n", s.Peer, s.Local)
-		}
-		if s.Intercepted != "" {
-			fmt.Fprintf(&b, "intercepted: %s\n", s.Intercepted)
-		}
-		fmt.Fprintf(&b, "transport: %s  state: %s  connections: %d\n", s.Transport, s.State, s.Connections)
-		if s.TransportReason != "" && s.TransportReason != "transport "+strings.ToLower(s.Transport) {
-			fmt.Fprintf(&b, "transport reason: %s\n", s.TransportReason)
-		}
-		fmt.Fprintf(&b, "created: %s ago  last active: %s ago\n", ago(now, s.Created), ago(now, s.LastActive))
-		for _, sa := range s.IKESAs {
-			fmt.Fprintf(&b, "IKE SA: spi %s/%s\n", sa.InitiatorSPI, sa.ResponderSPI)
-		}
-		fmt.Fprintf(&b, "ESP SPI: in %s  out %s\n", spiList(s.ESPIn), spiList(s.ESPOut))
-		for _, l := range s.Links {
-			fmt.Fprintf(&b, "link %d: %s -> %s  state: %s  connections: %d", l.ID, orDash(l.Local), l.Peer, l.State, l.Connections)
-			if l.Session != 0 {
-				fmt.Fprintf(&b, "  session: %d", l.Session)
-			}
-			b.WriteString("\n")
-			for _, sa := range l.IKESAs {
-				fmt.Fprintf(&b, "  IKE SA: spi %s/%s\n", sa.InitiatorSPI, sa.ResponderSPI)
-			}
-			if len(l.ESPOut) > 0 {
-				fmt.Fprintf(&b, "  ESP SPI out: %s\n", spiList(l.ESPOut))
-			}
-		}
-		fmt.Fprintf(&b, "stat: rxp=%d txp=%d rxb=%d txb=%d\n", s.PacketsIn, s.PacketsOut, s.BytesIn, s.BytesOut)
+		st.writeSession(&b, &s, now)
 	}
 	if len(st.Aggregates) > 0 {
 		fmt.Fprintf(&b, "\naggregates: %d\n", len(st.Aggregates))
@@ -231,6 +200,86 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// WriteSession prints one session (or flow) of st in full, in the spirit
+// of FortiOS's `diagnose vpn tunnel list`: what WriteText shows of it,
+// each link's ends, IKE SAs and SPIs, and the relay it belongs to.
+func (st *Status) WriteSession(w io.Writer, s *SessionStatus, now time.Time) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "iketcp %s (pid %d) listen: %s\n", st.Role, st.PID, st.Listen)
+	st.writeSession(&b, s, now)
+	fmt.Fprintf(&b, "since: %s  last active at: %s\n", s.Created.Format(time.RFC3339), s.LastActive.Format(time.RFC3339))
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// Find returns the session whose ID is id, or that has an IKE or ESP
+// SPI of hex spi; nil if none.
+func (st *Status) Find(key string) *SessionStatus {
+	key = strings.ToLower(strings.TrimPrefix(key, "0x"))
+	for i := range st.Sessions {
+		s := &st.Sessions[i]
+		id := strings.TrimPrefix(strings.TrimPrefix(key, "session-"), "flow-")
+		if id == fmt.Sprint(s.ID) {
+			return s
+		}
+		spis := append(append([]string{}, s.ESPIn...), s.ESPOut...)
+		for _, sa := range s.IKESAs {
+			spis = append(spis, sa.InitiatorSPI, sa.ResponderSPI)
+		}
+		for _, l := range s.Links {
+			spis = append(spis, l.ESPOut...)
+			for _, sa := range l.IKESAs {
+				spis = append(spis, sa.InitiatorSPI, sa.ResponderSPI)
+			}
+		}
+		for _, spi := range spis {
+			if spi != "" && strings.EqualFold(spi, key) {
+				return s
+			}
+		}
+	}
+	return nil
+}
+
+func (st *Status) writeSession(b *strings.Builder, s *SessionStatus, now time.Time) {
+	noun := "session"
+	if st.Role == RoleClient {
+		noun = "flow"
+	}
+	fmt.Fprintf(b, "name: %s-%d\n", noun, s.ID)
+	if st.Role == RoleClient {
+		fmt.Fprintf(b, "addr: %s -> %s\n", s.Local, s.Peer)
+	} else {
+		fmt.Fprintf(b, "addr: %s -> %s\n", s.Peer, s.Local)
+	}
+	if s.Intercepted != "" {
+		fmt.Fprintf(b, "intercepted: %s\n", s.Intercepted)
+	}
+	fmt.Fprintf(b, "transport: %s  state: %s  connections: %d\n", s.Transport, s.State, s.Connections)
+	if s.TransportReason != "" && s.TransportReason != "transport "+strings.ToLower(s.Transport) {
+		fmt.Fprintf(b, "transport reason: %s\n", s.TransportReason)
+	}
+	fmt.Fprintf(b, "created: %s ago  last active: %s ago\n", ago(now, s.Created), ago(now, s.LastActive))
+	for _, sa := range s.IKESAs {
+		fmt.Fprintf(b, "IKE SA: spi %s/%s\n", sa.InitiatorSPI, sa.ResponderSPI)
+	}
+	fmt.Fprintf(b, "ESP SPI: in %s  out %s\n", spiList(s.ESPIn), spiList(s.ESPOut))
+	for _, l := range s.Links {
+		fmt.Fprintf(b, "link %d: %s -> %s  state: %s  connections: %d", l.ID, orDash(l.Local), l.Peer, l.State, l.Connections)
+		if l.Session != 0 {
+			fmt.Fprintf(b, "  session: %d", l.Session)
+		}
+		b.WriteString("\n")
+		for _, sa := range l.IKESAs {
+			fmt.Fprintf(b, "  IKE SA: spi %s/%s\n", sa.InitiatorSPI, sa.ResponderSPI)
+		}
+		if len(l.ESPOut) > 0 {
+			fmt.Fprintf(b, "  ESP SPI out: %s\n", spiList(l.ESPOut))
+		}
+	}
+	fmt.Fprintf(b, "stat: rxp=%d txp=%d rxb=%d txb=%d\n", s.PacketsIn, s.PacketsOut, s.BytesIn, s.BytesOut)
 }
 
 func orDash(s string) string {

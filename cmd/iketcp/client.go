@@ -60,9 +60,9 @@ func clientCommand() *cli.Command {
 	}
 }
 
-func runClient(c *cli.Context) error {
-	log, err := prepare(c, "max-flows", "flow-idle", "dial-timeout", "reconnect-max")
-	if err != nil {
+// checkClient checks a client's flags without starting anything.
+func checkClient(c *cli.Context) error {
+	if err := checkCommon(c, "max-flows", "flow-idle", "dial-timeout", "reconnect-max"); err != nil {
 		return err
 	}
 	mode, err := fallback.ParseMode(c.String("transport"))
@@ -78,6 +78,112 @@ func runClient(c *cli.Context) error {
 	if p := c.Uint("udp-port"); p == 0 || p > 65535 {
 		return fmt.Errorf("--udp-port %d: want 1 to 65535", p)
 	}
+	if c.String("encap") == encapFakeTCP {
+		if c.Bool("tls") || c.IsSet("http-proxy") {
+			return errors.New("--tls and --http-proxy go with --encap rfc9329: fake-TCP's segments carry no stream")
+		}
+		if mode == fallback.ModeUDP {
+			return errors.New("--encap fake-tcp carries the TCP transport; --transport udp never uses it")
+		}
+	}
+	if !c.Bool("tls") {
+		for _, f := range []string{"tls-server-name", "tls-ca", "tls-pin", "tls-insecure", "tls-client-cert", "tls-client-key"} {
+			if c.IsSet(f) {
+				return fmt.Errorf("--%s goes with --tls", f)
+			}
+		}
+	}
+	if v := c.String("http-proxy"); v != "" {
+		if _, err := dial.ParseProxyURL(v); err != nil {
+			return fmt.Errorf("--http-proxy: %w", err)
+		}
+	}
+	peers := c.StringSlice("peer")
+	if c.IsSet("member") {
+		return nil // checked with the members (aggregateConfig)
+	}
+	if len(peers) == 0 {
+		return errors.New("--peer is required: the iketcp server, host:port (or, with --tun, the IKE peer's address), or give --member")
+	}
+	if c.Bool("tun") {
+		if c.IsSet("listen") {
+			return errors.New("--listen is for explicit mode; with --tun the daemon keeps its own ports")
+		}
+		if port := c.Uint("tcp-port"); port == 0 || port > 65535 {
+			return fmt.Errorf("--tcp-port %d: want 1 to 65535", port)
+		}
+		if c.Uint("tun-mark") == 0 || c.Uint("tun-mark") > 0xffffffff {
+			return fmt.Errorf("--tun-mark %#x: want a non-zero 32-bit mark", c.Uint("tun-mark"))
+		}
+		for _, a := range peers {
+			if _, _, err := net.SplitHostPort(a); err == nil {
+				return fmt.Errorf("--peer %q: with --tun, --peer is the IKE peer's address; its iketcp server's port is --tcp-port", a)
+			}
+		}
+		return nil
+	}
+	if len(peers) != 1 {
+		return fmt.Errorf("--peer: explicit mode takes one iketcp server (host:port), got %d", len(peers))
+	}
+	if _, _, err := net.SplitHostPort(peers[0]); err != nil {
+		return fmt.Errorf("--peer %q: %w (want the iketcp server's host:port, e.g. 203.0.113.2:4500; or use --tun)", peers[0], err)
+	}
+	return nil
+}
+
+// runClient runs one client, or one per tunnel of the --config file, in
+// this process.
+func runClient(c *cli.Context) error {
+	ins, err := instances(c)
+	if err != nil {
+		return err
+	}
+	for _, in := range ins {
+		if err := checkClient(in.ctx); err != nil {
+			return &configError{in.located(err)}
+		}
+	}
+	p, err := newProc(c, ins)
+	if err != nil {
+		return err
+	}
+	defer p.close()
+	var cleanups []func()
+	defer func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+	}()
+	var relays []func(context.Context) error
+	for _, in := range ins {
+		log := p.log
+		if len(ins) > 1 {
+			log = log.With("tunnel", in.name)
+		}
+		relay, cleanup, err := setupClient(p, in, log)
+		if cleanup != nil {
+			cleanups = append(cleanups, cleanup)
+		}
+		if err != nil {
+			return in.located(err)
+		}
+		relays = append(relays, relay)
+	}
+	return p.run(c, relays)
+}
+
+// setupClient makes one client instance ready to run. cleanup, when not
+// nil, removes what it installed.
+func setupClient(p *proc, in *instance, log *slog.Logger) (relayFn func(context.Context) error, cleanup func(), err error) {
+	var run func(context.Context) error
+	c := in.ctx
+	var cleanups []func()
+	cleanup = func() {
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+	}
+	mode, _ := fallback.ParseMode(c.String("transport")) // checked
 	counters := new(relay.Counters)
 	cfg := client.Config{
 		Counters:          counters,
@@ -98,14 +204,14 @@ func runClient(c *cli.Context) error {
 		ReorderMax:        reorderMax(c),
 	}
 	switch c.String("encap") {
-	case "rfc9329":
+	case encapRFC9329:
 		d, err := streamDialer(c, log, counters)
 		if err != nil {
-			return err
+			return nil, cleanup, err
 		}
 		cfg.Dialer = d
 		if c.IsSet("member") && c.IsSet("http-proxy") {
-			return errors.New("--member and --http-proxy exclude each other: each member leaves by its own address")
+			return nil, cleanup, errors.New("--member and --http-proxy exclude each other: each member leaves by its own address")
 		}
 		err = aggregateConfig(c, &cfg, func(local netip.Addr) (relay.Dialer, error) {
 			md, err := streamDialer(c, log, counters)
@@ -116,79 +222,68 @@ func runClient(c *cli.Context) error {
 			return md, nil
 		})
 		if err != nil {
-			return err
+			return nil, cleanup, err
 		}
 		logAggregate(log, &cfg)
-	case "fake-tcp":
+	case encapFakeTCP:
 		if c.IsSet("member") {
-			return errors.New("--member goes with --encap rfc9329 (with or without --tls): fake-TCP's segments leave by its TUN device's own address, so members cannot choose their uplink yet")
-		}
-		if c.Bool("tls") || c.IsSet("http-proxy") {
-			return errors.New("--tls and --http-proxy go with --encap rfc9329: fake-TCP's segments carry no stream")
-		}
-		if mode == fallback.ModeUDP {
-			return errors.New("--encap fake-tcp carries the TCP transport; --transport udp never uses it")
+			return nil, cleanup, errors.New("--member goes with --encap rfc9329 (with or without --tls): fake-TCP's segments leave by its TUN device's own address, so members cannot choose their uplink yet")
 		}
 		stack, stop, err := startFakeTCP(c, log, fakenet.Client, 0)
 		if err != nil {
-			return err
+			return nil, cleanup, err
 		}
-		defer stop()
+		cleanups = append(cleanups, stop)
 		cfg.Dialer = &fakelink.Dialer{Stack: stack}
-	default:
-		return fmt.Errorf("--encap %q: want rfc9329 or fake-tcp", c.String("encap"))
-	}
-	if len(cfg.Members) > 0 {
-		return runExplicitClient(c, log, cfg)
 	}
 	peers := c.StringSlice("peer")
-	if len(peers) == 0 {
-		return errors.New("--peer: the iketcp server (host:port), or with --tun the IKE peers, is required (or give --member)")
+	var cl *client.Client
+	if len(cfg.Members) > 0 || !c.Bool("tun") {
+		if len(cfg.Members) == 0 {
+			cfg.Peer = peers[0]
+		}
+		if cl, err = client.New(cfg); err != nil {
+			return nil, cleanup, err
+		}
+		pc, err := client.ListenUDP(c.String("listen"))
+		if err != nil {
+			return nil, cleanup, err
+		}
+		run = func(ctx context.Context) error { return cl.Serve(ctx, pc) }
+	} else {
+		var tun *intercept.Interceptor
+		if tun, err = openTransparent(c, log, &cfg, peers); err != nil {
+			return nil, cleanup, err
+		}
+		cleanups = append(cleanups, func() {
+			if err := tun.Close(); err != nil {
+				log.Error("removing the TUN device, rules and routes", "err", err)
+			} else {
+				log.Info("interception removed", "device", tun.Name())
+			}
+		})
+		if cl, err = client.New(cfg); err != nil {
+			return nil, cleanup, err
+		}
+		run = func(ctx context.Context) error { return cl.ServeTUN(ctx, tun, tun.Name()) }
 	}
-	if c.Bool("tun") {
-		return runTransparentClient(c, log, cfg, peers)
+	p.onDrain(cl.Drain)
+	if p.metrics != nil {
+		p.metrics.add(relay.RoleClient, in.name, counters, func() *relay.Status { return cl.Status() })
 	}
-	if len(peers) != 1 {
-		return fmt.Errorf("--peer: explicit mode takes one iketcp server (host:port), got %d", len(peers))
-	}
-	cfg.Peer = peers[0]
-	if _, _, err := net.SplitHostPort(cfg.Peer); err != nil {
-		return fmt.Errorf("--peer %q: %w (want the iketcp server's host:port, e.g. 203.0.113.2:4500; or use --tun)", cfg.Peer, err)
-	}
-	return runExplicitClient(c, log, cfg)
+	ctl := c.String("control")
+	return func(ctx context.Context) error {
+		return serve(ctx, log, ctl, func() any { return cl.Status() }, run)
+	}, cleanup, nil
 }
 
-// runExplicitClient relays the daemon that talks to --listen.
-func runExplicitClient(c *cli.Context, log *slog.Logger, cfg client.Config) error {
-	cl, err := client.New(cfg)
-	if err != nil {
-		return err
-	}
-	pc, err := client.ListenUDP(c.String("listen"))
-	if err != nil {
-		return err
-	}
-	return serve(c.Context, log, c.String("control"), func() any { return cl.Status() },
-		func(ctx context.Context) error { return cl.Serve(ctx, pc) })
-}
-
-// runTransparentClient intercepts the daemon's traffic to peers through a
-// TUN device and relays it; the device, rules and routes are removed on
-// the way out, whatever ends the run.
-func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, peerArgs []string) error {
-	if c.IsSet("listen") {
-		return errors.New("--listen is for explicit mode; with --tun the daemon keeps its own ports")
-	}
-	port := c.Uint("tcp-port")
-	if port == 0 || port > 65535 {
-		return fmt.Errorf("--tcp-port %d: want 1 to 65535", port)
-	}
-	if c.Uint("tun-mark") == 0 || c.Uint("tun-mark") > 0xffffffff {
-		return fmt.Errorf("--tun-mark %#x: want a non-zero 32-bit mark", c.Uint("tun-mark"))
-	}
+// openTransparent opens the TUN device, rules and routes that intercept
+// the daemon's traffic to peers, and fits cfg to them. The caller closes
+// the interceptor, whatever ends the run.
+func openTransparent(c *cli.Context, log *slog.Logger, cfg *client.Config, peerArgs []string) (*intercept.Interceptor, error) {
 	peers, err := resolvePeers(peerArgs)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	icfg := intercept.Config{
 		Peers:    peers,
@@ -200,18 +295,11 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, p
 	}
 	tun, err := intercept.Open(icfg)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer func() {
-		if err := tun.Close(); err != nil {
-			log.Error("removing the TUN device, rules and routes", "err", err)
-		} else {
-			log.Info("interception removed", "device", tun.Name())
-		}
-	}()
 	log.Info("intercepting", "device", tun.Name(), "peers", fmt.Sprint(peers), "table", icfg.Table, "mark", fmt.Sprintf("%#x", tun.Mark()))
 	cfg.Peers = peers
-	cfg.TCPPort = uint16(port)
+	cfg.TCPPort = uint16(c.Uint("tcp-port"))
 	cfg.Control = intercept.SetMark(tun.Mark()) // iketcp's own sockets bypass the TUN
 	if d, ok := cfg.Dialer.(*streamlink.Dialer); ok {
 		d.Control = cfg.Control
@@ -220,12 +308,7 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, p
 			d.Dial = dial.ViaHTTPProxy(u, dial.Direct(cfg.Control))
 		}
 	}
-	cl, err := client.New(cfg)
-	if err != nil {
-		return err
-	}
-	return serve(c.Context, log, c.String("control"), func() any { return cl.Status() },
-		func(ctx context.Context) error { return cl.ServeTUN(ctx, tun, tun.Name()) })
+	return tun, nil
 }
 
 // resolvePeers turns --peer values into addresses, resolving names once.
@@ -254,13 +337,7 @@ func resolvePeers(args []string) ([]netip.Addr, error) {
 // --tls-* say, through --http-proxy.
 func streamDialer(c *cli.Context, log *slog.Logger, counters *relay.Counters) (*streamlink.Dialer, error) {
 	d := streamlink.NewDialer(linkConfig(c, counters, log))
-	if !c.Bool("tls") {
-		for _, f := range []string{"tls-server-name", "tls-ca", "tls-pin", "tls-insecure", "tls-client-cert", "tls-client-key"} {
-			if c.IsSet(f) {
-				return nil, fmt.Errorf("--%s goes with --tls", f)
-			}
-		}
-	} else {
+	if c.Bool("tls") {
 		cfg, err := dial.TLSConfig(dial.TLSOptions{
 			ServerName: c.String("tls-server-name"),
 			CAFile:     c.String("tls-ca"),

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -22,6 +21,9 @@ import (
 // Flags shared by server and client.
 func commonFlags(role string) []cli.Flag {
 	return []cli.Flag{
+		&cli.StringFlag{Name: "config", Usage: "a YAML file whose keys are this command's flags (max-conns: 4096); flags and IKETCP_* variables override it; SIGHUP reloads it", EnvVars: envVar("config")},
+		&cli.StringFlag{Name: "metrics", Usage: "host:port to serve Prometheus metrics (/metrics), /healthz and /readyz on, e.g. 127.0.0.1:9450", EnvVars: envVar("metrics")},
+		&cli.DurationFlag{Name: "shutdown-timeout", Value: 5 * time.Second, Usage: "on SIGTERM, how long to let queued frames out before closing connections (then installed rules and devices are removed)", EnvVars: envVar("shutdown-timeout")},
 		&cli.StringFlag{Name: "encap", Value: "rfc9329", Usage: "rfc9329 (standard TCP encapsulation) or fake-tcp (each datagram in a TCP-shaped segment that no kernel TCP stream owns; both ends must be iketcp; needs CAP_NET_ADMIN)", EnvVars: envVar("encap")},
 		&cli.StringFlag{Name: "fake-tcp-seq", Value: "live", Usage: "fake-tcp: live (sequence numbers advance, acks track the peer) or frozen (FortiOS's constant sequence number: strict anti-replay middleboxes drop it; for interoperability tests and demonstrations only)", EnvVars: envVar("fake-tcp-seq")},
 		&cli.StringFlag{Name: "fake-tcp-net", Usage: "fake-tcp: the /30 of the TUN device that connects the userspace TCP endpoint to the network, unused by anything else on the host (default 100.127.255.252/30)", EnvVars: envVar("fake-tcp-net")},
@@ -40,11 +42,14 @@ func commonFlags(role string) []cli.Flag {
 	}
 }
 
-func newLogger(c *cli.Context, w io.Writer) (*slog.Logger, error) {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+// newLogger returns the logger c asks for, its level in level (which a
+// reload may change).
+func newLogger(c *cli.Context, w io.Writer, level *slog.LevelVar) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(c.String("log-level"))); err != nil {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.String("log-level"))
 	}
+	level.Set(l)
 	opts := &slog.HandlerOptions{Level: level}
 	switch c.String("log-format") {
 	case "text":
@@ -95,17 +100,49 @@ func serve(ctx context.Context, log *slog.Logger, controlPath string, status fun
 	return err
 }
 
-// prepare checks the flags both roles share, and the named ones that must
-// be positive, and returns the logger they ask for.
-func prepare(c *cli.Context, mustBePositive ...string) (*slog.Logger, error) {
-	log, err := newLogger(c, os.Stderr)
-	if err != nil {
-		return nil, err
+// checkCommon checks the flags both roles share, and the named ones that
+// must be positive.
+func checkCommon(c *cli.Context, mustBePositive ...string) error {
+	if _, err := newLogger(c, io.Discard, new(slog.LevelVar)); err != nil {
+		return err
 	}
 	if err := checkSizes(c); err != nil {
-		return nil, err
+		return err
 	}
-	return log, positive(c, append(mustBePositive, "write-timeout", "queue-bytes", "queue-delay")...)
+	if e := c.String("encap"); e != encapRFC9329 && e != encapFakeTCP {
+		return fmt.Errorf("--encap %q: want rfc9329 or fake-tcp", e)
+	}
+	if _, err := parseSeqMode(c.String("fake-tcp-seq")); err != nil {
+		return err
+	}
+	if v := c.String("fake-tcp-net"); v != "" {
+		if _, err := netip.ParsePrefix(v); err != nil {
+			return fmt.Errorf("--fake-tcp-net %q: %w (want a /30, e.g. 100.127.255.252/30)", v, err)
+		}
+	}
+	if v := c.String("metrics"); v != "" {
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			return fmt.Errorf("--metrics %q: want host:port, e.g. 127.0.0.1:9450", v)
+		}
+	}
+	return positive(c, append(mustBePositive, "write-timeout", "queue-bytes", "queue-delay", "shutdown-timeout")...)
+}
+
+// checkInstance checks the flags of one instance of command cmd, without
+// starting anything.
+func checkInstance(cmd string, c *cli.Context) error {
+	if cmd == "server" {
+		return checkServer(c)
+	}
+	return checkClient(c)
+}
+
+// roleFlags returns the flags of iketcp server or iketcp client.
+func roleFlags(role string) []cli.Flag {
+	if role == "server" {
+		return serverCommand().Flags
+	}
+	return clientCommand().Flags
 }
 
 // linkConfig is the configuration of RFC 9329 links from the flags both

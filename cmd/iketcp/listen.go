@@ -229,18 +229,9 @@ func frontDoor(c *cli.Context, log *slog.Logger, counters *relay.Counters) (*fro
 		Counters:     counters,
 		Logger:       log,
 	}
-	for _, v := range c.StringSlice("proxy-protocol-from") {
-		for _, f := range strings.Split(v, ",") {
-			p, err := netip.ParsePrefix(strings.TrimSpace(f))
-			if err != nil {
-				a, aerr := netip.ParseAddr(strings.TrimSpace(f))
-				if aerr != nil {
-					return nil, fmt.Errorf("--proxy-protocol-from %q: want CIDRs such as 192.0.2.10/32 or 2001:db8::/64", f)
-				}
-				p = netip.PrefixFrom(a, a.BitLen())
-			}
-			cfg.ProxyFrom = append(cfg.ProxyFrom, p.Masked())
-		}
+	var err error
+	if cfg.ProxyFrom, err = proxyFrom(c); err != nil {
+		return nil, err
 	}
 	certSet, keySet := c.String("tls-cert") != "", c.String("tls-key") != ""
 	switch {
@@ -271,6 +262,25 @@ func frontDoor(c *cli.Context, log *slog.Logger, counters *relay.Counters) (*fro
 		return nil, nil
 	}
 	return cfg, nil
+}
+
+// proxyFrom parses --proxy-protocol-from.
+func proxyFrom(c *cli.Context) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, v := range c.StringSlice("proxy-protocol-from") {
+		for _, f := range strings.Split(v, ",") {
+			p, err := netip.ParsePrefix(strings.TrimSpace(f))
+			if err != nil {
+				a, aerr := netip.ParseAddr(strings.TrimSpace(f))
+				if aerr != nil {
+					return nil, fmt.Errorf("--proxy-protocol-from %q: want CIDRs such as 192.0.2.10/32 or 2001:db8::/64", f)
+				}
+				p = netip.PrefixFrom(a, a.BitLen())
+			}
+			out = append(out, p.Masked())
+		}
+	}
+	return out, nil
 }
 
 // reloadOnHUP reloads cf on every SIGHUP until ctx ends.

@@ -31,29 +31,38 @@ func versionString() string {
 	return "dev"
 }
 
+// main runs the command line and exits with the code the README's
+// Signals and exit codes section documents. server and client handle
+// SIGTERM, SIGINT and SIGHUP themselves (draining, reloading); the other
+// commands stop on SIGTERM and SIGINT.
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := newApp().RunContext(ctx, os.Args); err != nil {
+	err := newApp().RunContext(context.Background(), os.Args)
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "iketcp:", err)
-		stop()
-		os.Exit(1)
 	}
+	os.Exit(exitCode(err))
+}
+
+// stopOnSignal returns c's context, ended by SIGTERM or SIGINT.
+func stopOnSignal(c *cli.Context) (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(c.Context, os.Interrupt, syscall.SIGTERM)
 }
 
 func newApp() *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:    "iketcp",
 		Usage:   "carry IKEv2 and ESP over TCP (RFC 9329) for IKE daemons that speak only UDP",
 		Version: versionString(),
 		Description: "iketcp sits beside an unchanged IKE daemon. The client takes the daemon's UDP 4500 traffic\n" +
 			"and carries it over TCP to the server, which hands it to the gateway's daemon over UDP.\n" +
-			"Every flag can also be set with an IKETCP_* environment variable (--max-conns: IKETCP_MAX_CONNS).",
+			"Every flag can also be set with an IKETCP_* environment variable (--max-conns: IKETCP_MAX_CONNS),\n" +
+			"or in a YAML file given with --config (max-conns: 4096); flags win over the environment, which wins over the file.",
 		Commands: []*cli.Command{
 			serverCommand(),
 			clientCommand(),
 			statusCommand(),
 			upgradeCommand(),
+			checkConfigCommand(),
 			{
 				Name:  "version",
 				Usage: "print the version",
@@ -64,8 +73,22 @@ func newApp() *cli.App {
 			},
 		},
 		HideHelpCommand: true,
+		Before: func(c *cli.Context) error {
+			// The arguments as given: the configuration file's layering
+			// needs to know which flags the command line set.
+			c.App.Metadata["args"] = c.Args().Slice()
+			return nil
+		},
+		OnUsageError: usageError,
 	}
+	for _, cmd := range app.Commands {
+		cmd.OnUsageError = usageError
+	}
+	return app
 }
+
+// usageError marks an error in the command line as a configuration error.
+func usageError(_ *cli.Context, err error, _ bool) error { return &configError{err} }
 
 // envVar names the environment variable of a flag: --max-conns is
 // IKETCP_MAX_CONNS.

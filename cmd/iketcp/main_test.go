@@ -26,7 +26,18 @@ import (
 	"github.com/iketcp/iketcp/relay/dial"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) { goleak.VerifyTestMain(cleaningM{m}) }
+
+// cleaningM removes the binary the tests built once they have run.
+type cleaningM struct{ m *testing.M }
+
+func (c cleaningM) Run() int {
+	code := c.m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	return code
+}
 
 // run runs the command line with args and returns its output and error.
 func run(ctx context.Context, args ...string) (string, error) {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -52,15 +53,63 @@ func serverCommand() *cli.Command {
 	}
 }
 
+// serverLimits are the server's flags that SIGHUP applies to a running
+// server: they bound what is admitted next, and never close what runs.
+var serverLimits = []string{"max-conns", "max-unconfirmed-per-source", "max-sessions", "max-sessions-per-source",
+	"max-half-open", "max-half-open-per-source"}
+
+func limitsOf(c *cli.Context) server.Limits {
+	return server.Limits{
+		MaxConns:                c.Int("max-conns"),
+		MaxUnconfirmedPerSource: c.Int("max-unconfirmed-per-source"),
+		MaxSessions:             c.Int("max-sessions"),
+		MaxSessionsPerSource:    c.Int("max-sessions-per-source"),
+		MaxHalfOpen:             c.Int("max-half-open"),
+		MaxHalfOpenPerSource:    c.Int("max-half-open-per-source"),
+	}
+}
+
+// checkServer checks the server's flags without starting anything.
+func checkServer(c *cli.Context) error {
+	if err := checkCommon(c, "prefix-timeout", "session-idle", "max-conns", "max-unconfirmed-per-source", "confirm-timeout",
+		"max-sessions", "max-sessions-per-source", "max-half-open", "max-half-open-per-source", "half-open-timeout"); err != nil {
+		return err
+	}
+	if _, err := resolveUDP(c.String("backend")); err != nil {
+		return fmt.Errorf("--backend: %w", err)
+	}
+	if _, _, err := listenSpecs(c); err != nil {
+		return err
+	}
+	if r := c.String("redirect"); r != "nftables" && r != "none" {
+		return fmt.Errorf("--redirect %q: want nftables or none", r)
+	}
+	if (c.String("tls-cert") != "") != (c.String("tls-key") != "") {
+		return errors.New("--tls-cert and --tls-key go together: give both")
+	}
+	_, err := proxyFrom(c)
+	return err
+}
+
 func runServer(c *cli.Context) error {
-	log, err := prepare(c, "prefix-timeout", "session-idle", "max-conns", "max-unconfirmed-per-source", "confirm-timeout",
-		"max-sessions", "max-sessions-per-source", "max-half-open", "max-half-open-per-source", "half-open-timeout")
+	ins, err := instances(c)
 	if err != nil {
 		return err
 	}
-	if e := c.String("encap"); e != "rfc9329" && e != "fake-tcp" {
-		return fmt.Errorf("--encap %q: want rfc9329 or fake-tcp", e)
+	in := ins[0]
+	if err := checkServer(in.ctx); err != nil {
+		return &configError{in.located(err)}
 	}
+	p, err := newProc(c, ins)
+	if err != nil {
+		return err
+	}
+	defer p.close()
+	return runServerInstance(p, in.ctx)
+}
+
+func runServerInstance(p *proc, c *cli.Context) error {
+	log := p.log
 	backend, err := resolveUDP(c.String("backend"))
 	if err != nil {
 		return fmt.Errorf("--backend: %w", err)
@@ -76,19 +125,20 @@ func runServer(c *cli.Context) error {
 		dialBackend = ra.Dial
 		log.Info("real-address mode: the backend sees each client's own address", "backend", backend.String())
 	}
+	lim := limitsOf(c)
 	srv, err := server.New(server.Config{
 		DialBackend:             dialBackend,
 		Backend:                 backend,
 		Counters:                counters,
 		Logger:                  log,
 		SessionIdle:             c.Duration("session-idle"),
-		MaxConns:                c.Int("max-conns"),
-		MaxUnconfirmedPerSource: c.Int("max-unconfirmed-per-source"),
+		MaxConns:                lim.MaxConns,
+		MaxUnconfirmedPerSource: lim.MaxUnconfirmedPerSource,
 		ConfirmTimeout:          c.Duration("confirm-timeout"),
-		MaxSessions:             c.Int("max-sessions"),
-		MaxSessionsPerSource:    c.Int("max-sessions-per-source"),
-		MaxHalfOpen:             c.Int("max-half-open"),
-		MaxHalfOpenPerSource:    c.Int("max-half-open-per-source"),
+		MaxSessions:             lim.MaxSessions,
+		MaxSessionsPerSource:    lim.MaxSessionsPerSource,
+		MaxHalfOpen:             lim.MaxHalfOpen,
+		MaxHalfOpenPerSource:    lim.MaxHalfOpenPerSource,
 		HalfOpenTimeout:         c.Duration("half-open-timeout"),
 		ReorderMax:              reorderMax(c),
 		StatePath:               c.String("state"),
@@ -137,36 +187,52 @@ func runServer(c *cli.Context) error {
 		return failed(err)
 	}
 	defer stopRedirect()
-
 	binary := c.String("upgrade-binary")
 	if binary == "" {
 		if binary, err = os.Executable(); err != nil {
 			binary = "/proc/self/exe"
 		}
 	}
-	ctx, cancel := context.WithCancel(c.Context)
-	defer cancel()
-	u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, refuse: upgradeRefusal(c, specs, redirectFrom),
-		stop: cancel, parent: c.Context, asked: make(chan struct{}, 1)}
-	ctl, err := control.Listen(c.String("control"), func() any { return srv.Status() }, log,
-		control.Request{Name: "upgrade", Answer: u.request})
-	if err != nil {
-		return failed(err)
-	}
-	defer ctl.Close()
-	u.ctl = ctl
-	log.Info("control socket ready", "path", ctl.Path())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go u.watch(ctx, &wg)
-	defer wg.Wait()
-	defer cancel()
-	if pred != nil {
-		if err := pred.TakenOver(); err != nil {
-			return fmt.Errorf("telling the old server: %w", err)
+	p.onReload(func(old, nw *instance) {
+		if l := limitsOf(nw.ctx); l != limitsOf(old.ctx) {
+			srv.SetLimits(l)
+			log.Info("SIGHUP: limits changed; they bound what is admitted next, nothing running is closed",
+				"max_conns", l.MaxConns, "max_unconfirmed_per_source", l.MaxUnconfirmedPerSource,
+				"max_sessions", l.MaxSessions, "max_sessions_per_source", l.MaxSessionsPerSource,
+				"max_half_open", l.MaxHalfOpen, "max_half_open_per_source", l.MaxHalfOpenPerSource)
 		}
+	})
+	p.onDrain(srv.Drain)
+	if p.metrics != nil {
+		p.metrics.add(relay.RoleServer, "", counters, func() *relay.Status { return srv.Status() })
 	}
-	err = srv.Serve(ctx, lns...)
-	log.Info("stopped")
-	return err
+	return p.run(c, []func(context.Context) error{func(parent context.Context) error {
+		// parent ends when the server is told to stop; ctx also when an
+		// upgrade has handed everything over.
+		ctx, cancel := context.WithCancel(parent)
+		defer cancel()
+		u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, refuse: upgradeRefusal(c, specs, redirectFrom),
+			stop: cancel, parent: parent, asked: make(chan struct{}, 1)}
+		ctl, err := control.Listen(c.String("control"), func() any { return srv.Status() }, log,
+			control.Request{Name: "upgrade", Answer: u.request})
+		if err != nil {
+			return failed(err)
+		}
+		defer ctl.Close()
+		u.ctl = ctl
+		log.Info("control socket ready", "path", ctl.Path())
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go u.watch(ctx, &wg)
+		defer wg.Wait()
+		defer cancel()
+		if pred != nil {
+			if err := pred.TakenOver(); err != nil {
+				return fmt.Errorf("telling the old server: %w", err)
+			}
+		}
+		err = srv.Serve(ctx, lns...)
+		log.Info("stopped")
+		return err
+	}})
 }

@@ -28,12 +28,15 @@ var DebianPackages = []string{
 	"haproxy", "nginx", "tinyproxy-bin", "curl",
 	// For iketcp-lab bench: the outside baseline and the chart.
 	"udptunnel", "gnuplot-nox",
+	// promtool, which checks what --metrics serves (its service kept from
+	// starting as the others').
+	"prometheus",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
 // reports them.
 var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump", "ss", "ping", "iptables-legacy",
-	"haproxy", "nginx", "tinyproxy", "curl"}
+	"haproxy", "nginx", "tinyproxy", "curl", "promtool"}
 
 // benchTools are the programs only iketcp-lab bench runs: Debian's
 // udptunnel, the outside baseline, and gnuplot, which draws the chart.
@@ -83,7 +86,7 @@ func mustTool(name string) (string, error) {
 
 // MissingTools reports which of the programs the lab needs (ip, nft,
 // charon-systemd, swanctl, tcpdump, ss, ping, iptables-legacy, haproxy,
-// nginx, tinyproxy, curl) are not installed.
+// nginx, tinyproxy, curl, promtool) are not installed.
 // charon-systemd is looked for at [CharonPath]; the others in $PATH and the
 // usual sbin/bin directories.
 func MissingTools() []string {

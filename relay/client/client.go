@@ -79,6 +79,7 @@ type Client struct {
 	msg       framing.Message // takeLocked's scratch
 	udpSends  []*flow         // flows with datagrams waiting in udpOut for flushUDPLocked
 	linkSends []*linkPath     // paths with datagrams waiting in out for flushLinksLocked
+	draining  bool            // Drain has begun: no new flow
 
 	wg sync.WaitGroup // every goroutine the client starts
 
@@ -212,3 +213,28 @@ func (cl *Client) Status() *relay.Status {
 
 // describeRoute is how Status names a route: "TCP", "UDP", "UDP+TCP".
 func describeRoute(r fallback.Transport) string { return strings.ToUpper(r.String()) }
+
+// Drain begins a graceful stop: no new flow is taken (the daemon's
+// datagrams from a new address are dropped, flows_rejected), and the
+// links let out what they have queued; Drain returns once they have, or
+// ctx ends. Running flows go on until Serve's context ends.
+func (cl *Client) Drain(ctx context.Context) {
+	var paths []*linkPath
+	cl.mu.Lock()
+	cl.draining = true
+	for _, f := range cl.flows {
+		f.links.mu.Lock()
+		paths = append(paths, f.links.paths...)
+		f.links.mu.Unlock()
+	}
+	cl.mu.Unlock()
+	var links []relay.Link
+	for _, p := range paths {
+		p.mu.Lock()
+		if p.link != nil {
+			links = append(links, p.link)
+		}
+		p.mu.Unlock()
+	}
+	relay.DrainLinks(ctx, links)
+}

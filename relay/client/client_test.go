@@ -489,3 +489,31 @@ func TestReceiveOffloadTrial(t *testing.T) {
 		t.Fatal("relaying after the offload went off: the datagram changed")
 	}
 }
+
+// TestDrain: once the client drains, a new daemon address gets no flow,
+// while the running flow still carries traffic both ways.
+func TestDrain(t *testing.T) {
+	r := relaytest.NewRig(t, relaytest.RigOptions{})
+	from := r.Establish(0x7777, 0xc7, 0xd7)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	r.Cl.Drain(ctx)
+	other, err := net.DialUDP("udp", nil, r.Site.RemoteAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	other.Write(relaytest.Init(0x8888))
+	relaytest.Eventually(t, "flows_rejected", func() bool { return relaytest.Counter(r.Cl.Counters(), "flows_rejected") == 1 })
+	relaytest.ExpectNothing(t, r.Backend, "a new flow's IKE_SA_INIT while draining")
+	esp := relaytest.ESP(0xc7, 2, 1400)
+	r.Site.Write(esp)
+	if got, from2 := relaytest.Recv(t, r.Backend); !bytes.Equal(got, esp) || from2 != from {
+		t.Fatalf("the running flow while draining: %d bytes from %v", len(got), from2)
+	}
+	back := relaytest.ESP(0xd7, 2, 1400)
+	r.Backend.WriteToUDPAddrPort(back, from)
+	if got, _ := relaytest.Recv(t, r.Site); !bytes.Equal(got, back) {
+		t.Fatal("the running flow's return traffic while draining")
+	}
+}

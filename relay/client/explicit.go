@@ -122,7 +122,11 @@ func (s *udpSide) deliver(f *flow, burst []relay.Datagram, scratch *[]udpbatch.M
 		bytes += uint64(d.N)
 	}
 	n, err := relay.WriteUDP(s.bc, out)
-	f.traffic.CountIn(s.cl.counters, n, bytes)
+	var k relay.Kinds
+	for i := range out[:n] {
+		k.Note(out[i].Buf)
+	}
+	f.traffic.CountIn(s.cl.counters, n, bytes, k)
 	if err != nil {
 		s.cl.counters.WriteErrors.Add(uint64(len(out) - n))
 	}

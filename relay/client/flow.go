@@ -117,6 +117,9 @@ func (f *flow) logChange(ch *fallback.Change) {
 	if ch == nil {
 		return
 	}
+	if ch.From&fallback.UDP != 0 && ch.To == fallback.TCP {
+		f.cl.counters.Fallbacks.Add(1)
+	}
 	peer := f.key.peer.String()
 	if !f.key.peer.IsValid() {
 		peer, _, _ = net.SplitHostPort(f.udpTarget)

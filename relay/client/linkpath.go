@@ -136,8 +136,10 @@ func (p *linkPath) send(bufs [][]byte) {
 	}
 	cl := p.f.cl
 	var bytes uint64
+	var k relay.Kinds
 	for _, b := range bufs {
 		bytes += uint64(len(b) - relay.Headroom)
+		k.Note(b[relay.Headroom:])
 	}
 	p.mu.Lock()
 	link := p.link
@@ -148,7 +150,7 @@ func (p *linkPath) send(bufs [][]byte) {
 		}
 		p.countDropsLocked()
 		p.mu.Unlock()
-		p.f.traffic.CountOut(cl.counters, len(bufs), bytes)
+		p.f.traffic.CountOut(cl.counters, len(bufs), bytes, k)
 		return
 	}
 	p.mu.Unlock()
@@ -157,7 +159,7 @@ func (p *linkPath) send(bufs [][]byte) {
 		link.Close() // its reader ends, and the path reconnects
 		return
 	}
-	p.f.traffic.CountOut(cl.counters, len(bufs), bytes)
+	p.f.traffic.CountOut(cl.counters, len(bufs), bytes, k)
 }
 
 // countDropsLocked adds what the waiting queue dropped to the counters.

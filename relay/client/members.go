@@ -139,8 +139,10 @@ func (p *linkPath) sendAggregate(bufs [][]byte) {
 	p.smu.Lock()
 	defer p.smu.Unlock()
 	var waiting int
+	var kinds relay.Kinds
 	for k, b := range bufs {
 		total += uint64(len(b) - relay.Headroom)
+		kinds.Note(b[relay.Headroom:])
 		i := p.sched.Pick(p.stats, b[relay.Headroom:], now)
 		var m *memberPath
 		if i >= 0 {
@@ -185,7 +187,7 @@ func (p *linkPath) sendAggregate(bufs [][]byte) {
 		clear(m.out)
 		m.out = m.out[:0]
 	}
-	p.f.traffic.CountOut(cl.counters, len(bufs), total)
+	p.f.traffic.CountOut(cl.counters, len(bufs), total, kinds)
 }
 
 // primaryLocked returns the member that carries the path while none is

@@ -88,6 +88,11 @@ func (cl *Client) flushLocked() {
 // newFlowLocked starts a flow for a new key, or returns nil over the flow
 // limit. cl.mu must be held.
 func (cl *Client) newFlowLocked(ctx context.Context, key flowKey) *flow {
+	if cl.draining {
+		cl.counters.FlowsRejected.Add(1)
+		cl.logDrop.Log(cl.log, slog.LevelInfo, "datagram dropped: the client is stopping and takes no new flow", "from", key.daemon.String())
+		return nil
+	}
 	if len(cl.flows) >= cl.cfg.maxFlows() {
 		cl.counters.FlowsRejected.Add(1)
 		cl.logDrop.Log(cl.log, slog.LevelWarn, "datagram dropped: flow limit reached (raise --max-flows)", "from", key.daemon.String())

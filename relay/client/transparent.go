@@ -146,13 +146,15 @@ func (s *tunSide) deliver(f *flow, burst []relay.Datagram, _ *[]udpbatch.Message
 	var one [1][]byte
 	var sent int
 	var bytes uint64
+	var k relay.Kinds
 	var lastErr error
 	for _, r := range burst {
 		buf := r.Buf
 		end := r.Off + r.N
 		var start int
 		var err error
-		switch framing.Classify(buf[r.Off:end]) {
+		kind := framing.Classify(buf[r.Off:end])
+		switch kind {
 		case framing.KindIKE:
 			off := r.Off
 			if ports.ikePeer == 500 {
@@ -180,8 +182,11 @@ func (s *tunSide) deliver(f *flow, burst []relay.Datagram, _ *[]udpbatch.Message
 		}
 		sent++
 		bytes += uint64(r.N)
+		if kind == framing.KindIKE {
+			k.IKE++
+		}
 	}
-	f.traffic.CountIn(cl.counters, sent, bytes)
+	f.traffic.CountIn(cl.counters, sent, bytes, k)
 	return lastErr
 }
 

@@ -91,10 +91,12 @@ func (cl *Client) flushUDPLocked() {
 
 func (cl *Client) countUDPSent(f *flow, sent []udpbatch.Message, err error) {
 	var bytes uint64
+	var k relay.Kinds
 	for i := range sent {
 		bytes += uint64(len(sent[i].Buf))
+		k.Note(sent[i].Buf)
 	}
-	f.traffic.CountOut(cl.counters, len(sent), bytes)
+	f.traffic.CountOut(cl.counters, len(sent), bytes, k)
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		cl.counters.WriteErrors.Add(1)
 		cl.logDrop.Log(cl.log, slog.LevelWarn, "send on the UDP path failed", "flow", f.id, "peer", f.udpTarget, "err", err)

@@ -25,6 +25,7 @@ package sendq
 import (
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/iketcp/iketcp/framing"
@@ -82,8 +83,13 @@ type Queue struct {
 	// how long a queue must stand before its late ESP is dropped.
 	Target, Interval time.Duration
 
+	// Delays, if set, is where the time each datagram waited is counted
+	// once it is sent, by lane.
+	Delays *[2]Histogram
+
 	prio, bulk ring
 	popped     []entry // what the last Pop returned, until Release
+	poppedAt   int64   // when
 	drops      Drops
 
 	// The late drop's state, in unix ns.
@@ -179,6 +185,7 @@ func (q *Queue) Push(p []byte, lane Lane, now int64) Verdict {
 // once the queue stands (see the package doc). It
 // appends them to dst and returns it; they stay valid until Release.
 func (q *Queue) Pop(dst [][]byte, max, maxBytes int, now int64) [][]byte {
+	q.poppedAt = now
 	bytes := 0
 	for len(dst) < max && q.prio.len() > 0 && (bytes == 0 || bytes+q.prio.peek().n <= maxBytes) {
 		e := q.prio.pop()
@@ -225,6 +232,9 @@ func (q *Queue) Requeue(n int) {
 // datagrams are sent.
 func (q *Queue) Release() {
 	for i, e := range q.popped {
+		if q.Delays != nil {
+			q.Delays[e.lane].Observe(q.poppedAt - e.at)
+		}
 		putBuffer(e.buf)
 		q.popped[i] = entry{}
 	}
@@ -252,6 +262,43 @@ func (q *Queue) TakeDrops() Drops {
 	d := q.drops
 	q.drops = Drops{}
 	return d
+}
+
+// DelayBounds are the upper bounds of a Histogram's buckets; a last
+// bucket takes what is longer.
+var DelayBounds = [...]time.Duration{
+	100 * time.Microsecond, 250 * time.Microsecond, 500 * time.Microsecond,
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond,
+	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond,
+	100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond,
+	time.Second, 2500 * time.Millisecond,
+}
+
+// Histogram counts how long datagrams waited, in the buckets of
+// DelayBounds. It is safe for concurrent use and never allocates.
+type Histogram struct {
+	buckets [len(DelayBounds) + 1]atomic.Uint64 // not cumulative
+	sum     atomic.Int64                        // ns
+}
+
+// Observe counts one datagram that waited ns nanoseconds.
+func (h *Histogram) Observe(ns int64) {
+	i := 0
+	for i < len(DelayBounds) && ns > int64(DelayBounds[i]) {
+		i++
+	}
+	h.buckets[i].Add(1)
+	h.sum.Add(ns)
+}
+
+// Snapshot returns the count of each bucket (the last: longer than every
+// bound), the total count, and the sum of the waits.
+func (h *Histogram) Snapshot() (buckets [len(DelayBounds) + 1]uint64, count uint64, sum time.Duration) {
+	for i := range h.buckets {
+		buckets[i] = h.buckets[i].Load()
+		count += buckets[i]
+	}
+	return buckets, count, time.Duration(h.sum.Load())
 }
 
 // ring is a FIFO of entries that grows by doubling.

@@ -230,7 +230,8 @@ func TestSteadyStateDoesNotAllocate(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector's sync.Pool drops buffers at random; allocations are checked without -race")
 	}
-	var q Queue
+	var delays [2]Histogram
+	q := Queue{Delays: &delays}
 	p := esp(1400, 1)
 	k := ike(200, 2)
 	dst := make([][]byte, 0, 64)
@@ -307,5 +308,34 @@ func TestRequeue(t *testing.T) {
 	}
 	if d := q.TakeDrops(); d.Late != 4 {
 		t.Fatalf("drops %+v, want 4 late", d)
+	}
+}
+
+// TestDelaysCounted: a datagram's wait is counted once, when it is sent:
+// not when it is popped and put back.
+func TestDelaysCounted(t *testing.T) {
+	var delays [2]Histogram
+	q := Queue{Delays: &delays}
+	q.Push(esp(1400, 1), Bulk, 0)
+	q.Push(ike(200, 2), Priority, int64(time.Millisecond))
+	dst := q.Pop(nil, 8, 1<<20, int64(3*time.Millisecond))
+	q.Requeue(len(dst))
+	if _, n, _ := delays[Bulk].Snapshot(); n != 0 {
+		t.Fatalf("%d waits counted for datagrams put back", n)
+	}
+	q.Pop(dst[:0], 8, 1<<20, int64(30*time.Millisecond))
+	q.Release()
+	b, n, sum := delays[Bulk].Snapshot()
+	if n != 1 || sum != 30*time.Millisecond || b[8] != 1 { // 25ms < 30ms <= 50ms
+		t.Fatalf("ESP: %d waits, sum %v, buckets %v: want one of 30ms, in the bucket up to 50ms", n, sum, b)
+	}
+	b, n, sum = delays[Priority].Snapshot()
+	if n != 1 || sum != 29*time.Millisecond || b[8] != 1 {
+		t.Fatalf("IKE: %d waits, sum %v, buckets %v: want one of 29ms", n, sum, b)
+	}
+	var h Histogram
+	h.Observe(int64(time.Hour))
+	if b, _, _ := h.Snapshot(); b[len(DelayBounds)] != 1 {
+		t.Fatalf("an hour's wait is in %v, want the last bucket", b)
 	}
 }

@@ -43,12 +43,14 @@ func newAgg(sess *session, location [4]byte, alg aggregate.Algorithm) *agg {
 	a.sched.Algorithm = alg
 	a.reorder.Deliver = func(dgs []relay.Datagram) {
 		var bytes uint64
+		var k relay.Kinds
 		for _, d := range dgs {
 			a.msgs = append(a.msgs, udpbatch.Message{Buf: d.Bytes()})
 			bytes += uint64(d.N)
+			k.Note(d.Bytes())
 		}
 		sent, err := relay.WriteUDP(sess.udp, a.msgs)
-		sess.traffic.CountIn(s.counters, sent, bytes)
+		sess.traffic.CountIn(s.counters, sent, bytes, k)
 		if err != nil && !sess.closed.Load() {
 			s.counters.WriteErrors.Add(uint64(len(a.msgs) - sent))
 			s.logs.backendSend.Log(s.log, slog.LevelWarn, "send to backend failed", "session", sess.id,
@@ -333,14 +335,16 @@ func (a *agg) toMembers(sess *session, frames [][]byte) bool {
 			continue
 		}
 		var n uint64
+		var k relay.Kinds
 		for _, f := range m.out {
 			n += uint64(len(f) - relay.Headroom)
+			k.Note(f[relay.Headroom:])
 		}
 		if err := m.conn.send(m.out); err != nil {
 			s.counters.NoPath.Add(uint64(len(m.out)))
 		} else {
 			m.CountOut(len(m.out), n)
-			sess.traffic.CountOut(s.counters, len(m.out), n)
+			sess.traffic.CountOut(s.counters, len(m.out), n, k)
 		}
 		clear(m.out)
 		m.out = m.out[:0]

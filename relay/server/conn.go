@@ -453,7 +453,11 @@ func (c *conn) flush(now time.Time) {
 			bytes += uint64(len(p[i].payload))
 		}
 		sent, err := relay.WriteUDP(sess.udp, c.out)
-		sess.traffic.CountIn(c.srv.counters, sent, bytes)
+		var k relay.Kinds
+		for j := range c.out[:sent] {
+			k.Note(c.out[j].Buf)
+		}
+		sess.traffic.CountIn(c.srv.counters, sent, bytes, k)
 		if err != nil && !sess.closed.Load() {
 			c.srv.counters.WriteErrors.Add(uint64(len(c.out) - sent))
 			c.srv.logs.backendSend.Log(c.srv.log, slog.LevelWarn, "send to backend failed", "session", sess.id,

@@ -86,6 +86,7 @@ type Server struct {
 	adoptedConns []*conn        // conns Adopt took, for Serve to start
 	adopted      bool           // the sessions came from a handover, not the state file
 	accepting    sync.WaitGroup // the accept loops
+	draining     atomic.Bool    // Drain has closed the listeners
 
 	wg sync.WaitGroup // every goroutine the server starts
 
@@ -177,9 +178,13 @@ func (s *Server) Serve(ctx context.Context, listeners ...relay.Listener) error {
 	s.mu.Lock()
 	handover := s.handedOver
 	s.mu.Unlock()
-	if handover != nil { // the listeners were closed for a handover
+	switch {
+	case handover != nil: // the listeners were closed for a handover
 		<-handover
 		err = nil
+	case s.draining.Load():
+		// Drain closed the listeners: sessions go on until ctx ends.
+		<-parent.Done()
 	}
 	cancel()
 	for range len(listeners) - 1 {
@@ -252,6 +257,45 @@ func (s *Server) shutdown() {
 	for _, sess := range sessions {
 		s.removeSession(sess)
 	}
+}
+
+// Limits are the bounds on what the server admits that may change while
+// it runs (SetLimits). Zero fields mean the defaults.
+type Limits struct {
+	MaxConns, MaxUnconfirmedPerSource int
+	MaxSessions, MaxSessionsPerSource int
+	MaxHalfOpen, MaxHalfOpenPerSource int
+}
+
+// SetLimits changes the limits on what the server admits from now on:
+// what runs already is never closed for it, even where it is now over a
+// lowered limit.
+func (s *Server) SetLimits(l Limits) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cfg.MaxConns, s.cfg.MaxUnconfirmedPerSource = l.MaxConns, l.MaxUnconfirmedPerSource
+	s.cfg.MaxSessions, s.cfg.MaxSessionsPerSource = l.MaxSessions, l.MaxSessionsPerSource
+	s.cfg.MaxHalfOpen, s.cfg.MaxHalfOpenPerSource = l.MaxHalfOpen, l.MaxHalfOpenPerSource
+}
+
+// Drain begins a graceful stop: the listeners close, no new connection or
+// session is taken, and the links let out what they have queued; Drain
+// returns once they have, or ctx ends. Sessions keep running until
+// Serve's context ends.
+func (s *Server) Drain(ctx context.Context) {
+	s.mu.Lock()
+	s.closing = true
+	s.draining.Store(true)
+	lns := s.listeners
+	links := make([]relay.Link, 0, len(s.conns))
+	for c := range s.conns {
+		links = append(links, c.link)
+	}
+	s.mu.Unlock()
+	for _, ln := range lns {
+		ln.Close()
+	}
+	relay.DrainLinks(ctx, links)
 }
 
 // Status describes the server and its sessions, oldest first.

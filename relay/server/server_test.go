@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	"net"
 	"testing"
 	"time"
@@ -222,5 +223,53 @@ func TestLearningIsBounded(t *testing.T) {
 	relaytest.Eventually(t, "session expiry", func() bool { return len(r.Srv.Status().Sessions) == 0 })
 	if ike, esp := r.Srv.RouteCounts(); ike != 0 || esp != 0 {
 		t.Fatalf("expired session left %d IKE and %d ESP routes", ike, esp)
+	}
+}
+
+// TestSetLimits: limits changed while the server runs bound what comes
+// next, both ways, and never close what runs.
+func TestSetLimits(t *testing.T) {
+	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true, Server: server.Config{MaxSessions: 1}})
+	sc := r.Srv.Counters()
+	a := r.RawConn(true)
+	da := framing.NewDecoder(a, 0, false)
+	from := r.OpenSession(a, da, 1)
+	b := r.RawConn(true)
+	relaytest.Frame(t, b, relaytest.Init(2))
+	relaytest.Eventually(t, "sessions_rejected", func() bool { return relaytest.Counter(sc, "sessions_rejected") == 1 })
+
+	r.Srv.SetLimits(server.Limits{MaxSessions: 3})
+	r.OpenSession(b, framing.NewDecoder(b, 0, false), 3)
+
+	r.Srv.SetLimits(server.Limits{MaxSessions: 1}) // two run: both stay, a third is refused
+	c := r.RawConn(true)
+	relaytest.Frame(t, c, relaytest.Init(4))
+	relaytest.Eventually(t, "sessions_rejected", func() bool { return relaytest.Counter(sc, "sessions_rejected") == 2 })
+	relaytest.ExpectNothing(t, r.Backend, "IKE over the lowered limit")
+	relaytest.Frame(t, a, relaytest.IKEMsg(1, 9, framing.IKEAuth, framing.FlagInitiator, 1, 200))
+	if got, from2 := relaytest.Recv(t, r.Backend); len(got) != 204 || from2 != from {
+		t.Fatalf("the first session after the limit was lowered: %d bytes from %v", len(got), from2)
+	}
+}
+
+// TestDrain: Drain closes the listeners and refuses new sessions, while
+// the sessions that run go on until Serve's context ends.
+func TestDrain(t *testing.T) {
+	r := relaytest.NewRig(t, relaytest.RigOptions{NoCl: true})
+	a := r.RawConn(true)
+	da := framing.NewDecoder(a, 0, false)
+	from := r.OpenSession(a, da, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	r.Srv.Drain(ctx)
+	if c, err := net.DialTimeout("tcp", r.SrvAddr, time.Second); err == nil {
+		c.Close()
+		t.Fatal("the listener still takes connections after Drain")
+	}
+	relaytest.Frame(t, a, relaytest.Init(2))
+	relaytest.ExpectNothing(t, r.Backend, "a new IKE SA while draining")
+	relaytest.Frame(t, a, relaytest.IKEMsg(1, 9, framing.IKEAuth, framing.FlagInitiator, 1, 200))
+	if got, from2 := relaytest.Recv(t, r.Backend); len(got) != 204 || from2 != from {
+		t.Fatalf("the running session while draining: %d bytes from %v", len(got), from2)
 	}
 }

@@ -244,6 +244,7 @@ func (sess *session) toClient(bb *backendBuffers, n int, msg *framing.Message) {
 	s := sess.srv
 	frames := bb.frames[:0]
 	var bytes uint64
+	var k relay.Kinds
 	for i := range bb.msgs[:n] {
 		m := &bb.msgs[i]
 		if m.Truncated {
@@ -266,6 +267,7 @@ func (sess *session) toClient(bb *backendBuffers, n int, msg *framing.Message) {
 			}
 		case framing.KindIKE:
 			sess.fromBackend(&msg.IKE)
+			k.IKE++
 		}
 		frames = append(frames, bb.bufs[i][:relay.Headroom+m.N])
 		bytes += uint64(m.N)
@@ -288,7 +290,7 @@ func (sess *session) toClient(bb *backendBuffers, n int, msg *framing.Message) {
 		}
 		s.counters.NoPath.Add(uint64(len(frames)))
 	} else {
-		sess.traffic.CountOut(s.counters, len(frames), bytes)
+		sess.traffic.CountOut(s.counters, len(frames), bytes, k)
 	}
 	clear(frames)
 }

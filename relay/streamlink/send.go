@@ -1,6 +1,7 @@
 package streamlink
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -352,4 +353,24 @@ func directFor(nc net.Conn) directWriter {
 		return newDirect(raw)
 	}
 	return nil
+}
+
+// Drain returns once the link has written everything queued (or it has
+// failed), or ctx ends: a stopping relay lets its frames out so.
+func (l *Link) Drain(ctx context.Context) error {
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	for {
+		l.wmu.Lock()
+		idle := l.werr != nil || !l.writing && l.rest == nil && l.q.Empty()
+		l.wmu.Unlock()
+		if idle || l.closed.Load() {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -403,4 +404,51 @@ func TestNotSentLowatFollowsTheRate(t *testing.T) {
 	}
 	k, set := streamlink.NotSentLowatOf(link)
 	t.Fatalf("after 10 s of traffic TCP_NOTSENT_LOWAT is %d (set %d): it did not follow the delivery rate", k, set)
+}
+
+// TestDrain: Drain waits for what the link has queued to go out, within
+// its context; what waited is counted in the queue delay histogram.
+func TestDrain(t *testing.T) {
+	counters := new(relay.Counters)
+	cfg := streamlink.Config{Counters: counters, QueueBytes: 4 << 20, QueueDelay: time.Minute}
+	link, read, frames := stalledPeer(t, cfg, func(nc net.Conn) net.Conn { return nc }, nil)
+	const count = 3000 // 4.2 MB: more than the sockets hold
+	batch := make([][]byte, 0, 8)
+	for seq := uint32(1); seq <= count; seq++ {
+		batch = append(batch, datagram(false, 1400, seq))
+		if len(batch) == cap(batch) || seq == count {
+			if err := link.Send(batch); err != nil {
+				t.Fatal(err)
+			}
+			batch = batch[:0]
+		}
+	}
+	d := link.(relay.Drainer)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := d.Drain(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Drain with a peer that reads nothing: %v, want the deadline", err)
+	}
+	close(read)
+	received := make(chan int)
+	go func() {
+		n := 0
+		for range frames {
+			n++
+		}
+		received <- n
+	}()
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel2()
+	if err := d.Drain(ctx2); err != nil {
+		t.Fatalf("Drain once the peer reads: %v", err)
+	}
+	link.Close()
+	n := <-received
+	if want := count - int(counters.QueueFull.Load()); n != want {
+		t.Fatalf("the peer received %d datagrams, want the %d not refused", n, want)
+	}
+	if _, waited, _ := counters.QueueDelay[0].Snapshot(); waited == 0 {
+		t.Fatal("no ESP wait counted, though the queue held ESP")
+	}
 }

@@ -293,6 +293,9 @@ type Link struct {
 func newLink(nc net.Conn, sh *shared) *Link {
 	l := &Link{nc: nc, sh: sh, direct: directFor(nc), served: make(chan struct{})}
 	l.q.Budget, l.q.Target, l.q.Interval = sh.cfg.QueueBytes, sh.cfg.QueueDelay, sh.cfg.QueueInterval
+	if sh.cfg.Counters != nil {
+		l.q.Delays = &sh.cfg.Counters.QueueDelay
+	}
 	lowat, err := tuneSocket(nc, &sh.cfg)
 	if err != nil {
 		sh.logTune.Log(sh.log, slog.LevelWarn, "link socket option not set", "err", err)
