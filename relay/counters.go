@@ -38,6 +38,8 @@ type Counters struct {
 	ClaimsAccepted    atomic.Uint64 // server: sessions an iketcp client proved it owns
 	ClaimsRefused     atomic.Uint64 // server: claims and moves that proved nothing
 	SPIMoves          atomic.Uint64 // server: ESP SPIs an iketcp client moved to the session they belong to
+	ObservesAnswered  atomic.Uint64 // server: `iketcp probe` told the address it came from
+	ObservesRefused   atomic.Uint64 // server: probes not answered, over the server's rate of answers
 	KeepalivesDropped atomic.Uint64 // NAT keepalives not carried over TCP (RFC 9329 6.6)
 	NoPath            atomic.Uint64 // datagrams for a session or flow with no link (dropped)
 	QueueFull         atomic.Uint64 // datagrams refused by a link's full queue (ESP over --queue-bytes)
@@ -105,6 +107,8 @@ var counterDefs = []counterDef{
 	{"claims_accepted", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClaimsAccepted }},
 	{"claims_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ClaimsRefused }},
 	{"spi_moves", true, false, func(c *Counters) *atomic.Uint64 { return &c.SPIMoves }},
+	{"observes_answered", true, false, func(c *Counters) *atomic.Uint64 { return &c.ObservesAnswered }},
+	{"observes_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ObservesRefused }},
 	{"keepalives_dropped", true, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesDropped }},
 	{"no_path", true, true, func(c *Counters) *atomic.Uint64 { return &c.NoPath }},
 	{"queue_full", true, true, func(c *Counters) *atomic.Uint64 { return &c.QueueFull }},

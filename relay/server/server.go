@@ -65,6 +65,9 @@ type Server struct {
 
 	wg sync.WaitGroup // every goroutine the server starts
 
+	observeMu sync.Mutex // guards observes
+	observes  budget     // Observed answers, server-wide (ObserveBurst, ObserveRate)
+
 	logs logs
 }
 
@@ -75,6 +78,7 @@ type logs struct {
 	created, moved, expired, halfOpenExpired, initDropped          relay.Sometimes
 	malformed, unknownIKE, unknownESP, claimRefused, controlUnsent relay.Sometimes
 	backendSend, backendRecv, oversize, writeFailed                relay.Sometimes
+	observeRefused                                                 relay.Sometimes
 }
 
 // New returns a server for cfg.
