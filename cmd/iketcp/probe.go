@@ -29,14 +29,14 @@ func probeCommand() *cli.Command {
 			"   verdict:\n" +
 			"     UDP 4500 is blocked here (no answer to 3 IKE_SA_INIT probes); use --transport tcp (iketcp client --peer hub.example.net:4500).\n" +
 			"     Behind NAT: the hub saw 203.0.113.1; the NAT kept the source ports (port-preserving).",
-		Description: "probe sends a real IKE_SA_INIT request to UDP 500 and 4500 (a responder answers it, or the\n" +
-			"probe times out), up to --tries times each, so it tells blocked from lossy or rate-limited UDP. It\n" +
+		Description: "probe sends an IKE_SA_INIT request to UDP 500 and 4500, up to --tries times each, and counts the\n" +
+			"answers, so it tells blocked from lossy or rate-limited UDP. Its only proposal is of private-use\n" +
+			"transforms, which a responder must refuse (NO_PROPOSAL_CHOSEN): it answers, and keeps nothing. It\n" +
 			"connects to each --tcp-port twice; an iketcp server answers each connection with the address and\n" +
 			"port it saw (and nothing else), which tells whether there is NAT on the way and whether it keeps\n" +
 			"ports. Where no iketcp server answers, it tries a framed IKE_SA_INIT (an RFC 9329 responder). With\n" +
 			"--tls it does the same inside TLS 1.3 and shows the certificate, its pin, and whether the check\n" +
 			"`iketcp client --tls` would make passes. It ends with a verdict in plain language.\n\n" +
-			"The IKE_SA_INIT leaves a half-open IKE SA at the responder until it times out, as any initiator's.\n" +
 			"Exit status: 0 when some way reached the hub, 2 when none did, 1 on an error.",
 		Flags: []cli.Flag{
 			&cli.UintSliceFlag{Name: "udp-port", Value: cli.NewUintSlice(500, 4500), Usage: "UDP ports to send IKE_SA_INIT to (4500 and others with the non-ESP marker)"},

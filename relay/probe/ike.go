@@ -25,20 +25,41 @@ const (
 	notifyNATSourceIP      = 16388
 	notifyNATDestinationIP = 16389
 
-	modp2048    = 14
-	modp2048Len = 256
+	// privateUse is the transform ID the probe offers for each type:
+	// the first of the private-use range (RFC 7296 3.3.2).
+	privateUse = 1024
+	keLen      = 32
 )
 
-// initRequest is an IKE_SA_INIT request a responder answers as it would a
-// real initiator's: one proposal of AES-CBC-128, HMAC-SHA2-256 and MODP
-// 2048 (strongSwan's and most gateways' defaults, so the answer is usually
-// the responder's own IKE_SA_INIT response; otherwise NO_PROPOSAL_CHOSEN
-// or INVALID_KE_PAYLOAD, which answer all the same), a KE of that group,
-// a nonce, and NAT detection for the address the probe sends from, so
-// that the responder sends its own: the hash of the address it saw.
+// initRequest is an IKE_SA_INIT request a responder answers as it must
+// any initiator's (RFC 7296 2.7), but that leaves it nothing to keep: its
+// one proposal offers only transforms of the private-use range (ID
+// privateUse of each type, which no gateway configures), so the answer is
+// NO_PROPOSAL_CHOSEN and the responder forgets the exchange. A proposal it
+// could accept would leave a half-open IKE SA at the hub for each probe,
+// and strongSwan stops answering an address after five of those
+// (block_threshold), which would lock the site's own daemon out for a
+// while. A responder under load asks for a COOKIE first; the probe sends
+// it back (withCookie). The request carries NAT detection for the address
+// it is sent from: a responder that answers with a full response (one that
+// takes private-use transforms) says with its own whether it saw another.
 type initRequest struct {
 	spi   uint64
 	bytes []byte // the message, without the non-ESP marker
+}
+
+// withCookie returns the request again with the responder's COOKIE in
+// front of its payloads (RFC 7296 2.6), as an initiator resends it.
+func (r *initRequest) withCookie(cookie []byte) *initRequest {
+	if len(cookie) == 0 || len(cookie) > 64 {
+		return r
+	}
+	msg := append([]byte(nil), r.bytes[:framing.IKEHeaderSize]...)
+	msg[16] = payloadNotify
+	msg = appendPayload(msg, payloadSA, notifyBody(notifyCookie, cookie))
+	msg = append(msg, r.bytes[framing.IKEHeaderSize:]...)
+	binary.BigEndian.PutUint32(msg[24:], uint32(len(msg)))
+	return &initRequest{spi: r.spi, bytes: msg}
 }
 
 func newInitRequest(local, remote netip.AddrPort) (*initRequest, error) {
@@ -47,7 +68,7 @@ func newInitRequest(local, remote netip.AddrPort) (*initRequest, error) {
 		return nil, err
 	}
 	spi := binary.BigEndian.Uint64(spiBytes[:])
-	ke := make([]byte, modp2048Len)
+	ke := make([]byte, keLen)
 	nonce := make([]byte, 32)
 	if _, err := rand.Read(ke); err != nil {
 		return nil, err
@@ -55,31 +76,25 @@ func newInitRequest(local, remote netip.AddrPort) (*initRequest, error) {
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, err
 	}
-	ke[0] &= 0x7f // below the group's prime, whose top bits are all ones
 
-	transform := func(last bool, typ byte, id uint16, keyBits uint16) []byte {
+	transform := func(last bool, typ byte, id uint16) []byte {
 		more := byte(3)
 		if last {
 			more = 0
 		}
-		t := []byte{more, 0, 0, 8, typ, 0, byte(id >> 8), byte(id)}
-		if keyBits != 0 {
-			t = append(t, 0x80, 0x0e, byte(keyBits>>8), byte(keyBits))
-			t[3] = 12
-		}
-		return t
+		return []byte{more, 0, 0, 8, typ, 0, byte(id >> 8), byte(id)}
 	}
 	var transforms []byte
-	transforms = append(transforms, transform(false, 1, 12, 128)...) // ENCR_AES_CBC 128
-	transforms = append(transforms, transform(false, 2, 5, 0)...)    // PRF_HMAC_SHA2_256
-	transforms = append(transforms, transform(false, 3, 12, 0)...)   // AUTH_HMAC_SHA2_256_128
-	transforms = append(transforms, transform(true, 4, modp2048, 0)...)
-	proposal := append([]byte{0, 0, 0, 0, 1, 1, 0, 4}, transforms...) // last, proposal 1, IKE, no SPI, 4 transforms
+	transforms = append(transforms, transform(false, 1, privateUse)...) // ENCR
+	transforms = append(transforms, transform(false, 2, privateUse)...) // PRF
+	transforms = append(transforms, transform(false, 3, privateUse)...) // INTEG
+	transforms = append(transforms, transform(true, 4, privateUse)...)  // D-H
+	proposal := append([]byte{0, 0, 0, 0, 1, 1, 0, 4}, transforms...)   // last, proposal 1, IKE, no SPI, 4 transforms
 	binary.BigEndian.PutUint16(proposal[2:], uint16(len(proposal)))
 
 	var body []byte
 	body = appendPayload(body, payloadKE, proposal)
-	body = appendPayload(body, payloadNonce, append([]byte{0, modp2048, 0, 0}, ke...))
+	body = appendPayload(body, payloadNonce, append([]byte{privateUse >> 8, privateUse & 0xff, 0, 0}, ke...))
 	body = appendPayload(body, payloadNotify, nonce)
 	body = appendPayload(body, payloadNotify, notifyBody(notifyNATSourceIP, natHash(spi, 0, local)))
 	body = appendPayload(body, payloadNone, notifyBody(notifyNATDestinationIP, natHash(spi, 0, remote)))
@@ -131,6 +146,8 @@ type initAnswer struct {
 	// probe's address: Translated then says whether the responder saw
 	// the probe come from another address or port than it was sent from.
 	NATSeen, Translated bool
+	// Cookie is the COOKIE notify's data, with Kind "COOKIE".
+	Cookie []byte
 }
 
 var errNotAnswer = errors.New("not an answer to the probe")
@@ -164,6 +181,7 @@ func parseAnswer(msg []byte, req *initRequest, local netip.AddrPort) (initAnswer
 				ans.Kind = "INVALID_KE_PAYLOAD"
 			case notifyCookie:
 				ans.Kind = "COOKIE"
+				ans.Cookie = append([]byte(nil), data...)
 			case notifyNATDestinationIP:
 				ans.NATSeen = true
 				ans.Translated = string(data) != string(natHash(req.spi, h.ResponderSPI, local))

@@ -263,7 +263,19 @@ func probeUDP(ctx context.Context, o Options, to netip.AddrPort) UDPResult {
 			if res.Answered == 0 {
 				res.RTT = time.Since(sent)
 				res.Answer = ans.Kind
-				res.NATSeen, res.Translated = ans.NATSeen, ans.Translated
+			}
+			if ans.NATSeen && !res.NATSeen {
+				res.NATSeen, res.Translated = true, ans.Translated
+			}
+			if ans.Cookie != nil && req.bytes[16] != payloadNotify {
+				// A responder under load (or with a few half-open SAs from
+				// this address) asks for a cookie first: the next try
+				// returns it, and gets the full answer, NAT detection too.
+				req = req.withCookie(ans.Cookie)
+				out = req.bytes
+				if marker {
+					out = append(make([]byte, 4, 4+len(out)), out...)
+				}
 			}
 			res.Answered++
 			res.Error = ""
