@@ -62,7 +62,7 @@ END {
 endef
 export BENCH_RATIOS
 
-.PHONY: all build deps lint test unit alloc fuzz bench demo demo-transparent demo-fake-tcp clean
+.PHONY: all build deps lint test unit alloc fuzz bench demo demo-transparent demo-fake-tcp lab-up lab-test lab-down clean
 
 all: build
 
@@ -130,6 +130,18 @@ demo-transparent: deps build
 # The same in fake-TCP mode, through a strict anti-replay middlebox.
 demo-fake-tcp: deps build
 	$(BIN)/iketcp-lab demo --fake-tcp --iketcp $(BIN)/iketcp
+
+# A lab that stays up to rehearse against: make lab-up PROFILE=cgnat
+# (open, block-udp, cgnat, strict-tcp, slow), then make lab-test, make lab-down.
+PROFILE ?= block-udp
+lab-up: deps build
+	$(BIN)/iketcp-lab up --profile $(PROFILE) --iketcp $(CURDIR)/$(BIN)/iketcp
+
+lab-test:
+	$(BIN)/iketcp-lab test
+
+lab-down:
+	$(BIN)/iketcp-lab down
 
 clean:
 	rm -rf $(BIN)

@@ -2,7 +2,10 @@
 // three network namespaces (site, carrier, hub), makes the carrier
 // masquerade and drop every UDP packet, brings a real strongSwan tunnel up
 // through `iketcp client` and `iketcp server`, shows what happened, and
-// tears everything down on exit. `deps` installs what the lab needs.
+// tears everything down on exit. `up`, `test` and `down` keep a lab up
+// between commands, with the carrier profile a user picks (open,
+// block-udp, cgnat, strict-tcp, slow), to rehearse traversal before going
+// to the field. `deps` installs what the lab needs.
 // `bench` measures iketcp as whole processes against the best baselines
 // the machine offers (package integration/perf).
 //
@@ -35,7 +38,7 @@ func main() {
 	app := &cli.App{
 		Name:  "iketcp-lab",
 		Usage: "iketcp's carrier-NAT lab: real strongSwan tunnels through a carrier that blocks UDP",
-		Commands: []*cli.Command{
+		Commands: append([]*cli.Command{
 			{
 				Name:   "deps",
 				Usage:  "install the lab's Debian packages if any tool is missing (needs root)",
@@ -54,6 +57,7 @@ func main() {
 			},
 			benchCommand(),
 		},
+			userLabCommands()...),
 		HideHelpCommand: true,
 	}
 	if err := app.RunContext(ctx, os.Args); err != nil {
