@@ -76,7 +76,7 @@ func defaultBinary() string {
 }
 
 func runDeps(c *cli.Context) error {
-	missing := append(lab.MissingTools(), lab.MissingBenchTools()...)
+	missing := append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingPackagingTools()...)
 	if len(missing) == 0 {
 		fmt.Println("lab tools present")
 		return nil
@@ -85,7 +85,7 @@ func runDeps(c *cli.Context) error {
 	if err := lab.InstallPackages(c.Context, os.Stdout); err != nil {
 		return err
 	}
-	if still := append(lab.MissingTools(), lab.MissingBenchTools()...); len(still) > 0 {
+	if still := append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingPackagingTools()...); len(still) > 0 {
 		return fmt.Errorf("still missing after install: %s", strings.Join(still, ", "))
 	}
 	return nil

@@ -56,6 +56,10 @@ type TunnelOptions struct {
 	// Peer is the explicit-mode client's --peer; empty means
 	// HubOuter:ServerPort.
 	Peer string
+	// ExternalServer: StartTunnel starts no iketcp server; the caller
+	// runs one at the hub (a container image, say) where the client's
+	// Peer reaches it, and Server stays nil.
+	ExternalServer bool
 	// Connections, if 2 or more, gives each charon that many connections
 	// instead of one, each its own IKE SA when initiated (see TunnelConn);
 	// at most MaxTunnelConns.
@@ -174,8 +178,10 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 			return nil, err
 		}
 	}
-	if err := t.StartServer(ctx); err != nil {
-		return nil, err
+	if !opts.ExternalServer {
+		if err := t.StartServer(ctx); err != nil {
+			return nil, err
+		}
 	}
 	for i := range site {
 		if opts.Transparent {
