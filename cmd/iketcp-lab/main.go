@@ -40,13 +40,18 @@ func main() {
 		Usage: "iketcp's carrier-NAT lab: real strongSwan tunnels through a carrier that blocks UDP",
 		Commands: append([]*cli.Command{
 			{
-				Name:   "deps",
-				Usage:  "install the lab's Debian packages if any tool is missing (needs root)",
-				Action: runDeps,
+				Name:      "deps",
+				Usage:     "install the lab's Debian packages if any tool is missing (needs root)",
+				UsageText: "iketcp-lab deps\n\nExample:\n\n   sudo iketcp-lab deps   # what make deps runs",
+				Action:    runDeps,
 			},
 			{
 				Name:  "demo",
 				Usage: "bring a tunnel up over iketcp through a UDP-blocking carrier, show it, tear it down",
+				UsageText: "iketcp-lab demo [--transparent | --fake-tcp] [--keep] [--iketcp PATH]\n\n" +
+					"Examples:\n\n" +
+					"   iketcp-lab demo                 # what make demo runs\n" +
+					"   iketcp-lab demo --fake-tcp --keep",
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "iketcp", Value: defaultBinary(), Usage: "the iketcp binary to run"},
 					&cli.BoolFlag{Name: "keep", Usage: "keep the lab up until Ctrl-C, to explore it"},

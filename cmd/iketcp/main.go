@@ -63,8 +63,9 @@ func newApp() *cli.App {
 			statusCommand(),
 			probeCommand(),
 			{
-				Name:  "version",
-				Usage: "print the version",
+				Name:      "version",
+				Usage:     "print the version",
+				UsageText: "iketcp version\n\nExample:\n\n   $ iketcp version\n   iketcp v0.4.0",
 				Action: func(c *cli.Context) error {
 					fmt.Fprintf(c.App.Writer, "iketcp %s\n", versionString())
 					return nil
