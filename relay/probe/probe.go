@@ -19,6 +19,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -515,6 +516,9 @@ func verdict(r *Report, o Options) ([]string, bool) {
 		v = append(v, line+".")
 	default:
 		line := nattName + " is blocked here (no answer to " + strconv.Itoa(u4500.Sent) + " IKE_SA_INIT probes)"
+		if strings.Contains(u4500.Error, "connection refused") {
+			line = nattName + " is refused (ICMP port unreachable): no IKE daemon listens there, or a firewall rejects it"
+		}
 		if tcpAdvice != "" {
 			line += "; " + tcpAdvice
 		} else {

@@ -20,7 +20,8 @@ import (
 // IKE_SA_INIT request (with the marker when marker is set) with a response
 // whose NAT detection hashes the address it saw, shifted by portShift
 // (non-zero: as if a NAT had changed the port), and answers only the first
-// answerFirst requests (0: all).
+// answerFirst requests (0: all; -1: none, as behind a carrier that drops
+// UDP).
 func responder(t *testing.T, marker bool, portShift uint16, answerFirst int) uint16 {
 	t.Helper()
 	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -44,7 +45,7 @@ func responder(t *testing.T, marker bool, portShift uint16, answerFirst int) uin
 			if h.Decode(msg) != nil || !h.IsInitRequest() {
 				continue
 			}
-			if answerFirst > 0 && answered >= answerFirst {
+			if answerFirst != 0 && answered >= answerFirst { // -1: none
 				continue
 			}
 			answered++
@@ -139,7 +140,8 @@ func TestVerdicts(t *testing.T) {
 		udp  func() uint16
 		want string
 	}{
-		{"blocked", func() uint16 { return deadUDPPort(t) }, "UDP 4500 is blocked here"},
+		{"refused", func() uint16 { return deadUDPPort(t) }, "UDP 4500 is refused (ICMP port unreachable)"},
+		{"blocked", func() uint16 { return responder(t, true, 0, -1) }, "UDP 4500 is blocked here (no answer to 3 IKE_SA_INIT probes); use --transport tcp"},
 		{"open", func() uint16 { return responder(t, true, 0, 0) }, "UDP 4500 works here"},
 		{"lossy", func() uint16 { return responder(t, true, 0, 1) }, "UDP 4500 lost 2 of 3 probes here: it looks rate-limited or lossy"},
 		{"translated", func() uint16 { return responder(t, true, 7, 0) }, "UDP 4500 works here"},
