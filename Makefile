@@ -62,7 +62,7 @@ END {
 endef
 export BENCH_RATIOS
 
-.PHONY: all build deps lint test unit alloc fuzz bench demo demo-transparent demo-fake-tcp clean
+.PHONY: image-context image all build deps lint test unit alloc fuzz bench demo demo-transparent demo-fake-tcp lab-up lab-test lab-down clean
 
 all: build
 
@@ -130,6 +130,30 @@ demo-transparent: deps build
 # The same in fake-TCP mode, through a strict anti-replay middlebox.
 demo-fake-tcp: deps build
 	$(BIN)/iketcp-lab demo --fake-tcp --iketcp $(BIN)/iketcp
+
+# The container image (Dockerfile): a static binary in an empty image.
+# podman builds it from a binary built here (the Dockerfile's context
+# stage), so nothing but the build context is needed; docker build . builds
+# from source in the golang image instead.
+IMAGE ?= localhost/iketcp:$(VERSION)
+image-context:
+	rm -rf $(BIN)/image && mkdir -p $(BIN)/image/run/iketcp && chmod 1777 $(BIN)/image/run/iketcp
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o $(BIN)/image/iketcp ./cmd/iketcp
+
+image: image-context
+	podman build --build-arg BINARY_FROM=context --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+# A lab that stays up to rehearse against: make lab-up PROFILE=cgnat
+# (open, block-udp, cgnat, strict-tcp, slow), then make lab-test, make lab-down.
+PROFILE ?= block-udp
+lab-up: deps build
+	$(BIN)/iketcp-lab up --profile $(PROFILE) --iketcp $(CURDIR)/$(BIN)/iketcp
+
+lab-test:
+	$(BIN)/iketcp-lab test
+
+lab-down:
+	$(BIN)/iketcp-lab down
 
 clean:
 	rm -rf $(BIN)

@@ -57,6 +57,15 @@ import "encoding/binary"
 //	            and flags (1): ProbeReply set on the answer, which echoes
 //	            the probe's sequence number and clock. A member whose
 //	            probes go unanswered leaves the rotation (relay/aggregate).
+//	Observe     asker -> server, on a link of its own (`iketcp probe`): a
+//	            nonce (8). Needs no Hello: only iketcp sends this SPI, so
+//	            the message itself says the asker is iketcp. Numbered from
+//	            32: types below that are the session protocol's.
+//	Observed    server -> asker: the nonce (8), then the address and port
+//	            the server saw the link come from, the asker's own as any
+//	            NAT between rewrote it: 16 bytes of IPv6 (IPv4 mapped) and
+//	            a port (2). Nothing else: no other client's address, no
+//	            session, no configuration.
 const (
 	ControlSPI     = 0x000000fe
 	ControlVersion = 1
@@ -81,6 +90,8 @@ const (
 	ControlJoin       ControlType = 7
 	ControlJoined     ControlType = 8
 	ControlProbe      ControlType = 9
+	ControlObserve    ControlType = 32
+	ControlObserved   ControlType = 33
 )
 
 // Results of a Join.
@@ -97,6 +108,13 @@ const (
 	JoinSize   = 4 + 8 + 3 + ControlMACSize
 	JoinedSize = 10
 	ProbeSize  = 13
+)
+
+// ObserveNonceSize is the size of an Observe's nonce; ObservedSize of an
+// Observed body.
+const (
+	ObserveNonceSize = 8
+	ObservedSize     = ObserveNonceSize + 16 + 2
 )
 
 // Results of a Claim.
@@ -116,6 +134,8 @@ var controlBodySize = [...]int{
 	ControlJoin:       JoinSize,
 	ControlJoined:     JoinedSize,
 	ControlProbe:      ProbeSize,
+	ControlObserve:    ObserveNonceSize,
+	ControlObserved:   ObservedSize,
 }
 
 func (t ControlType) String() string {
@@ -138,6 +158,10 @@ func (t ControlType) String() string {
 		return "joined"
 	case ControlProbe:
 		return "probe"
+	case ControlObserve:
+		return "observe"
+	case ControlObserved:
+		return "observed"
 	}
 	return "control(" + itoa(int(t)) + ")"
 }
@@ -157,7 +181,7 @@ func (c *Control) Decode(p []byte) error {
 		return ErrControl
 	}
 	t := ControlType(p[5])
-	if t == 0 || int(t) >= len(controlBodySize) || len(p)-ControlHeaderSize != controlBodySize[t] {
+	if t == 0 || int(t) >= len(controlBodySize) || controlBodySize[t] == 0 || len(p)-ControlHeaderSize != controlBodySize[t] {
 		return ErrControl
 	}
 	c.Type, c.Body = t, p[ControlHeaderSize:]
@@ -240,4 +264,14 @@ func itoa(v int) string {
 		b[i] = byte('0' + v%10)
 	}
 	return string(b[i:])
+}
+
+// ObservedAddr reads the address of an Observed body: the nonce and the
+// address and port the server saw. ok is false for any other message.
+func (c *Control) ObservedAddr() (nonce uint64, addr [16]byte, port uint16, ok bool) {
+	if c.Type != ControlObserved || len(c.Body) != ObservedSize {
+		return 0, addr, 0, false
+	}
+	copy(addr[:], c.Body[ObserveNonceSize:])
+	return binary.BigEndian.Uint64(c.Body), addr, binary.BigEndian.Uint16(c.Body[ObserveNonceSize+16:]), true
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net/netip"
 	"testing"
 	"testing/iotest"
 )
@@ -412,6 +413,24 @@ func TestControl(t *testing.T) {
 	if n := testing.AllocsPerRun(100, func() { probe = AppendProbe(probe[:0], Probe{Seq: 1}) }); n != 0 {
 		t.Errorf("AppendProbe into room: %v allocations", n)
 	}
+	observe := AppendControl(nil, ControlObserve, binary.BigEndian.AppendUint64(nil, 0x1122334455667788))
+	if err := m.Decode(observe); err != nil || m.Control.Type != ControlObserve || binary.BigEndian.Uint64(m.Control.Body) != 0x1122334455667788 {
+		t.Fatalf("observe: %v %+v", err, m)
+	}
+	seen := netip.MustParseAddr("203.0.113.1").As16()
+	observed := AppendControl(nil, ControlObserved, binary.BigEndian.AppendUint64(nil, 9), seen[:], []byte{0x9c, 0x40})
+	if err := m.Decode(observed); err != nil {
+		t.Fatalf("observed: %v", err)
+	}
+	if nonce, addr, port, ok := m.Control.ObservedAddr(); !ok || nonce != 9 || netip.AddrFrom16(addr).Unmap().String() != "203.0.113.1" || port != 40000 {
+		t.Fatalf("observed: %v %d %v %d", ok, nonce, addr, port)
+	}
+	if err := m.Decode(observe); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, ok := m.Control.ObservedAddr(); ok {
+		t.Fatal("an Observe read as Observed")
+	}
 	// ESP with any other SPI, reserved or not, is ESP.
 	for _, spi := range []uint32{1, ControlSPI - 1, ControlSPI + 1, 0xc0000001} {
 		if k := Classify(espPayload(40, spi, 1)); k != KindESP {
@@ -425,6 +444,14 @@ func TestControl(t *testing.T) {
 		"unknown type":  append(append([]byte(nil), hello[:5]...), append([]byte{99}, hello[6:]...)...),
 		"body too long": append(append([]byte(nil), hello...), 0),
 		"body short":    hello[:len(hello)-1],
+	}
+	// Types between the session protocol's and Observe have no body size:
+	// an empty body must not pass for one.
+	for _, typ := range []byte{7, 31} {
+		var c Control
+		if err := c.Decode([]byte{0, 0, 0, ControlSPI, ControlVersion, typ}); !errors.Is(err, ErrControl) {
+			t.Errorf("unassigned type %d with no body: %v, want ErrControl", typ, err)
+		}
 	}
 	for name, p := range bad {
 		if err := m.Decode(p); !errors.Is(err, ErrControl) || m.Kind != KindControl {

@@ -43,6 +43,8 @@ type Counters struct {
 	MembersJoined     atomic.Uint64 // links that joined an aggregate (server: accepted; client: the server's word)
 	JoinsRefused      atomic.Uint64 // joins that proved nothing (server), or that the server refused (client)
 	MembersDown       atomic.Uint64 // times a member left its aggregate's rotation: its probes went unanswered
+	ObservesAnswered  atomic.Uint64 // server: `iketcp probe` told the address it came from
+	ObservesRefused   atomic.Uint64 // server: probes not answered, over the server's rate of answers
 	KeepalivesDropped atomic.Uint64 // NAT keepalives not carried over TCP (RFC 9329 6.6)
 	NoPath            atomic.Uint64 // datagrams for a session or flow with no link (dropped)
 	QueueFull         atomic.Uint64 // datagrams refused by a link's full queue (ESP over --queue-bytes)
@@ -126,6 +128,8 @@ var counterDefs = []counterDef{
 	{"members_joined", true, true, func(c *Counters) *atomic.Uint64 { return &c.MembersJoined }},
 	{"joins_refused", true, true, func(c *Counters) *atomic.Uint64 { return &c.JoinsRefused }},
 	{"members_down", true, true, func(c *Counters) *atomic.Uint64 { return &c.MembersDown }},
+	{"observes_answered", true, false, func(c *Counters) *atomic.Uint64 { return &c.ObservesAnswered }},
+	{"observes_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ObservesRefused }},
 	{"keepalives_dropped", true, true, func(c *Counters) *atomic.Uint64 { return &c.KeepalivesDropped }},
 	{"no_path", true, true, func(c *Counters) *atomic.Uint64 { return &c.NoPath }},
 	{"queue_full", true, true, func(c *Counters) *atomic.Uint64 { return &c.QueueFull }},

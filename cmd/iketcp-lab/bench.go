@@ -21,6 +21,10 @@ func benchCommand() *cli.Command {
 		Name: "bench",
 		Usage: "measure iketcp as whole processes against direct UDP and udptunnel, under load and at scale; " +
 			"write OUT/bench.md, OUT/bench.png and OUT/bench.json and print the table (needs root)",
+		UsageText: "iketcp-lab bench [--quick] [--iketcp PATH] [--out DIR]\n\n" +
+			"Examples:\n\n" +
+			"   iketcp-lab bench --iketcp bin/iketcp --out docs   # the end of make bench\n" +
+			"   iketcp-lab bench --quick --out /tmp/bench          # a 35-second smoke run",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "iketcp", Value: defaultBinary(), Usage: "the iketcp binary to measure"},
 			&cli.StringFlag{Name: "out", Value: "docs", Usage: "directory for bench.md, bench.png and bench.json"},

@@ -2,7 +2,10 @@
 // three network namespaces (site, carrier, hub), makes the carrier
 // masquerade and drop every UDP packet, brings a real strongSwan tunnel up
 // through `iketcp client` and `iketcp server`, shows what happened, and
-// tears everything down on exit. `deps` installs what the lab needs.
+// tears everything down on exit. `up`, `test` and `down` keep a lab up
+// between commands, with the carrier profile a user picks (open,
+// block-udp, cgnat, strict-tcp, slow), to rehearse traversal before going
+// to the field. `deps` installs what the lab needs.
 // `bench` measures iketcp as whole processes against the best baselines
 // the machine offers (package integration/perf).
 //
@@ -35,15 +38,20 @@ func main() {
 	app := &cli.App{
 		Name:  "iketcp-lab",
 		Usage: "iketcp's carrier-NAT lab: real strongSwan tunnels through a carrier that blocks UDP",
-		Commands: []*cli.Command{
+		Commands: append([]*cli.Command{
 			{
-				Name:   "deps",
-				Usage:  "install the lab's Debian packages if any tool is missing (needs root)",
-				Action: runDeps,
+				Name:      "deps",
+				Usage:     "install the lab's Debian packages if any tool is missing (needs root)",
+				UsageText: "iketcp-lab deps\n\nExample:\n\n   sudo iketcp-lab deps   # what make deps runs",
+				Action:    runDeps,
 			},
 			{
 				Name:  "demo",
 				Usage: "bring a tunnel up over iketcp through a UDP-blocking carrier, show it, tear it down",
+				UsageText: "iketcp-lab demo [--transparent | --fake-tcp] [--keep] [--iketcp PATH]\n\n" +
+					"Examples:\n\n" +
+					"   iketcp-lab demo                 # what make demo runs\n" +
+					"   iketcp-lab demo --fake-tcp --keep",
 				Flags: []cli.Flag{
 					&cli.StringFlag{Name: "iketcp", Value: defaultBinary(), Usage: "the iketcp binary to run"},
 					&cli.BoolFlag{Name: "keep", Usage: "keep the lab up until Ctrl-C, to explore it"},
@@ -54,6 +62,7 @@ func main() {
 			},
 			benchCommand(),
 		},
+			userLabCommands()...),
 		HideHelpCommand: true,
 	}
 	if err := app.RunContext(ctx, os.Args); err != nil {
@@ -72,7 +81,7 @@ func defaultBinary() string {
 }
 
 func runDeps(c *cli.Context) error {
-	missing := append(lab.MissingTools(), lab.MissingBenchTools()...)
+	missing := append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingPackagingTools()...)
 	if len(missing) == 0 {
 		fmt.Println("lab tools present")
 		return nil
@@ -81,7 +90,7 @@ func runDeps(c *cli.Context) error {
 	if err := lab.InstallPackages(c.Context, os.Stdout); err != nil {
 		return err
 	}
-	if still := append(lab.MissingTools(), lab.MissingBenchTools()...); len(still) > 0 {
+	if still := append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingPackagingTools()...); len(still) > 0 {
 		return fmt.Errorf("still missing after install: %s", strings.Join(still, ", "))
 	}
 	return nil

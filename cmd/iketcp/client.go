@@ -24,6 +24,20 @@ func clientCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "client",
 		Usage: "relay a local IKE daemon's UDP to an iketcp server over RFC 9329 TCP",
+		UsageText: "iketcp client --peer HOST:PORT [--listen HOST:PORT] [--transport tcp|udp|auto] [options]\n" +
+			"   iketcp client --tun --peer HUB [--peer HUB2 ...] [--tcp-port PORT] [options]\n\n" +
+			"Examples:\n\n" +
+			"   # explicit mode: strongSwan sends to 127.0.0.1:14500 from its port 4500\n" +
+			"   iketcp client --listen 127.0.0.1:14500 --peer hub.example.net:4500\n\n" +
+			"   # UDP first, TCP when UDP is blocked, racing the two after the first retransmission\n" +
+			"   iketcp client --peer hub.example.net:4500 --transport auto --race\n\n" +
+			"   # transparent mode: the daemon unchanged (needs CAP_NET_ADMIN)\n" +
+			"   iketcp client --tun --peer 203.0.113.2\n\n" +
+			"   # TLS 1.3 to a server with a self-signed certificate\n" +
+			"   iketcp client --peer hub.example.net:443 --tls --tls-pin sha256:9f86d0...",
+		Description: "The client gives each IKE SA of the local daemon a TCP connection of its own to the server and\n" +
+			"reconnects with backoff when it breaks; the IKE SA survives. `iketcp probe HUB` says beforehand\n" +
+			"which transport a site needs. Every flag is also an IKETCP_* variable.",
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:14500", Usage: "explicit mode: UDP address the IKE daemon sends to (its remote address and port)", EnvVars: envVar("listen")},
 			&cli.StringSliceFlag{Name: "peer", Usage: "explicit mode: the iketcp server, host:port; --tun: an IKE peer's address, where an iketcp server listens on --tcp-port (repeat for several)", EnvVars: envVar("peer")},

@@ -37,7 +37,7 @@ func versionString() string {
 // commands stop on SIGTERM and SIGINT.
 func main() {
 	err := newApp().RunContext(context.Background(), os.Args)
-	if err != nil {
+	if err != nil && err.Error() != "" {
 		fmt.Fprintln(os.Stderr, "iketcp:", err)
 	}
 	os.Exit(exitCode(err))
@@ -63,9 +63,11 @@ func newApp() *cli.App {
 			statusCommand(),
 			upgradeCommand(),
 			checkConfigCommand(),
+			probeCommand(),
 			{
-				Name:  "version",
-				Usage: "print the version",
+				Name:      "version",
+				Usage:     "print the version",
+				UsageText: "iketcp version\n\nExample:\n\n   $ iketcp version\n   iketcp v0.4.0",
 				Action: func(c *cli.Context) error {
 					fmt.Fprintf(c.App.Writer, "iketcp %s\n", versionString())
 					return nil

@@ -256,3 +256,39 @@ func commandLinePair(t *testing.T, bin string, srvExtra, clExtra []string) {
 		t.Fatalf("client status text: %q %v", text, err)
 	}
 }
+
+// TestEveryCommandHasAnExample: each command's --help shows how to use it
+// with an example, and the example's flags are the command's own.
+func TestEveryCommandHasAnExample(t *testing.T) {
+	app := newApp()
+	for _, cmd := range app.Commands {
+		if cmd.Hidden {
+			continue
+		}
+		if !strings.Contains(cmd.UsageText, "Example") {
+			t.Errorf("iketcp %s: its help has no example", cmd.Name)
+			continue
+		}
+		flags := map[string]bool{"help": true}
+		for _, f := range cmd.Flags {
+			for _, n := range f.Names() {
+				flags[n] = true
+			}
+		}
+		for _, line := range strings.Split(cmd.UsageText, "\n") {
+			line = strings.TrimSpace(line)
+			if !strings.HasPrefix(line, "iketcp "+cmd.Name) {
+				continue
+			}
+			for _, word := range strings.Fields(line) {
+				if word == "#" {
+					break
+				}
+				name := strings.Trim(word, "[]|")
+				if strings.HasPrefix(name, "--") && !flags[strings.TrimPrefix(strings.SplitN(name, "=", 2)[0], "--")] {
+					t.Errorf("iketcp %s: its example uses %s, which is not its flag", cmd.Name, name)
+				}
+			}
+		}
+	}
+}

@@ -25,11 +25,14 @@ const (
 // exitCode is the exit code for what a command returned.
 func exitCode(err error) int {
 	var ce *configError
+	var coded cli.ExitCoder
 	switch {
 	case err == nil:
 		return exitOK
 	case errors.As(err, &ce):
 		return exitConfig
+	case errors.As(err, &coded):
+		return coded.ExitCode()
 	}
 	return exitFailed
 }

@@ -22,6 +22,18 @@ func serverCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "server",
 		Usage: "accept RFC 9329 TCP and relay it to the gateway's IKE daemon over UDP",
+		UsageText: "iketcp server [--listen [rfc9329://|fake-tcp://]HOST:PORT ...] [--backend HOST:PORT] [options]\n\n" +
+			"Examples:\n\n" +
+			"   # beside a gateway whose IKE daemon has UDP 4500: clients on TCP 4500\n" +
+			"   iketcp server --listen :4500 --backend 127.0.0.1:4500\n\n" +
+			"   # FortiOS's ike-tcp-port 443 with TLS 1.3, the HTTPS site sharing the port\n" +
+			"   iketcp server --ike-tcp-port 443 --tls-cert hub.pem --tls-key hub.key --share-backend 127.0.0.1:8443\n\n" +
+			"   # RFC 9329 and fake-TCP at once\n" +
+			"   iketcp server --listen :4500 --listen fake-tcp://:4501",
+		Description: "The server takes each client's TCP connection, finds the IKE SA of every frame, and hands the\n" +
+			"datagrams to the gateway's IKE daemon from a UDP socket of the session's own, whose port never\n" +
+			"changes across reconnects. It treats every connection as a stranger's until the daemon vouches\n" +
+			"for it. SIGHUP reloads --tls-cert and --tls-key. Every flag is also an IKETCP_* variable.",
 		Flags: append([]cli.Flag{
 			&cli.StringSliceFlag{Name: "listen", Usage: "address to accept clients on, [rfc9329://|fake-tcp://]host:port, the scheme defaulting to --encap (repeat for several; default :4500)", EnvVars: envVar("listen")},
 			&cli.UintFlag{Name: "ike-tcp-port", Usage: "FortiOS's ike-tcp-port: 4500 listens on TCP 4500; any other port P listens on 4500 and 11443 and redirects P to 11443 (see --redirect)", EnvVars: envVar("ike-tcp-port")},

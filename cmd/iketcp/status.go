@@ -20,6 +20,10 @@ func statusCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "status",
 		Usage: "show a running iketcp's sessions, like diagnose vpn ike gateway list",
+		UsageText: "iketcp status [--control PATH] [--json]\n\n" +
+			"Examples:\n\n" +
+			"   iketcp status                                   # every instance in " + control.DefaultDir() + "\n" +
+			"   iketcp status --control /run/iketcp/server.sock --json | jq '.sessions[].peer'",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "control", Usage: "control socket of the instance (default: every socket in " + control.DefaultDir() + ")", EnvVars: envVar("control")},
 			&cli.BoolFlag{Name: "json", Usage: "print the raw JSON"},

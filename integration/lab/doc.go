@@ -28,7 +28,10 @@
 // forwarded UDP packet; [Lab.StartStrictMiddlebox] checks TCP sequence
 // numbers the way an anti-replay NAT box does (package
 // integration/antireplay, on NFQUEUE); [Lab.LimitRate] makes it a
-// rate-limited bottleneck toward the hub.
+// rate-limited bottleneck toward the hub; [Lab.PortChangingNAT] gives each
+// flow a random source port, as carrier-grade NAT does. The [Profiles]
+// name these combinations for users (`iketcp-lab up --profile`) and
+// tests ([Lab.SetProfile]): open, block-udp, cgnat, strict-tcp, slow.
 //
 // A tunnel ([Lab.StartTunnel]) runs one connection between the charons,
 // or several (TunnelOptions.Connections), each its own IKE SA with inner

@@ -205,3 +205,30 @@ func allZombies(pids []int) bool {
 	}
 	return true
 }
+
+// ProcessStamp identifies a running process in a way that survives PID
+// reuse ("PID STARTTIME"), for records that outlive the process that
+// wrote them (`iketcp-lab up`'s state file).
+func ProcessStamp(pid int) (string, error) {
+	s, err := ownerStamp(pid)
+	return strings.TrimSpace(s), err
+}
+
+// StampAlive reports whether the process a ProcessStamp named still runs:
+// a zombie, dead and waiting to be reaped, does not.
+func StampAlive(stamp string) bool {
+	f := strings.Fields(stamp)
+	if len(f) != 2 {
+		return false
+	}
+	pid, err := strconv.Atoi(f[0])
+	if err != nil || pid <= 0 {
+		return false
+	}
+	st, err := processStartTime(pid)
+	return err == nil && st == f[1] && !allZombies([]int{pid})
+}
+
+// RunRoot is the directory under /run that holds the labs' run
+// directories, and `iketcp-lab up`'s state files.
+const RunRoot = runRoot

@@ -31,6 +31,9 @@ var DebianPackages = []string{
 	// promtool, which checks what --metrics serves (its service kept from
 	// starting as the others').
 	"prometheus",
+	// For deploy's tests: systemd-analyze checks the units, podman builds
+	// the image (crun and uidmap come with it).
+	"systemd", "podman",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
@@ -41,6 +44,22 @@ var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump"
 // benchTools are the programs only iketcp-lab bench runs: Debian's
 // udptunnel, the outside baseline, and gnuplot, which draws the chart.
 var benchTools = []string{"udptunnel", "gnuplot"}
+
+// packagingTools are the programs only deploy's tests run: systemd-analyze
+// verifies the units, podman builds the container image.
+var packagingTools = []string{"systemd-analyze", "podman"}
+
+// MissingPackagingTools reports which of the programs deploy's tests need
+// (systemd-analyze, podman) are not installed.
+func MissingPackagingTools() []string {
+	var missing []string
+	for _, name := range packagingTools {
+		if toolPath(name) == "" {
+			missing = append(missing, name)
+		}
+	}
+	return missing
+}
 
 // toolDirs are searched after $PATH: test runners and CI often start with a
 // PATH that lacks the sbin directories.

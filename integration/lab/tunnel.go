@@ -59,6 +59,10 @@ type TunnelOptions struct {
 	// Members, if set, replace --peer with these --member values (an
 	// aggregate; ClientArgs add --location-id and the rest).
 	Members []string
+	// ExternalServer: StartTunnel starts no iketcp server; the caller
+	// runs one at the hub (a container image, say) where the client's
+	// Peer reaches it, and Server stays nil.
+	ExternalServer bool
 	// Connections, if 2 or more, gives each charon that many connections
 	// instead of one, each its own IKE SA when initiated (see TunnelConn);
 	// at most MaxTunnelConns.
@@ -177,8 +181,10 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 			return nil, err
 		}
 	}
-	if err := t.StartServer(ctx); err != nil {
-		return nil, err
+	if !opts.ExternalServer {
+		if err := t.StartServer(ctx); err != nil {
+			return nil, err
+		}
 	}
 	for i := range site {
 		if opts.Transparent {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,6 +24,11 @@ const (
 	// sustained garbage, not on a single unknown SPI.
 	GarbageBudget = 32
 	GarbageRate   = 4.0
+	// ObserveBurst and ObserveRate bound the Observed answers the whole
+	// server gives (`iketcp probe` asks once per link): each is one small
+	// frame on the asker's own link, and beyond the bound askers get none.
+	ObserveBurst = 20
+	ObserveRate  = 10.0
 	// connBatch is how many frames a connection gathers before sending
 	// them to the backend.
 	connBatch = 64
@@ -42,6 +48,7 @@ type conn struct {
 	closeOnce sync.Once
 	keys      atomic.Pointer[linkKeys] // set once the client said hello: an iketcp client
 	member    atomic.Pointer[member]   // set once it joined an aggregate, under Server.mu
+	observed  atomic.Bool              // the link asked Observe (once per link)
 
 	// Guarded by Server.mu.
 	carrying         map[*session]struct{} // sessions whose return path this is; nil once forgotten
@@ -344,8 +351,41 @@ func (c *conn) control(m *framing.Control, now time.Time) bool {
 		return c.join(m.Join(), now)
 	case framing.ControlProbe:
 		return c.probe(m.Probe(), now)
+	case framing.ControlObserve:
+		return c.observe(m.Body, now)
 	}
 	return false
+}
+
+// observe answers `iketcp probe`'s Observe with the address and port this
+// link came from, as the asker's NAT left them (or as a trusted PROXY
+// header gave them): the asker's own, and nothing else. Once per link; a
+// second one is garbage. Server-wide, at most ObserveBurst answers at
+// once and ObserveRate a second: an asker over that gets no answer, and
+// the link stays as it is.
+func (c *conn) observe(nonce []byte, now time.Time) bool {
+	s := c.srv
+	if c.observed.Swap(true) {
+		return false
+	}
+	ap, err := netip.ParseAddrPort(c.remote)
+	if err != nil {
+		return false
+	}
+	s.observeMu.Lock()
+	ok := s.observes.take(now, ObserveBurst, ObserveRate)
+	s.observeMu.Unlock()
+	if !ok {
+		s.counters.ObservesRefused.Add(1)
+		s.logs.observeRefused.Log(s.log, slog.LevelInfo, "probe not answered: over the server's rate of answers", "conn", c.id, "remote", c.remote)
+		return true
+	}
+	s.counters.ObservesAnswered.Add(1)
+	addr := ap.Addr().As16()
+	var port [2]byte
+	binary.BigEndian.PutUint16(port[:], ap.Port())
+	c.sendControl(framing.ControlObserved, nonce, addr[:], port[:])
+	return true
 }
 
 // move moves ESP SPI spi from session from to the session this

@@ -96,6 +96,9 @@ type Server struct {
 	stateMu         sync.Mutex // serializes writes; guards stateFinal
 	stateFinal      bool
 
+	observeMu sync.Mutex // guards observes
+	observes  budget     // Observed answers, server-wide (ObserveBurst, ObserveRate)
+
 	logs logs
 }
 
@@ -107,6 +110,7 @@ type logs struct {
 	malformed, unknownIKE, unknownESP, claimRefused, controlUnsent relay.Sometimes
 	backendSend, backendRecv, oversize, writeFailed, stateWrite    relay.Sometimes
 	joined, joinRefused, memberState                               relay.Sometimes
+	observeRefused                                                 relay.Sometimes
 }
 
 // New returns a server for cfg.
