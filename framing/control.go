@@ -41,6 +41,11 @@ import "encoding/binary"
 //	            this link's session's, not that one's. The client learns
 //	            which IKE SA a new child SA belongs to only from the peer's
 //	            answers, sometimes after its first packets went elsewhere.
+//	Ping        client -> server, on a link whose server answered Hello,
+//	            when the link has been quiet: a sequence number (8). The
+//	            client's liveness check (relay/client): a link that hears
+//	            nothing, not even a Pong, for the liveness timeout is dead.
+//	Pong        server -> client: the Ping's sequence number (8), at once.
 const (
 	ControlSPI     = 0x000000fe
 	ControlVersion = 1
@@ -62,7 +67,12 @@ const (
 	ControlClaim      ControlType = 4
 	ControlClaimed    ControlType = 5
 	ControlMove       ControlType = 6
+	ControlPing       ControlType = 7
+	ControlPong       ControlType = 8
 )
+
+// ControlPingSize is the body of a Ping or a Pong: a sequence number.
+const ControlPingSize = 8
 
 // Results of a Claim.
 const (
@@ -78,6 +88,8 @@ var controlBodySize = [...]int{
 	ControlClaim:      8 + ControlMACSize,
 	ControlClaimed:    9,
 	ControlMove:       4 + 8 + ControlMACSize,
+	ControlPing:       ControlPingSize,
+	ControlPong:       ControlPingSize,
 }
 
 func (t ControlType) String() string {
@@ -94,6 +106,10 @@ func (t ControlType) String() string {
 		return "claimed"
 	case ControlMove:
 		return "move"
+	case ControlPing:
+		return "ping"
+	case ControlPong:
+		return "pong"
 	}
 	return "control(" + itoa(int(t)) + ")"
 }

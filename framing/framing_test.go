@@ -389,6 +389,16 @@ func TestControl(t *testing.T) {
 	if err := m.Decode(ticket); err != nil || m.Control.Type != ControlTicket || m.Control.SessionID() != 42 {
 		t.Fatalf("ticket: %v %+v", err, m)
 	}
+	for _, typ := range []ControlType{ControlPing, ControlPong} {
+		seq := binary.BigEndian.AppendUint64(nil, 0x0102030405060708)
+		p := AppendControl(nil, typ, seq)
+		if err := m.Decode(p); err != nil || m.Control.Type != typ || !bytes.Equal(m.Control.Body, seq) || len(p) != ControlHeaderSize+ControlPingSize {
+			t.Fatalf("%v: %v %+v", typ, err, m)
+		}
+		if err := m.Decode(p[:len(p)-1]); !errors.Is(err, ErrControl) {
+			t.Errorf("%v with a short body: %v, want ErrControl", typ, err)
+		}
+	}
 	// ESP with any other SPI, reserved or not, is ESP.
 	for _, spi := range []uint32{1, ControlSPI - 1, ControlSPI + 1, 0xc0000001} {
 		if k := Classify(espPayload(40, spi, 1)); k != KindESP {

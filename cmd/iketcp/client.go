@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -50,6 +51,7 @@ func clientCommand() *cli.Command {
 			&cli.DurationFlag{Name: "flow-idle", Value: client.DefaultFlowIdle, Usage: "close a flow whose daemon has sent nothing for this long", EnvVars: envVar("flow-idle")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: client.DefaultDialTimeout, Usage: "give up a connection attempt after this long", EnvVars: envVar("dial-timeout")},
 			&cli.DurationFlag{Name: "reconnect-max", Value: client.DefaultReconnectMax, Usage: "longest wait between reconnection attempts", EnvVars: envVar("reconnect-max")},
+			&cli.DurationFlag{Name: "liveness-timeout", Value: client.DefaultLivenessTimeout, Usage: "take a connection for dead, and reconnect, once it has heard nothing for this long: an iketcp server is pinged when the connection is quiet; toward any server, TCP_USER_TIMEOUT and keepalives hold the same bound (0: leave it to TCP, which takes minutes)", EnvVars: envVar("liveness-timeout")},
 		}, commonFlags("client")...),
 		Action: runClient,
 	}
@@ -59,6 +61,13 @@ func runClient(c *cli.Context) error {
 	log, err := prepare(c, "max-flows", "flow-idle", "dial-timeout", "reconnect-max")
 	if err != nil {
 		return err
+	}
+	liveness := c.Duration("liveness-timeout")
+	if liveness != 0 && (liveness < time.Second || liveness > 10*time.Minute) {
+		return fmt.Errorf("--liveness-timeout %v: want 0 (off) or 1s to 10m", liveness)
+	}
+	if liveness == 0 {
+		liveness = -1 // client.Config: off
 	}
 	mode, err := fallback.ParseMode(c.String("transport"))
 	if err != nil {
@@ -89,6 +98,7 @@ func runClient(c *cli.Context) error {
 		MaxDatagram:       c.Int("max-datagram"),
 		DialTimeout:       c.Duration("dial-timeout"),
 		ReconnectMax:      c.Duration("reconnect-max"),
+		LivenessTimeout:   liveness,
 		Version:           versionString(),
 	}
 	switch c.String("encap") {
@@ -218,7 +228,9 @@ func resolvePeers(args []string) ([]netip.Addr, error) {
 // streamDialer is the RFC 9329 dialer the flags ask for: TLS checked as
 // --tls-* say, through --http-proxy.
 func streamDialer(c *cli.Context, log *slog.Logger, counters *relay.Counters) (*streamlink.Dialer, error) {
-	d := streamlink.NewDialer(linkConfig(c, counters, log))
+	lc := linkConfig(c, counters, log)
+	lc.DeadAfter = c.Duration("liveness-timeout")
+	d := streamlink.NewDialer(lc)
 	if !c.Bool("tls") {
 		for _, f := range []string{"tls-server-name", "tls-ca", "tls-pin", "tls-insecure", "tls-client-cert", "tls-client-key"} {
 			if c.IsSet(f) {

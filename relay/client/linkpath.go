@@ -228,17 +228,29 @@ func (p *linkPath) connect() (relay.Link, error) {
 // server has answered. Then what waited goes, and the link takes the
 // daemon's datagrams directly.
 func (p *linkPath) carry(link relay.Link) string {
+	cl := p.f.cl
 	lr := &linkReader{path: p, link: link}
-	if !p.f.cl.cfg.PlainRFC9329 {
+	dead := make(chan string, 1)
+	stopWatch := make(chan struct{})
+	defer close(stopWatch)
+	if !cl.cfg.PlainRFC9329 {
+		if timeout := cl.cfg.livenessTimeout(); timeout > 0 {
+			lr.live = newLinkLiveness(timeout, time.Now())
+			cl.wg.Add(1)
+			go func() {
+				defer cl.wg.Done()
+				lr.watchLiveness(stopWatch, dead)
+			}()
+		}
 		if err := lr.hello(); err != nil {
 			link.Close()
 			return "hello: " + err.Error()
 		}
 	}
 	readDone := make(chan error, 1)
-	p.f.cl.wg.Add(1)
+	cl.wg.Add(1)
 	go func() {
-		defer p.f.cl.wg.Done()
+		defer cl.wg.Done()
 		readDone <- link.Serve(newPeerReader(p.f, fallback.TCP, lr))
 	}()
 	var reason string
@@ -249,6 +261,8 @@ func (p *linkPath) carry(link relay.Link) string {
 		case err := <-readDone:
 			readDone <- err
 			reason = err.Error()
+		case reason = <-dead:
+			cl.counters.LinksDead.Add(1)
 		case <-p.ctx.Done():
 			reason = "link closed"
 		}
@@ -289,6 +303,9 @@ type linkReader struct {
 	key  ticket.Key
 	// server is the server's public key; nil until it answered.
 	server []byte
+	// live is the link's liveness check; nil without one (a plain RFC
+	// 9329 server, or LivenessTimeout off).
+	live *linkLiveness
 }
 
 // hello starts the key exchange.
@@ -316,6 +333,11 @@ func (lr *linkReader) control(m *framing.Control) {
 			return
 		}
 		lr.key, lr.server = key, server
+		if lr.live != nil {
+			// The server is iketcp: a first Ping finds out whether it
+			// answers them; its Pong arms the liveness check.
+			lr.send(framing.ControlPing, make([]byte, framing.ControlPingSize))
+		}
 		p.mu.Lock()
 		held := append([]heldTicket(nil), p.tickets...)
 		p.mu.Unlock()
@@ -333,6 +355,8 @@ func (lr *linkReader) control(m *framing.Control) {
 		p.session = id
 		p.mu.Unlock()
 		cl.log.Debug("ticket for a session", "link", p.id, "session", id)
+	case m.Type == framing.ControlPong && lr.live != nil:
+		lr.live.armed.Store(true)
 	case m.Type == framing.ControlClaimed:
 		id, accepted := m.SessionID(), m.Body[8] == framing.ClaimAccepted
 		if !accepted {
@@ -383,7 +407,7 @@ func (lr *linkReader) send(t framing.ControlType, parts ...[]byte) error {
 	return lr.link.Send([][]byte{buf})
 }
 
-// nextBackoff doubles the previous backoff within [lo, hi], with ±20%
+// nextBackoff doubles the previous backoff within [lo, hi], with ±10%
 // jitter so that many clients do not reconnect in step.
 func nextBackoff(prev, lo, hi time.Duration) time.Duration {
 	next := min(max(2*prev, lo), hi)

@@ -54,6 +54,7 @@ type conn struct {
 	lastESP   uint32   // cache of the last ESP lookup
 	lastRoute *route
 	garbage   budget
+	pings     budget // liveness pings answered
 	pending   []pendingFrame
 	out       []udpbatch.Message
 	frames    uint64
@@ -324,8 +325,30 @@ func (c *conn) control(m *framing.Control, now time.Time) bool {
 		return c.claim(m.SessionID(), m.Body[8:], now)
 	case framing.ControlMove:
 		return c.move(binary.BigEndian.Uint32(m.Body), m.SessionID(), m.Body[12:], now)
+	case framing.ControlPing:
+		return c.ping(m.Body, now)
 	}
 	return false
+}
+
+// Liveness pings a connection may send at once, and a second after that.
+// An iketcp client probes a quiet link every quarter of its liveness
+// timeout; anything faster is garbage.
+const (
+	pingBurst = 8
+	pingRate  = 4.0
+)
+
+// ping answers an iketcp client's liveness probe with a Pong carrying its
+// sequence number: one frame of the same size per ping, only on a link
+// whose client said hello, and at most pingBurst, then pingRate a second.
+func (c *conn) ping(seq []byte, now time.Time) bool {
+	if c.keys.Load() == nil || !c.pings.take(now, pingBurst, pingRate) {
+		return false
+	}
+	c.srv.counters.PingsAnswered.Add(1)
+	c.sendControl(framing.ControlPong, seq)
+	return true
 }
 
 // move moves ESP SPI spi from session from to the session this
