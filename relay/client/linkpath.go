@@ -17,8 +17,15 @@ import (
 )
 
 // stableAfter is how long a link must last for the next reconnect to
-// start again from the shortest backoff.
-const stableAfter = 5 * time.Second
+// start again from the shortest backoff; provenAfter is enough for a link
+// on which the server was heard. A carrier that resets connections every
+// few seconds then costs a short reconnect each time, not the longest
+// backoff, while a server that accepts and closes without a word is still
+// tried ever more slowly.
+const (
+	stableAfter = 5 * time.Second
+	provenAfter = time.Second
+)
 
 // maxTickets bounds the tickets a link path keeps: its session's, and a
 // few of rekeys and reconnects past.
@@ -174,12 +181,12 @@ func (p *linkPath) runLink() {
 			continue
 		}
 		connected := time.Now()
-		reason := p.carry(link)
+		reason, heard := p.carry(link)
 		p.state.Store(stateWaiting)
 		if p.ctx.Err() != nil {
 			return
 		}
-		if time.Since(connected) >= stableAfter {
+		if lived := time.Since(connected); lived >= stableAfter || heard && lived >= provenAfter {
 			backoff = 0
 		}
 		backoff = nextBackoff(backoff, cl.cfg.reconnectMin(), cl.cfg.reconnectMax())
@@ -223,11 +230,12 @@ func (p *linkPath) connect() (relay.Link, error) {
 }
 
 // carry moves the path's traffic over link both ways until the link fails
-// or the path ends, closes the link, and says why it ended. To an iketcp
+// or the path ends, closes the link, and says why it ended and whether
+// anything was heard from the server on it. To an iketcp
 // server it says hello first, and claims its sessions back once the
 // server has answered. Then what waited goes, and the link takes the
 // daemon's datagrams directly.
-func (p *linkPath) carry(link relay.Link) string {
+func (p *linkPath) carry(link relay.Link) (reason string, heard bool) {
 	cl := p.f.cl
 	lr := &linkReader{path: p, link: link}
 	dead := make(chan string, 1)
@@ -235,7 +243,7 @@ func (p *linkPath) carry(link relay.Link) string {
 	defer close(stopWatch)
 	if !cl.cfg.PlainRFC9329 {
 		if timeout := cl.cfg.livenessTimeout(); timeout > 0 {
-			lr.live = newLinkLiveness(timeout, time.Now())
+			lr.live = newLinkLiveness(timeout, &lr.heard, time.Now())
 			cl.wg.Add(1)
 			go func() {
 				defer cl.wg.Done()
@@ -244,7 +252,7 @@ func (p *linkPath) carry(link relay.Link) string {
 		}
 		if err := lr.hello(); err != nil {
 			link.Close()
-			return "hello: " + err.Error()
+			return "hello: " + err.Error(), false
 		}
 	}
 	readDone := make(chan error, 1)
@@ -253,7 +261,6 @@ func (p *linkPath) carry(link relay.Link) string {
 		defer cl.wg.Done()
 		readDone <- link.Serve(newPeerReader(p.f, fallback.TCP, lr))
 	}()
-	var reason string
 	if err := p.attach(link); err != nil {
 		reason = "write: " + err.Error()
 	} else {
@@ -272,7 +279,7 @@ func (p *linkPath) carry(link relay.Link) string {
 	p.mu.Unlock()
 	link.Close()
 	<-readDone
-	return reason
+	return reason, lr.heard.Load() != 0
 }
 
 // attach sends what waited for a link on link, and makes it the path's.
@@ -303,6 +310,8 @@ type linkReader struct {
 	key  ticket.Key
 	// server is the server's public key; nil until it answered.
 	server []byte
+	// heard is when the link last received a burst (unix ns), 0 before.
+	heard atomic.Int64
 	// live is the link's liveness check; nil without one (a plain RFC
 	// 9329 server, or LivenessTimeout off).
 	live *linkLiveness

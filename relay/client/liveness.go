@@ -30,18 +30,17 @@ const DefaultLivenessTimeout = 4 * time.Second
 // heard: the watcher looks every eighth of the timeout.
 type linkLiveness struct {
 	timeout time.Duration
-	heard   atomic.Int64 // unix ns of the last burst the link received
-	armed   atomic.Bool  // the server answered a Ping on this link
+	heard   *atomic.Int64 // unix ns of the last burst the link received (linkReader.heard)
+	started int64         // unix ns: when the check began
+	armed   atomic.Bool   // the server answered a Ping on this link
 
 	// Owned by the watcher.
 	seq      uint64
 	lastPing int64
 }
 
-func newLinkLiveness(timeout time.Duration, now time.Time) *linkLiveness {
-	lv := &linkLiveness{timeout: timeout}
-	lv.heard.Store(now.UnixNano())
-	return lv
+func newLinkLiveness(timeout time.Duration, heard *atomic.Int64, now time.Time) *linkLiveness {
+	return &linkLiveness{timeout: timeout, heard: heard, started: now.UnixNano()}
 }
 
 // interval is how long the link may be quiet before a Ping.
@@ -53,7 +52,7 @@ func (lv *linkLiveness) tick() time.Duration { return max(lv.timeout/8, time.Mil
 // check says, at now (unix ns), whether to send a Ping, and whether the
 // link is dead.
 func (lv *linkLiveness) check(now int64) (ping, dead bool) {
-	quiet := now - lv.heard.Load()
+	quiet := now - max(lv.heard.Load(), lv.started)
 	if !lv.armed.Load() {
 		return false, false
 	}

@@ -1,6 +1,7 @@
 package client
 
 import (
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -12,7 +13,8 @@ import (
 func TestLivenessCheck(t *testing.T) {
 	const timeout = 4 * time.Second
 	start := time.Unix(1000, 0)
-	lv := newLinkLiveness(timeout, start)
+	var heard atomic.Int64
+	lv := newLinkLiveness(timeout, &heard, start)
 	at := func(d time.Duration) int64 { return start.Add(d).UnixNano() }
 	type step struct {
 		at         time.Duration
