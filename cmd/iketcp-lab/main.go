@@ -72,7 +72,7 @@ func defaultBinary() string {
 }
 
 func runDeps(c *cli.Context) error {
-	missing := append(lab.MissingTools(), lab.MissingBenchTools()...)
+	missing := append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingFaultTools()...)
 	if len(missing) == 0 {
 		fmt.Println("lab tools present")
 		return nil
@@ -81,7 +81,7 @@ func runDeps(c *cli.Context) error {
 	if err := lab.InstallPackages(c.Context, os.Stdout); err != nil {
 		return err
 	}
-	if still := append(lab.MissingTools(), lab.MissingBenchTools()...); len(still) > 0 {
+	if still := append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingFaultTools()...); len(still) > 0 {
 		return fmt.Errorf("still missing after install: %s", strings.Join(still, ", "))
 	}
 	return nil

@@ -28,6 +28,8 @@ var DebianPackages = []string{
 	"haproxy", "nginx", "tinyproxy-bin", "curl",
 	// For iketcp-lab bench: the outside baseline and the chart.
 	"udptunnel", "gnuplot-nox",
+	// For the fault tests: flushing the carrier NAT's mappings.
+	"conntrack",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
@@ -38,6 +40,10 @@ var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump"
 // benchTools are the programs only iketcp-lab bench runs: Debian's
 // udptunnel, the outside baseline, and gnuplot, which draws the chart.
 var benchTools = []string{"udptunnel", "gnuplot"}
+
+// faultTools are the programs only the fault tests run: conntrack, which
+// makes the carrier's NAT forget its mappings (RebindNAT).
+var faultTools = []string{"conntrack"}
 
 // toolDirs are searched after $PATH: test runners and CI often start with a
 // PATH that lacks the sbin directories.
@@ -117,6 +123,27 @@ func MissingBenchTools() []string {
 		}
 	}
 	return missing
+}
+
+// MissingFaultTools reports which of the programs that only the fault
+// tests need (conntrack) are not installed.
+func MissingFaultTools() []string {
+	var missing []string
+	for _, name := range faultTools {
+		if toolPath(name) == "" {
+			missing = append(missing, name)
+		}
+	}
+	return missing
+}
+
+// mustFaultTool returns the path of a fault test's tool, or an error that
+// says how to install it.
+func mustFaultTool(name string) (string, error) {
+	if p := toolPath(name); p != "" {
+		return p, nil
+	}
+	return "", fmt.Errorf("%s not found: run make deps (apt-get install conntrack)", name)
 }
 
 // ToolPath returns the absolute path of an installed tool, or "" when it
