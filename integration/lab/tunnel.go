@@ -60,6 +60,14 @@ type TunnelOptions struct {
 	// instead of one, each its own IKE SA when initiated (see TunnelConn);
 	// at most MaxTunnelConns.
 	Connections int
+	// RekeyTime and ChildRekeyTime are the site's IKE and child SA
+	// rekey_time, and RekeyOver how long each may live past it
+	// (IKEConfig); 0 keeps strongSwan's defaults (4 h and 1 h, 10%).
+	RekeyTime, ChildRekeyTime, RekeyOver time.Duration
+	// Direct leaves iketcp out: the site's charon talks to the hub's
+	// own address and ports over UDP through the carrier, which must let
+	// UDP through. The baseline of what iketcp is compared with.
+	Direct bool
 }
 
 // MaxTunnelConns bounds TunnelOptions.Connections.
@@ -146,7 +154,7 @@ type Tunnel struct {
 // StartTunnel starts the hub's charon, `iketcp server`, `iketcp client`
 // and the site's charon, each ready when it returns. It does not initiate.
 func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, error) {
-	if opts.Binary == "" {
+	if opts.Binary == "" && !opts.Direct {
 		return nil, fmt.Errorf("StartTunnel: no iketcp binary given")
 	}
 	if opts.Connections < 0 || opts.Connections > MaxTunnelConns {
@@ -160,6 +168,9 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 	}
 	var site, hub []IKEConfig
 	t.Conns, site, hub = tunnelConns(opts.Connections, opts.Mobike)
+	for i := range site {
+		site[i].RekeyTime, site[i].ChildRekeyTime, site[i].RekeyOver = opts.RekeyTime, opts.ChildRekeyTime, opts.RekeyOver
+	}
 	for _, c := range t.Conns {
 		if err := l.addInnerAddrs(ctx, c); err != nil {
 			return nil, err
@@ -174,11 +185,13 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 			return nil, err
 		}
 	}
-	if err := t.StartServer(ctx); err != nil {
-		return nil, err
+	if !opts.Direct {
+		if err := t.StartServer(ctx); err != nil {
+			return nil, err
+		}
 	}
 	for i := range site {
-		if opts.Transparent {
+		if opts.Transparent || opts.Direct {
 			site[i].RemoteAddrs = HubOuter // and default ports: nothing changed
 		} else {
 			site[i].LocalAddrs, site[i].LocalPort = "127.0.0.1", 4500
@@ -192,6 +205,9 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 		if err := opts.BeforeClient(ctx); err != nil {
 			return nil, err
 		}
+	}
+	if opts.Direct {
+		return t, nil
 	}
 	if err := t.StartClient(ctx); err != nil {
 		return nil, err
