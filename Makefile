@@ -66,8 +66,10 @@ export BENCH_RATIOS
 
 all: build
 
+# iketcp is built without cgo: only then can it drop its capabilities on
+# every thread once it is set up (syscall.AllThreadsSyscall).
 build:
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/iketcp ./cmd/iketcp
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/iketcp ./cmd/iketcp
 	$(GO) build -o $(BIN)/iketcp-lab ./cmd/iketcp-lab
 
 # The lab's packages (strongSwan, nftables, tcpdump, iproute2, the front

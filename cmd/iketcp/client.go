@@ -143,7 +143,11 @@ func runClient(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return serve(c.Context, log, c.String("control"), func() any { return cl.Status() },
+	var needs []capNeed
+	if c.String("encap") == encapFakeTCP {
+		needs = append(needs, needNetAdmin("fake-TCP's device, nftables table and forwarding are removed at exit"))
+	}
+	return serve(c.Context, log, c.String("control"), needs, func() any { return cl.Status() },
 		func(ctx context.Context) error { return cl.Serve(ctx, pc) })
 }
 
@@ -199,7 +203,8 @@ func runTransparentClient(c *cli.Context, log *slog.Logger, cfg client.Config, p
 	if err != nil {
 		return err
 	}
-	return serve(c.Context, log, c.String("control"), func() any { return cl.Status() },
+	needs := []capNeed{needNetAdmin("--tun marks each new connection's socket to bypass the interception, and removes the device, rules and routes at exit")}
+	return serve(c.Context, log, c.String("control"), needs, func() any { return cl.Status() },
 		func(ctx context.Context) error { return cl.ServeTUN(ctx, tun, tun.Name()) })
 }
 

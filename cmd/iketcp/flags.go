@@ -83,12 +83,13 @@ func positive(c *cli.Context, names ...string) error {
 }
 
 // serve runs one relay role with its control socket until ctx ends.
-func serve(ctx context.Context, log *slog.Logger, controlPath string, status func() any, run func(context.Context) error) error {
+func serve(ctx context.Context, log *slog.Logger, controlPath string, needs []capNeed, status func() any, run func(context.Context) error) error {
 	ctl, err := control.Listen(controlPath, status, log)
 	if err != nil {
 		return err
 	}
 	defer ctl.Close()
+	dropCapabilities(log, needs) // everything is set up
 	log.Info("control socket ready", "path", ctl.Path())
 	err = run(ctx)
 	log.Info("stopped")

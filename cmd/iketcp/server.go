@@ -111,6 +111,15 @@ func runServer(c *cli.Context) error {
 		return err
 	}
 	defer stopRedirect()
-	return serve(c.Context, log, c.String("control"), func() any { return srv.Status() },
+	var needs []capNeed
+	switch {
+	case c.Bool("real-address"):
+		needs = append(needs, needNetAdmin("--real-address opens a transparent socket for each new session, and removes its rule, route and table at exit"))
+	case redirectFrom != 0 && c.String("redirect") == "nftables":
+		needs = append(needs, needNetAdmin("the --ike-tcp-port redirect's nftables table is removed at exit"))
+	case hasFakeTCP(specs):
+		needs = append(needs, needNetAdmin("fake-TCP's device, nftables table and forwarding are removed at exit"))
+	}
+	return serve(c.Context, log, c.String("control"), needs, func() any { return srv.Status() },
 		func(ctx context.Context) error { return srv.Serve(ctx, lns...) })
 }
