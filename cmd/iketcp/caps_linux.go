@@ -43,9 +43,9 @@ func limitCapabilities(needs []capNeed) (kept, dropped string, err error) {
 			keptNames = append(keptNames, n.name)
 		}
 	}
-	var gone [2]uint32
+	var gone [2]uint32 // what goes: all but want, and every inheritable one
 	for i := range have {
-		gone[i] = (have[i].Permitted | have[i].Effective | have[i].Inheritable) &^ want[i]
+		gone[i] = (have[i].Permitted|have[i].Effective)&^want[i] | have[i].Inheritable
 	}
 	if gone == [2]uint32{} {
 		return strings.Join(keptNames, ","), "", nil

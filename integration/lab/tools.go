@@ -28,8 +28,10 @@ var DebianPackages = []string{
 	"haproxy", "nginx", "tinyproxy-bin", "curl",
 	// For iketcp-lab bench: the outside baseline and the chart.
 	"udptunnel", "gnuplot-nox",
-	// For the fault tests: flushing the carrier NAT's mappings.
-	"conntrack",
+	// For the fault tests: flushing the carrier NAT's mappings; and
+	// setpriv, for the privilege tests (Essential in Debian, listed for
+	// hosts that trimmed it).
+	"conntrack", "util-linux",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
@@ -41,9 +43,11 @@ var requiredTools = []string{"ip", "nft", "charon-systemd", "swanctl", "tcpdump"
 // udptunnel, the outside baseline, and gnuplot, which draws the chart.
 var benchTools = []string{"udptunnel", "gnuplot"}
 
-// faultTools are the programs only the fault tests run: conntrack, which
-// makes the carrier's NAT forget its mappings (RebindNAT).
-var faultTools = []string{"conntrack"}
+// faultTools are the programs only the fault and privilege tests run:
+// conntrack, which makes the carrier's NAT forget its mappings
+// (RebindNAT), and setpriv, which starts iketcp as an ordinary user with
+// chosen capabilities (Privileges).
+var faultTools = []string{"conntrack", "setpriv"}
 
 // toolDirs are searched after $PATH: test runners and CI often start with a
 // PATH that lacks the sbin directories.
@@ -126,7 +130,7 @@ func MissingBenchTools() []string {
 }
 
 // MissingFaultTools reports which of the programs that only the fault
-// tests need (conntrack) are not installed.
+// and privilege tests need (conntrack, setpriv) are not installed.
 func MissingFaultTools() []string {
 	var missing []string
 	for _, name := range faultTools {
@@ -143,7 +147,7 @@ func mustFaultTool(name string) (string, error) {
 	if p := toolPath(name); p != "" {
 		return p, nil
 	}
-	return "", fmt.Errorf("%s not found: run make deps (apt-get install conntrack)", name)
+	return "", fmt.Errorf("%s not found: run make deps (apt-get install conntrack util-linux)", name)
 }
 
 // ToolPath returns the absolute path of an installed tool, or "" when it
