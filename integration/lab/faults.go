@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -100,7 +101,10 @@ func (l *Lab) BlackoutDropped(ctx context.Context) (uint64, error) {
 // conntrack entries, flushed with the conntrack tool) and take new ones
 // from RebindPorts from now on, until ClearFaults: the client's
 // connection, at its next segment, shows up at the hub from a new public
-// port, as behind a carrier-grade NAT that rebinds.
+// port, as behind a carrier-grade NAT that rebinds. It returns once every
+// TCP mapping the carrier holds is from RebindPorts (a segment in flight
+// during the flush can bring the old mapping back: then it flushes again),
+// bounded by 2 s.
 func (l *Lab) RebindNAT(ctx context.Context) error {
 	conntrack, err := mustFaultTool("conntrack")
 	if err != nil {
@@ -109,13 +113,50 @@ func (l *Lab) RebindNAT(ctx context.Context) error {
 	if err := l.addFault(ctx, "rebind"); err != nil {
 		return err
 	}
-	// conntrack -D exits 1 when it deleted nothing; its summary tells.
-	out, err := l.Carrier.Command(ctx, conntrack, "-D", "-p", "tcp").CombinedOutput()
-	if err != nil && ctx.Err() != nil {
-		return ctx.Err()
+	for attempt := 1; ; attempt++ {
+		// conntrack -D exits 1 when it deleted nothing; its summary tells.
+		out, err := l.Carrier.Command(ctx, conntrack, "-D", "-p", "tcp").CombinedOutput()
+		if err != nil && ctx.Err() != nil {
+			return ctx.Err()
+		}
+		l.logf("lab %s: carrier NAT flushed its TCP mappings: %s", l.Name, strings.TrimSpace(string(out)))
+		time.Sleep(100 * time.Millisecond)
+		list, err := l.Carrier.Command(ctx, conntrack, "-L", "-p", "tcp").Output()
+		if err != nil {
+			return fmt.Errorf("list the carrier's NAT mappings: %w", err)
+		}
+		old := oldMappings(string(list))
+		if len(old) == 0 {
+			return nil
+		}
+		if attempt == 20 {
+			return fmt.Errorf("the carrier's NAT kept mappings outside %s: %s", RebindPorts, strings.Join(old, "; "))
+		}
 	}
-	l.logf("lab %s: carrier NAT flushed its TCP mappings: %s", l.Name, strings.TrimSpace(string(out)))
-	return nil
+}
+
+// oldMappings returns the TCP mappings in `conntrack -L` output whose
+// public port (the reply's destination port) is not from RebindPorts.
+func oldMappings(list string) []string {
+	lo, hi, _ := strings.Cut(RebindPorts, "-")
+	min, _ := strconv.Atoi(lo)
+	max, _ := strconv.Atoi(hi)
+	var old []string
+	for _, line := range strings.Split(list, "\n") {
+		if !strings.HasPrefix(line, "tcp") {
+			continue
+		}
+		var port int
+		for _, f := range strings.Fields(line) {
+			if p, ok := strings.CutPrefix(f, "dport="); ok {
+				port, _ = strconv.Atoi(p) // the last is the reply's: the public port
+			}
+		}
+		if port < min || port > max {
+			old = append(old, strings.TrimSpace(line))
+		}
+	}
+	return old
 }
 
 // ResetOnce makes the carrier answer the next segments of every TCP

@@ -163,3 +163,23 @@ func (s *Stream) FlowsAgain(t time.Time) (time.Duration, bool) {
 	}
 	return best, ok
 }
+
+// LongestGap returns the longest time between two consecutive arrivals
+// among the datagrams that arrived in [from, to]: how long traffic
+// stopped, whatever was sent meanwhile.
+func (s *Stream) LongestGap(from, to time.Time) time.Duration {
+	s.mu.Lock()
+	var at []time.Time
+	for _, a := range s.received {
+		if !a.Before(from) && !a.After(to) {
+			at = append(at, a)
+		}
+	}
+	s.mu.Unlock()
+	sort.Slice(at, func(i, j int) bool { return at[i].Before(at[j]) })
+	var gap time.Duration
+	for i := 1; i < len(at); i++ {
+		gap = max(gap, at[i].Sub(at[i-1]))
+	}
+	return gap
+}
