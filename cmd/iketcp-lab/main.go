@@ -41,6 +41,7 @@ func main() {
 				Usage:  "install the lab's Debian packages if any tool is missing (needs root)",
 				Action: runDeps,
 			},
+			vulncheckCommand(),
 			{
 				Name:  "demo",
 				Usage: "bring a tunnel up over iketcp through a UDP-blocking carrier, show it, tear it down",
