@@ -95,7 +95,8 @@ func hostState(t *testing.T, ctx context.Context, ns *lab.Namespace) string {
 }
 
 // TestLeastPrivilege runs each mode under setpriv as an ordinary user
-// (uid 65534) with only the capabilities it needs, brings a real
+// (uid 65534) with only the capabilities it needs (and RFC 9329 mode as
+// root with all of them, which it drops), brings a real
 // strongSwan tunnel up through it and pings across, and reads from
 // /proc/PID/status what each iketcp holds once set up: nothing, or
 // CAP_NET_ADMIN alone where the mode still uses it (to mark new sockets,
@@ -118,6 +119,8 @@ func TestLeastPrivilege(t *testing.T) {
 		withoutServer, withoutClient string
 	}{
 		{name: "rfc9329", opts: lab.TunnelOptions{ServerAs: plain, ClientAs: plain}},
+		// As root with every capability: everything goes once set up.
+		{name: "rfc9329-as-root", opts: lab.TunnelOptions{}},
 		{name: "rfc9329-port-443",
 			opts: lab.TunnelOptions{ServerAs: bind, ClientAs: plain,
 				ServerListen: []string{net.JoinHostPort(lab.HubOuter, "443")}, Peer: net.JoinHostPort(lab.HubOuter, "443")},
@@ -155,11 +158,15 @@ func TestLeastPrivilege(t *testing.T) {
 				want uint64
 			}{{"server", tun.ServerInst, c.server}, {"client", tun.ClientInst, c.client}} {
 				got := readProcCaps(t, side.inst.PID())
-				t.Logf("RELIABILITY | %s under setpriv (%s) | %s %v | set up, tunnel up, 3 pings | CapEff %016x CapPrm %016x | uid %d |",
-					side.name, c.name, side.name, side.inst.As, got.eff, got.prm, got.uid)
-				if got.uid != side.inst.As.UID || got.eff != side.want || got.prm != side.want || got.inh != 0 || got.amb != 0 {
+				as, uid := "root, every capability", 0
+				if side.inst.As != nil {
+					as, uid = side.inst.As.String(), side.inst.As.UID
+				}
+				t.Logf("RELIABILITY | %s, %s | run as %s | set up, tunnel up, 3 pings | CapEff %016x CapPrm %016x | uid %d |",
+					c.name, side.name, as, got.eff, got.prm, got.uid)
+				if got.uid != uid || got.eff != side.want || got.prm != side.want || got.inh != 0 || got.amb != 0 {
 					t.Errorf("%s: uid %d, CapEff %x CapPrm %x CapInh %x CapAmb %x; want uid %d and CapEff = CapPrm = %x, nothing inheritable",
-						side.name, got.uid, got.eff, got.prm, got.inh, got.amb, side.inst.As.UID, side.want)
+						side.name, got.uid, got.eff, got.prm, got.inh, got.amb, uid, side.want)
 				}
 			}
 			// What the modes set up is removed at exit, with the one
