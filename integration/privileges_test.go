@@ -212,7 +212,7 @@ func TestLeastPrivilege(t *testing.T) {
 				if !strings.Contains(err.Error(), w.want) {
 					t.Errorf("the %s without capabilities: %v; want it to name %s", w.side, err, w.want)
 				} else {
-					t.Logf("the %s without %s refuses to start, and says: %s", w.side, w.want, lastLine(err.Error(), w.want))
+					t.Logf("the %s without %s refuses to start, and says: %s", w.side, w.want, firstLine(err.Error(), w.want))
 				}
 			}
 		})
@@ -243,15 +243,4 @@ func clientArgs(o lab.TunnelOptions) []string {
 		peer = net.JoinHostPort(lab.HubOuter, strconv.Itoa(lab.ServerPort))
 	}
 	return []string{"client", "--listen", "127.0.0.1:" + strconv.Itoa(lab.ClientListenPort+1), "--peer", peer}
-}
-
-// lastLine returns the line of s that holds substr.
-func lastLine(s, substr string) string {
-	var found string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, substr) {
-			found = l
-		}
-	}
-	return strings.TrimSpace(found)
 }
