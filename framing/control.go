@@ -67,8 +67,8 @@ const (
 	ControlClaim      ControlType = 4
 	ControlClaimed    ControlType = 5
 	ControlMove       ControlType = 6
-	ControlPing       ControlType = 7
-	ControlPong       ControlType = 8
+	ControlPing       ControlType = 10
+	ControlPong       ControlType = 11
 )
 
 // ControlPingSize is the body of a Ping or a Pong: a sequence number.
@@ -129,7 +129,7 @@ func (c *Control) Decode(p []byte) error {
 		return ErrControl
 	}
 	t := ControlType(p[5])
-	if t == 0 || int(t) >= len(controlBodySize) || len(p)-ControlHeaderSize != controlBodySize[t] {
+	if t == 0 || int(t) >= len(controlBodySize) || controlBodySize[t] == 0 || len(p)-ControlHeaderSize != controlBodySize[t] {
 		return ErrControl
 	}
 	c.Type, c.Body = t, p[ControlHeaderSize:]

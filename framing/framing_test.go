@@ -410,6 +410,7 @@ func TestControl(t *testing.T) {
 		"version":       append(append([]byte(nil), hello[:4]...), append([]byte{2}, hello[5:]...)...),
 		"type 0":        append(append([]byte(nil), hello[:5]...), append([]byte{0}, hello[6:]...)...),
 		"unknown type":  append(append([]byte(nil), hello[:5]...), append([]byte{99}, hello[6:]...)...),
+		"unassigned 7":  append(append([]byte(nil), hello[:5]...), 7, 0, 0, 0, 0, 0, 0, 0, 0),
 		"body too long": append(append([]byte(nil), hello...), 0),
 		"body short":    hello[:len(hello)-1],
 	}
