@@ -17,6 +17,15 @@ VERSION     := $(shell git describe --tags --always --dirty 2>/dev/null || echo 
 LDFLAGS     := -X main.version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 STATICCHECK := $(shell $(GO) env GOPATH)/bin/staticcheck
+# govulncheck, and the vulnerability database it reads: built from the
+# golang.org/x/vulndb module (its OSV files, indexed by its indexdb), both
+# through the Go module proxy, since vuln.go.dev is out of reach here.
+# Bump VULNDB_VERSION to take newer reports.
+GOVULNCHECK_VERSION := v1.9.0
+VULNDB_VERSION      := v0.0.0-20261105234957-e22db6528018
+GOVULNCHECK := $(shell $(GO) env GOPATH)/bin/govulncheck
+INDEXDB     := $(shell $(GO) env GOPATH)/bin/indexdb
+VULNDB      := $(BIN)/vulndb-$(VULNDB_VERSION)
 # An execution count, not a duration: Go 1.26's fuzz coordinator can fail
 # a target with "context deadline exceeded" when a duration runs out while
 # a worker is mid-call (go.dev/issue/75804, fixed in Go 1.27); a count has
@@ -62,12 +71,14 @@ END {
 endef
 export BENCH_RATIOS
 
-.PHONY: image-context image all build deps lint test unit alloc fuzz bench demo demo-transparent demo-fake-tcp lab-up lab-test lab-down clean
+.PHONY: image-context image all build deps lint vulncheck test unit alloc fuzz bench demo demo-transparent demo-fake-tcp lab-up lab-test lab-down clean
 
 all: build
 
+# iketcp is built without cgo: only then can it drop its capabilities on
+# every thread once it is set up (syscall.AllThreadsSyscall).
 build:
-	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/iketcp ./cmd/iketcp
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/iketcp ./cmd/iketcp
 	$(GO) build -o $(BIN)/iketcp-lab ./cmd/iketcp-lab
 
 # The lab's packages (strongSwan, nftables, tcpdump, iproute2, the front
@@ -80,7 +91,23 @@ deps: build
 $(STATICCHECK):
 	$(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 
-lint: $(STATICCHECK)
+$(GOVULNCHECK):
+	$(GO) install golang.org/x/vuln/cmd/govulncheck@$(GOVULNCHECK_VERSION)
+
+$(INDEXDB):
+	$(GO) install golang.org/x/vulndb/cmd/indexdb@$(VULNDB_VERSION)
+
+$(VULNDB): | $(INDEXDB)
+	@dir=$$(cd / && $(GO) mod download -json golang.org/x/vulndb@$(VULNDB_VERSION) | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p'); \
+	if [ ! -d "$$dir/data/osv" ]; then echo "golang.org/x/vulndb@$(VULNDB_VERSION) has no data/osv"; exit 1; fi; \
+	rm -rf $@.tmp && $(INDEXDB) -vulns "$$dir/data/osv" -out $@.tmp && mv $@.tmp $@
+
+# Fails on a called vulnerability in a module go.mod requires; lists the
+# standard library's that only a newer Go than the toolchain fixes.
+vulncheck: $(GOVULNCHECK) $(VULNDB)
+	$(GO) run ./cmd/iketcp-lab vulncheck --govulncheck $(GOVULNCHECK) --db $(VULNDB) ./...
+
+lint: $(STATICCHECK) vulncheck
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...

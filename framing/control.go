@@ -66,6 +66,11 @@ import "encoding/binary"
 //	            NAT between rewrote it: 16 bytes of IPv6 (IPv4 mapped) and
 //	            a port (2). Nothing else: no other client's address, no
 //	            session, no configuration.
+//	Ping        client -> server, on a link whose server answered Hello,
+//	            when the link has been quiet: a sequence number (8). The
+//	            client's liveness check (relay/client): a link that hears
+//	            nothing, not even a Pong, for the liveness timeout is dead.
+//	Pong        server -> client: the Ping's sequence number (8), at once.
 const (
 	ControlSPI     = 0x000000fe
 	ControlVersion = 1
@@ -90,6 +95,8 @@ const (
 	ControlJoin       ControlType = 7
 	ControlJoined     ControlType = 8
 	ControlProbe      ControlType = 9
+	ControlPing       ControlType = 10
+	ControlPong       ControlType = 11
 	ControlObserve    ControlType = 32
 	ControlObserved   ControlType = 33
 )
@@ -117,6 +124,9 @@ const (
 	ObservedSize     = ObserveNonceSize + 16 + 2
 )
 
+// ControlPingSize is the body of a Ping or a Pong: a sequence number.
+const ControlPingSize = 8
+
 // Results of a Claim.
 const (
 	ClaimAccepted = 0
@@ -136,6 +146,8 @@ var controlBodySize = [...]int{
 	ControlProbe:      ProbeSize,
 	ControlObserve:    ObserveNonceSize,
 	ControlObserved:   ObservedSize,
+	ControlPing:       ControlPingSize,
+	ControlPong:       ControlPingSize,
 }
 
 func (t ControlType) String() string {
@@ -162,6 +174,10 @@ func (t ControlType) String() string {
 		return "observe"
 	case ControlObserved:
 		return "observed"
+	case ControlPing:
+		return "ping"
+	case ControlPong:
+		return "pong"
 	}
 	return "control(" + itoa(int(t)) + ")"
 }

@@ -431,6 +431,16 @@ func TestControl(t *testing.T) {
 	if _, _, _, ok := m.Control.ObservedAddr(); ok {
 		t.Fatal("an Observe read as Observed")
 	}
+	for _, typ := range []ControlType{ControlPing, ControlPong} {
+		seq := binary.BigEndian.AppendUint64(nil, 0x0102030405060708)
+		p := AppendControl(nil, typ, seq)
+		if err := m.Decode(p); err != nil || m.Control.Type != typ || !bytes.Equal(m.Control.Body, seq) || len(p) != ControlHeaderSize+ControlPingSize {
+			t.Fatalf("%v: %v %+v", typ, err, m)
+		}
+		if err := m.Decode(p[:len(p)-1]); !errors.Is(err, ErrControl) {
+			t.Errorf("%v with a short body: %v, want ErrControl", typ, err)
+		}
+	}
 	// ESP with any other SPI, reserved or not, is ESP.
 	for _, spi := range []uint32{1, ControlSPI - 1, ControlSPI + 1, 0xc0000001} {
 		if k := Classify(espPayload(40, spi, 1)); k != KindESP {
@@ -442,6 +452,7 @@ func TestControl(t *testing.T) {
 		"version":       append(append([]byte(nil), hello[:4]...), append([]byte{2}, hello[5:]...)...),
 		"type 0":        append(append([]byte(nil), hello[:5]...), append([]byte{0}, hello[6:]...)...),
 		"unknown type":  append(append([]byte(nil), hello[:5]...), append([]byte{99}, hello[6:]...)...),
+		"unassigned 7":  append(append([]byte(nil), hello[:5]...), 7, 0, 0, 0, 0, 0, 0, 0, 0),
 		"body too long": append(append([]byte(nil), hello...), 0),
 		"body short":    hello[:len(hello)-1],
 	}

@@ -21,7 +21,9 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	iketcpBinary = filepath.Join(dir, "iketcp")
+	// Without cgo, as make build: iketcp then drops its capabilities.
 	build := exec.Command("go", "build", "-o", iketcpBinary, "github.com/iketcp/iketcp/cmd/iketcp")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "building iketcp: %v\n%s", err, out)
 		os.RemoveAll(dir)

@@ -20,6 +20,8 @@ type Counters struct {
 	UnconfirmedCloses atomic.Uint64 // server: closed after --confirm-timeout without a confirmed session
 	ConnsDialed       atomic.Uint64 // client: links established
 	DialFailures      atomic.Uint64 // client: connection attempts that failed
+	LinksDead         atomic.Uint64 // client: links closed because they heard nothing for the liveness timeout
+	PingsAnswered     atomic.Uint64 // server: an iketcp client's liveness pings answered
 	ProxyRefused      atomic.Uint64 // server: a PROXY header from an untrusted source, or none from a trusted one
 	TLSFailures       atomic.Uint64 // TLS handshakes that failed
 	SharedConns       atomic.Uint64 // server: connections handed to --share-backend
@@ -105,6 +107,8 @@ var counterDefs = []counterDef{
 	{"unconfirmed_closes", true, false, func(c *Counters) *atomic.Uint64 { return &c.UnconfirmedCloses }},
 	{"conns_dialed", false, true, func(c *Counters) *atomic.Uint64 { return &c.ConnsDialed }},
 	{"dial_failures", false, true, func(c *Counters) *atomic.Uint64 { return &c.DialFailures }},
+	{"links_dead", false, true, func(c *Counters) *atomic.Uint64 { return &c.LinksDead }},
+	{"pings_answered", true, false, func(c *Counters) *atomic.Uint64 { return &c.PingsAnswered }},
 	{"proxy_refused", true, false, func(c *Counters) *atomic.Uint64 { return &c.ProxyRefused }},
 	{"tls_failures", true, true, func(c *Counters) *atomic.Uint64 { return &c.TLSFailures }},
 	{"shared_conns", true, false, func(c *Counters) *atomic.Uint64 { return &c.SharedConns }},

@@ -66,3 +66,29 @@ func ListenHint(err error, inUse string) error {
 	}
 	return err
 }
+
+// SetDeadAfter bounds how long the kernel keeps a TCP connection whose
+// peer has gone silent to about d: keepalives start after d/4 of quiet and
+// repeat every d/4, and TCP_USER_TIMEOUT (Linux) closes the connection
+// once data or keepalives have gone unacknowledged for d. Without it a
+// connection with data in flight retransmits for many minutes. It is the
+// liveness check toward third-party RFC 9329 peers, which know nothing
+// of iketcp's own (relay/client). d <= 0 does nothing.
+func SetDeadAfter(tc *net.TCPConn, d time.Duration) error {
+	if d <= 0 {
+		return nil
+	}
+	every := max(d/4, time.Second)
+	if err := tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: every, Interval: every, Count: 4}); err != nil {
+		return err
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { serr = setUserTimeout(int(fd), d) }); err != nil {
+		return err
+	}
+	return serr
+}

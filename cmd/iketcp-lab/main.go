@@ -45,6 +45,7 @@ func main() {
 				UsageText: "iketcp-lab deps\n\nExample:\n\n   sudo iketcp-lab deps   # what make deps runs",
 				Action:    runDeps,
 			},
+			vulncheckCommand(),
 			{
 				Name:  "demo",
 				Usage: "bring a tunnel up over iketcp through a UDP-blocking carrier, show it, tear it down",
@@ -81,7 +82,7 @@ func defaultBinary() string {
 }
 
 func runDeps(c *cli.Context) error {
-	missing := append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingPackagingTools()...)
+	missing := append(append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingPackagingTools()...), lab.MissingFaultTools()...)
 	if len(missing) == 0 {
 		fmt.Println("lab tools present")
 		return nil
@@ -90,7 +91,7 @@ func runDeps(c *cli.Context) error {
 	if err := lab.InstallPackages(c.Context, os.Stdout); err != nil {
 		return err
 	}
-	if still := append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingPackagingTools()...); len(still) > 0 {
+	if still := append(append(append(lab.MissingTools(), lab.MissingBenchTools()...), lab.MissingPackagingTools()...), lab.MissingFaultTools()...); len(still) > 0 {
 		return fmt.Errorf("still missing after install: %s", strings.Join(still, ", "))
 	}
 	return nil

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -69,6 +70,7 @@ func clientCommand() *cli.Command {
 			reorderFlag(),
 			&cli.StringSliceFlag{Name: "weight", Usage: "--aggregate weighted: a member's weight, NAME=N (default 1)", EnvVars: envVar("weight")},
 			&cli.DurationFlag{Name: "reconnect-max", Value: client.DefaultReconnectMax, Usage: "longest wait between reconnection attempts", EnvVars: envVar("reconnect-max")},
+			&cli.DurationFlag{Name: "liveness-timeout", Value: client.DefaultLivenessTimeout, Usage: "take a connection for dead, and reconnect, once it has heard nothing for this long: an iketcp server is pinged when the connection is quiet; toward any server, TCP_USER_TIMEOUT and keepalives hold the same bound (0: leave it to TCP, which takes minutes)", EnvVars: envVar("liveness-timeout")},
 		}, commonFlags("client")...),
 		Action: runClient,
 	}
@@ -79,6 +81,13 @@ func checkClient(c *cli.Context) error {
 	if err := checkCommon(c, "max-flows", "flow-idle", "dial-timeout", "reconnect-max"); err != nil {
 		return err
 	}
+	liveness := c.Duration("liveness-timeout")
+	if liveness != 0 && (liveness < time.Second || liveness > 10*time.Minute) {
+		return fmt.Errorf("--liveness-timeout %v: want 0 (off) or 1s to 10m", liveness)
+	}
+	if liveness == 0 {
+		liveness = -1 // client.Config: off
+	}
 	mode, err := fallback.ParseMode(c.String("transport"))
 	if err != nil {
 		return fmt.Errorf("--transport: %w", err)
@@ -88,6 +97,9 @@ func checkClient(c *cli.Context) error {
 	}
 	if c.Bool("race") && mode != fallback.ModeFallback {
 		return fmt.Errorf("--race races TCP against UDP: it needs --transport auto (or udp-fallback-tcp), not %s", mode)
+	}
+	if l := c.Duration("liveness-timeout"); l != 0 && (l < time.Second || l > 10*time.Minute) {
+		return fmt.Errorf("--liveness-timeout %v: want 0 (off) or 1s to 10m", l)
 	}
 	if p := c.Uint("udp-port"); p == 0 || p > 65535 {
 		return fmt.Errorf("--udp-port %d: want 1 to 65535", p)
@@ -198,6 +210,10 @@ func setupClient(p *proc, in *instance, log *slog.Logger) (relayFn func(context.
 		}
 	}
 	mode, _ := fallback.ParseMode(c.String("transport")) // checked
+	liveness := c.Duration("liveness-timeout")
+	if liveness == 0 {
+		liveness = -1 // client.Config: off
+	}
 	counters := new(relay.Counters)
 	cfg := client.Config{
 		Counters:          counters,
@@ -214,6 +230,7 @@ func setupClient(p *proc, in *instance, log *slog.Logger) (relayFn func(context.
 		MaxDatagram:       c.Int("max-datagram"),
 		DialTimeout:       c.Duration("dial-timeout"),
 		ReconnectMax:      c.Duration("reconnect-max"),
+		LivenessTimeout:   liveness,
 		Version:           versionString(),
 		ReorderMax:        reorderMax(c),
 	}
@@ -285,6 +302,12 @@ func setupClient(p *proc, in *instance, log *slog.Logger) (relayFn func(context.
 	if p.metrics != nil {
 		p.metrics.add(relay.RoleClient, in.name, counters, func() *relay.Status { return cl.Status() })
 	}
+	switch {
+	case c.Bool("tun"):
+		p.need(needNetAdmin("--tun marks each new connection's socket to bypass the interception, and removes the device, rules and routes at exit"))
+	case c.String("encap") == encapFakeTCP:
+		p.need(needNetAdmin("fake-TCP's device, nftables table and forwarding are removed at exit"))
+	}
 	ctl := c.String("control")
 	return func(ctx context.Context) error {
 		return serve(ctx, log, ctl, func() any { return cl.Status() }, run)
@@ -350,7 +373,9 @@ func resolvePeers(args []string) ([]netip.Addr, error) {
 // streamDialer is the RFC 9329 dialer the flags ask for: TLS checked as
 // --tls-* say, through --http-proxy.
 func streamDialer(c *cli.Context, log *slog.Logger, counters *relay.Counters) (*streamlink.Dialer, error) {
-	d := streamlink.NewDialer(linkConfig(c, counters, log))
+	lc := linkConfig(c, counters, log)
+	lc.DeadAfter = c.Duration("liveness-timeout")
+	d := streamlink.NewDialer(lc)
 	if c.Bool("tls") {
 		cfg, err := dial.TLSConfig(dial.TLSOptions{
 			ServerName: c.String("tls-server-name"),

@@ -45,6 +45,16 @@ type listenSpec struct {
 
 func (l listenSpec) String() string { return l.encap + schemeDivider + l.addr }
 
+// hasFakeTCP reports whether one of specs is a fake-TCP port.
+func hasFakeTCP(specs []listenSpec) bool {
+	for _, s := range specs {
+		if s.encap == encapFakeTCP {
+			return true
+		}
+	}
+	return false
+}
+
 // parseListen reads one --listen value: [rfc9329://|fake-tcp://]host:port,
 // the scheme defaulting to encap.
 func parseListen(v, encap string) (listenSpec, error) {

@@ -37,6 +37,18 @@ func exitCode(err error) int {
 	return exitFailed
 }
 
+// need records that an instance keeps n once everything is set up.
+func (p *proc) need(n capNeed) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, have := range p.needs {
+		if have.name == n.name && have.why == n.why {
+			return
+		}
+	}
+	p.needs = append(p.needs, n)
+}
+
 // proc is what the relays of one process share: the logger, whose level
 // SIGHUP may change; the metrics endpoint; the signals that stop and
 // reload it.
@@ -49,6 +61,7 @@ type proc struct {
 	mu      sync.Mutex // guards the following
 	drains  []func(context.Context)
 	reloads []func(old, new *instance)
+	needs   []capNeed // the capabilities the instances keep once set up
 	ins     []*instance
 }
 
@@ -99,6 +112,13 @@ func (p *proc) onReload(f func(old, new *instance)) {
 // SIGHUP reloads the configuration. run returns once every relay has
 // returned, having removed what it installed.
 func (p *proc) run(c *cli.Context, relays []func(context.Context) error) error {
+	// Every instance is set up: the process keeps only the capabilities
+	// they still need (capabilities belong to the process, not to one
+	// instance).
+	p.mu.Lock()
+	needs := p.needs
+	p.mu.Unlock()
+	dropCapabilities(p.log, needs)
 	ctx, cancel := context.WithCancel(c.Context)
 	defer cancel()
 	sigs := p.sigs

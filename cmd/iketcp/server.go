@@ -199,6 +199,14 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		return failed(err)
 	}
 	defer stopRedirect()
+	switch {
+	case c.Bool("real-address"):
+		p.need(needNetAdmin("--real-address opens a transparent socket for each new session, and removes its rule, route and table at exit"))
+	case redirectFrom != 0 && c.String("redirect") == "nftables":
+		p.need(needNetAdmin("the --ike-tcp-port redirect's nftables table is removed at exit"))
+	case hasFakeTCP(specs):
+		p.need(needNetAdmin("fake-TCP's device, nftables table and forwarding are removed at exit"))
+	}
 	binary := c.String("upgrade-binary")
 	if binary == "" {
 		if binary, err = os.Executable(); err != nil {

@@ -64,6 +64,11 @@ type IKEConfig struct {
 	RekeyTime time.Duration
 	// ChildRekeyTime is the child SA's rekey_time; 0 keeps the default.
 	ChildRekeyTime time.Duration
+	// RekeyOver is how long an SA may live past its rekey time: the IKE
+	// SA's over_time, and the child's life_time less its rekey_time. 0
+	// keeps strongSwan's 10% in whole seconds, which is nothing for a
+	// rekey time under 10 s: the SA's deletion then races its rekey.
+	RekeyOver time.Duration
 }
 
 func (cfg IKEConfig) validate() error {
@@ -144,6 +149,9 @@ func (cfg IKEConfig) writeConnection(w func(indent int, format string, args ...a
 	}
 	if cfg.RekeyTime > 0 {
 		w(2, "rekey_time = %ds", seconds(cfg.RekeyTime))
+		if cfg.RekeyOver > 0 {
+			w(2, "over_time = %ds", seconds(cfg.RekeyOver))
+		}
 	}
 	w(2, "local {")
 	w(3, "auth = psk")
@@ -168,6 +176,9 @@ func (cfg IKEConfig) writeConnection(w func(indent int, format string, args ...a
 	w(4, "esp_proposals = %s", ESPProposal)
 	if cfg.ChildRekeyTime > 0 {
 		w(4, "rekey_time = %ds", seconds(cfg.ChildRekeyTime))
+		if cfg.RekeyOver > 0 {
+			w(4, "life_time = %ds", seconds(cfg.ChildRekeyTime+cfg.RekeyOver))
+		}
 	}
 	startAction := cfg.StartAction
 	if startAction == "" {

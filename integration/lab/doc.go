@@ -32,6 +32,15 @@
 // flow a random source port, as carrier-grade NAT does. The [Profiles]
 // name these combinations for users (`iketcp-lab up --profile`) and
 // tests ([Lab.SetProfile]): open, block-udp, cgnat, strict-tcp, slow.
+// Faults live in a table of their
+// own ([FaultTable]), so the carrier's rules stay as they are:
+// [Lab.Blackout] drops everything, [Lab.RebindNAT] makes its NAT forget
+// and remap every TCP connection, [Lab.ResetOnce] answers every
+// connection's next segment with a RST. A [Stream] of numbered datagrams
+// through the tunnel measures what a fault costs. TunnelOptions.Direct
+// runs the tunnel over plain UDP without iketcp, as a baseline, and
+// TunnelOptions.ServerAs and ClientAs run iketcp under setpriv as an
+// ordinary user with chosen capabilities ([Privileges]).
 //
 // A tunnel ([Lab.StartTunnel]) runs one connection between the charons,
 // or several (TunnelOptions.Connections), each its own IKE SA with inner

@@ -23,6 +23,8 @@ type Iketcp struct {
 	Namespace *Namespace
 	// Control is its control socket.
 	Control string
+	// As is who it runs as; nil: as the test, root.
+	As *Privileges
 
 	binary string
 }
@@ -48,12 +50,25 @@ func (l *Lab) StartIketcp(ctx context.Context, ns *Namespace, binary, name strin
 // startIketcp runs iketcp with args in ns, logging at debug level to
 // logPath, and waits until it answers on control.
 func (l *Lab) startIketcp(ctx context.Context, ns *Namespace, binary, control, logPath string, args []string) (*Iketcp, error) {
+	return l.startIketcpAs(ctx, ns, binary, control, logPath, args, nil)
+}
+
+// startIketcpAs is startIketcp under setpriv with as, unless it is nil.
+func (l *Lab) startIketcpAs(ctx context.Context, ns *Namespace, binary, control, logPath string, args []string, as *Privileges) (*Iketcp, error) {
 	args = append(append([]string(nil), args...), "--control", control, "--log-level", "debug")
-	p, err := ns.Start(ctx, logPath, binary, args...)
+	name := binary
+	if as != nil {
+		setpriv, err := setprivPath()
+		if err != nil {
+			return nil, err
+		}
+		name, args = setpriv, append(append(as.setprivArgs(), binary), args...)
+	}
+	p, err := ns.Start(ctx, logPath, name, args...)
 	if err != nil {
 		return nil, err
 	}
-	inst := &Iketcp{Process: p, Namespace: ns, Control: control, binary: binary}
+	inst := &Iketcp{Process: p, Namespace: ns, Control: control, As: as, binary: binary}
 	return inst, inst.waitReady(ctx)
 }
 
@@ -80,12 +95,21 @@ func (i *Iketcp) waitReady(ctx context.Context) error {
 
 // Status runs `iketcp status --json` against the instance.
 func (i *Iketcp) Status(ctx context.Context) (*relay.Status, error) {
-	return iketcpStatus(ctx, i.Namespace, i.binary, i.Control)
+	return iketcpStatusAs(ctx, i.Namespace, i.binary, i.Control, i.As)
 }
 
-// iketcpStatus runs `iketcp status --json` in ns against control.
-func iketcpStatus(ctx context.Context, ns *Namespace, binary, control string) (*relay.Status, error) {
-	out, err := ns.Run(ctx, binary, "status", "--json", "--control", control)
+// iketcpStatusAs runs `iketcp status --json` in ns against control, as
+// the user of as (iketcp status trusts only its own user's sockets).
+func iketcpStatusAs(ctx context.Context, ns *Namespace, binary, control string, as *Privileges) (*relay.Status, error) {
+	name, args := binary, []string{"status", "--json", "--control", control}
+	if as != nil {
+		setpriv, err := setprivPath()
+		if err != nil {
+			return nil, err
+		}
+		name, args = setpriv, append(append(as.user(), binary), args...)
+	}
+	out, err := ns.Run(ctx, name, args...)
 	if err != nil {
 		return nil, err
 	}

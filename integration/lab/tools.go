@@ -34,6 +34,10 @@ var DebianPackages = []string{
 	// For deploy's tests: systemd-analyze checks the units, podman builds
 	// the image (crun and uidmap come with it).
 	"systemd", "podman",
+	// For the fault tests: flushing the carrier NAT's mappings; and
+	// setpriv, for the privilege tests (Essential in Debian, listed for
+	// hosts that trimmed it).
+	"conntrack", "util-linux",
 }
 
 // requiredTools are the programs the lab runs, in the order MissingTools
@@ -60,6 +64,12 @@ func MissingPackagingTools() []string {
 	}
 	return missing
 }
+
+// faultTools are the programs only the fault and privilege tests run:
+// conntrack, which makes the carrier's NAT forget its mappings
+// (RebindNAT), and setpriv, which starts iketcp as an ordinary user with
+// chosen capabilities (Privileges).
+var faultTools = []string{"conntrack", "setpriv"}
 
 // toolDirs are searched after $PATH: test runners and CI often start with a
 // PATH that lacks the sbin directories.
@@ -139,6 +149,27 @@ func MissingBenchTools() []string {
 		}
 	}
 	return missing
+}
+
+// MissingFaultTools reports which of the programs that only the fault
+// and privilege tests need (conntrack, setpriv) are not installed.
+func MissingFaultTools() []string {
+	var missing []string
+	for _, name := range faultTools {
+		if toolPath(name) == "" {
+			missing = append(missing, name)
+		}
+	}
+	return missing
+}
+
+// mustFaultTool returns the path of a fault test's tool, or an error that
+// says how to install it.
+func mustFaultTool(name string) (string, error) {
+	if p := toolPath(name); p != "" {
+		return p, nil
+	}
+	return "", fmt.Errorf("%s not found: run make deps (apt-get install conntrack util-linux)", name)
 }
 
 // ToolPath returns the absolute path of an installed tool, or "" when it

@@ -67,6 +67,17 @@ type TunnelOptions struct {
 	// instead of one, each its own IKE SA when initiated (see TunnelConn);
 	// at most MaxTunnelConns.
 	Connections int
+	// RekeyTime and ChildRekeyTime are the site's IKE and child SA
+	// rekey_time, and RekeyOver how long each may live past it
+	// (IKEConfig); 0 keeps strongSwan's defaults (4 h and 1 h, 10%).
+	RekeyTime, ChildRekeyTime, RekeyOver time.Duration
+	// ServerAs and ClientAs, if set, run that side's iketcp as an
+	// ordinary user with only the capabilities named (Privileges).
+	ServerAs, ClientAs *Privileges
+	// Direct leaves iketcp out: the site's charon talks to the hub's
+	// own address and ports over UDP through the carrier, which must let
+	// UDP through. The baseline of what iketcp is compared with.
+	Direct bool
 }
 
 // MaxTunnelConns bounds TunnelOptions.Connections.
@@ -144,6 +155,8 @@ type Tunnel struct {
 	Opts           TunnelOptions
 	Hub, Site      *Charon
 	Server, Client *Process
+	// ServerInst and ClientInst are the same, as iketcp instances.
+	ServerInst, ClientInst *Iketcp
 	// Conns are the tunnel's connections: one, or Opts.Connections.
 	Conns []TunnelConn
 	// ServerControl and ClientControl are the instances' control sockets.
@@ -153,7 +166,7 @@ type Tunnel struct {
 // StartTunnel starts the hub's charon, `iketcp server`, `iketcp client`
 // and the site's charon, each ready when it returns. It does not initiate.
 func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, error) {
-	if opts.Binary == "" {
+	if opts.Binary == "" && !opts.Direct {
 		return nil, fmt.Errorf("StartTunnel: no iketcp binary given")
 	}
 	if opts.Connections < 0 || opts.Connections > MaxTunnelConns {
@@ -167,6 +180,9 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 	}
 	var site, hub []IKEConfig
 	t.Conns, site, hub = tunnelConns(opts.Connections, opts.Mobike)
+	for i := range site {
+		site[i].RekeyTime, site[i].ChildRekeyTime, site[i].RekeyOver = opts.RekeyTime, opts.ChildRekeyTime, opts.RekeyOver
+	}
 	for _, c := range t.Conns {
 		if err := l.addInnerAddrs(ctx, c); err != nil {
 			return nil, err
@@ -181,13 +197,13 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 			return nil, err
 		}
 	}
-	if !opts.ExternalServer {
+	if !opts.ExternalServer && !opts.Direct {
 		if err := t.StartServer(ctx); err != nil {
 			return nil, err
 		}
 	}
 	for i := range site {
-		if opts.Transparent {
+		if opts.Transparent || opts.Direct {
 			site[i].RemoteAddrs = HubOuter // and default ports: nothing changed
 		} else {
 			site[i].LocalAddrs, site[i].LocalPort = "127.0.0.1", 4500
@@ -201,6 +217,9 @@ func (l *Lab) StartTunnel(ctx context.Context, opts TunnelOptions) (*Tunnel, err
 		if err := opts.BeforeClient(ctx); err != nil {
 			return nil, err
 		}
+	}
+	if opts.Direct {
+		return t, nil
 	}
 	if err := t.StartClient(ctx); err != nil {
 		return nil, err
@@ -241,8 +260,12 @@ func (t *Tunnel) StartServer(ctx context.Context) (err error) {
 		args = append(args, "--listen", a)
 	}
 	args = append(args, "--backend", backend)
-	t.Server, err = t.startIketcp(ctx, t.Lab.Hub, t.ServerControl, append(args, t.Opts.ServerArgs...))
-	return err
+	t.ServerInst, err = t.startIketcp(ctx, t.Lab.Hub, t.ServerControl, t.Opts.ServerAs, append(args, t.Opts.ServerArgs...))
+	if err != nil {
+		return err
+	}
+	t.Server, t.ServerControl = t.ServerInst.Process, t.ServerInst.Control
+	return nil
 }
 
 // StopServer stops `iketcp server` (SIGTERM, by PID): a plain exit, after
@@ -272,8 +295,12 @@ func (t *Tunnel) StartClient(ctx context.Context) (err error) {
 	if t.Opts.Transparent {
 		args = []string{"client", "--tun", "--peer", HubOuter, "--tcp-port", strconv.Itoa(ServerPort)}
 	}
-	t.Client, err = t.startIketcp(ctx, t.Lab.Site, t.ClientControl, append(args, t.Opts.ClientArgs...))
-	return err
+	t.ClientInst, err = t.startIketcp(ctx, t.Lab.Site, t.ClientControl, t.Opts.ClientAs, append(args, t.Opts.ClientArgs...))
+	if err != nil {
+		return err
+	}
+	t.Client, t.ClientControl = t.ClientInst.Process, t.ClientInst.Control
+	return nil
 }
 
 // KillClient kills `iketcp client` with SIGKILL, as a crash would: it
@@ -300,29 +327,29 @@ func RoutingSnapshot(ctx context.Context, ns *Namespace) (string, error) {
 
 // startIketcp runs iketcp with args in ns, logging at debug level to a
 // file named after the namespace, and waits until it answers on control.
-func (t *Tunnel) startIketcp(ctx context.Context, ns *Namespace, control string, args []string) (*Process, error) {
-	inst, err := t.Lab.startIketcp(ctx, ns, t.Opts.Binary, control, filepath.Join(t.Lab.Dir, ns.Role+"-iketcp.log"), args)
+func (t *Tunnel) startIketcp(ctx context.Context, ns *Namespace, control string, as *Privileges, args []string) (*Iketcp, error) {
+	logPath := filepath.Join(t.Lab.Dir, ns.Role+"-iketcp.log")
+	if as == nil {
+		return t.Lab.startIketcp(ctx, ns, t.Opts.Binary, control, logPath, args)
+	}
+	dir, bin, err := t.Lab.home(as, ns.Role+"-iketcp", t.Opts.Binary)
 	if err != nil {
 		return nil, err
 	}
-	return inst.Process, nil
+	return t.Lab.startIketcpAs(ctx, ns, bin, filepath.Join(dir, "control.sock"), logPath, args, as)
 }
 
 // StopClient stops `iketcp client` (SIGTERM, by PID).
 func (t *Tunnel) StopClient() error { return t.Client.Stop() }
 
-func (t *Tunnel) status(ctx context.Context, ns *Namespace, control string) (*relay.Status, error) {
-	return iketcpStatus(ctx, ns, t.Opts.Binary, control)
-}
-
 // ServerStatus runs `iketcp status --json` against the server.
 func (t *Tunnel) ServerStatus(ctx context.Context) (*relay.Status, error) {
-	return t.status(ctx, t.Lab.Hub, t.ServerControl)
+	return t.ServerInst.Status(ctx)
 }
 
 // ClientStatus runs `iketcp status --json` against the client.
 func (t *Tunnel) ClientStatus(ctx context.Context) (*relay.Status, error) {
-	return t.status(ctx, t.Lab.Site, t.ClientControl)
+	return t.ClientInst.Status(ctx)
 }
 
 // StatusText runs `iketcp status` (the human form) in ns against control.

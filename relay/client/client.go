@@ -3,8 +3,10 @@
 // per daemon and peer), and carries each flow to the peer over the
 // transport its fallback machine picks: a link to the iketcp server
 // (relay.Dialer: an RFC 9329 stream or fake-TCP), kept up with reconnects
-// and backoff so that the daemon's SAs survive a lost connection, or a
-// plain UDP socket to the peer's NAT-T port.
+// and backoff so that the daemon's SAs survive a lost connection, and
+// watched by an in-band liveness check toward iketcp servers (liveness.go)
+// so that a dead one is found in seconds, or a plain UDP socket to the
+// peer's NAT-T port.
 //
 // The client meets the daemon in one of two ways (a daemonSide): explicit
 // mode (Serve) listens on a UDP socket the daemon is configured to talk

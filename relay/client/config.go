@@ -74,6 +74,13 @@ type Config struct {
 	DialTimeout time.Duration
 	// ReconnectMin and ReconnectMax bound the backoff between attempts.
 	ReconnectMin, ReconnectMax time.Duration
+	// LivenessTimeout is how long a link to an iketcp server may hear
+	// nothing before the client takes it for dead, closes it and
+	// reconnects (liveness.go); zero means DefaultLivenessTimeout, a
+	// negative value turns the check off. Toward third-party servers
+	// (PlainRFC9329) it does nothing: give the Dialer's links the same
+	// bound in TCP (streamlink.Config.DeadAfter).
+	LivenessTimeout time.Duration
 	// Version is reported in Status.
 	Version string
 	// Members, if set, make each IKE SA's way to the server an aggregate
@@ -101,6 +108,9 @@ func (c *Config) reconnectMin() time.Duration {
 }
 func (c *Config) reconnectMax() time.Duration {
 	return relay.OrDefault(c.ReconnectMax, DefaultReconnectMax)
+}
+func (c *Config) livenessTimeout() time.Duration {
+	return relay.OrDefault(c.LivenessTimeout, DefaultLivenessTimeout)
 }
 func (c *Config) tcpPort() uint16 { return relay.OrDefault(c.TCPPort, 4500) }
 func (c *Config) udpPort() uint16 { return relay.OrDefault(c.UDPPort, 4500) }

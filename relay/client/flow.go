@@ -149,6 +149,9 @@ func newPeerReader(f *flow, via fallback.Transport, link *linkReader) *peerReade
 // a link (RFC 9329 6.6).
 func (r *peerReader) Receive(burst []relay.Datagram) error {
 	now := time.Now()
+	if r.link != nil {
+		r.link.heard.Store(now.UnixNano())
+	}
 	for _, d := range burst {
 		if r.accept(now, d.Bytes()) {
 			r.keep = append(r.keep, d)

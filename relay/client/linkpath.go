@@ -20,8 +20,15 @@ import (
 )
 
 // stableAfter is how long a link must last for the next reconnect to
-// start again from the shortest backoff.
-const stableAfter = 5 * time.Second
+// start again from the shortest backoff; provenAfter is enough for a link
+// on which the server was heard. A carrier that resets connections every
+// few seconds then costs a short reconnect each time, not the longest
+// backoff, while a server that accepts and closes without a word is still
+// tried ever more slowly.
+const (
+	stableAfter = 5 * time.Second
+	provenAfter = time.Second
+)
 
 // maxTickets bounds the tickets a link path keeps: its session's, and a
 // few of rekeys and reconnects past.
@@ -200,12 +207,12 @@ func (p *linkPath) runLink() {
 			continue
 		}
 		connected := time.Now()
-		reason := p.carry(link)
+		reason, heard := p.carry(link)
 		p.state.Store(stateWaiting)
 		if p.ctx.Err() != nil {
 			return
 		}
-		if time.Since(connected) >= stableAfter {
+		if lived := time.Since(connected); lived >= stableAfter || heard && lived >= provenAfter {
 			backoff = 0
 		}
 		backoff = nextBackoff(backoff, cl.cfg.reconnectMin(), cl.cfg.reconnectMax())
@@ -249,25 +256,37 @@ func (p *linkPath) connect() (relay.Link, error) {
 }
 
 // carry moves the path's traffic over link both ways until the link fails
-// or the path ends, closes the link, and says why it ended. To an iketcp
+// or the path ends, closes the link, and says why it ended and whether
+// anything was heard from the server on it. To an iketcp
 // server it says hello first, and claims its sessions back once the
 // server has answered. Then what waited goes, and the link takes the
 // daemon's datagrams directly.
-func (p *linkPath) carry(link relay.Link) string {
+func (p *linkPath) carry(link relay.Link) (reason string, heard bool) {
+	cl := p.f.cl
 	lr := &linkReader{path: p, link: link}
-	if !p.f.cl.cfg.PlainRFC9329 {
+	dead := make(chan string, 1)
+	stopWatch := make(chan struct{})
+	defer close(stopWatch)
+	if !cl.cfg.PlainRFC9329 {
+		if timeout := cl.cfg.livenessTimeout(); timeout > 0 {
+			lr.live = newLinkLiveness(timeout, &lr.heard, time.Now())
+			cl.wg.Add(1)
+			go func() {
+				defer cl.wg.Done()
+				lr.watchLiveness(stopWatch, dead)
+			}()
+		}
 		if err := lr.hello(); err != nil {
 			link.Close()
-			return "hello: " + err.Error()
+			return "hello: " + err.Error(), false
 		}
 	}
 	readDone := make(chan error, 1)
-	p.f.cl.wg.Add(1)
+	cl.wg.Add(1)
 	go func() {
-		defer p.f.cl.wg.Done()
+		defer cl.wg.Done()
 		readDone <- link.Serve(newPeerReader(p.f, fallback.TCP, lr))
 	}()
-	var reason string
 	if err := p.attach(link); err != nil {
 		reason = "write: " + err.Error()
 	} else {
@@ -275,6 +294,8 @@ func (p *linkPath) carry(link relay.Link) string {
 		case err := <-readDone:
 			readDone <- err
 			reason = err.Error()
+		case reason = <-dead:
+			cl.counters.LinksDead.Add(1)
 		case <-p.ctx.Done():
 			reason = "link closed"
 		}
@@ -284,7 +305,7 @@ func (p *linkPath) carry(link relay.Link) string {
 	p.mu.Unlock()
 	link.Close()
 	<-readDone
-	return reason
+	return reason, lr.heard.Load() != 0
 }
 
 // attach sends what waited for a link on link, and makes it the path's.
@@ -319,6 +340,11 @@ type linkReader struct {
 
 	jmu      sync.Mutex // guards joinSent, and server once written
 	joinSent bool
+	// heard is when the link last received a burst (unix ns), 0 before.
+	heard atomic.Int64
+	// live is the link's liveness check; nil without one (a plain RFC
+	// 9329 server, or LivenessTimeout off).
+	live *linkLiveness
 }
 
 // hello starts the key exchange.
@@ -348,6 +374,11 @@ func (lr *linkReader) control(m *framing.Control) {
 		lr.jmu.Lock()
 		lr.key, lr.server = key, server
 		lr.jmu.Unlock()
+		if lr.live != nil {
+			// The server is iketcp: a first Ping finds out whether it
+			// answers them; its Pong arms the liveness check.
+			lr.send(framing.ControlPing, make([]byte, framing.ControlPingSize))
+		}
 		if lr.member != nil {
 			lr.joinOnce() // a member joins rather than claims
 			return
@@ -376,6 +407,8 @@ func (lr *linkReader) control(m *framing.Control) {
 		lr.joined(m)
 	case m.Type == framing.ControlProbe && lr.member != nil:
 		lr.probe(m)
+	case m.Type == framing.ControlPong && lr.live != nil:
+		lr.live.armed.Store(true)
 	case m.Type == framing.ControlClaimed:
 		id, accepted := m.SessionID(), m.Body[8] == framing.ClaimAccepted
 		if !accepted {
@@ -426,7 +459,7 @@ func (lr *linkReader) send(t framing.ControlType, parts ...[]byte) error {
 	return lr.link.Send([][]byte{buf})
 }
 
-// nextBackoff doubles the previous backoff within [lo, hi], with ±20%
+// nextBackoff doubles the previous backoff within [lo, hi], with ±10%
 // jitter so that many clients do not reconnect in step.
 func nextBackoff(prev, lo, hi time.Duration) time.Duration {
 	next := min(max(2*prev, lo), hi)

@@ -3,9 +3,9 @@ package relaytest
 import (
 	"bytes"
 	"context"
-	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -25,7 +25,8 @@ type Middle struct {
 
 type middlePair struct {
 	client, server net.Conn
-	mu             sync.Mutex // guards sent
+	stalled        atomic.Bool // nothing crosses, either way
+	mu             sync.Mutex  // guards sent
 	sent           bytes.Buffer
 }
 
@@ -81,7 +82,7 @@ func (m *Middle) accept() {
 			buf := make([]byte, 32<<10)
 			for {
 				n, err := c.Read(buf)
-				if n > 0 {
+				if n > 0 && !p.stalled.Load() {
 					p.mu.Lock()
 					p.sent.Write(buf[:n])
 					p.mu.Unlock()
@@ -96,7 +97,18 @@ func (m *Middle) accept() {
 		}()
 		go func() { // server to client
 			defer m.wg.Done()
-			io.Copy(c, s)
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := s.Read(buf)
+				if n > 0 && !p.stalled.Load() {
+					if _, werr := c.Write(buf[:n]); werr != nil {
+						return
+					}
+				}
+				if err != nil {
+					return
+				}
+			}
 		}()
 	}
 }
@@ -116,6 +128,16 @@ func (m *Middle) Sent(i int) []byte {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return bytes.Clone(p.sent.Bytes())
+}
+
+// Stall makes connection i a black hole both ways, as a carrier that
+// drops everything does: both sides stay open, and what they send is
+// lost (the TCP stacks beside the relay still acknowledge it).
+func (m *Middle) Stall(i int) {
+	m.mu.Lock()
+	p := m.pairs[i]
+	m.mu.Unlock()
+	p.stalled.Store(true)
 }
 
 // Cut forgets connection i as a NAT would: the client's side closes, the

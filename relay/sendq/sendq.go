@@ -50,9 +50,12 @@ const (
 )
 
 // LaneOf returns the lane of a datagram in port-4500 form: ESP's SPI is
-// never 0, so four zero bytes in front are the non-ESP marker.
+// never 0, so four zero bytes in front are the non-ESP marker; iketcp's
+// control messages carry the reserved SPI framing.ControlSPI, so that a
+// liveness probe is not held up behind a full ESP lane.
 func LaneOf(p []byte) Lane {
-	if len(p) >= framing.MarkerSize && p[0]|p[1]|p[2]|p[3] == 0 || len(p) == 1 && p[0] == framing.KeepaliveByte {
+	if len(p) >= framing.MarkerSize && p[0]|p[1]|p[2] == 0 && (p[3] == 0 || p[3] == framing.ControlSPI) ||
+		len(p) == 1 && p[0] == framing.KeepaliveByte {
 		return Priority
 	}
 	return Bulk

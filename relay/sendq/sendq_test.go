@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"testing"
 	"time"
+
+	"github.com/iketcp/iketcp/framing"
 )
 
 // ike returns an IKE datagram in port-4500 form (behind the non-ESP
@@ -37,6 +39,8 @@ func TestLaneOf(t *testing.T) {
 	}{
 		{"IKE", ike(100, 1), Priority},
 		{"keepalive", []byte{0xff}, Priority},
+		{"control message", framing.AppendControl(nil, framing.ControlPing, make([]byte, framing.ControlPingSize)), Priority},
+		{"ESP with SPI 0x1fe", []byte{0, 0, 1, 0xfe, 0, 0, 0, 1}, Bulk},
 		{"ESP", esp(100, 1), Bulk},
 		{"ESP with a zero byte in its SPI", []byte{0, 0, 0, 1, 0, 0, 0, 1}, Bulk},
 		{"short", []byte{0, 0}, Bulk},

@@ -62,6 +62,7 @@ type conn struct {
 	lastESP   uint32   // cache of the last ESP lookup
 	lastRoute *route
 	garbage   budget
+	pings     budget // liveness pings answered
 	pending   []pendingFrame
 	out       []udpbatch.Message
 	dgs       []relay.Datagram // flushMember's scratch
@@ -353,6 +354,8 @@ func (c *conn) control(m *framing.Control, now time.Time) bool {
 		return c.probe(m.Probe(), now)
 	case framing.ControlObserve:
 		return c.observe(m.Body, now)
+	case framing.ControlPing:
+		return c.ping(m.Body, now)
 	}
 	return false
 }
@@ -385,6 +388,26 @@ func (c *conn) observe(nonce []byte, now time.Time) bool {
 	var port [2]byte
 	binary.BigEndian.PutUint16(port[:], ap.Port())
 	c.sendControl(framing.ControlObserved, nonce, addr[:], port[:])
+	return true
+}
+
+// Liveness pings a connection may send at once, and a second after that.
+// An iketcp client probes a quiet link every quarter of its liveness
+// timeout; anything faster is garbage.
+const (
+	pingBurst = 8
+	pingRate  = 4.0
+)
+
+// ping answers an iketcp client's liveness probe with a Pong carrying its
+// sequence number: one frame of the same size per ping, only on a link
+// whose client said hello, and at most pingBurst, then pingRate a second.
+func (c *conn) ping(seq []byte, now time.Time) bool {
+	if c.keys.Load() == nil || !c.pings.take(now, pingBurst, pingRate) {
+		return false
+	}
+	c.srv.counters.PingsAnswered.Add(1)
+	c.sendControl(framing.ControlPong, seq)
 	return true
 }
 

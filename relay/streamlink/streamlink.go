@@ -80,6 +80,11 @@ type Config struct {
 	// Congestion is the links' TCP congestion control; "" means
 	// DefaultCongestion, "-" the system's.
 	Congestion string
+	// DeadAfter, on a client's links, bounds in TCP how long a connection
+	// whose server went silent lives: TCP_USER_TIMEOUT and keepalives
+	// (relay.SetDeadAfter). Zero leaves the kernel's defaults, which take
+	// minutes.
+	DeadAfter time.Duration
 	// Counters counts what the links drop and why (nil: not counted).
 	Counters *relay.Counters
 	Logger   *slog.Logger
@@ -179,6 +184,12 @@ func (d *Dialer) DialLink(ctx context.Context, addr string) (relay.Link, error) 
 	}
 	if err != nil {
 		return nil, err
+	}
+	if tc, ok := nc.(*net.TCPConn); ok {
+		if err := relay.SetDeadAfter(tc, d.sh.cfg.DeadAfter); err != nil {
+			nc.Close()
+			return nil, fmt.Errorf("TCP_USER_TIMEOUT and keepalives: %w", err)
+		}
 	}
 	if d.TLS != nil {
 		if nc, err = clientTLS(ctx, nc, d.TLS, addr); err != nil {
