@@ -12,6 +12,7 @@ func checkConfigCommand() *cli.Command {
 		Name:      "check-config",
 		Usage:     "check a configuration file and print the effective configuration, with where each value comes from",
 		ArgsUsage: "FILE",
+		UsageText: "iketcp check-config FILE\n\nExample:\n\n   $ iketcp check-config /etc/iketcp/client.yaml",
 		Description: "The file says what it configures with \"role: server\" or \"role: client\". Every value is checked as\n" +
 			"iketcp server or iketcp client would check it, with the environment's IKETCP_* variables applied over it.\n" +
 			"Example: iketcp check-config /etc/iketcp/client.yaml",

@@ -269,6 +269,8 @@ func upgradeCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "upgrade",
 		Usage: "replace a running iketcp server with a fresh copy of its binary, handing over its sessions and live connections (as SIGUSR2 does)",
+		UsageText: "iketcp upgrade [--control PATH] [--timeout DURATION]\n\nExample:\n\n" +
+			"   $ iketcp upgrade --control /run/iketcp/server.sock\n   upgraded: pid 29370 -> pid 29527 (/usr/local/bin/iketcp), 1 sessions",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "control", Value: control.DefaultPath("server"), Usage: "control socket of the server", EnvVars: envVar("control")},
 			&cli.DurationFlag{Name: "timeout", Value: 30 * time.Second, Usage: "how long to wait for the new server to answer"},

@@ -88,7 +88,7 @@ func TestTLS(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rep, err := Run(context.Background(), Options{Host: "127.0.0.1", UDPPorts: []uint16{deadUDPPort(t)}, TCPPorts: []uint16{port},
-				TLS: true, TLSOptions: tc.opts, Tries: 1, Wait: 300 * time.Millisecond})
+				TLS: true, TLSOptions: tc.opts, Tries: 1, Wait: time.Second})
 			if err != nil {
 				t.Fatal(err)
 			}
