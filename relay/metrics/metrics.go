@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -79,6 +80,18 @@ var (
 	descDropped    = desc("iketcp_dropped_total", "Datagrams and frames not delivered, by reason (the counter names of iketcp status).", "reason")
 	descRefused    = desc("iketcp_refused_total", "Connections, sessions and claims a server refused or closed, by reason.", "reason")
 	descQueueDelay = desc("iketcp_queue_delay_seconds", "How long datagrams that had to queue for a link waited before they were sent, by lane: esp, or ike (IKE and control messages, which go first).", "lane")
+
+	// An aggregate's members, labelled by the aggregate's location ID and
+	// session and the member's name (FortiOS's diagnose sys
+	// ipsec-aggregate list, in numbers).
+	memberLabels        = []string{"location_id", "session", "member"}
+	descMemberUp        = desc("iketcp_aggregate_member_up", "1 while an aggregate's member is in the rotation, else 0.", memberLabels...)
+	descMemberRTT       = desc("iketcp_aggregate_member_rtt_seconds", "An aggregate member's round trip, from its probes.", memberLabels...)
+	descMemberLoss      = desc("iketcp_aggregate_member_probe_loss_ratio", "The share of an aggregate member's recent probes left unanswered, 0 to 1.", memberLabels...)
+	descMemberRate      = desc("iketcp_aggregate_member_rate_bytes", "What an aggregate member carried lately, bytes a second.", memberLabels...)
+	descMemberPackets   = desc("iketcp_aggregate_member_packets_total", "Datagrams an aggregate member carried, by direction (in: from the far end).", append(slices.Clone(memberLabels), "direction")...)
+	descMemberBytes     = desc("iketcp_aggregate_member_bytes_total", "Bytes an aggregate member carried, by direction (in: from the far end).", append(slices.Clone(memberLabels), "direction")...)
+	descReorderOutOrder = desc("iketcp_aggregate_out_of_order_total", "ESP an aggregate's reorder buffer delivered to the daemon behind a higher sequence number of its SPI.", "location_id", "session")
 )
 
 // Collector is a prometheus.Collector over relays, read when scraped.
@@ -160,6 +173,26 @@ func collect(ch chan<- prometheus.Metric, s Source) {
 		}
 	}
 
+	for _, a := range st.Aggregates {
+		session := strconv.FormatUint(a.Session, 10)
+		ch <- prometheus.MustNewConstMetric(descReorderOutOrder, prometheus.CounterValue, float64(a.Reorder.OutOfOrder), with(a.LocationID, session)...)
+		for _, m := range a.Members {
+			ml := with(a.LocationID, session, m.Name)
+			up := 0.0
+			if m.State == "up" {
+				up = 1
+			}
+			ch <- prometheus.MustNewConstMetric(descMemberUp, prometheus.GaugeValue, up, ml...)
+			ch <- prometheus.MustNewConstMetric(descMemberRTT, prometheus.GaugeValue, m.RTTms/1000, ml...)
+			ch <- prometheus.MustNewConstMetric(descMemberLoss, prometheus.GaugeValue, m.Loss, ml...)
+			ch <- prometheus.MustNewConstMetric(descMemberRate, prometheus.GaugeValue, float64(m.Rate), ml...)
+			for dir, v := range map[string][2]uint64{"in": {m.PacketsIn, m.BytesIn}, "out": {m.PacketsOut, m.BytesOut}} {
+				ch <- prometheus.MustNewConstMetric(descMemberPackets, prometheus.CounterValue, float64(v[0]), append(slices.Clone(ml), dir)...)
+				ch <- prometheus.MustNewConstMetric(descMemberBytes, prometheus.CounterValue, float64(v[1]), append(slices.Clone(ml), dir)...)
+			}
+		}
+	}
+
 	for lane, name := range map[sendq.Lane]string{sendq.Bulk: "esp", sendq.Priority: "ike"} {
 		buckets, count, sum := s.Counters.QueueDelay[lane].Snapshot()
 		cum := map[float64]uint64{}
@@ -195,7 +228,10 @@ func counterDesc(name string) *prometheus.Desc {
 func Names() []string {
 	names := []string{"iketcp_info", "iketcp_start_time_seconds", "iketcp_frames_total", "iketcp_bytes_total",
 		"iketcp_sessions", "iketcp_links", "iketcp_transport_fallbacks_total", "iketcp_dropped_total", "iketcp_refused_total",
-		"iketcp_queue_delay_seconds_bucket", "iketcp_queue_delay_seconds_sum", "iketcp_queue_delay_seconds_count"}
+		"iketcp_queue_delay_seconds_bucket", "iketcp_queue_delay_seconds_sum", "iketcp_queue_delay_seconds_count",
+		"iketcp_aggregate_member_up", "iketcp_aggregate_member_rtt_seconds", "iketcp_aggregate_member_probe_loss_ratio",
+		"iketcp_aggregate_member_rate_bytes", "iketcp_aggregate_member_packets_total", "iketcp_aggregate_member_bytes_total",
+		"iketcp_aggregate_out_of_order_total"}
 	var c relay.Counters
 	for _, role := range []string{relay.RoleServer, relay.RoleClient} {
 		for _, ctr := range c.Snapshot(role) {

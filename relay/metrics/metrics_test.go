@@ -40,7 +40,13 @@ func sources() []metrics.Source {
 	return []metrics.Source{
 		{Role: relay.RoleServer, Counters: sc, Status: func() *relay.Status {
 			return &relay.Status{Role: relay.RoleServer, Mode: "rfc9329", Version: "v1", Started: started,
-				Sessions: []relay.SessionStatus{{ID: 1, State: "up"}, {ID: 2, State: "half-open"}, {ID: 3, State: "up"}}}
+				Sessions: []relay.SessionStatus{{ID: 1, State: "up"}, {ID: 2, State: "half-open"}, {ID: 3, State: "up"}},
+				Aggregates: []relay.AggregateStatus{{LocationID: "1.1.1.1", Algorithm: "round-robin", Session: 3,
+					Reorder: relay.ReorderStatus{OutOfOrder: 4},
+					Members: []relay.MemberStatus{
+						{Name: "wan1", State: "up", RTTms: 12.5, Loss: 0.25, Rate: 1000, PacketsIn: 10, BytesIn: 1400, PacketsOut: 20, BytesOut: 2800},
+						{Name: "wan2", State: "down"},
+					}}}}
 		}},
 		{Role: relay.RoleClient, Tunnel: "hub-a", Counters: cc, Status: func() *relay.Status {
 			return &relay.Status{Role: relay.RoleClient, Mode: "explicit", Started: started,
@@ -105,6 +111,13 @@ iketcp_transport_fallbacks_total{role="client",tunnel="hub-a"} 1
 		`iketcp_queue_delay_seconds_count{lane="esp",role="server",tunnel=""} 2`,
 		`iketcp_queue_delay_seconds_sum{lane="esp",role="server",tunnel=""} 0.043`,
 		`iketcp_info{mode="rfc9329",role="server",tunnel="",version="v1"} 1`,
+		`iketcp_aggregate_member_up{location_id="1.1.1.1",member="wan1",role="server",session="3",tunnel=""} 1`,
+		`iketcp_aggregate_member_up{location_id="1.1.1.1",member="wan2",role="server",session="3",tunnel=""} 0`,
+		`iketcp_aggregate_member_rtt_seconds{location_id="1.1.1.1",member="wan1",role="server",session="3",tunnel=""} 0.0125`,
+		`iketcp_aggregate_member_probe_loss_ratio{location_id="1.1.1.1",member="wan1",role="server",session="3",tunnel=""} 0.25`,
+		`iketcp_aggregate_member_packets_total{direction="out",location_id="1.1.1.1",member="wan1",role="server",session="3",tunnel=""} 20`,
+		`iketcp_aggregate_member_bytes_total{direction="in",location_id="1.1.1.1",member="wan1",role="server",session="3",tunnel=""} 1400`,
+		`iketcp_aggregate_out_of_order_total{location_id="1.1.1.1",role="server",session="3",tunnel=""} 4`,
 	} {
 		if !strings.Contains(text, line+"\n") {
 			t.Errorf("scrape lacks %s", line)
