@@ -342,11 +342,26 @@ func TestKubernetesManifestsMatchBinary(t *testing.T) {
 					p := p.(map[string]any)
 					declared[fmt.Sprint(p["name"])] = fmt.Sprint(p["containerPort"])
 				}
-				for _, probe := range []string{"readinessProbe", "livenessProbe"} {
-					port := fmt.Sprint(dig(dig(c, probe), "tcpSocket")["port"])
-					if declared[port] != listen {
-						t.Errorf("%s: %s probes port %s (%s), the server listens on %s", where, probe, port, declared[port], listen)
+				metrics := ""
+				for i, a := range args {
+					if a == "--metrics" && i+1 < len(args) {
+						metrics = args[i+1][strings.LastIndex(args[i+1], ":")+1:]
 					}
+				}
+				for probe, path := range map[string]string{"readinessProbe": "/readyz", "livenessProbe": "/healthz"} {
+					get := dig(dig(c, probe), "httpGet")
+					port := fmt.Sprint(get["port"])
+					switch {
+					case len(get) == 0:
+						t.Errorf("%s: %s is not an HTTP probe of --metrics", where, probe)
+					case metrics == "":
+						t.Errorf("%s: %s probes %s, but the server has no --metrics", where, probe, get["path"])
+					case declared[port] != metrics || fmt.Sprint(get["path"]) != path:
+						t.Errorf("%s: %s gets %v on port %s (%s); the server serves %s on --metrics port %s", where, probe, get["path"], port, declared[port], path, metrics)
+					}
+				}
+				if declared["ike-tcp"] != listen {
+					t.Errorf("%s: port ike-tcp is %s, the server listens on %s", where, declared["ike-tcp"], listen)
 				}
 			}
 		}
