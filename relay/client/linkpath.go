@@ -312,6 +312,15 @@ func (p *linkPath) carry(link relay.Link) (reason string, heard bool) {
 func (p *linkPath) attach(link relay.Link) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if err := p.flushWaitingLocked(link); err != nil {
+		return err
+	}
+	p.link = link
+	return nil
+}
+
+// flushWaitingLocked sends on link what waited for one. p.mu must be held.
+func (p *linkPath) flushWaitingLocked(link relay.Link) error {
 	var bufs [][]byte
 	for !p.waiting.Empty() {
 		bufs = p.waiting.Pop(bufs[:0], clientBatch, 256<<10, time.Now().UnixNano())
@@ -322,7 +331,6 @@ func (p *linkPath) attach(link relay.Link) error {
 		}
 	}
 	p.countDropsLocked()
-	p.link = link
 	return nil
 }
 

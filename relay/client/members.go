@@ -308,16 +308,9 @@ func (m *memberPath) attach(link relay.Link) error {
 	p := m.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	var bufs [][]byte
-	for !p.waiting.Empty() {
-		bufs = p.waiting.Pop(bufs[:0], clientBatch, 256<<10, time.Now().UnixNano())
-		err := link.Send(bufs)
-		p.waiting.Release()
-		if err != nil {
-			return err
-		}
+	if err := p.flushWaitingLocked(link); err != nil {
+		return err
 	}
-	p.countDropsLocked()
 	m.mu.Lock()
 	m.link = link
 	m.mu.Unlock()
