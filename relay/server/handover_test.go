@@ -12,7 +12,6 @@ import (
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
-	"github.com/iketcp/iketcp/relay/client"
 	"github.com/iketcp/iketcp/relay/relaytest"
 	"github.com/iketcp/iketcp/relay/server"
 	"github.com/iketcp/iketcp/relay/streamlink"
@@ -43,31 +42,7 @@ func TestHandover(t *testing.T) {
 	}
 	srvA, stopA := runServer(t, cfg, tl)
 
-	clCounters := new(relay.Counters)
-	d := streamlink.NewDialer(streamlink.Config{Counters: clCounters, Logger: log})
-	cl, err := client.New(client.Config{Peer: addr, Dialer: d, Logger: log, Counters: clCounters})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc, err := client.ListenUDP("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	clDone := make(chan struct{})
-	go func() {
-		defer close(clDone)
-		if err := cl.Serve(ctx, pc); err != nil {
-			t.Errorf("client: %v", err)
-		}
-	}()
-	defer func() { cancel(); <-clDone }()
-	site, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer site.Close()
-	relay.SizeSocketBuffers(site)
+	site, clCounters := startSite(t, addr, 0)
 
 	const ispi, toHub, toSite = 0x5555666677778888, 0xd00d0001, 0xd00d0002
 	site.Write(relaytest.IKE(ispi, 0, framing.IKESAInit, framing.FlagInitiator, 300))

@@ -93,30 +93,7 @@ func TestRestartKeepsSessions(t *testing.T) {
 	srvA, stopA := runServer(t, cfg, ln)
 
 	// The client, for the whole test.
-	clCounters := new(relay.Counters)
-	d := streamlink.NewDialer(streamlink.Config{Counters: clCounters, Logger: cfg.Logger})
-	cl, err := client.New(client.Config{Peer: addr, Dialer: d, Logger: cfg.Logger, Counters: clCounters, ReconnectMin: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc, err := client.ListenUDP("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	clDone := make(chan struct{})
-	go func() {
-		defer close(clDone)
-		if err := cl.Serve(ctx, pc); err != nil {
-			t.Errorf("client: %v", err)
-		}
-	}()
-	defer func() { cancel(); <-clDone }()
-	site, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer site.Close()
+	site, _ := startSite(t, addr, 20*time.Millisecond)
 
 	const ispi, toHub, toSite = 0x1111222233334444, 0xc0de0001, 0xc0de0002
 	init := relaytest.IKE(ispi, 0, framing.IKESAInit, framing.FlagInitiator, 300)
@@ -378,4 +355,38 @@ func TestStateWriteRate(t *testing.T) {
 		t.Fatalf("2000 datagrams on known SPIs made %d writes", now-writes)
 	}
 	t.Logf("%d sessions and their SPIs over %v: %d writes", sessions, took.Round(time.Millisecond), writes)
+}
+
+// startSite starts an explicit client toward the server at addr, with
+// reconnects from reconnectMin (0: the default), for the test's life, and
+// returns the "daemon" socket that talks to it and the client's counters.
+func startSite(t *testing.T, addr string, reconnectMin time.Duration) (*net.UDPConn, *relay.Counters) {
+	t.Helper()
+	log := relaytest.Logger(t)
+	counters := new(relay.Counters)
+	d := streamlink.NewDialer(streamlink.Config{Counters: counters, Logger: log})
+	cl, err := client.New(client.Config{Peer: addr, Dialer: d, Logger: log, Counters: counters, ReconnectMin: reconnectMin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := client.ListenUDP("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := cl.Serve(ctx, pc); err != nil {
+			t.Errorf("client: %v", err)
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	site, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { site.Close() })
+	relay.SizeSocketBuffers(site)
+	return site, counters
 }
