@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/iketcp/iketcp/integration/lab"
+	"github.com/iketcp/iketcp/relay"
 )
 
 // streamPort is where the hub's echo of a steady stream listens.
@@ -255,14 +256,8 @@ func TestServerCrashRestart(t *testing.T) {
 		t.Fatalf("traffic took %v to flow again", resumed)
 	}
 	sameIKESA(t, ctx, tun, sa, inits)
-	after := serverSession(t, ctx, tun)
-	if after.ID != before.ID || after.Local != before.Local || after.State != "up" {
-		t.Fatalf("server session: was %d from %s, now %d from %s (%s)", before.ID, before.Local, after.ID, after.Local, after.State)
-	}
-	st, err := tun.ServerStatus(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sameSession(t, ctx, tun, before)
+	st := serverStatus(t, ctx, tun)
 	if c := counter(t, st, "sessions_restored"); c != 1 {
 		t.Fatalf("sessions_restored = %d", c)
 	}
@@ -411,10 +406,7 @@ func TestServerUpgrade(t *testing.T) {
 		t.Fatalf("the client dialed %d new connections: it reconnected", d-dialedBefore)
 	}
 	sameIKESA(t, ctx, tun, sa, inits)
-	after := serverSession(t, ctx, tun)
-	if after.ID != before.ID || after.Local != before.Local || after.State != "up" {
-		t.Fatalf("server session: was %d from %s, now %d from %s (%s)", before.ID, before.Local, after.ID, after.Local, after.State)
-	}
+	sameSession(t, ctx, tun, before)
 	if sent-atHub > 0 || sent-back > 0 {
 		t.Fatalf("the upgrades lost datagrams: %d toward the hub, %d in all", sent-atHub, sent-back)
 	}
@@ -472,14 +464,8 @@ func TestServerUpgradeTLS(t *testing.T) {
 		"%d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
 		resumed.Round(time.Millisecond), s.gap().Round(time.Millisecond), sent, atHub, sent-atHub, back, sent-back)
 	sameIKESA(t, ctx, tun, sa, inits)
-	after := serverSession(t, ctx, tun)
-	if after.ID != before.ID || after.Local != before.Local || after.State != "up" {
-		t.Fatalf("server session: was %d from %s, now %d from %s (%s)", before.ID, before.Local, after.ID, after.Local, after.State)
-	}
-	st, err := tun.ServerStatus(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sameSession(t, ctx, tun, before)
+	st := serverStatus(t, ctx, tun)
 	if c := counter(t, st, "claims_accepted"); c != 1 {
 		t.Fatalf("claims_accepted = %d at the new server: the TLS client did not claim its session", c)
 	}
@@ -516,4 +502,24 @@ func TestServerUpgradeFails(t *testing.T) {
 	if got, err := tun.PingThrough(ctx, 3, 100*time.Millisecond); err != nil || got != 3 {
 		t.Fatalf("ping after the failed upgrade: %d of 3 (%v)", got, err)
 	}
+}
+
+// sameSession fails the test unless the server still has the one session
+// it had before, up, with the same backend port.
+func sameSession(t *testing.T, ctx context.Context, tun *lab.Tunnel, before relay.SessionStatus) {
+	t.Helper()
+	after := serverSession(t, ctx, tun)
+	if after.ID != before.ID || after.Local != before.Local || after.State != "up" {
+		t.Fatalf("server session: was %d from %s, now %d from %s (%s)", before.ID, before.Local, after.ID, after.Local, after.State)
+	}
+}
+
+// serverStatus is the server's status, or the test fails.
+func serverStatus(t *testing.T, ctx context.Context, tun *lab.Tunnel) *relay.Status {
+	t.Helper()
+	st, err := tun.ServerStatus(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
 }
