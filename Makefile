@@ -4,6 +4,9 @@
 #                (make demo-transparent: the same with the daemon unchanged;
 #                 make demo-fake-tcp: fake-TCP through a strict middlebox)
 #   make test    everything CI checks: lint, unit, race, fuzz, integration
+#   make interop the interoperability tests alone: libreswan with the
+#                Linux kernel's espintcp in a User-Mode Linux guest
+#                (make interop-deps builds its kernel once, then caches it)
 #   make bench   benchmarks, with each one's ratio to its baseline, then
 #                iketcp as whole processes against direct UDP and udptunnel
 #                (iketcp-lab bench: docs/bench.md and docs/bench.png)
@@ -62,7 +65,7 @@ END {
 endef
 export BENCH_RATIOS
 
-.PHONY: all build deps lint test unit alloc fuzz bench demo demo-transparent demo-fake-tcp clean
+.PHONY: all build deps interop-deps interop lint test unit alloc fuzz bench demo demo-transparent demo-fake-tcp clean
 
 all: build
 
@@ -76,6 +79,20 @@ build:
 # service started on the host.
 deps: build
 	$(BIN)/iketcp-lab deps
+	$(BIN)/iketcp-lab interop-deps
+
+# The interoperability lab (integration/uml): the packages that build a
+# User-Mode Linux kernel and run Debian's libreswan (unpacked, never
+# installed), the kernel itself from Debian's linux-source-6.1 with
+# integration/uml/kernel.config, built once into /var/cache/iketcp-lab/uml
+# (several minutes) and reused while the source version, the config and
+# the patch stay the same.
+interop-deps: build
+	$(BIN)/iketcp-lab interop-deps
+
+# The interoperability tests alone (they are part of make test too).
+interop: deps
+	$(GO) test -race -count=1 -timeout 20m -run '^TestInterop' -v ./integration
 
 $(STATICCHECK):
 	$(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)

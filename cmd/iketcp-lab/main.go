@@ -2,7 +2,9 @@
 // three network namespaces (site, carrier, hub), makes the carrier
 // masquerade and drop every UDP packet, brings a real strongSwan tunnel up
 // through `iketcp client` and `iketcp server`, shows what happened, and
-// tears everything down on exit. `deps` installs what the lab needs.
+// tears everything down on exit. `deps` installs what the lab needs;
+// `interop-deps` builds the User-Mode Linux kernel and unpacks libreswan for
+// the interoperability tests (package integration/uml).
 // `bench` measures iketcp as whole processes against the best baselines
 // the machine offers (package integration/perf).
 //
@@ -53,6 +55,7 @@ func main() {
 				Action: runDemo,
 			},
 			benchCommand(),
+			interopDepsCommand(),
 		},
 		HideHelpCommand: true,
 	}
