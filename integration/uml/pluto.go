@@ -28,6 +28,10 @@ type PlutoConn struct {
 	// Left is the guest's own side: address, identity (e.g.
 	// "@site.iketcp.test") and protected subnet.
 	Left, LeftID, LeftSubnet string
+	// LeftNextHop is the guest's next hop toward Right, for the route
+	// libreswan's updown adds to RightSubnet; empty means Right itself
+	// (only right when the peer is on the guest's link).
+	LeftNextHop string
 	// Right is the peer's side; Right may be "%any".
 	Right, RightID, RightSubnet string
 	PSK                         string
@@ -116,7 +120,7 @@ func plutoConfig(opts PlutoOptions) (conf, secrets string, err error) {
 	fmt.Fprintf(&c, "\tlisten-tcp=%s\n", map[bool]string{true: "yes", false: "no"}[opts.ListenTCP])
 	c.WriteString("\tplutodebug=base\n\tuniqueids=yes\n\n")
 	for _, cn := range opts.Conns {
-		for _, v := range []string{cn.Name, cn.Left, cn.LeftID, cn.LeftSubnet, cn.Right, cn.RightID, cn.RightSubnet, cn.EnableTCP, cn.Auto} {
+		for _, v := range []string{cn.Name, cn.Left, cn.LeftNextHop, cn.LeftID, cn.LeftSubnet, cn.Right, cn.RightID, cn.RightSubnet, cn.EnableTCP, cn.Auto} {
 			if strings.ContainsAny(v, " \t\n\"#") {
 				return "", "", fmt.Errorf("PlutoConn %s: %q must not contain spaces, quotes or '#'", cn.Name, v)
 			}
@@ -135,6 +139,7 @@ func plutoConfig(opts PlutoOptions) (conf, secrets string, err error) {
 		w("left", cn.Left)
 		w("leftid", cn.LeftID)
 		w("leftsubnet", cn.LeftSubnet)
+		w("leftnexthop", cn.LeftNextHop)
 		w("right", cn.Right)
 		w("rightid", cn.RightID)
 		w("rightsubnet", cn.RightSubnet)
@@ -209,11 +214,20 @@ func (p *Pluto) Log() string {
 	return string(b) + string(out)
 }
 
-// Initiate starts the connection name in the background (whack
-// --initiate --asynchronous).
+// Initiate starts the connection name (whack --initiate). It does not
+// wait: whack stays attached until the exchange ends, which over a dead
+// TCP stream is never, so it runs in the background with its output in
+// the pluto directory.
 func (p *Pluto) Initiate(ctx context.Context, name string) error {
-	_, err := p.Whack(ctx, "--name", name, "--initiate", "--asynchronous")
+	_, err := p.Guest.Run(ctx, p.whackCmd("--name", name, "--initiate", "--asynchronous")+
+		" >>"+filepath.Join(p.Dir, "whack-initiate.out")+" 2>&1 </dev/null &")
 	return err
+}
+
+// Terminate deletes the connection's SAs (whack --terminate), waiting at
+// most 10 s for whack.
+func (p *Pluto) Terminate(ctx context.Context, name string) (string, error) {
+	return p.Guest.Run(ctx, "timeout 10 "+p.whackCmd("--name", name, "--terminate"))
 }
 
 // TrafficStatus is one line of whack --trafficstatus.

@@ -5,7 +5,8 @@
 // the lab's directory read-write (UML_DIR, from the kernel command line),
 // and, when UML_LIBRESWAN names an unpacked libreswan tree, a tmpfs on
 // /usr/libexec in which ipsec points into that tree (pluto runs
-// /usr/libexec/ipsec/addconn by that path).
+// /usr/libexec/ipsec/addconn by that path), with the tree's ipsec command
+// first in PATH (its updown script runs `ipsec _updown`).
 //
 // Then it serves the host: it runs each script UML_DIR/cmd/N.sh in turn
 // (N = 0, 1, 2, ...) with /bin/sh, writing its combined output to N.out
@@ -74,6 +75,8 @@ func run() error {
 		if err := libexecFor(root); err != nil {
 			return err
 		}
+		// pluto's updown runs `ipsec _updown` by name.
+		os.Setenv("PATH", filepath.Join(root, "usr/sbin")+":"+os.Getenv("PATH"))
 	}
 	lifetime := envSeconds("UML_LIFETIME", 600)
 	cmdTimeout := envSeconds("UML_CMD_TIMEOUT", 60)
