@@ -253,7 +253,7 @@ func (g *Guest) View(ctx context.Context, p *Pluto) string {
 	script := "echo '# ip -s xfrm state'; ip -s xfrm state\n" +
 		"echo '# ip xfrm policy (without the per-socket bypass policies)'; ip xfrm policy | grep -v -e '^src 0.0.0.0/0 dst 0.0.0.0/0 $' -e '^src ::/0 dst ::/0' -e 'socket in' -e 'socket out'\n" +
 		"echo '# ip route'; ip route\n" +
-		"echo '# /proc/net/xfrm_stat (non-zero)'; grep -v ' 0$' /proc/net/xfrm_stat\n" +
+		"echo '# /proc/net/xfrm_stat (non-zero)'; grep -v '[[:space:]]0$' /proc/net/xfrm_stat\n" +
 		"echo '# ss -tanie'; ss -tanie\n"
 	if p != nil {
 		script += "echo '# ipsec whack --trafficstatus'; " + p.whackCmd("--trafficstatus") + "\n"
