@@ -492,3 +492,119 @@ func tail(s string, n int) string {
 	}
 	return s
 }
+
+// TestInteropTransparentKernelESP runs the site's strongSwan in the guest
+// with the kernel's own IPsec (kernel-netlink, no libipsec), unchanged (the
+// hub's address, ports 500 and 4500), with `iketcp client --tun` beside it
+// in the guest. The kernel's XFRM encrypts the ESP; the policy rules must
+// route it into iketcp's TUN device, which needs the kernel's route lookup
+// for XFRM to carry the outer protocol and ports (Linux 6.12, and stable
+// kernels that took "xfrm: respect ip protocols rules criteria when
+// performing dst lookups"; Debian's 6.1.192 did). The test checks that the
+// guest's XFRM state encapsulates in UDP (the kernel encrypts), that pings
+// cross both ways, that iketcp saw the ESP, and that none of it reached
+// the carrier as UDP.
+func TestInteropTransparentKernelESP(t *testing.T) {
+	l := lab.NewForTest(t, lab.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	if err := l.BlockUDP(ctx); err != nil {
+		t.Fatal(err)
+	}
+	hub, err := l.StartCharon(ctx, l.Hub, lab.IKEConfig{
+		Name: lab.TunnelName, RemoteAddrs: "%any",
+		LocalID: "hub.iketcp.test", RemoteID: "site.iketcp.test", PSK: lab.TunnelPSK,
+		LocalTS: lab.HubInnerNet, RemoteTS: lab.SiteInnerNet,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.StartIketcp(ctx, l.Hub, iketcpBinary, "server", "server",
+		"--listen", fmt.Sprintf("%s:%d", lab.HubOuter, interopServerPort), "--backend", "127.0.0.1:4500"); err != nil {
+		t.Fatal(err)
+	}
+	g := bootGuest(t, ctx, l, []string{lab.SiteInner + "/32"}, [][]string{
+		{lab.HubOuterNet, "via", guestHostAddr},
+	})
+	dir := g.Opts.Dir
+	conf := fmt.Sprintf(`charon {
+    load_modular = no
+    load = random nonce drbg aes sha1 sha2 hmac gmp kdf kernel-netlink socket-default vici counters
+    retransmit_timeout = 1.0
+    retransmit_base = 1.4
+    retransmit_tries = 4
+    filelog { main { path = %s/charon.log  append = no  flush_line = yes  default = 1  ike = 2  net = 2 } }
+    plugins { vici { socket = unix:///run/charon.vici } }
+}
+charon-systemd { journal { default = -1 } }
+swanctl { socket = unix:///run/charon.vici }
+`, dir)
+	swanctl := fmt.Sprintf(`connections {
+    lab {
+        version = 2
+        remote_addrs = %s
+        proposals = %s
+        encap = yes
+        local { auth = psk
+            id = site.iketcp.test }
+        remote { auth = psk
+            id = hub.iketcp.test }
+        children { lab {
+            local_ts = %s
+            remote_ts = %s
+            esp_proposals = %s
+        } }
+    }
+}
+secrets { ike-lab { id-local = site.iketcp.test
+    id-remote = hub.iketcp.test
+    secret = "%s" } }
+`, lab.HubOuter, lab.IKEProposal, lab.SiteInnerNet, lab.HubInnerNet, lab.ESPProposal, lab.TunnelPSK)
+	if err := os.WriteFile(filepath.Join(dir, "strongswan.conf"), []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "swanctl.conf"), []byte(swanctl), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env := "STRONGSWAN_CONF=" + filepath.Join(dir, "strongswan.conf")
+	if _, err := g.Run(ctx, fmt.Sprintf("%s %s >%s/charon.out 2>&1 </dev/null &\n"+
+		"for i in $(seq 100); do %s swanctl --stats >/dev/null 2>&1 && break; sleep 0.1; done\n"+
+		"%s swanctl --load-all --noprompt --file %s/swanctl.conf",
+		env, lab.CharonPath, dir, env, env, dir)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Run(ctx, fmt.Sprintf("%s client --tun --peer %s --tcp-port %d --control /run/iketcp.sock --log-level debug >%s/iketcp.log 2>&1 </dev/null &\n"+
+		"for i in $(seq 100); do %s status --control /run/iketcp.sock >/dev/null 2>&1 && break; sleep 0.1; done\n"+
+		"%s status --control /run/iketcp.sock",
+		iketcpBinary, lab.HubOuter, interopServerPort, dir, iketcpBinary, iketcpBinary)); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	out, err := g.Run(ctx, fmt.Sprintf("%s timeout 30 swanctl --initiate --child lab", env))
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	sa, err := hub.WaitEstablished(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("IKE SA %s_i %s_r up in %s, hub sees %s", sa.InitiatorSPI, sa.ResponderSPI, time.Since(start).Round(time.Millisecond), sa.RemoteHost)
+	n, pout, err := guestPing(ctx, g, lab.SiteInner, lab.HubInner, 5)
+	m, herr := l.Ping(ctx, l.Hub, lab.HubInner, lab.SiteInner, 5, 200*time.Millisecond)
+	rules, _ := g.Run(ctx, "ip rule; ip -s xfrm state | grep -e '^src' -e encap -e 'bytes),'; "+iketcpBinary+" status --control /run/iketcp.sock")
+	t.Logf("guest: pings guest->hub %d/5 (%v), hub->guest %d/5 (%v)\n%s\nguest's rules, XFRM states and iketcp status:\n%s", n, err, m, herr, pout, rules)
+	t.Logf("guest's view:\n%s", g.View(ctx, nil))
+	if !strings.Contains(rules, "encap type espinudp sport 4500 dport 4500") {
+		t.Errorf("the guest's kernel holds no ESP-in-UDP state: the ESP was not the kernel's")
+	}
+	if !strings.Contains(rules, "ESP in UDP 4500->4500") {
+		t.Errorf("iketcp client did not intercept the kernel's ESP in UDP")
+	}
+	if dropped, err := l.UDPDropped(ctx); err != nil || dropped != 0 {
+		t.Errorf("the carrier dropped %d UDP packets (%v): kernel ESP left by the main table", dropped, err)
+	}
+	if n == 0 || m == 0 {
+		log, _ := os.ReadFile(filepath.Join(dir, "iketcp.log"))
+		t.Errorf("kernel-encrypted ESP did not cross through transparent mode\niketcp log:\n%s", tail(string(log), 3000))
+	}
+}
