@@ -43,7 +43,6 @@ var umlPrereqs struct {
 	kernel    *uml.Kernel
 	libreswan *uml.Libreswan
 	init      string
-	dir       string
 	err       error
 }
 
@@ -77,10 +76,8 @@ func requireUML(t *testing.T) (*uml.Kernel, *uml.Libreswan, string) {
 		if p.libreswan, p.err = uml.EnsureLibreswan(ctx, ""); p.err != nil {
 			return
 		}
-		if p.dir, p.err = os.MkdirTemp("", "iketcp-uml-"); p.err != nil {
-			return
-		}
-		p.init, p.err = uml.BuildInit(ctx, p.dir)
+		// Beside the iketcp binary, in the directory TestMain removes.
+		p.init, p.err = uml.BuildInit(ctx, filepath.Dir(iketcpBinary))
 		t.Logf("uml: prerequisites ready in %s (libreswan %s)", time.Since(start).Round(time.Millisecond), p.libreswan.Version)
 	})
 	if p.err != nil {
