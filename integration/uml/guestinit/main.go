@@ -1,7 +1,8 @@
 // Command guestinit is PID 1 of the lab's User-Mode Linux guests
 // (package integration/uml). The guest boots with the host's root
 // filesystem mounted read-only through hostfs; guestinit mounts what a
-// guest needs on top (proc, sysfs, devtmpfs, tmpfs on /run and /var/tmp),
+// guest needs on top (proc, sysfs, devtmpfs, tmpfs on /run; nothing that
+// could hide the lab's cache or directories),
 // the lab's directory read-write (UML_DIR, from the kernel command line),
 // and, when UML_LIBRESWAN names an unpacked libreswan tree, a tmpfs on
 // /usr/libexec in which ipsec points into that tree (pluto runs
@@ -57,7 +58,6 @@ func run() error {
 		{"sysfs", "/sys", "sysfs", ""},
 		{"devtmpfs", "/dev", "devtmpfs", ""},
 		{"tmpfs", "/run", "tmpfs", "mode=755"},
-		{"tmpfs", "/var/tmp", "tmpfs", "mode=1777"},
 		{"hostfs", dir, "hostfs", dir},
 	} {
 		err := unix.Mount(m.src, m.target, m.fstype, 0, m.data)
