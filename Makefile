@@ -90,8 +90,8 @@ interop-deps: build
 	$(BIN)/iketcp-lab interop-deps
 
 # The interoperability tests. make test leaves them out: the first build
-# of the kernel alone took 46 minutes on a loaded 2-core machine, past
-# what a CI run may take, so CI runs make interop as a job of its own,
+# of the kernel alone took 22 to 46 minutes on a loaded 2-core machine,
+# too close to or past what a whole CI run may take, so CI runs make interop as a job of its own,
 # with /var/cache/iketcp-lab/uml kept between runs (then it took 2 min 8 s).
 interop: deps interop-deps
 	$(GO) test -race -count=1 -timeout 20m -run '^TestInterop' -v ./integration
