@@ -5,7 +5,9 @@
 // tears everything down on exit. `up`, `test` and `down` keep a lab up
 // between commands, with the carrier profile a user picks (open,
 // block-udp, cgnat, strict-tcp, slow), to rehearse traversal before going
-// to the field. `deps` installs what the lab needs.
+// to the field. `deps` installs what the lab needs; `interop-deps` builds the
+// User-Mode Linux kernel and unpacks libreswan for the interoperability
+// tests (package integration/uml).
 // `bench` measures iketcp as whole processes against the best baselines
 // the machine offers (package integration/perf).
 //
@@ -62,6 +64,7 @@ func main() {
 				Action: runDemo,
 			},
 			benchCommand(),
+			interopDepsCommand(),
 		},
 			userLabCommands()...),
 		HideHelpCommand: true,

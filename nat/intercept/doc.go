@@ -19,9 +19,11 @@
 // packet's protocol and ports only since Linux 6.12 ("xfrm: respect ip
 // protocols rules criteria when performing dst lookups", and stable
 // kernels that took it); on older kernels it leaves by the main table.
-// That case is not tested here: these kernels have no ESP transform, so
-// the daemons in iketcp's lab use userspace ESP (strongSwan's
-// kernel-libipsec), whose ESP leaves through its UDP 4500 socket.
+// This package's tests cannot show that case: these kernels have no ESP
+// transform, so the daemons in iketcp's lab use userspace ESP
+// (strongSwan's kernel-libipsec), whose ESP leaves through its UDP 4500
+// socket. integration's TestInteropTransparentKernelESP shows it in a
+// User-Mode Linux guest running Debian's 6.1.192, which has the fix.
 //
 // Linux only: elsewhere Open returns an error that matches
 // nat.ErrNeedsLinux.
