@@ -94,7 +94,16 @@ type Config struct {
 	// behind a gap before the daemon gets it (package relay/reorder):
 	// zero means reorder.DefaultMax, negative turns the buffer off.
 	ReorderMax time.Duration
+	// HelloWait is how long a new link waits for the server's answer to
+	// iketcp's hello before it takes the server for a third-party RFC 9329
+	// responder: the link is given up, and the path's next links send RFC
+	// 9329 frames only. Zero means DefaultHelloWait.
+	HelloWait time.Duration
 }
+
+// DefaultHelloWait is Config.HelloWait's default: an iketcp server
+// answers at once, so this is a round trip with a wide margin.
+const DefaultHelloWait = 2 * time.Second
 
 func (c *Config) logger() *slog.Logger    { return relay.OrDefault(c.Logger, slog.Default()) }
 func (c *Config) maxFlows() int           { return relay.OrDefault(c.MaxFlows, DefaultMaxFlows) }
@@ -111,6 +120,9 @@ func (c *Config) reconnectMax() time.Duration {
 }
 func (c *Config) livenessTimeout() time.Duration {
 	return relay.OrDefault(c.LivenessTimeout, DefaultLivenessTimeout)
+}
+func (c *Config) helloWait() time.Duration {
+	return relay.OrDefault(c.HelloWait, DefaultHelloWait)
 }
 func (c *Config) tcpPort() uint16 { return relay.OrDefault(c.TCPPort, 4500) }
 func (c *Config) udpPort() uint16 { return relay.OrDefault(c.UDPPort, 4500) }

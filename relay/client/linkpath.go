@@ -60,6 +60,12 @@ type linkPath struct {
 	conns    atomic.Uint64
 	lastUsed atomic.Int64 // unix ns of the daemon's last datagram routed here
 	book     relay.SABook
+	// plain is set once the server left iketcp's hello unanswered: a
+	// third-party RFC 9329 responder, to which the path's next links
+	// send RFC 9329 frames only, as with Config.PlainRFC9329. iketcp is
+	// set once a server answered hello: later links need not wait for
+	// the answer before they carry the daemon's datagrams.
+	plain, iketcp atomic.Bool
 
 	// Guarded by Client.mu.
 	started bool     // runLink is running
@@ -263,11 +269,12 @@ func (p *linkPath) connect() (relay.Link, error) {
 // daemon's datagrams directly.
 func (p *linkPath) carry(link relay.Link) (reason string, heard bool) {
 	cl := p.f.cl
-	lr := &linkReader{path: p, link: link}
+	lr := &linkReader{path: p, link: link, answer: make(chan struct{})}
 	dead := make(chan string, 1)
 	stopWatch := make(chan struct{})
 	defer close(stopWatch)
-	if !cl.cfg.PlainRFC9329 {
+	hello := !cl.cfg.PlainRFC9329 && !p.plain.Load()
+	if hello {
 		if timeout := cl.cfg.livenessTimeout(); timeout > 0 {
 			lr.live = newLinkLiveness(timeout, &lr.heard, time.Now())
 			cl.wg.Add(1)
@@ -287,17 +294,40 @@ func (p *linkPath) carry(link relay.Link) (reason string, heard bool) {
 		defer cl.wg.Done()
 		readDone <- link.Serve(newPeerReader(p.f, fallback.TCP, lr))
 	}()
-	if err := p.attach(link); err != nil {
-		reason = "write: " + err.Error()
-	} else {
+	if hello && !p.iketcp.Load() {
+		// Until a server of this path has answered hello once, the
+		// daemon's datagrams wait for the answer: an iketcp server gives it
+		// at once, while a third-party RFC 9329 responder takes hello for
+		// ESP it has no SA for and never answers. Then the link is given
+		// up before any IKE went over it, and the path's next links send
+		// RFC 9329 frames only; what waited goes on the next one.
 		select {
+		case <-lr.answer:
+		case <-time.After(cl.cfg.helloWait()):
+			p.plain.Store(true)
+			cl.log.Info("the server did not answer iketcp's hello: taking it for a third-party RFC 9329 responder, and reconnecting with RFC 9329 frames only (--plain-rfc9329 says so from the start)",
+				"link", p.id, "peer", cl.cfg.Peer)
+			reason = "no answer to hello"
 		case err := <-readDone:
 			readDone <- err
 			reason = err.Error()
-		case reason = <-dead:
-			cl.counters.LinksDead.Add(1)
 		case <-p.ctx.Done():
 			reason = "link closed"
+		}
+	}
+	if reason == "" {
+		if err := p.attach(link); err != nil {
+			reason = "write: " + err.Error()
+		} else {
+			select {
+			case err := <-readDone:
+				readDone <- err
+				reason = err.Error()
+			case reason = <-dead:
+				cl.counters.LinksDead.Add(1)
+			case <-p.ctx.Done():
+				reason = "link closed"
+			}
 		}
 	}
 	p.mu.Lock()
@@ -346,6 +376,9 @@ type linkReader struct {
 	// server is the server's public key; nil until it answered.
 	server []byte
 
+	// answer is closed when the server answers hello.
+	answer chan struct{}
+
 	jmu      sync.Mutex // guards joinSent, and server once written
 	joinSent bool
 	// heard is when the link last received a burst (unix ns), 0 before.
@@ -382,6 +415,10 @@ func (lr *linkReader) control(m *framing.Control) {
 		lr.jmu.Lock()
 		lr.key, lr.server = key, server
 		lr.jmu.Unlock()
+		p.iketcp.Store(true)
+		if lr.answer != nil {
+			close(lr.answer)
+		}
 		if lr.live != nil {
 			// The server is iketcp: a first Ping finds out whether it
 			// answers them; its Pong arms the liveness check.
