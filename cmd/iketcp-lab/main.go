@@ -30,7 +30,6 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/iketcp/iketcp/framing"
-	"github.com/iketcp/iketcp/integration/antireplay"
 	"github.com/iketcp/iketcp/integration/lab"
 )
 
@@ -157,17 +156,19 @@ type scenario struct {
 
 func demo(ctx context.Context, l *lab.Lab, bin string, sc scenario) error {
 	transparent := sc.transparent
-	if err := l.BlockUDP(ctx); err != nil {
+	// The carrier is one of the user lab's profiles (iketcp-lab up):
+	// block-udp, or strict-tcp for fake-TCP.
+	profile := lab.ProfileBlockUDP
+	if sc.fakeTCP {
+		profile = lab.ProfileStrictTCP
+	}
+	if err := l.SetProfile(ctx, profile); err != nil {
 		return err
 	}
 	var opts lab.TunnelOptions
-	var mb *lab.Middlebox
+	mb := l.Middlebox()
 	if sc.fakeTCP {
 		say("The carrier also checks TCP sequence numbers, as an anti-replay NAT box does: repeats are dropped")
-		var err error
-		if mb, err = l.StartStrictMiddlebox(ctx, antireplay.Config{Window: 64 << 10}); err != nil {
-			return err
-		}
 		opts.ServerArgs = []string{"--encap", "fake-tcp", "--fake-tcp-net", "100.64.251.0/30"}
 		opts.ClientArgs = []string{"--encap", "fake-tcp", "--fake-tcp-net", "100.64.250.0/30"}
 	}

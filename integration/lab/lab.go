@@ -105,6 +105,7 @@ type Lab struct {
 	procs    []*Process
 	charons  []*Charon
 	captures []*Capture
+	mbox     *Middlebox     // the strict middlebox started last, or nil
 	closers  []func() error // run by Close, newest first, before processes stop
 	logSeq   int
 	closed   bool

@@ -107,6 +107,9 @@ func (l *Lab) StartStrictMiddlebox(ctx context.Context, cfg antireplay.Config) (
 	if err := l.onClose(m.Stop); err != nil {
 		return nil, errors.Join(err, m.Stop())
 	}
+	l.mu.Lock()
+	l.mbox = m
+	l.mu.Unlock()
 	l.logf("lab %s: strict anti-replay middlebox in carrier (%s, NFQUEUE %d, window %d)", l.Name, ipt, MiddleboxQueue, cfg.Window)
 	return m, nil
 }
@@ -182,4 +185,12 @@ func (l *Lab) onClose(fn func() error) error {
 	}
 	l.closers = append(l.closers, fn)
 	return nil
+}
+
+// Middlebox returns the strict middlebox started last (by
+// StartStrictMiddlebox or the strict-tcp profile), or nil.
+func (l *Lab) Middlebox() *Middlebox {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.mbox
 }
