@@ -430,8 +430,8 @@ func TestGROConcurrent(t *testing.T) {
 				got[s] = appendCopies(got[s], []Message{m})
 			}
 			received += n
-			if n < len(msgs) {
-				break
+			if n < len(msgs) || received >= total {
+				break // nothing more queued, or nothing more to come
 			}
 		}
 	}

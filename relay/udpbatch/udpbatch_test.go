@@ -22,7 +22,7 @@ func TestMain(m *testing.M) {
 }
 
 // patience bounds every wait in these tests.
-const patience = 5 * time.Second
+const patience = 15 * time.Second // a guard against a hang, not a measure: loaded CI machines are slow
 
 var (
 	lo4 = netip.MustParseAddr("127.0.0.1")
