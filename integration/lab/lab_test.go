@@ -672,3 +672,37 @@ func TestNewCleansUpOnError(t *testing.T) {
 		}
 	}
 }
+
+// TestCleanupStaleSparesAClaim: a run directory created a moment ago
+// whose owner file is not yet written is a lab being claimed by another
+// process, and stays; one that old without an owner is stale, and goes.
+func TestCleanupStaleSparesAClaim(t *testing.T) {
+	Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const prefix = "iktcclaim"
+	if err := os.MkdirAll(runRoot, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp(runRoot, prefix+"-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	if _, err := CleanupStale(ctx, prefix); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); err != nil {
+		t.Fatalf("a lab being claimed was removed: %v", err)
+	}
+	old := time.Now().Add(-2 * time.Minute)
+	if err := os.Chtimes(dir, old, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := CleanupStale(ctx, prefix); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a stale run directory without an owner stayed: %v", err)
+	}
+}

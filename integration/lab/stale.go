@@ -59,6 +59,9 @@ func CleanupStale(ctx context.Context, prefix string) ([]string, error) {
 			continue
 		}
 		dir := filepath.Join(runRoot, e.Name())
+		if claiming(dir) {
+			continue
+		}
 		if !ownerAlive(filepath.Join(dir, ownerFile)) {
 			if err := os.RemoveAll(dir); err != nil {
 				errs = append(errs, err)
@@ -232,3 +235,15 @@ func StampAlive(stamp string) bool {
 // RunRoot is the directory under /run that holds the labs' run
 // directories, and `iketcp-lab up`'s state files.
 const RunRoot = runRoot
+
+// claiming reports whether dir is a run directory another process is
+// claiming right now: created, its owner file not yet written (claimName
+// writes it just after). Removing it then would take the name from under
+// a live lab.
+func claiming(dir string) bool {
+	if _, err := os.Stat(filepath.Join(dir, ownerFile)); !errors.Is(err, os.ErrNotExist) {
+		return false
+	}
+	fi, err := os.Stat(dir)
+	return err == nil && time.Since(fi.ModTime()) < time.Minute
+}
