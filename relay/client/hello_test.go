@@ -51,31 +51,13 @@ func TestUnansweredHelloFallsBackToPlain(t *testing.T) {
 	}()
 
 	counters := new(relay.Counters)
-	log := relaytest.Logger(t)
-	cl, err := client.New(client.Config{
-		Peer: ln.Addr().String(), Logger: log, Counters: counters,
-		Dialer:    streamlink.NewDialer(streamlink.Config{Counters: counters, Logger: log}),
+	_, daemon := relaytest.ServeExplicit(t, client.Config{
+		Peer: ln.Addr().String(), Counters: counters,
+		Dialer:    streamlink.NewDialer(streamlink.Config{Counters: counters, Logger: relaytest.Logger(t)}),
 		HelloWait: 200 * time.Millisecond, ReconnectMin: 20 * time.Millisecond,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc, err := client.ListenUDP("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		cl.Serve(ctx, pc)
-	}()
-	defer func() { cancel(); <-done }()
-	daemon, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer daemon.Close()
+	defer cancel()
 	// The daemon retransmits, as IKE daemons do, until the test ends.
 	init := relaytest.IKE(0x77, 0, framing.IKESAInit, framing.FlagInitiator, 200)
 	daemon.Write(init)

@@ -377,6 +377,40 @@ func ServeTUN(tb testing.TB, r *Rig, cfg client.Config, dev tun.Device) *client.
 	return cl
 }
 
+// ServeExplicit starts an explicit-mode client with cfg (its Peer and
+// Dialer the caller's) on a loopback socket for the test's life, and
+// returns it and a "daemon" socket connected to it.
+func ServeExplicit(tb testing.TB, cfg client.Config) (*client.Client, *net.UDPConn) {
+	tb.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = Logger(tb)
+	}
+	cl, err := client.New(cfg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	pc, err := client.ListenUDP("127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- cl.Serve(ctx, pc) }()
+	tb.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			tb.Errorf("Serve: %v", err)
+		}
+	})
+	daemon, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { daemon.Close() })
+	relay.SizeSocketBuffers(daemon)
+	return cl, daemon
+}
+
 // SessionLocal returns the backend-side address of the server's session
 // of IKE SA ispi, waiting for it to exist.
 func (r *Rig) SessionLocal(tb testing.TB, ispi uint64) netip.AddrPort {

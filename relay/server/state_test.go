@@ -362,31 +362,8 @@ func TestStateWriteRate(t *testing.T) {
 // returns the "daemon" socket that talks to it and the client's counters.
 func startSite(t *testing.T, addr string, reconnectMin time.Duration) (*net.UDPConn, *relay.Counters) {
 	t.Helper()
-	log := relaytest.Logger(t)
 	counters := new(relay.Counters)
-	d := streamlink.NewDialer(streamlink.Config{Counters: counters, Logger: log})
-	cl, err := client.New(client.Config{Peer: addr, Dialer: d, Logger: log, Counters: counters, ReconnectMin: reconnectMin})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pc, err := client.ListenUDP("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := cl.Serve(ctx, pc); err != nil {
-			t.Errorf("client: %v", err)
-		}
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	site, err := net.DialUDP("udp", nil, pc.LocalAddr().(*net.UDPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { site.Close() })
-	relay.SizeSocketBuffers(site)
+	d := streamlink.NewDialer(streamlink.Config{Counters: counters, Logger: relaytest.Logger(t)})
+	_, site := relaytest.ServeExplicit(t, client.Config{Peer: addr, Dialer: d, Counters: counters, ReconnectMin: reconnectMin})
 	return site, counters
 }
