@@ -45,7 +45,8 @@ type ReorderStatus struct {
 	HoldMs     float64 `json:"hold_ms"`      // how long a datagram may wait for a gap now (0: off)
 	Delivered  uint64  `json:"delivered"`    // ESP datagrams delivered to the daemon
 	Held       uint64  `json:"held"`         // held for a while, behind a gap
-	Expired    uint64  `json:"expired"`      // gaps given up
+	Expired    uint64  `json:"expired"`      // gaps given up when their hold time passed
+	Passed     uint64  `json:"passed"`       // gaps given up at once: every live member had brought what follows them
 	OutOfOrder uint64  `json:"out_of_order"` // ESP the daemon got behind a higher sequence number of its SPI
 	MaxBehind  uint32  `json:"max_behind"`   // the farthest behind: the anti-replay window the daemon needs
 }
@@ -181,8 +182,8 @@ func (st *Status) WriteText(w io.Writer, now time.Time) error {
 		}
 		fmt.Fprintf(&b, "  members: %d\n", len(a.Members))
 		r := a.Reorder
-		fmt.Fprintf(&b, "  reorder: hold %.1fms  delivered=%d held=%d expired=%d out_of_order=%d max_behind=%d\n",
-			r.HoldMs, r.Delivered, r.Held, r.Expired, r.OutOfOrder, r.MaxBehind)
+		fmt.Fprintf(&b, "  reorder: hold %.1fms  delivered=%d held=%d expired=%d passed=%d out_of_order=%d max_behind=%d\n",
+			r.HoldMs, r.Delivered, r.Held, r.Expired, r.Passed, r.OutOfOrder, r.MaxBehind)
 		for _, m := range a.Members {
 			fmt.Fprintf(&b, "  member %s: %s -> %s  state: %s  weight: %d  rtt: %.1fms  loss: %.0f%%  rate: %dB/s\n",
 				m.Name, orDash(m.Local), orDash(m.Remote), m.State, m.Weight, m.RTTms, 100*m.Loss, m.Rate)

@@ -126,7 +126,8 @@ func checkClient(c *cli.Context) error {
 	}
 	peers := c.StringSlice("peer")
 	if c.IsSet("member") {
-		return nil // checked with the members (aggregateConfig)
+		// The members as aggregateConfig takes them, without dialers.
+		return aggregateConfig(c, new(client.Config), func(netip.Addr) (relay.Dialer, error) { return nil, nil })
 	}
 	if len(peers) == 0 {
 		return errors.New("--peer is required: the iketcp server, host:port (or, with --tun, the IKE peer's address), or give --member")

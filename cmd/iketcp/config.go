@@ -178,6 +178,12 @@ func (f *configFile) checkKey(k, v *yaml.Node, flags map[string]cli.Flag, into m
 	if prev, dup := into[name]; dup {
 		return configErrorf("%s: key %q given twice (first at line %d)", f.at(k), k.Value, prev.key.Line)
 	}
+	if name == "member" && v.Kind == yaml.SequenceNode {
+		var err error
+		if v, err = f.memberMappings(k, v, flags, into); err != nil {
+			return err
+		}
+	}
 	switch v.Kind {
 	case yaml.ScalarNode:
 		if v.Tag == "!!null" {
@@ -197,6 +203,66 @@ func (f *configFile) checkKey(k, v *yaml.Node, flags map[string]cli.Flag, into m
 	}
 	into[name] = fileEntry{k, v}
 	return nil
+}
+
+// memberKeys are the keys of a member in the file's mapping form.
+var memberKeys = []string{"name", "local", "hub", "weight"}
+
+// memberMappings turns the mapping form of the member key,
+//
+//	member:
+//	  - name: wan1
+//	    local: 100.64.0.2
+//	    hub: 203.0.113.2:4500
+//	    weight: 3
+//
+// into the flag's NAME=LOCAL_ADDR->HUB:PORT values, and the weights into
+// the weight key, as if given there; items already in the flag's form
+// stay as they are.
+func (f *configFile) memberMappings(k, v *yaml.Node, flags map[string]cli.Flag, into map[string]fileEntry) (*yaml.Node, error) {
+	out := &yaml.Node{Kind: yaml.SequenceNode, Line: v.Line, Column: v.Column}
+	weights := &yaml.Node{Kind: yaml.SequenceNode, Line: v.Line, Column: v.Column}
+	var weightKey *yaml.Node
+	for _, item := range v.Content {
+		if item.Kind != yaml.MappingNode {
+			out.Content = append(out.Content, item)
+			continue
+		}
+		got := map[string]*yaml.Node{}
+		for j := 0; j < len(item.Content); j += 2 {
+			mk, mv := item.Content[j], item.Content[j+1]
+			if !slices.Contains(memberKeys, mk.Value) {
+				return nil, configErrorf("%s: member: unknown key %q: want %s", f.at(mk), mk.Value, strings.Join(memberKeys, ", "))
+			}
+			if mv.Kind != yaml.ScalarNode || mv.Tag == "!!null" || mv.Value == "" {
+				return nil, configErrorf("%s: member: key %q wants a plain value", f.at(mv), mk.Value)
+			}
+			got[mk.Value] = mv
+			if mk.Value == "weight" && weightKey == nil {
+				weightKey = mk
+			}
+		}
+		for _, key := range memberKeys[:3] {
+			if got[key] == nil {
+				return nil, configErrorf("%s: member: missing %q (a member has a name, the local address it leaves by, and the hub's host:port)", f.at(item), key)
+			}
+		}
+		name := got["name"].Value
+		out.Content = append(out.Content, &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Line: item.Line, Column: item.Column,
+			Value: name + "=" + got["local"].Value + "->" + got["hub"].Value})
+		if w := got["weight"]; w != nil {
+			weights.Content = append(weights.Content, &yaml.Node{Kind: yaml.ScalarNode, Tag: "!!str", Line: w.Line, Column: w.Column,
+				Value: name + "=" + w.Value})
+		}
+	}
+	if weightKey != nil {
+		wk := *weightKey
+		wk.Value = "weight"
+		if err := f.checkKey(&wk, weights, flags, into); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
 func (f *configFile) readTunnels(v *yaml.Node, flags map[string]cli.Flag) error {

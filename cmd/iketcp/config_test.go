@@ -140,6 +140,53 @@ tunnels:
 	}
 }
 
+// TestConfigMembers: a file gives an aggregate's members as mappings,
+// with their weights, or in the flag's own form.
+func TestConfigMembers(t *testing.T) {
+	file := writeFile(t, `role: client
+location-id: 1.1.1.1
+aggregate: weighted
+member:
+  - name: wan1
+    local: 100.64.0.2
+    hub: 203.0.113.2:4500
+    weight: 3
+  - name: wan2
+    local: 100.64.1.2
+    hub: 198.51.100.2:4500
+    weight: 1
+  - wan3=100.64.2.2->198.51.100.3:4500
+`)
+	ins, err := effective(t, "client", "--config", file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := ins[0].ctx
+	wantMembers := []string{"wan1=100.64.0.2->203.0.113.2:4500", "wan2=100.64.1.2->198.51.100.2:4500", "wan3=100.64.2.2->198.51.100.3:4500"}
+	if got := c.StringSlice("member"); fmt.Sprint(got) != fmt.Sprint(wantMembers) {
+		t.Errorf("members %q, want %q", got, wantMembers)
+	}
+	if got := c.StringSlice("weight"); fmt.Sprint(got) != "[wan1=3 wan2=1]" {
+		t.Errorf("weights %q, want [wan1=3 wan2=1]", got)
+	}
+	if src := ins[0].sources["weight"].String(); src != file+":8" {
+		t.Errorf("weights from %s, want line 8", src)
+	}
+	for _, tc := range []struct{ name, file, want string }{
+		{"unknown key", "member:\n  - name: a\n    local: 100.64.0.2\n    hub: 203.0.113.2:4500\n    port: 1\n", `:5: member: unknown key "port"`},
+		{"missing hub", "member:\n  - name: a\n    local: 100.64.0.2\n", `:2: member: missing "hub"`},
+		{"weights twice", "weight: [a=2]\nmember:\n  - name: a\n    local: 100.64.0.2\n    hub: 203.0.113.2:4500\n    weight: 3\n", `:6: key "weight" given twice (first at line 1)`},
+		{"bad address", "location-id: 1.1.1.1\nmember:\n  - name: a\n    local: here\n    hub: 203.0.113.2:4500\n", `local address "here"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := effective(t, "client", "--config", writeFile(t, tc.file))
+			if err == nil || !strings.Contains(err.Error(), tc.want) || exitCode(err) != exitConfig {
+				t.Fatalf("err = %v, want a configuration error with %q", err, tc.want)
+			}
+		})
+	}
+}
+
 func TestConfigErrors(t *testing.T) {
 	tunnel := "role: client\ntunnels:\n  - name: a\n    peer: 203.0.113.2:4500\n"
 	for _, tc := range []struct {

@@ -164,7 +164,7 @@ func (r *peerReader) Receive(burst []relay.Datagram) error {
 				n += uint64(d.N)
 			}
 			r.link.member.stats.CountIn(len(r.keep), n)
-			r.link.path.reorder.Receive(r.keep, now.UnixNano())
+			r.link.path.reorder.Receive(int(r.link.member.index), r.keep, now.UnixNano())
 		} else {
 			r.f.deliver(r.keep, &r.scratch)
 		}

@@ -90,6 +90,7 @@ func (p *linkPath) initMembers() {
 	for i, m := range cfg.Members {
 		mp := &memberPath{p: p, cfg: m, index: uint8(i)}
 		mp.stats.Name, mp.stats.Index, mp.stats.Weight = m.Name, uint8(i), max(m.Weight, 1)
+		mp.stats.Backlog = mp.backlog
 		p.members = append(p.members, mp)
 		p.stats = append(p.stats, &mp.stats)
 	}
@@ -116,14 +117,17 @@ func (p *linkPath) startMembers() {
 func (p *linkPath) tuneReorder(now int64) {
 	var oneWay [aggregate.MaxMembers]time.Duration
 	n := 0
+	var live uint32
 	for _, m := range p.stats {
 		if m.Live(now) && n < len(oneWay) {
 			oneWay[n] = m.RTT() / 2
 			n++
+			live |= 1 << (m.Index % reorder.MaxMembers)
 		}
 	}
 	limit := reorder.Limit(p.f.cl.cfg.ReorderMax)
 	p.reorder.SetHold(reorder.HoldFor(oneWay[:n], limit), limit)
+	p.reorder.SetLive(live)
 }
 
 // sendAggregate spreads bufs over the live members as the algorithm picks.
@@ -205,6 +209,19 @@ func (p *linkPath) primaryLocked() *memberPath {
 		}
 	}
 	return p.primary
+}
+
+// backlog says what waits on the member's link and the rate it delivers
+// at, for least-latency: nothing while it has no link, or one that does
+// not know.
+func (m *memberPath) backlog() (queued int, rate uint64) {
+	m.mu.Lock()
+	link := m.link
+	m.mu.Unlock()
+	if bl, ok := link.(interface{ Backlog() (int, uint64) }); ok {
+		return bl.Backlog()
+	}
+	return 0, 0
 }
 
 // run keeps the member's link up, reconnecting with backoff.

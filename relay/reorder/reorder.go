@@ -6,14 +6,24 @@
 // per IKE SA and direction). It tracks, per ESP SPI, the next sequence
 // number it expects. A datagram with that number goes at once, with any
 // held ones that follow it; one from beyond a gap is copied and held
-// until the gap fills or its hold time passes, whichever comes first; the
-// hold is bounded in time, not in packets, and sized from the members'
-// measured one-way delay difference, and from how long gaps took to fill
-// (it starts at the cap and learns), with a cap (SetHold). Datagrams
-// that are not ESP, or come behind the expected number (late, or
-// repeated), go at once: the daemon decides. In-order traffic passes
-// without a copy or a hand-off to another goroutine; a timer releases
-// what waited too long.
+// until the gap fills, or is known never to fill, or its hold time
+// passes, whichever comes first. Datagrams that are not ESP, or come
+// behind the expected number (late, or repeated), go at once: the daemon
+// decides. In-order traffic passes without a copy or a hand-off to
+// another goroutine; a timer releases what waited too long.
+//
+// A gap is known never to fill once every live member that carries ESP
+// has brought a datagram of the SPI from beyond it: a member is one TCP-like
+// link, so what it carries comes in the order it was sent, and the far
+// end sends each SPI's datagrams on its members in the order the daemon
+// numbered them. Such a gap was lost before the members (or on a member
+// that died): it is given up after a short grace (Stats.Passed), for
+// what the far end's daemon itself swapped. A gap that some live
+// member may still bring waits, for at most the hold time: bounded in
+// time, not in packets, sized from the members' measured one-way delay
+// difference and from how long gaps took to fill (it starts at the cap
+// and learns), with a cap (SetHold). MaxHeld bounds the memory the held
+// copies take.
 //
 // A Buffer also measures what it delivers: how many ESP datagrams left
 // behind a higher sequence number of their SPI (out of order, as the
@@ -23,6 +33,7 @@ package reorder
 
 import (
 	"encoding/binary"
+	"sort"
 	"sync"
 	"time"
 
@@ -31,9 +42,12 @@ import (
 )
 
 const (
-	// MaxHeld bounds the datagrams held at once; past it, the oldest
-	// gap is given up.
-	MaxHeld = 512
+	// MaxHeld bounds the datagrams held at once, over every SPI; past it,
+	// the gap of the SPI whose held datagram waited longest is given up.
+	MaxHeld = 4096
+	// MaxMembers is the most members a Buffer tells apart: Receive's
+	// member is below it.
+	MaxMembers = 16
 	// maxSPIs bounds the SPIs tracked; the least recently seen makes room.
 	maxSPIs = 16
 	// heldSize is the size of a held datagram's copy, headroom included,
@@ -41,6 +55,10 @@ const (
 	// reuse, so an idle buffer holds at most maxFree*heldSize.
 	heldSize = 2048
 	maxFree  = 64
+	// passGrace is how long a gap that every member is past still waits:
+	// what the far end's daemon or its reader swapped by a little comes
+	// within it.
+	passGrace = 3 * time.Millisecond
 )
 
 // Buffer restores ESP order for one direction of one aggregate. Its zero
@@ -63,8 +81,10 @@ type Buffer struct {
 	started   bool
 	filling   int64         // while a gap fills: now, for takeLocked; else 0
 	sized     time.Duration // what the delays asked for at the last SetHold
+	dead      uint32        // members not live, by bit (SetLive)
+	carried   uint32        // members that brought ESP, by bit
 	spis      [maxSPIs]spiState
-	held      []heldDG // in arrival order
+	nheld     int
 	free      [][]byte
 	out       []relay.Datagram
 	done      [][]byte // held copies delivered in this call, to free after Deliver
@@ -79,14 +99,19 @@ type spiState struct {
 	highest uint32 // the highest delivered
 	seen    int64  // unix ns, for eviction
 	used    bool
-	// The last gap given up, [skipFrom, skipTo), and when: a datagram of
-	// it that comes after all says how much longer it needed.
+	// The last gap given up for its hold time, [skipFrom, skipTo), and
+	// when: a datagram of it that comes after all says how much longer it
+	// needed.
 	skipFrom, skipTo uint32
 	skippedAt        int64
+	held             []heldDG // beyond next, by sequence number
+	// via is the highest sequence number each member brought, by bit of
+	// carried.
+	via     [MaxMembers]uint32
+	carried uint32
 }
 
 type heldDG struct {
-	st       *spiState
 	seq      uint32
 	at       int64 // unix ns it came
 	deadline int64
@@ -100,6 +125,7 @@ type Stats struct {
 	Delivered    uint64        // ESP datagrams delivered
 	Held         uint64        // ESP datagrams held for a while
 	Expired      uint64        // gaps given up when their hold time passed (or the buffer filled)
+	Passed       uint64        // gaps given up because every live member had brought what followed them
 	OutOfOrder   uint64        // ESP delivered behind a higher sequence number of its SPI
 	MaxBehind    uint32        // the farthest behind the highest that one was delivered
 	HeldNow      int
@@ -126,6 +152,16 @@ func (b *Buffer) SetHold(d, limit time.Duration) {
 	}
 }
 
+// SetLive says which members are live, by bit (member i is 1<<i): a gap
+// waits only for live members. Until the first call, every member is.
+func (b *Buffer) SetLive(members uint32) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.dead = ^members
+	b.releasePassedLocked(time.Now().UnixNano())
+	b.flushLocked()
+}
+
 // resizeLocked sets the hold from what the delays ask and what was
 // learned.
 func (b *Buffer) resizeLocked(now int64) {
@@ -141,8 +177,8 @@ func (b *Buffer) resizeLocked(now int64) {
 }
 
 // lateLocked learns from a datagram of st that came behind the expected
-// number at now: if its gap was given up, the hold was short by the
-// time since.
+// number at now: if its gap was given up for its hold time, the hold was
+// short by the time since.
 func (b *Buffer) lateLocked(st *spiState, seq uint32, now int64) {
 	if st.skippedAt == 0 || int32(seq-st.skipFrom) < 0 || int32(seq-st.skipTo) >= 0 {
 		return
@@ -162,15 +198,17 @@ func (b *Buffer) Stats() Stats {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	s := b.stats
-	s.Hold, s.HeldNow = b.hold, len(b.held)
+	s.Hold, s.HeldNow = b.hold, b.nheld
 	return s
 }
 
-// Receive takes a burst of datagrams that came from the aggregate's
-// members and delivers them, and whatever they release, in order.
-func (b *Buffer) Receive(burst []relay.Datagram, now int64) {
+// Receive takes a burst of datagrams that member (below MaxMembers)
+// brought, in the order it brought them, and delivers them, and whatever
+// they release, in order.
+func (b *Buffer) Receive(member int, burst []relay.Datagram, now int64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	bit := uint32(1) << (uint(member) % MaxMembers)
 	for _, d := range burst {
 		p := d.Bytes()
 		if framing.Classify(p) != framing.KindESP || len(p) < 8 {
@@ -179,8 +217,13 @@ func (b *Buffer) Receive(burst []relay.Datagram, now int64) {
 		}
 		spi, seq := binary.BigEndian.Uint32(p), binary.BigEndian.Uint32(p[4:])
 		st := b.stateLocked(spi, seq, now)
-		if int32(seq-st.next) > 0 && b.hold > 0 && len(b.held) >= MaxHeld {
-			b.skipGapLocked(b.held[0].st) // full: the oldest gap is given up
+		b.carried |= bit
+		if m := uint(member) % MaxMembers; st.carried&bit == 0 || int32(seq-st.via[m]) > 0 {
+			st.via[m] = seq
+			st.carried |= bit
+		}
+		if int32(seq-st.next) > 0 && b.hold > 0 && b.nheld >= MaxHeld {
+			b.skipGapLocked(b.longestWaitingLocked(), now) // full
 		}
 		switch {
 		case seq == st.next:
@@ -198,8 +241,10 @@ func (b *Buffer) Receive(burst []relay.Datagram, now int64) {
 			b.emitLocked(st, d, seq)
 		}
 	}
+	if b.nheld > 0 {
+		b.releasePassedLocked(now)
+	}
 	b.flushLocked()
-	b.armLocked(now)
 }
 
 // stateLocked returns the state of spi, starting it at seq if new.
@@ -215,10 +260,11 @@ func (b *Buffer) stateLocked(spi, seq uint32, now int64) *spiState {
 			oldest = st
 		}
 	}
-	if oldest.used {
-		b.releaseLocked(func(h *heldDG) bool { return h.st == oldest })
+	for len(oldest.held) > 0 {
+		b.skipGapLocked(oldest, 0)
 	}
-	*oldest = spiState{spi: spi, next: seq, highest: seq - 1, seen: now, used: true}
+	held := oldest.held[:0]
+	*oldest = spiState{spi: spi, next: seq, highest: seq - 1, seen: now, used: true, held: held}
 	return oldest
 }
 
@@ -239,11 +285,10 @@ func (b *Buffer) emitLocked(st *spiState, d relay.Datagram, seq uint32) {
 
 // holdLocked keeps a copy of p until the gap before it fills.
 func (b *Buffer) holdLocked(st *spiState, p []byte, seq uint32, now int64) {
-	for i := range b.held {
-		if h := &b.held[i]; h.st == st && h.seq == seq {
-			b.stats.LateOrRepeat++ // a repeat of one held: the daemon would drop it
-			return
-		}
+	i := sort.Search(len(st.held), func(i int) bool { return int32(st.held[i].seq-seq) >= 0 })
+	if i < len(st.held) && st.held[i].seq == seq {
+		b.stats.LateOrRepeat++ // a repeat of one held: the daemon would drop it
+		return
 	}
 	var buf []byte
 	if n := len(b.free); n > 0 && len(b.free[n-1]) >= relay.Headroom+len(p) {
@@ -252,35 +297,32 @@ func (b *Buffer) holdLocked(st *spiState, p []byte, seq uint32, now int64) {
 		buf = make([]byte, max(heldSize, relay.Headroom+len(p)))
 	}
 	copy(buf[relay.Headroom:], p)
-	b.held = append(b.held, heldDG{st: st, seq: seq, at: now, deadline: now + int64(b.hold), buf: buf, n: len(p)})
+	h := heldDG{seq: seq, at: now, deadline: now + int64(b.hold), buf: buf, n: len(p)}
+	st.held = append(st.held, heldDG{})
+	copy(st.held[i+1:], st.held[i:])
+	st.held[i] = h
+	b.nheld++
 	b.stats.Held++
+	if b.armed == 0 || h.deadline < b.armed {
+		b.armLocked(h.deadline, now)
+	}
 }
 
 // releaseNextLocked delivers the held datagrams of st that now follow in
 // order.
 func (b *Buffer) releaseNextLocked(st *spiState) {
-	for {
-		i := b.findLocked(st, st.next)
-		if i < 0 {
-			return
-		}
-		b.takeLocked(i)
+	for len(st.held) > 0 && st.held[0].seq == st.next {
+		b.takeLocked(st)
 	}
 }
 
-func (b *Buffer) findLocked(st *spiState, seq uint32) int {
-	for i := range b.held {
-		if b.held[i].st == st && b.held[i].seq == seq {
-			return i
-		}
-	}
-	return -1
-}
-
-// takeLocked delivers held datagram i.
-func (b *Buffer) takeLocked(i int) {
-	h := b.held[i]
-	b.held = append(b.held[:i], b.held[i+1:]...)
+// takeLocked delivers st's first held datagram.
+func (b *Buffer) takeLocked(st *spiState) {
+	h := st.held[0]
+	copy(st.held, st.held[1:])
+	st.held[len(st.held)-1] = heldDG{}
+	st.held = st.held[:len(st.held)-1]
+	b.nheld--
 	if now := b.filling; now != 0 {
 		// Its gap filled after it waited this long: a hold half as long
 		// again covers the next.
@@ -289,43 +331,95 @@ func (b *Buffer) takeLocked(i int) {
 			b.resizeLocked(now)
 		}
 	}
-	b.emitLocked(h.st, relay.Datagram{Buf: h.buf, Off: relay.Headroom, N: h.n}, h.seq)
+	b.emitLocked(st, relay.Datagram{Buf: h.buf, Off: relay.Headroom, N: h.n}, h.seq)
 	b.done = append(b.done, h.buf)
 }
 
-// skipGapLocked gives up st's gap: the lowest held datagram of st becomes
-// the next expected, and what follows it in order goes.
-func (b *Buffer) skipGapLocked(st *spiState) {
-	low, found := uint32(0), false
-	for _, h := range b.held {
-		if h.st == st && (!found || int32(h.seq-low) < 0) {
-			low, found = h.seq, true
-		}
-	}
-	if !found {
+// skipGapLocked gives up st's gap: its lowest held datagram becomes the
+// next expected, and what follows it in order goes. at, if not 0, is when
+// the gap was given up for its hold time, to learn from what of it comes
+// late.
+func (b *Buffer) skipGapLocked(st *spiState, at int64) {
+	if st == nil || len(st.held) == 0 {
 		return
 	}
-	b.stats.Expired++
-	st.skipFrom, st.skipTo, st.skippedAt = st.next, low, time.Now().UnixNano()
+	low := st.held[0].seq
+	if at != 0 {
+		b.stats.Expired++
+		st.skipFrom, st.skipTo, st.skippedAt = st.next, low, at
+	}
 	st.next = low
 	b.releaseNextLocked(st)
 }
 
-// releaseLocked gives up the gaps of every SPI with a held datagram
-// that match says.
-func (b *Buffer) releaseLocked(match func(*heldDG) bool) {
-	for {
-		var st *spiState
-		for i := range b.held {
-			if match(&b.held[i]) {
-				st = b.held[i].st
+// passedLocked reports whether every live member that carries ESP has
+// brought a datagram of st from beyond its gap: nothing of the gap can
+// come. A member that has carried other SPIs but not st yet may still
+// bring the gap as its first.
+func (b *Buffer) passedLocked(st *spiState) bool {
+	waitFor := b.carried &^ b.dead
+	if waitFor == 0 {
+		return false // no live member carries ESP: the hold decides
+	}
+	for m := range MaxMembers {
+		if waitFor&(1<<m) != 0 && (st.carried&(1<<m) == 0 || int32(st.via[m]-st.next) <= 0) {
+			return false
+		}
+	}
+	return true
+}
+
+// releasePassedLocked gives up every gap that cannot fill and waited
+// passGrace, and sets the timer for those that wait still.
+func (b *Buffer) releasePassedLocked(now int64) {
+	for i := range b.spis {
+		st := &b.spis[i]
+		for len(st.held) > 0 && b.passedLocked(st) {
+			if at := st.held[0].at + int64(passGrace); at > now {
+				if b.armed == 0 || at < b.armed {
+					b.armLocked(at, now)
+				}
 				break
 			}
+			b.stats.Passed++
+			b.skipGapLocked(st, 0)
 		}
-		if st == nil {
-			return
+	}
+}
+
+// longestWaitingLocked returns the SPI whose held datagram came first.
+func (b *Buffer) longestWaitingLocked() *spiState {
+	var first *spiState
+	var at int64
+	for i := range b.spis {
+		for _, h := range b.spis[i].held {
+			if first == nil || h.at < at {
+				first, at = &b.spis[i], h.at
+			}
 		}
-		b.skipGapLocked(st)
+	}
+	return first
+}
+
+// releaseLocked gives up, for their hold time, the gaps of every SPI
+// with a held datagram that match says.
+func (b *Buffer) releaseLocked(match func(*heldDG) bool) {
+	now := time.Now().UnixNano()
+	for i := range b.spis {
+		st := &b.spis[i]
+		for {
+			found := false
+			for k := range st.held {
+				if match(&st.held[k]) {
+					found = true
+					break
+				}
+			}
+			if !found {
+				break
+			}
+			b.skipGapLocked(st, now)
+		}
 	}
 }
 
@@ -345,20 +439,10 @@ func (b *Buffer) flushLocked() {
 	b.done = b.done[:0]
 }
 
-// armLocked sets the timer for the earliest deadline held.
-func (b *Buffer) armLocked(now int64) {
-	if len(b.held) == 0 {
-		return
-	}
-	first := b.held[0].deadline
-	for _, h := range b.held[1:] {
-		first = min(first, h.deadline)
-	}
-	if b.armed != 0 && b.armed <= first {
-		return
-	}
-	b.armed = first
-	d := time.Duration(max(first-now, 0))
+// armLocked sets the timer to fire at the unix ns deadline.
+func (b *Buffer) armLocked(deadline, now int64) {
+	b.armed = deadline
+	d := time.Duration(max(deadline-now, 0))
 	if b.timer == nil {
 		b.timer = time.AfterFunc(d, b.expire)
 	} else {
@@ -366,15 +450,27 @@ func (b *Buffer) armLocked(now int64) {
 	}
 }
 
-// expire gives up the gaps whose datagrams waited their hold time.
+// expire gives up the gaps whose datagrams waited their hold time, and
+// sets the timer for the next deadline.
 func (b *Buffer) expire() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := time.Now().UnixNano()
 	b.armed = 0
 	b.releaseLocked(func(h *heldDG) bool { return h.deadline <= now })
+	b.releasePassedLocked(now)
 	b.flushLocked()
-	b.armLocked(now)
+	var first int64
+	for i := range b.spis {
+		for _, h := range b.spis[i].held {
+			if first == 0 || h.deadline < first {
+				first = h.deadline
+			}
+		}
+	}
+	if first != 0 && (b.armed == 0 || first < b.armed) {
+		b.armLocked(first, now)
+	}
 }
 
 // Close stops the timer and drops what is held.
@@ -384,18 +480,22 @@ func (b *Buffer) Close() {
 	if b.timer != nil {
 		b.timer.Stop()
 	}
-	b.held = b.held[:0]
+	for i := range b.spis {
+		clear(b.spis[i].held)
+		b.spis[i].held = b.spis[i].held[:0]
+	}
+	b.nheld = 0
 }
 
 // DefaultMax is the default cap of the hold time.
-const DefaultMax = 50 * time.Millisecond
+const DefaultMax = 200 * time.Millisecond
 
 // Status returns the buffer's figures for Status.
 func (b *Buffer) Status() relay.ReorderStatus {
 	s := b.Stats()
 	return relay.ReorderStatus{
 		HoldMs: float64(s.Hold.Microseconds()) / 1000, Delivered: s.Delivered, Held: s.Held, Expired: s.Expired,
-		OutOfOrder: s.OutOfOrder, MaxBehind: s.MaxBehind,
+		Passed: s.Passed, OutOfOrder: s.OutOfOrder, MaxBehind: s.MaxBehind,
 	}
 }
 

@@ -37,9 +37,22 @@ func (r *recorder) got() []uint32 {
 	return slices.Clone(r.seqs)
 }
 
+// feed gives b seqs, one at a time: the first from member 1, the rest
+// from member 0, so that a gap among them may still come on member 1.
 func feed(b *Buffer, now int64, seqs ...uint32) {
+	for i, s := range seqs {
+		member := 0
+		if i == 0 {
+			member = 1
+		}
+		b.Receive(member, []relay.Datagram{esp(7, s)}, now)
+	}
+}
+
+// feedFrom gives b seqs, one at a time, from member.
+func feedFrom(b *Buffer, member int, now int64, seqs ...uint32) {
 	for _, s := range seqs {
-		b.Receive([]relay.Datagram{esp(7, s)}, now)
+		b.Receive(member, []relay.Datagram{esp(7, s)}, now)
 	}
 }
 
@@ -102,7 +115,7 @@ func TestHoldLearns(t *testing.T) {
 	// A gap that takes 20 ms to fill: the hold covers it half as long again.
 	now = time.Now().UnixNano()
 	feed(b, now, 1, 3)
-	b.Receive([]relay.Datagram{esp(7, 2)}, now+int64(20*ms))
+	b.Receive(1, []relay.Datagram{esp(7, 2)}, now+int64(20*ms))
 	if h := b.Stats().Hold; h < 30*ms || h > 32*ms {
 		t.Fatalf("hold %v after a gap took 20ms to fill, want 31ms", h)
 	}
@@ -128,7 +141,7 @@ func TestFullBufferGivesUpTheOldestGap(t *testing.T) {
 	now := time.Now().UnixNano()
 	feed(b, now, 1)
 	for s := uint32(3); s < 3+MaxHeld+1; s++ {
-		feed(b, now, s)
+		feedFrom(b, 0, now, s)
 	}
 	if s := b.Stats(); s.HeldNow != 0 || s.Expired != 1 || len(r.got()) != MaxHeld+2 {
 		t.Fatalf("stats %+v, delivered %d", s, len(r.got()))
@@ -142,13 +155,94 @@ func TestInOrderDoesNotAllocate(t *testing.T) {
 	burst := []relay.Datagram{esp(7, 1)}
 	seq := uint32(1)
 	now := time.Now().UnixNano()
-	b.Receive(burst, now)
+	b.Receive(0, burst, now)
 	if n := testing.AllocsPerRun(1000, func() {
 		seq++
 		binary.BigEndian.PutUint32(burst[0].Bytes()[4:], seq)
-		b.Receive(burst, now)
+		b.Receive(0, burst, now)
 	}); n != 0 {
 		t.Errorf("%v allocations per in-order datagram", n)
+	}
+}
+
+// TestGapPassedByEveryMember: a gap that every live member carrying the
+// SPI has brought datagrams beyond cannot fill (each member keeps order):
+// it is given up at once, not after the hold; a gap that a live member
+// may still bring waits for it, and so does one before a member's first
+// datagram of the SPI; a member that is not live is not waited for.
+func TestGapPassedByEveryMember(t *testing.T) {
+	r := &recorder{}
+	b := &Buffer{Deliver: r.deliver}
+	defer b.Close()
+	b.SetHold(time.Minute, time.Minute)
+	now := time.Now().Add(-time.Second).UnixNano()
+	feedFrom(b, 0, now, 1)
+	feedFrom(b, 1, now, 2)
+	feedFrom(b, 0, now, 4) // 3 may still come on member 1
+	if got := r.got(); !slices.Equal(got, []uint32{1, 2}) {
+		t.Fatalf("delivered %v, want [1 2] while member 1 may bring 3", got)
+	}
+	feedFrom(b, 1, now, 3, 6)               // 5 may still come on member 0
+	feedFrom(b, 0, now+int64(passGrace), 7) // it did not: both are past it, it was lost before them
+	if got, want := r.got(), []uint32{1, 2, 3, 4, 6, 7}; !slices.Equal(got, want) {
+		t.Fatalf("delivered %v, want %v at once", got, want)
+	}
+	if s := b.Stats(); s.Passed != 1 || s.Expired != 0 || s.OutOfOrder != 0 || s.HeldNow != 0 {
+		t.Fatalf("stats %+v", s)
+	}
+	// Member 1 dies: a gap is no longer waited for on it.
+	feedFrom(b, 0, now, 9)
+	if got := r.got(); len(got) != 6 {
+		t.Fatalf("delivered %v: 9 went while member 1 is live", got)
+	}
+	b.SetLive(1 << 0)
+	if got, want := r.got(), []uint32{1, 2, 3, 4, 6, 7, 9}; !slices.Equal(got, want) {
+		t.Fatalf("delivered %v, want %v once member 1 is not live", got, want)
+	}
+	// Both live again: a new SPI's gap may come as member 1's first of it.
+	b.SetLive(1<<0 | 1<<1)
+	b.Receive(0, []relay.Datagram{esp(9, 1)}, now)
+	b.Receive(0, []relay.Datagram{esp(9, 3)}, now)
+	if s := b.Stats(); s.HeldNow != 1 {
+		t.Fatalf("a new SPI's gap was not waited for on member 1: %+v", s)
+	}
+	// A gap both members passed just now waits out the grace, no more.
+	now = time.Now().UnixNano()
+	b.Receive(0, []relay.Datagram{esp(10, 1)}, now)
+	b.Receive(1, []relay.Datagram{esp(10, 3)}, now)
+	b.Receive(0, []relay.Datagram{esp(10, 4)}, now)
+	if s := b.Stats(); s.HeldNow != 3 {
+		t.Fatalf("a gap passed just now went at once: %+v", s)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for b.Stats().HeldNow != 1 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if s := b.Stats(); s.HeldNow != 1 || s.Passed != 3 || s.Expired != 0 {
+		t.Fatalf("after the grace: %+v", s)
+	}
+}
+
+// BenchmarkReorderTwoMembers: two members alternate, the second a
+// datagram behind, so every other datagram waits for a gap to fill.
+func BenchmarkReorderTwoMembers(b *testing.B) {
+	buf := &Buffer{Deliver: func([]relay.Datagram) {}}
+	defer buf.Close()
+	buf.SetHold(time.Second, time.Second)
+	d := []relay.Datagram{esp(7, 1)}
+	now := time.Now().UnixNano()
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		// Pairs arrive swapped: 2 (member 0), 1 (member 1), 4, 3, ...
+		seq := uint32(i) + 1
+		member := 1
+		if i%2 == 0 {
+			seq, member = seq+1, 0
+		} else {
+			seq--
+		}
+		binary.BigEndian.PutUint32(d[0].Bytes()[4:], seq)
+		buf.Receive(member, d, now)
 	}
 }
 

@@ -67,13 +67,16 @@ func newAgg(sess *session, location [4]byte, alg aggregate.Algorithm) *agg {
 func (a *agg) tune(limit time.Duration, now int64) {
 	var oneWay [aggregate.MaxMembers]time.Duration
 	n := 0
+	var live uint32
 	for _, m := range a.set().ms {
 		if m.Live(now) && n < len(oneWay) {
 			oneWay[n] = m.RTT() / 2
 			n++
+			live |= 1 << (m.Index % reorder.MaxMembers)
 		}
 	}
 	a.reorder.SetHold(reorder.HoldFor(oneWay[:n], limit), limit)
+	a.reorder.SetLive(live)
 }
 
 // memberSet is an aggregate's members at one time, in the client's order

@@ -544,7 +544,7 @@ func (c *conn) flushMember(m *member, p []pendingFrame, i int, now int64) int {
 	}
 	m.CountIn(len(c.dgs), bytes)
 	if a := m.sess.aggOf(); a != nil {
-		a.reorder.Receive(c.dgs, now)
+		a.reorder.Receive(int(m.Index), c.dgs, now)
 	}
 	clear(c.dgs)
 	return i
