@@ -257,15 +257,21 @@ func setupClient(p *proc, in *instance, log *slog.Logger) (relayFn func(context.
 		}
 		logAggregate(log, &cfg)
 	case encapFakeTCP:
-		if c.IsSet("member") {
-			return nil, cleanup, errors.New("--member goes with --encap rfc9329 (with or without --tls): fake-TCP's segments leave by its TUN device's own address, so members cannot choose their uplink yet")
+		members, sources, err := fakeTCPMembers(c, &cfg)
+		if err != nil {
+			return nil, cleanup, err
 		}
-		stack, stop, err := startFakeTCP(c, log, fakenet.Client, 0)
+		stack, stop, err := startFakeTCP(c, log, fakenet.Client, 0, sources)
 		if err != nil {
 			return nil, cleanup, err
 		}
 		cleanups = append(cleanups, stop)
 		cfg.Dialer = &fakelink.Dialer{Stack: stack}
+		for i, d := range members {
+			d.Stack = stack
+			log.Info("fake-TCP member", "member", cfg.Members[i].Name, "source", orMasquerade(d.Source), "ports", d.Ports.String())
+		}
+		logAggregate(log, &cfg)
 	}
 	peers := c.StringSlice("peer")
 	var cl *client.Client
