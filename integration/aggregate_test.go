@@ -32,7 +32,13 @@ var aggMembers = []string{
 // every member joined on both sides.
 func upAggregate(t *testing.T, ctx context.Context, opts lab.TunnelOptions, args ...string) (*lab.Tunnel, lab.IKESA) {
 	t.Helper()
-	l := lab.NewForTest(t, lab.Options{TwoCarriers: true})
+	return upAggregateIn(t, ctx, lab.NewForTest(t, lab.Options{TwoCarriers: true}), opts, args...)
+}
+
+// upAggregateIn is upAggregate in a two-carrier lab that the caller built
+// (and may have changed).
+func upAggregateIn(t *testing.T, ctx context.Context, l *lab.Lab, opts lab.TunnelOptions, args ...string) (*lab.Tunnel, lab.IKESA) {
+	t.Helper()
 	opts.Binary = iketcpBinary
 	opts.ServerListen = []string{net.JoinHostPort(lab.HubOuter, strconv.Itoa(lab.ServerPort)), net.JoinHostPort(lab.HubOuter2, strconv.Itoa(lab.ServerPort))}
 	opts.Members = aggMembers

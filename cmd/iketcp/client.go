@@ -64,7 +64,7 @@ func clientCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-flows", Value: client.DefaultMaxFlows, Usage: "most local daemon addresses served at once", EnvVars: envVar("max-flows")},
 			&cli.DurationFlag{Name: "flow-idle", Value: client.DefaultFlowIdle, Usage: "close a flow whose daemon has sent nothing for this long", EnvVars: envVar("flow-idle")},
 			&cli.DurationFlag{Name: "dial-timeout", Value: client.DefaultDialTimeout, Usage: "give up a connection attempt after this long", EnvVars: envVar("dial-timeout")},
-			&cli.StringSliceFlag{Name: "member", Usage: "an aggregate member, NAME=LOCAL_ADDR->HUB:PORT: a link that leaves by LOCAL_ADDR (its uplink) to the iketcp server at HUB:PORT; repeat for each (instead of --peer); members may share an uplink", EnvVars: envVar("member")},
+			&cli.StringSliceFlag{Name: "member", Usage: "an aggregate member, NAME=LOCAL_ADDR->HUB:PORT: a link that leaves by LOCAL_ADDR (its uplink) to the iketcp server at HUB:PORT; repeat for each (instead of --peer); members may share an uplink; with --encap fake-tcp a member leaves with LOCAL_ADDR as its source but by the route to HUB (0.0.0.0: the masquerade's address)", EnvVars: envVar("member")},
 			&cli.StringFlag{Name: "location-id", Usage: "--member: this site's location ID, a dotted quad (FortiOS's location-id)", EnvVars: envVar("location-id")},
 			&cli.StringFlag{Name: "aggregate", Value: "round-robin", Usage: "--member: how datagrams are spread over the live members: round-robin, weighted, redundant, l3, l4 (per SA) or least-latency", EnvVars: envVar("aggregate")},
 			reorderFlag(),
@@ -258,15 +258,21 @@ func setupClient(p *proc, in *instance, log *slog.Logger) (relayFn func(context.
 		}
 		logAggregate(log, &cfg)
 	case encapFakeTCP:
-		if c.IsSet("member") {
-			return nil, cleanup, errors.New("--member goes with --encap rfc9329 (with or without --tls): fake-TCP's segments leave by its TUN device's own address, so members cannot choose their uplink yet")
+		members, sources, err := fakeTCPMembers(c, &cfg)
+		if err != nil {
+			return nil, cleanup, err
 		}
-		stack, stop, err := startFakeTCP(c, log, fakenet.Client, 0)
+		stack, stop, err := startFakeTCP(c, log, fakenet.Client, 0, sources)
 		if err != nil {
 			return nil, cleanup, err
 		}
 		cleanups = append(cleanups, stop)
 		cfg.Dialer = &fakelink.Dialer{Stack: stack}
+		for i, d := range members {
+			d.Stack = stack
+			log.Info("fake-TCP member", "member", cfg.Members[i].Name, "source", orMasquerade(d.Source), "ports", d.Ports.String())
+		}
+		logAggregate(log, &cfg)
 	}
 	peers := c.StringSlice("peer")
 	var cl *client.Client

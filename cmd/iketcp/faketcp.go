@@ -9,12 +9,15 @@ import (
 
 	"github.com/iketcp/iketcp/nat/fakenet"
 	"github.com/iketcp/iketcp/nat/faketcp"
+	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/client"
+	"github.com/iketcp/iketcp/relay/fakelink"
 )
 
 // startFakeTCP sets up fake-TCP mode's device and NAT rules and a TCP
 // stack on them. stop closes the stack (its conns send FIN), then the
 // device, rules and routes, and waits for the stack's reader.
-func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint16) (*faketcp.Stack, func(), error) {
+func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint16, sources []fakenet.Source) (*faketcp.Stack, func(), error) {
 	seq, err := parseSeqMode(c.String("fake-tcp-seq"))
 	if err != nil {
 		return nil, nil, err
@@ -25,7 +28,7 @@ func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint
 			return nil, nil, fmt.Errorf("--fake-tcp-net %q: %w (want a /30, e.g. 100.127.255.252/30)", v, err)
 		}
 	}
-	fnet, err := fakenet.Setup(fakenet.Config{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port,
+	fnet, err := fakenet.Setup(fakenet.Config{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port, Sources: sources,
 		NoOffload: !c.Bool("fake-tcp-offload"), Logger: log})
 	if err != nil {
 		return nil, nil, err
@@ -47,6 +50,54 @@ func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint
 		<-stack.Done()
 	}
 	return stack, stop, nil
+}
+
+// fakeTCPMembers fills cfg's aggregate (aggregateConfig) for fake-TCP.
+// Each member dials from a block of the stack's ephemeral ports of its
+// own, which the kernel's NAT gives the member's LOCAL address (a
+// source); a member whose LOCAL is unspecified (0.0.0.0) keeps the
+// masquerade, the outgoing device's address. It returns the members'
+// dialers, whose Stack the caller sets once the stack runs, and the
+// sources for fakenet.Setup.
+func fakeTCPMembers(c *cli.Context, cfg *client.Config) ([]*fakelink.Dialer, []fakenet.Source, error) {
+	n := len(c.StringSlice("member"))
+	var dialers []*fakelink.Dialer
+	var sources []fakenet.Source
+	err := aggregateConfig(c, cfg, func(local netip.Addr) (relay.Dialer, error) {
+		if local.Is6() {
+			return nil, fmt.Errorf("--member from %s: fake-TCP's client carries IPv4 only; use --encap rfc9329 for an IPv6 member", local)
+		}
+		ports := memberPorts(len(dialers), n)
+		d := &fakelink.Dialer{Ports: ports}
+		if !local.IsUnspecified() {
+			d.Source = local
+			sources = append(sources, fakenet.Source{Addr: local, FirstPort: ports.First, LastPort: ports.Last})
+		}
+		dialers = append(dialers, d)
+		return d, nil
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return dialers, sources, nil
+}
+
+// memberPorts is member i's block of n equal ones cut out of the stack's
+// ephemeral ports.
+func memberPorts(i, n int) faketcp.PortRange {
+	eph := faketcp.EphemeralPorts
+	size := eph.Len() / n
+	first := int(eph.First) + i*size
+	return faketcp.PortRange{First: uint16(first), Last: uint16(first + size - 1)}
+}
+
+// orMasquerade names a member's source address for the log: its own, or
+// the masquerade's choice.
+func orMasquerade(a netip.Addr) string {
+	if a.IsValid() {
+		return a.String()
+	}
+	return "masquerade (the outgoing device's address)"
 }
 
 func parseSeqMode(s string) (faketcp.SeqMode, error) {

@@ -109,14 +109,16 @@ func planListen(listen []string, encap string, ikePort uint, ikeSet bool) (specs
 	if len(specs) == 0 {
 		specs = []listenSpec{{encap: encap, addr: ":" + strconv.Itoa(natTPort)}}
 	}
-	fake := 0
+	var fakePort string
 	for _, s := range specs {
-		if s.encap == encapFakeTCP {
-			fake++
+		if s.encap != encapFakeTCP {
+			continue
 		}
-	}
-	if fake > 1 {
-		return nil, 0, errors.New("--listen: one fake-tcp:// port per server (its TCP stack serves one port)")
+		_, port, _ := net.SplitHostPort(s.addr)
+		if fakePort != "" && port != fakePort {
+			return nil, 0, errors.New("--listen: one fake-tcp:// port per server (its TCP stack serves one port; several addresses may share it)")
+		}
+		fakePort = port
 	}
 	return specs, redirectFrom, nil
 }
@@ -143,12 +145,26 @@ func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs
 			close()
 		}
 	}()
+	fakeOpen := false
 	for _, s := range specs {
 		switch s.encap {
 		case encapFakeTCP:
+			// One stack and listener for every fake-tcp:// address (all
+			// of one port, planListen): the kernel hands it the port's
+			// connections to any of the host's addresses.
+			if fakeOpen {
+				continue
+			}
+			fakeOpen = true
+			var addrs []string
+			for _, f := range specs {
+				if f.encap == encapFakeTCP {
+					addrs = append(addrs, f.addr)
+				}
+			}
 			_, port, _ := net.SplitHostPort(s.addr)
 			p, _ := strconv.ParseUint(port, 10, 16)
-			stack, stop, err := startFakeTCP(c, log, fakenet.Server, uint16(p))
+			stack, stop, err := startFakeTCP(c, log, fakenet.Server, uint16(p), nil)
 			if err != nil {
 				return lns, raw, close, err
 			}
@@ -157,7 +173,7 @@ func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs
 			if err != nil {
 				return lns, raw, close, err
 			}
-			lns = append(lns, fakelink.NewListener(ln, s.addr))
+			lns = append(lns, fakelink.NewListener(ln, strings.Join(addrs, ",")))
 		default:
 			inner, ok := inherited[s.String()]
 			if ok {

@@ -76,7 +76,12 @@ func TestBadFlagsAreRejectedWithAdvice(t *testing.T) {
 		{"weight needs weighted", nil, []string{"client", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--weight", "a=3", "--control", ctl}, "--aggregate weighted"},
 		{"weight of no member", nil, []string{"client", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--aggregate", "weighted", "--weight", "b=3", "--control", ctl}, "no --member of that name"},
 		{"member and peer", nil, []string{"client", "--member", "a=100.64.0.2->203.0.113.2:4500", "--peer", "203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "exclude each other"},
-		{"members and fake-tcp", nil, []string{"client", "--encap", "fake-tcp", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "--encap rfc9329"},
+		// Members with fake-TCP pass the member checks and get as far as
+		// the device's subnet, which stops them before any setup.
+		{"members and fake-tcp", nil, []string{"client", "--encap", "fake-tcp", "--fake-tcp-net", "nonsense", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, `--fake-tcp-net "nonsense"`},
+		{"members, fake-tcp and tun", nil, []string{"client", "--encap", "fake-tcp", "--tun", "--member", "a=100.64.0.2->203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "explicit mode only, not with --tun"},
+		{"IPv6 member and fake-tcp", nil, []string{"client", "--encap", "fake-tcp", "--member", "a=2001:db8::2->[2001:db8::1]:4500", "--location-id", "1.1.1.1", "--control", ctl}, "IPv4 only"},
+		{"location without members, fake-tcp", nil, []string{"client", "--encap", "fake-tcp", "--peer", "203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "--location-id goes with --member"},
 		{"location without members", nil, []string{"client", "--peer", "203.0.113.2:4500", "--location-id", "1.1.1.1", "--control", ctl}, "--location-id goes with --member"},
 		{"race needs auto", nil, []string{"client", "--peer", "203.0.113.2:4500", "--race", "--control", ctl}, "--race"},
 	}

@@ -66,12 +66,64 @@ type Config struct {
 	// packets it forwards from the endpoint, before it routes them: policy
 	// rules can route them by it (transparent mode's bypass rule, say).
 	Mark uint32
+	// Sources, for a client, give blocks of the endpoint's source ports an
+	// address of the host's own to leave with, instead of the one the
+	// masquerade picks (the outgoing device's): an aggregate member's
+	// uplink address. The kernel still routes them by destination (see
+	// Source). The blocks must not overlap; a port outside them is
+	// masqueraded.
+	Sources []Source
 	// NoOffload keeps the TUN device from handing TCP segmentation and
 	// checksums to the kernel (see the package documentation): each
 	// segment then takes a system call and a walk through the kernel's
 	// network stack of its own, as where the kernel refuses the offloads.
 	NoOffload bool
 	Logger    *slog.Logger
+}
+
+// Source is a block of a client endpoint's source ports, FirstPort to
+// LastPort, whose connections leave with Addr as their source address:
+// the table SNATs them to Addr where it would masquerade them. The kernel
+// routes what the endpoint writes by its destination, before the SNAT,
+// so a connection chooses its source address, not its uplink: it leaves
+// by the device the route to its destination names, and policy rules
+// that select by source address do not see Addr (unlike a socket bound to
+// Addr, whose packets they route). Addr should be an address of the host
+// (Setup warns otherwise: the replies would go elsewhere) on the device
+// that reaches the destination, or the network beyond may drop what
+// leaves with a source it does not expect there.
+type Source struct {
+	Addr                netip.Addr
+	FirstPort, LastPort uint16
+}
+
+func (s Source) String() string {
+	return fmt.Sprintf("%s ports %d-%d", s.Addr, s.FirstPort, s.LastPort)
+}
+
+// checkSources says what is wrong with a client's sources: each an
+// address of a family the device carries, a block of ports from 1, no two
+// blocks overlapping.
+func (c Config) checkSources() error {
+	if len(c.Sources) > 0 && c.Role != Client {
+		return fmt.Errorf("fake-TCP mode: Sources are a client's; a server's connections keep the host's address they came to")
+	}
+	for i, s := range c.Sources {
+		switch {
+		case !s.Addr.IsValid() || s.Addr.IsUnspecified() || s.Addr.IsMulticast() || s.Addr.Zone() != "" || s.Addr.Is4In6():
+			return fmt.Errorf("fake-TCP mode: source %v: want a unicast address of the host's (leave out a connection that the masquerade may send from the outgoing device's address)", s.Addr)
+		case s.Addr.Is6() && !c.Net6.IsValid():
+			return fmt.Errorf("fake-TCP mode: source %s is IPv6, but the device has no IPv6 subnet (Net6)", s.Addr)
+		case s.FirstPort == 0 || s.FirstPort > s.LastPort:
+			return fmt.Errorf("fake-TCP mode: source %s: ports %d-%d, want a block from 1 to 65535, first to last", s.Addr, s.FirstPort, s.LastPort)
+		}
+		for _, o := range c.Sources[:i] {
+			if s.FirstPort <= o.LastPort && o.FirstPort <= s.LastPort {
+				return fmt.Errorf("fake-TCP mode: sources %v and %v: their port blocks overlap", o, s)
+			}
+		}
+	}
+	return nil
 }
 
 // withDefaults returns c with defaults filled in, checked for a setup if
@@ -111,6 +163,9 @@ func (c Config) withDefaults(forSetup bool) (Config, error) {
 		if err := checkSubnet(c.Net6, true); err != nil {
 			return c, err
 		}
+	}
+	if err := c.checkSources(); err != nil {
+		return c, err
 	}
 	return c, nil
 }

@@ -38,11 +38,23 @@ func TestConfigErrors(t *testing.T) {
 		{Config{Net6: netip.MustParsePrefix("100.64.0.0/30")}, "give an IPv6 /126"},
 		{Config{Net6: netip.MustParsePrefix("fe80::/126")}, "routable unicast"},
 		{Config{Net6: netip.MustParsePrefix("2001:db8::1/126")}, "host bits are set"},
+		{Config{Role: Server, Port: 4500, Sources: []Source{{netip.MustParseAddr("192.0.2.1"), 1, 2}}}, "Sources are a client's"},
+		{Config{Sources: []Source{{netip.IPv4Unspecified(), 1, 2}}}, "want a unicast address"},
+		{Config{Sources: []Source{{netip.Addr{}, 1, 2}}}, "want a unicast address"},
+		{Config{Sources: []Source{{netip.MustParseAddr("2001:db8::1"), 1, 2}}}, "no IPv6 subnet"},
+		{Config{Sources: []Source{{netip.MustParseAddr("192.0.2.1"), 0, 2}}}, "ports 0-2"},
+		{Config{Sources: []Source{{netip.MustParseAddr("192.0.2.1"), 9, 8}}}, "ports 9-8"},
+		{Config{Sources: []Source{{netip.MustParseAddr("192.0.2.1"), 100, 199}, {netip.MustParseAddr("192.0.2.2"), 199, 300}}}, "overlap"},
 	} {
 		_, err := c.cfg.withDefaults(true)
 		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.HasPrefix(err.Error(), "fake-TCP mode") && !strings.Contains(c.want, "15 characters") {
 			t.Errorf("%+v: got %v, want an error about %q", c.cfg, err, c.want)
 		}
+	}
+	ok := Config{Net6: netip.MustParsePrefix("2001:db8:1::/126"), Sources: []Source{
+		{netip.MustParseAddr("192.0.2.1"), 100, 199}, {netip.MustParseAddr("192.0.2.2"), 200, 200}, {netip.MustParseAddr("2001:db8::1"), 201, 300}}}
+	if _, err := ok.withDefaults(true); err != nil {
+		t.Errorf("sources: %v", err)
 	}
 	// A clean-up needs only the name.
 	if _, err := (Config{Role: Server}).withDefaults(false); err != nil {

@@ -20,6 +20,16 @@
 // conntrack's reverse NAT, which rewrites them before routing, so they
 // too are forwarded, into the device, and never meet the kernel's TCP.
 //
+// A client's connections from a block of source ports given in
+// Config.Sources leave SNATed to that source's address instead (an
+// aggregate member's uplink address; nat/faketcp's DialFrom dials from a
+// block). They choose their source address, not their path: the kernel
+// routes what the endpoint writes by its destination before the NAT
+// rewrites its source, so policy rules that select by source address do
+// not see it, unlike the packets of a socket bound to that address (an
+// RFC 9329 member's). Members that must leave by different uplinks reach
+// the hub at destinations routed by those uplinks.
+//
 // What follows for the endpoint's TCP stack:
 //
 //   - Conntrack follows the connection as TCP, windows and all (unless

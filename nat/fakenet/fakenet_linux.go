@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -173,6 +174,7 @@ func (n *Net) setup() error {
 	if err := n.checkSubnetsFree(); err != nil {
 		return err
 	}
+	n.checkSourcesLocal()
 	dev, err := tun.Create(n.nl, modeFakeTCP, cfg.Name, v6, tun.Options{Offload: !cfg.NoOffload})
 	if err != nil {
 		return err
@@ -285,6 +287,29 @@ func (n *Net) checkSubnetsFree() error {
 		}
 	}
 	return nil
+}
+
+// checkSourcesLocal warns of each source address that is not the host's
+// (yet: an uplink's address may come later): the replies to what leaves
+// with it would not come back here.
+func (n *Net) checkSourcesLocal() {
+	if len(n.cfg.Sources) == 0 {
+		return
+	}
+	addrs, err := n.nl.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		n.log.Warn("fake-TCP mode: could not list the host's addresses to check the source addresses", "err", err)
+		return
+	}
+	for _, src := range n.cfg.Sources {
+		if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool {
+			ip, ok := netip.AddrFromSlice(a.IP)
+			return ok && ip.Unmap() == src.Addr
+		}) {
+			n.log.Warn("fake-TCP mode: a source address is not this host's: the replies to its connections will not come back until it is",
+				"source", src.String())
+		}
+	}
 }
 
 // routeWait bounds how long setup waits for the route to the endpoint.

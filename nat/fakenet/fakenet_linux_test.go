@@ -1030,6 +1030,62 @@ func TestFakeTCPMark(t *testing.T) {
 	expectTCP(t, "the server's device", sin, ipPacket{src: netip.AddrPortFrom(ftClientV4, 0), dst: netip.AddrPortFrom(server.Endpoint4(), 4500), seq: 1, flags: tcpSYN})
 }
 
+// TestFakeTCPSources: a client's connections from a source's block of
+// ports leave with the source's address, where the masquerade would give
+// them the outgoing device's primary one; ports outside every block are
+// masqueraded; the replies come back to the endpoint; Close removes the
+// rules with the table.
+func TestFakeTCPSources(t *testing.T) {
+	l := newFakeTCPLab(t)
+	// A second address on the uplink: the masquerade never picks it.
+	second := netip.MustParseAddr("198.51.100.3")
+	link, err := netlink.LinkByName(ftClientVeth)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nattest.AddAddr(link, second, 24); err != nil {
+		t.Fatal(err)
+	}
+	before := stableFTSnapshot(t)
+	cfg := Config{Role: Client, Name: "ftcli", Net4: ftClientNet4, Logger: nattest.Logger(t), Sources: []Source{
+		{Addr: second, FirstPort: 41000, LastPort: 41009},
+		{Addr: ftClientV4, FirstPort: 41010, LastPort: 41010},
+	}}
+	client, err := Setup(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			client.Close()
+		}
+	})
+	mustContain(t, ftSnapshot(t),
+		`ip saddr 100.64.200.2 oifname != "ftcli" tcp sport 41000-41009 snat ip to 198.51.100.3`,
+		`ip saddr 100.64.200.2 oifname != "ftcli" tcp sport 41010 snat ip to 198.51.100.2`,
+		`ip saddr 100.64.200.2 oifname != "ftcli" masquerade`,
+	)
+	server := startIn(t, l.server, Config{Role: Server, Name: "ftsrv", Net4: ftServerNet4, Port: 4500})
+	cin, sin := rawPump(t, client), rawPump(t, server)
+	sAt, sepAt := netip.AddrPortFrom(ftServerV4, 4500), netip.AddrPortFrom(server.Endpoint4(), 4500)
+	for _, c := range []struct {
+		port uint16
+		want netip.Addr
+	}{{41000, second}, {41009, second}, {41010, ftClientV4}, {40999, ftClientV4}, {41011, ftClientV4}} {
+		cAt := netip.AddrPortFrom(client.Endpoint4(), c.port)
+		writeAll(t, client, tcpPacket(cAt, sAt, 1000, 0, tcpSYN, nil))
+		syn := expectTCP(t, "the server's device", sin, ipPacket{src: netip.AddrPortFrom(c.want, c.port), dst: sepAt, seq: 1000, flags: tcpSYN})
+		writeAll(t, server, tcpPacket(sepAt, syn.src, 5000, 1001, tcpSYN|tcpACK, nil))
+		expectTCP(t, "the client's device", cin, ipPacket{src: sAt, dst: cAt, seq: 5000, ack: 1001, flags: tcpSYN | tcpACK})
+	}
+	closed = true
+	if err := client.Close(); err != nil {
+		t.Fatal(err)
+	}
+	sameSnapshot(t, "Close", before, stableFTSnapshot(t))
+}
+
 // TestFakeTCPReadWriteDoNotAllocate counts allocations of Read and Write.
 func TestFakeTCPReadWriteDoNotAllocate(t *testing.T) {
 	if nattest.RaceEnabled {

@@ -162,6 +162,14 @@ func (n *Net) installTable() error {
 	switch cfg.Role {
 	case Client:
 		post := chain("postrouting", nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource)
+		// A source's block first: a NAT verdict ends the chain.
+		for _, src := range cfg.Sources {
+			ep := n.ep4
+			if src.Addr.Is6() {
+				ep = n.ep6
+			}
+			rule(post, addrIs(ep, true), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, cfg.Name), tcpSportIn(src.FirstPort, src.LastPort), snat(src.Addr))
+		}
 		for _, ep := range eps {
 			rule(post, addrIs(ep, true), ifname(expr.MetaKeyOIFNAME, expr.CmpOpNeq, cfg.Name), []expr.Any{&expr.Masq{}})
 		}
@@ -530,6 +538,20 @@ func tcpDport(port uint16) []expr.Any {
 	}
 }
 
+// tcpSportIn matches TCP from a port of first to last.
+func tcpSportIn(first, last uint16) []expr.Any {
+	ports := expr.Any(&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: binaryutil.BigEndian.PutUint16(first), ToData: binaryutil.BigEndian.PutUint16(last)})
+	if first == last {
+		ports = &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(first)}
+	}
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+		ports,
+	}
+}
+
 // icmpv6Type compares an ICMPv6 message's type with typ (MLD: 130 to 132,
 // and 143).
 func icmpv6Type(op expr.CmpOp, typ byte) []expr.Any {
@@ -572,6 +594,19 @@ func dnat(ep netip.Addr, port uint16) []expr.Any {
 		&expr.Immediate{Register: 1, Data: ep.AsSlice()},
 		&expr.Immediate{Register: 2, Data: binaryutil.BigEndian.PutUint16(port)},
 		&expr.NAT{Type: expr.NATTypeDestNAT, Family: fam, RegAddrMin: 1, RegAddrMax: 1, RegProtoMin: 2, RegProtoMax: 2, Specified: true},
+	}
+}
+
+// snat gives the connection the source address to, its port kept unless
+// it collides.
+func snat(to netip.Addr) []expr.Any {
+	fam := uint32(unix.NFPROTO_IPV4)
+	if to.Is6() {
+		fam = unix.NFPROTO_IPV6
+	}
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: to.AsSlice()},
+		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: fam, RegAddrMin: 1, RegAddrMax: 1},
 	}
 }
 

@@ -51,13 +51,36 @@ const (
 	controlBufSize = 128
 	// maxBatch bounds the buffers of one Read.
 	maxBatch = 1024
-	// Ephemeral ports, as Linux's default ip_local_port_range.
+	// Dial's ports (EphemeralPorts).
 	ephemeralFirst = 32768
 	ephemeralLast  = 60999
 	// readRetry is the pause after a Read error that is not the device
 	// closing.
 	readRetry = 10 * time.Millisecond
 )
+
+// PortRange is a block of local TCP ports, First to Last, both included.
+type PortRange struct{ First, Last uint16 }
+
+// EphemeralPorts are the ports Dial picks from, as Linux's default
+// ip_local_port_range; DialFrom's blocks are usually cut out of them.
+var EphemeralPorts = PortRange{ephemeralFirst, ephemeralLast}
+
+// Valid reports whether r holds at least one port, and not port 0.
+func (r PortRange) Valid() bool { return r.First != 0 && r.First <= r.Last }
+
+// Contains reports whether port is in r.
+func (r PortRange) Contains(port uint16) bool { return r.First <= port && port <= r.Last }
+
+// Len is how many ports r holds.
+func (r PortRange) Len() int {
+	if !r.Valid() {
+		return 0
+	}
+	return int(r.Last) - int(r.First) + 1
+}
+
+func (r PortRange) String() string { return fmt.Sprintf("%d-%d", r.First, r.Last) }
 
 // fourTuple identifies a conn: the local address is the stack's own.
 type fourTuple struct {
@@ -315,16 +338,26 @@ func (s *Stack) Close() error {
 }
 
 // Dial opens a connection to remote, which must be of Local's family:
-// from a random free ephemeral port, with a random ISN, a SYN (MSS, window
-// scale, SACK permitted) sent again every second until the SYN-ACK comes
-// or HandshakeTimeout passes, then an ACK. The conn returned has no
-// handler yet.
+// from a random free port of EphemeralPorts, with a random ISN, a SYN
+// (MSS, window scale, SACK permitted) sent again every second until the
+// SYN-ACK comes or HandshakeTimeout passes, then an ACK. The conn
+// returned has no handler yet.
 func (s *Stack) Dial(ctx context.Context, remote netip.AddrPort) (*Conn, error) {
+	return s.DialFrom(ctx, remote, EphemeralPorts)
+}
+
+// DialFrom is Dial from a random free port of ports: the kernel's NAT can
+// tell the conns of one block from another's by their source port (an
+// aggregate member's, which leaves by an address of its own).
+func (s *Stack) DialFrom(ctx context.Context, remote netip.AddrPort, ports PortRange) (*Conn, error) {
 	remote = netip.AddrPortFrom(remote.Addr().Unmap().WithZone(""), remote.Port())
 	if !remote.Addr().IsValid() || remote.Port() == 0 || remote.Addr().Is4() != s.cfg.Local.Is4() {
 		return nil, fmt.Errorf("faketcp: dial %v: not a %s address and port", remote, familyName(s.cfg.Local))
 	}
-	c, syn, err := s.openActive(remote)
+	if !ports.Valid() {
+		return nil, fmt.Errorf("faketcp: dial %v: local ports %v: want First from 1 to Last", remote, ports)
+	}
+	c, syn, err := s.openActive(remote, ports)
 	if err != nil {
 		return nil, fmt.Errorf("faketcp: dial %v: %w", remote, err)
 	}
@@ -347,8 +380,9 @@ func familyName(a netip.Addr) string {
 	return "IPv6"
 }
 
-// openActive makes Dial's conn, in SYN_SENT, with a free local port.
-func (s *Stack) openActive(remote netip.AddrPort) (*Conn, emit, error) {
+// openActive makes Dial's conn, in SYN_SENT, with a free local port of
+// ports.
+func (s *Stack) openActive(remote netip.AddrPort, ports PortRange) (*Conn, emit, error) {
 	iss := s.random()
 	now := time.Now()
 	s.mu.Lock()
@@ -356,9 +390,9 @@ func (s *Stack) openActive(remote netip.AddrPort) (*Conn, emit, error) {
 	if err := s.refuseLocked(); err != nil {
 		return nil, emit{}, err
 	}
-	port, ok := s.freePortLocked(remote)
+	port, ok := s.freePortLocked(remote, ports)
 	if !ok {
-		return nil, emit{}, errors.New("no free ephemeral port")
+		return nil, emit{}, fmt.Errorf("no free local port in %v", ports)
 	}
 	c := s.newConn(remote, port, nil, s.random(), uint16(s.random()))
 	var syn emit
@@ -380,13 +414,13 @@ func (s *Stack) refuseLocked() error {
 	return nil
 }
 
-// freePortLocked picks a random ephemeral port that no listener has and
+// freePortLocked picks a random port of ports that no listener has and
 // no conn to remote uses.
-func (s *Stack) freePortLocked(remote netip.AddrPort) (uint16, bool) {
-	const span = ephemeralLast - ephemeralFirst + 1
+func (s *Stack) freePortLocked(remote netip.AddrPort, ports PortRange) (uint16, bool) {
+	span := uint32(ports.Len())
 	start := s.random() % span
-	for i := range uint32(span) {
-		port := uint16(ephemeralFirst + (start+i)%span)
+	for i := range span {
+		port := uint16(uint32(ports.First) + (start+i)%span)
 		if _, ok := s.listeners[port]; ok {
 			continue
 		}

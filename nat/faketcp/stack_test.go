@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -893,4 +894,62 @@ func TestDeviceClosed(t *testing.T) {
 	}
 	devA.Close()
 	<-s.Done()
+}
+
+// TestDialFromPortBlock: DialFrom takes its local port from the block it
+// is given, skips the ports that a listener or a conn to the same remote
+// holds, says so when the block is full, and refuses an empty block.
+func TestDialFromPortBlock(t *testing.T) {
+	p := newStacks(t, pairOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	remote := netip.AddrPortFrom(addr4B, testPort)
+	block := PortRange{40000, 40003}
+	if _, err := p.a.Listen(40001); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[uint16]bool{}
+	for range 3 {
+		c, err := p.a.DialFrom(ctx, remote, block)
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := c.LocalAddr().Port()
+		if !block.Contains(port) || port == 40001 || seen[port] {
+			t.Fatalf("local port %d: want a free one of %v other than the listener's 40001 (had %v)", port, block, seen)
+		}
+		seen[port] = true
+		if _, err := p.listener.Accept(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := p.a.DialFrom(ctx, remote, block); err == nil || !strings.Contains(err.Error(), "no free local port in 40000-40003") {
+		t.Fatalf("dial from a full block: %v, want it refused", err)
+	}
+	// Another remote may reuse the block's ports.
+	if err := func() error {
+		l, err := p.b.Listen(testPort + 1)
+		if err != nil {
+			return err
+		}
+		c, err := p.a.DialFrom(ctx, netip.AddrPortFrom(addr4B, testPort+1), PortRange{40000, 40000})
+		if err != nil {
+			return err
+		}
+		if c.LocalAddr().Port() != 40000 {
+			t.Errorf("local port %d, want 40000", c.LocalAddr().Port())
+		}
+		_, err = l.Accept(ctx)
+		return err
+	}(); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []PortRange{{0, 10}, {20, 10}} {
+		if _, err := p.a.DialFrom(ctx, remote, bad); err == nil || !strings.Contains(err.Error(), "local ports") {
+			t.Errorf("DialFrom with %v: %v, want it refused", bad, err)
+		}
+	}
+	if n := EphemeralPorts.Len(); n != ephemeralLast-ephemeralFirst+1 || (PortRange{}).Len() != 0 {
+		t.Errorf("EphemeralPorts.Len() %d", n)
+	}
 }

@@ -27,6 +27,15 @@ const burstSize = 64
 // Dialer opens fake-TCP links through a stack, for a client.
 type Dialer struct {
 	Stack *faketcp.Stack
+	// Ports, if valid, is the block of local ports the links come from:
+	// an aggregate member's, which the kernel's NAT gives the member's own
+	// address (nat/fakenet's Config.Sources). The zero PortRange means the
+	// stack's ephemeral ports.
+	Ports faketcp.PortRange
+	// Source, if valid, is the address the kernel's NAT gives the links
+	// (Ports' source address): their LocalAddr shows it, with the stack's
+	// port, in place of the endpoint's address behind the TUN device.
+	Source netip.Addr
 }
 
 // DialLink connects to addr (host:port) through the stack.
@@ -40,11 +49,19 @@ func (d *Dialer) DialLink(ctx context.Context, addr string) (relay.Link, error) 
 		remote = ta.AddrPort()
 	}
 	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
-	conn, err := d.Stack.Dial(ctx, remote)
+	ports := d.Ports
+	if !ports.Valid() {
+		ports = faketcp.EphemeralPorts
+	}
+	conn, err := d.Stack.DialFrom(ctx, remote, ports)
 	if err != nil {
 		return nil, err
 	}
-	return &Link{conn: conn}, nil
+	l := &Link{conn: conn}
+	if d.Source.IsValid() {
+		l.local = netip.AddrPortFrom(d.Source, conn.LocalAddr().Port()).String()
+	}
+	return l, nil
 }
 
 // Listener accepts fake-TCP links from a stack's listener, for a server.
@@ -73,6 +90,7 @@ func (l *Listener) Encap() string { return "fake-tcp" }
 // Link is one fake-TCP conn.
 type Link struct {
 	conn   *faketcp.Conn
+	local  string // LocalAddr's, if not the conn's own (Dialer.Source)
 	closed atomic.Bool
 }
 
@@ -144,5 +162,14 @@ func (l *Link) Close() error {
 	return l.conn.Close()
 }
 
-func (l *Link) LocalAddr() string  { return l.conn.LocalAddr().String() }
+// LocalAddr is the conn's address and port, or, for a Dialer with a
+// Source, that address with the conn's port: as the kernel's NAT maps it,
+// unless the port collided there.
+func (l *Link) LocalAddr() string {
+	if l.local != "" {
+		return l.local
+	}
+	return l.conn.LocalAddr().String()
+}
+
 func (l *Link) RemoteAddr() string { return l.conn.RemoteAddr().String() }

@@ -3,6 +3,7 @@ package fakelink_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/nat/tun/tuntest"
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/aggregate"
 	"github.com/iketcp/iketcp/relay/client"
 	"github.com/iketcp/iketcp/relay/fakelink"
 	"github.com/iketcp/iketcp/relay/relaytest"
@@ -37,7 +39,9 @@ var (
 	fakeServerAddr = netip.MustParseAddr("100.64.201.2")
 )
 
-func newFakeRig(t *testing.T, seq faketcp.SeqMode) *fakeRig {
+// newFakeRig starts the rig; each of configure, if any, adjusts the
+// client's configuration, given the client's stack, before it starts.
+func newFakeRig(t *testing.T, seq faketcp.SeqMode, configure ...func(*client.Config, *faketcp.Stack)) *fakeRig {
 	t.Helper()
 	// The wire between the stacks: it stands in for their TUN devices and
 	// the NAT between them.
@@ -67,10 +71,14 @@ func newFakeRig(t *testing.T, seq faketcp.SeqMode) *fakeRig {
 	ctx, cancel := context.WithCancel(context.Background())
 	links := &recordingListener{Listener: fakelink.NewListener(ln, fakeServerAddr.String()+":4500")}
 	go func() { srvDone <- srv.Serve(ctx, links) }()
-	cl, err := client.New(client.Config{
+	cfg := client.Config{
 		Peer: netip.AddrPortFrom(fakeServerAddr, 4500).String(), Dialer: &fakelink.Dialer{Stack: cStack},
 		Logger: relaytest.Logger(t), ReconnectMin: 20 * time.Millisecond,
-	})
+	}
+	for _, c := range configure {
+		c(&cfg, cStack)
+	}
+	cl, err := client.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,5 +239,68 @@ func TestFakeTCPGarbageClosesOnlyItsConn(t *testing.T) {
 	r.Site.Write(relaytest.ESP(0xc6, 2, 300))
 	if got, from2 := relaytest.Recv(t, r.Backend); len(got) != 300 || from2 != from {
 		t.Fatal("the relay's own flow was harmed")
+	}
+}
+
+// TestFakeTCPAggregate: an aggregate of two members over one fake-TCP
+// stack, each dialling from a port block of its own (as each leaves by
+// its own address once the kernel's NAT rewrites it): both join with
+// their Hello and Join, probe, and carry ESP in turn both ways; each
+// side sees each member's conn at a port of its block; a member's links
+// show its source address.
+func TestFakeTCPAggregate(t *testing.T) {
+	blocks := []faketcp.PortRange{{First: 40000, Last: 40099}, {First: 40100, Last: 40199}}
+	sources := []netip.Addr{netip.MustParseAddr("192.0.2.10"), {}}
+	r := newFakeRig(t, faketcp.SeqLive, func(cfg *client.Config, st *faketcp.Stack) {
+		cfg.LocationID, cfg.Aggregate = [4]byte{1, 1, 1, 1}, aggregate.RoundRobin
+		for i, b := range blocks {
+			cfg.Members = append(cfg.Members, client.Member{Name: fmt.Sprintf("wan%d", i+1), Peer: cfg.Peer,
+				Dialer: &fakelink.Dialer{Stack: st, Ports: b, Source: sources[i]}})
+		}
+	})
+	r.Site.Write(relaytest.Init(0xa66a))
+	_, from := relaytest.Recv(t, r.Backend)
+	r.Backend.WriteToUDPAddrPort(relaytest.InitResponse(0xa66a), from)
+	relaytest.Recv(t, r.Site)
+	up := func(st *relay.Status) bool {
+		if len(st.Aggregates) != 1 || len(st.Aggregates[0].Members) != 2 {
+			return false
+		}
+		for _, m := range st.Aggregates[0].Members {
+			if m.State != "up" {
+				return false
+			}
+		}
+		return true
+	}
+	relaytest.Eventually(t, "both members joined, on both sides", func() bool { return up(r.Srv.Status()) && up(r.Cl.Status()) })
+	const n = 200
+	for i := range uint32(n) {
+		r.Site.Write(relaytest.ESP(0xc0c0c0c0, i+1, 1000))
+		relaytest.Recv(t, r.Backend)
+		r.Backend.WriteToUDPAddrPort(relaytest.ESP(0xd0d0d0d0, i+1, 1000), from)
+		relaytest.Recv(t, r.Site)
+	}
+	srv, cl := r.Srv.Status().Aggregates[0].Members, r.Cl.Status().Aggregates[0].Members
+	for i, m := range srv {
+		ap, err := netip.ParseAddrPort(m.Remote)
+		if err != nil || ap.Addr() != fakeClientAddr || !blocks[m.Index].Contains(ap.Port()) {
+			t.Errorf("server member %d (index %d) at %q: want %s at a port of %v", i, m.Index, m.Remote, fakeClientAddr, blocks[m.Index])
+		}
+		if m.PacketsIn < n/2-10 || m.PacketsIn > n/2+10 || m.PacketsOut < n/2-10 || m.PacketsOut > n/2+10 {
+			t.Errorf("server member %d carried %d in, %d out of %d each way: want about half", i, m.PacketsIn, m.PacketsOut, n)
+		}
+	}
+	for i, m := range cl {
+		want := sources[i]
+		if !want.IsValid() {
+			want = fakeClientAddr
+		}
+		if ap, err := netip.ParseAddrPort(m.Local); err != nil || ap.Addr() != want || !blocks[i].Contains(ap.Port()) {
+			t.Errorf("client member %s leaves from %q: want %s at a port of %v", m.Name, m.Local, want, blocks[i])
+		}
+	}
+	if st := r.Srv.Status(); len(st.Sessions) != 1 {
+		t.Errorf("%d server sessions, want the one IKE SA's", len(st.Sessions))
 	}
 }
