@@ -271,7 +271,7 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		// upgrade has handed everything over.
 		ctx, cancel := context.WithCancel(parent)
 		defer cancel()
-		u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, host: host, refuse: upgradeRefusal(c, specs),
+		u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, host: host, refuse: upgradeRefusal(specs),
 			stop: cancel, parent: parent, asked: make(chan struct{}, 1)}
 		ctl, err := control.Listen(c.String("control"), func() any { return srv.Status() }, log,
 			control.Request{Name: "upgrade", Answer: u.request})

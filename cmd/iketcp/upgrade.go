@@ -220,11 +220,21 @@ func (u *upgrader) upgrade() error {
 
 // upgradeRefusal says why a server of this configuration cannot hand
 // over, or "". The port redirect and real-address mode hand their host
-// state over (hostState).
-func upgradeRefusal(c *cli.Context, specs []listenSpec) string {
+// state over (hostState). Fake-TCP does not, yet: its TUN device could go
+// with its descriptor (IFF_TUN|IFF_NO_PI, not multi-queue, IFF_VNET_HDR
+// when it offloads: a passed descriptor keeps it), but its connections
+// are no kernel sockets. Each one's TCP state (package nat/faketcp's tcb:
+// ISN, snd.nxt, rcv.nxt, the ack sent, the window's end, the peer's MSS,
+// window scale and SACK, its timers; the conn's IP ID and flow label; the
+// stack's SYN cookie key) has no export or import; relay/fakelink's links
+// do not implement relay.Detachable, whose hand-over is a socket file;
+// and nat/fakenet has no adoption of its device, table and forwarding
+// record. Without all three the new stack would answer the clients'
+// segments with RSTs.
+func upgradeRefusal(specs []listenSpec) string {
 	for _, s := range specs {
 		if s.encap == encapFakeTCP {
-			return "upgrade is not supported with fake-TCP listeners (the userspace TCP state stays in this process): restart with --state instead"
+			return "upgrade is not supported with fake-TCP listeners: their connections' TCP state (sequence numbers, windows, options) lives in this process's userspace stack and cannot be handed over yet; restart with --state instead (clients reconnect and claim their sessions)"
 		}
 	}
 	return ""
