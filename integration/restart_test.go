@@ -278,6 +278,7 @@ func TestServerCrashRestart(t *testing.T) {
 type adoptedProcess struct {
 	pid   int
 	pidfd int
+	once  sync.Once
 }
 
 func adoptProcess(t *testing.T, pid int) *adoptedProcess {
@@ -291,8 +292,11 @@ func adoptProcess(t *testing.T, pid int) *adoptedProcess {
 	return p
 }
 
-// stop sends SIGTERM, waits up to 5 s for the exit, then SIGKILL.
-func (p *adoptedProcess) stop() {
+// stop sends SIGTERM, waits up to 5 s for the exit, then SIGKILL. It
+// runs once; later calls do nothing.
+func (p *adoptedProcess) stop() { p.once.Do(p.stopOnce) }
+
+func (p *adoptedProcess) stopOnce() {
 	defer unix.Close(p.pidfd)
 	if p.exited(0) {
 		return

@@ -217,29 +217,33 @@ func (l keepAliveListener) File() (*os.File, error) {
 	return fl.File()
 }
 
-// startRedirect installs the ike-tcp-port redirect, as --redirect says.
-// stop removes it.
-func startRedirect(c *cli.Context, log *slog.Logger, from uint16) (stop func(), err error) {
+// startRedirect installs the ike-tcp-port redirect, as --redirect says,
+// or adopts the running one whose owner socket a predecessor handed over
+// (owner, if not nil). It returns nil when there is no redirect to own.
+func startRedirect(c *cli.Context, log *slog.Logger, from uint16, owner *os.File) (*redirect.Redirect, error) {
 	switch mode := c.String("redirect"); {
 	case from == 0:
-		return func() {}, nil
+		return nil, nil
 	case mode == "none":
 		log.Info("port redirect left to the platform (--redirect none): map the ike-tcp-port to iketcp's",
 			"ike_tcp_port", from, "to", redirectPort)
-		return func() {}, nil
+		return nil, nil
 	case mode != "nftables":
 		return nil, fmt.Errorf("--redirect %q: want nftables or none", mode)
 	}
-	r, err := redirect.Setup(redirect.Config{From: from, To: redirectPort, Logger: log})
+	cfg := redirect.Config{From: from, To: redirectPort, Logger: log}
+	var r *redirect.Redirect
+	var err error
+	if owner != nil {
+		r, err = redirect.Adopt(cfg, owner)
+	} else {
+		r, err = redirect.Setup(cfg)
+	}
 	if err != nil {
 		return nil, err
 	}
 	log.Info("ike-tcp-port redirected", "from", from, "to", redirectPort, "table", r.Table())
-	return func() {
-		if err := r.Close(); err != nil {
-			log.Error("removing the port redirect", "table", r.Table(), "err", err)
-		}
-	}, nil
+	return r, nil
 }
 
 // frontDoor is the front door the flags ask for in front of the rfc9329

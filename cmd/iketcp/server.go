@@ -127,19 +127,57 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		return fmt.Errorf("--backend: %w", err)
 	}
 	counters := new(relay.Counters)
-	var dialBackend func(netip.Addr, netip.AddrPort) (*net.UDPConn, func() error, error)
-	if c.Bool("real-address") {
-		ra, err := realaddr.Setup(realaddr.Config{Logger: log})
-		if err != nil {
-			return err
+	specs, redirectFrom, err := listenSpecs(c)
+	if err != nil {
+		return err
+	}
+	door, err := frontDoor(c, log, counters)
+	if err != nil {
+		return err
+	}
+	in, err := inherit(log)
+	if err != nil {
+		return err
+	}
+	// tookOver: this process runs on its own, its predecessor told, or
+	// it had none. Until then, a failure leaves the host state it adopted
+	// to the predecessor, which runs again.
+	tookOver := in == nil
+	failed := func(err error) error {
+		if in != nil {
+			in.closeHost()
+			in.pred.Failed(err)
 		}
-		defer ra.Close()
-		dialBackend = ra.Dial
+		return err
+	}
+	host := &hostState{}
+	var dialBackend func(netip.Addr, netip.AddrPort) (*net.UDPConn, func() error, error)
+	var adoptBackend func(*net.UDPConn) (func() error, error)
+	if c.Bool("real-address") {
+		var ra *realaddr.Net
+		if in != nil && in.realAd {
+			ra, err = realaddr.Adopt(realaddr.Config{Logger: log})
+		} else {
+			ra, err = realaddr.Setup(realaddr.Config{Logger: log})
+		}
+		if err != nil {
+			return failed(err)
+		}
+		defer func() {
+			if tookOver {
+				ra.Close()
+			} else {
+				ra.Release()
+			}
+		}()
+		host.realaddr = ra
+		dialBackend, adoptBackend = ra.Dial, ra.AdoptSocket
 		log.Info("real-address mode: the backend sees each client's own address", "backend", backend.String())
 	}
 	lim := limitsOf(c)
 	srv, err := server.New(server.Config{
 		DialBackend:             dialBackend,
+		AdoptBackend:            adoptBackend,
 		Backend:                 backend,
 		Counters:                counters,
 		Logger:                  log,
@@ -158,47 +196,49 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		Version:                 versionString(),
 	})
 	if err != nil {
-		return err
+		return failed(err)
 	}
-	specs, redirectFrom, err := listenSpecs(c)
-	if err != nil {
-		return err
+	var inheritedLns map[string]net.Listener
+	if in != nil {
+		inheritedLns = in.lns
 	}
-	door, err := frontDoor(c, log, counters)
-	if err != nil {
-		return err
-	}
-	pred, inherited, handover, files, err := inherit(log)
-	if err != nil {
-		return err
-	}
-	failed := func(err error) error {
-		if pred != nil {
-			pred.Failed(err)
-		}
-		return err
-	}
-	lns, raw, closeListeners, err := listeners(c, log, counters, specs, door, inherited)
+	lns, raw, closeListeners, err := listeners(c, log, counters, specs, door, inheritedLns)
 	if err != nil {
 		return failed(err)
 	}
 	defer closeListeners()
-	if handover != nil {
-		if err := adopt(srv, lns, handover, files); err != nil {
+	if in != nil {
+		if err := adopt(srv, lns, in.server, in.files); err != nil {
 			for _, ln := range lns {
 				ln.Close()
 			}
 			return failed(err)
 		}
 	}
-	stopRedirect, err := startRedirect(c, log, redirectFrom)
+	var owner *os.File
+	if in != nil {
+		owner = in.host[hostRedirectOwner]
+	}
+	rd, err := startRedirect(c, log, redirectFrom, owner)
 	if err != nil {
 		for _, ln := range lns {
 			ln.Close()
 		}
 		return failed(err)
 	}
-	defer stopRedirect()
+	if rd != nil {
+		host.redirect = rd
+		defer func() {
+			if !tookOver {
+				rd.Release()
+			} else if err := rd.Close(); err != nil {
+				log.Error("removing the port redirect", "table", rd.Table(), "err", err)
+			}
+		}()
+	}
+	if in != nil {
+		in.closeHost() // what was adopted holds its own duplicates
+	}
 	switch {
 	case c.Bool("real-address"):
 		p.need(needNetAdmin("--real-address opens a transparent socket for each new session, and removes its rule, route and table at exit"))
@@ -231,7 +271,7 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		// upgrade has handed everything over.
 		ctx, cancel := context.WithCancel(parent)
 		defer cancel()
-		u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, refuse: upgradeRefusal(c, specs, redirectFrom),
+		u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, host: host, refuse: upgradeRefusal(specs),
 			stop: cancel, parent: parent, asked: make(chan struct{}, 1)}
 		ctl, err := control.Listen(c.String("control"), func() any { return srv.Status() }, log,
 			control.Request{Name: "upgrade", Answer: u.request})
@@ -246,11 +286,12 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		go u.watch(ctx, &wg)
 		defer wg.Wait()
 		defer cancel()
-		if pred != nil {
-			if err := pred.TakenOver(); err != nil {
+		if in != nil {
+			if err := in.pred.TakenOver(); err != nil {
 				return fmt.Errorf("telling the old server: %w", err)
 			}
 		}
+		tookOver = true
 		err = srv.Serve(ctx, lns...)
 		log.Info("stopped")
 		return err

@@ -15,6 +15,8 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/iketcp/iketcp/nat/realaddr"
+	"github.com/iketcp/iketcp/nat/redirect"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/control"
 	"github.com/iketcp/iketcp/relay/server"
@@ -34,10 +36,53 @@ const upgradeWait = 15 * time.Second
 
 // upgradePayload is what the old server sends with the file descriptors:
 // first the listening sockets (Listeners[i] is the spec of file i), then
-// what server.Handover indexes.
+// the host state's (Host[i] names file len(Listeners)+i), then what
+// server.Handover indexes.
 type upgradePayload struct {
-	Listeners []string         `json:"listeners"`
-	Server    *server.Handover `json:"server"`
+	Listeners []string `json:"listeners"`
+	Host      []string `json:"host,omitempty"`
+	// RealAddress: the old server ran real-address mode, whose routing the
+	// new one adopts; the sessions' backend sockets are its sockets.
+	RealAddress bool             `json:"real_address,omitempty"`
+	Server      *server.Handover `json:"server"`
+}
+
+// The host state's files in a hand-over, as upgradePayload.Host names
+// them.
+const (
+	hostRedirectOwner = "redirect-owner" // the port redirect's owner socket (package nat/redirect)
+)
+
+// hostState is what a server owns on the host beside its sockets (tables,
+// rules, routes), which an upgrade hands over: the new process adopts it
+// as it runs, and the old one exits without removing it.
+type hostState struct {
+	redirect *redirect.Redirect // the --ike-tcp-port redirect, or nil
+	realaddr *realaddr.Net      // --real-address, or nil
+}
+
+// files returns the descriptors that hand the host state over, named as
+// upgradePayload.Host names them. The caller closes them.
+func (h *hostState) files() (kinds []string, files []*os.File, err error) {
+	if h.redirect != nil {
+		f, err := h.redirect.OwnerFile()
+		if err != nil {
+			return nil, nil, err
+		}
+		kinds, files = append(kinds, hostRedirectOwner), append(files, f)
+	}
+	return kinds, files, nil
+}
+
+// release lets go of the host state once the new process took it over:
+// this process exits without removing it.
+func (h *hostState) release() {
+	if h.redirect != nil {
+		h.redirect.Release()
+	}
+	if h.realaddr != nil {
+		h.realaddr.Release()
+	}
 }
 
 // upgrader runs a server's upgrades.
@@ -46,6 +91,7 @@ type upgrader struct {
 	binary string // what to start: the executable as it was at start, or --upgrade-binary
 	srv    *server.Server
 	raw    map[string]net.Listener // the listening sockets, by spec
+	host   *hostState              // what the server owns on the host, handed over too
 	refuse string                  // why this configuration cannot be upgraded, or ""
 	ctl    *control.Server
 	stop   context.CancelFunc // ends Serve once the new process took over
@@ -124,17 +170,29 @@ func (u *upgrader) upgrade() error {
 		}
 		specs, files = append(specs, spec), append(files, f)
 	}
+	kinds, hfiles, err := u.host.files()
+	if err != nil {
+		succ.Kill()
+		return err
+	}
+	files = append(files, hfiles...)
 	u.ctl.Close() // the new server opens its own at the same path
 	started := time.Now()
 	err = u.srv.Handover(func(h *server.Handover, sfiles []*os.File) error {
-		payload, err := json.Marshal(upgradePayload{Listeners: specs, Server: h})
+		payload, err := json.Marshal(upgradePayload{Listeners: specs, Host: kinds, RealAddress: u.host.realaddr != nil, Server: h})
 		if err != nil {
 			return err
 		}
 		if err := succ.Send(payload, append(append([]*os.File(nil), files...), sfiles...)); err != nil {
 			return err
 		}
-		return succ.WaitTakenOver(upgradeWait)
+		if err := succ.WaitTakenOver(upgradeWait); err != nil {
+			return err
+		}
+		// Before Serve closes what is left here: the sessions' sockets
+		// close without their elements being removed, and the tables stay.
+		u.host.release()
+		return nil
 	})
 	if errors.Is(err, server.ErrNotServing) { // stopping meanwhile: nothing was handed over
 		succ.Kill()
@@ -161,34 +219,56 @@ func (u *upgrader) upgrade() error {
 }
 
 // upgradeRefusal says why a server of this configuration cannot hand
-// over: modes that own host state (rules, devices) that two instances
-// would fight over.
-func upgradeRefusal(c *cli.Context, specs []listenSpec, redirectFrom uint16) string {
+// over, or "". The port redirect and real-address mode hand their host
+// state over (hostState). Fake-TCP does not, yet: its TUN device could go
+// with its descriptor (IFF_TUN|IFF_NO_PI, not multi-queue, IFF_VNET_HDR
+// when it offloads: a passed descriptor keeps it), but its connections
+// are no kernel sockets. Each one's TCP state (package nat/faketcp's tcb:
+// ISN, snd.nxt, rcv.nxt, the ack sent, the window's end, the peer's MSS,
+// window scale and SACK, its timers; the conn's IP ID and flow label; the
+// stack's SYN cookie key) has no export or import; relay/fakelink's links
+// do not implement relay.Detachable, whose hand-over is a socket file;
+// and nat/fakenet has no adoption of its device, table and forwarding
+// record. Without all three the new stack would answer the clients'
+// segments with RSTs.
+func upgradeRefusal(specs []listenSpec) string {
 	for _, s := range specs {
 		if s.encap == encapFakeTCP {
-			return "upgrade is not supported with fake-TCP listeners (the userspace TCP state stays in this process): restart with --state instead"
+			return "upgrade is not supported with fake-TCP listeners: their connections' TCP state (sequence numbers, windows, options) lives in this process's userspace stack and cannot be handed over yet; restart with --state instead (clients reconnect and claim their sessions)"
 		}
-	}
-	if c.Bool("real-address") {
-		return "upgrade is not supported with --real-address: restart with --state instead"
-	}
-	if redirectFrom != 0 && c.String("redirect") == "nftables" {
-		return "upgrade is not supported with the nftables --ike-tcp-port redirect: restart with --state instead"
 	}
 	return ""
 }
 
+// inherited is a predecessor's hand-over.
+type inherited struct {
+	pred   *upgrade.Predecessor
+	lns    map[string]net.Listener // the listening sockets, by spec
+	host   map[string]*os.File     // the host state's files, by upgradePayload.Host's names
+	realAd bool                    // the predecessor ran real-address mode
+	server *server.Handover
+	files  []*os.File // what server indexes
+}
+
+// closeHost closes the host state's files that no one took.
+func (in *inherited) closeHost() {
+	for k, f := range in.host {
+		f.Close()
+		delete(in.host, k)
+	}
+}
+
 // inherit takes a predecessor's hand-over, if this process was started
 // for one: it says it is ready, and returns the listening sockets and
-// the rest. nil pred: a plain start.
-func inherit(log *slog.Logger) (pred *upgrade.Predecessor, lns map[string]net.Listener, h *server.Handover, files []*os.File, err error) {
-	pred, err = upgrade.Inherited()
+// the rest. nil: a plain start.
+func inherit(log *slog.Logger) (*inherited, error) {
+	pred, err := upgrade.Inherited()
 	if pred == nil || err != nil {
-		return nil, nil, nil, nil, err
+		return nil, err
 	}
-	fail := func(err error) (*upgrade.Predecessor, map[string]net.Listener, *server.Handover, []*os.File, error) {
+	fail := func(err error) (*inherited, error) {
 		pred.Failed(err)
-		return nil, nil, nil, nil, fmt.Errorf("taking over from the old server: %w", err)
+		return nil, fmt.Errorf("taking over from the old server: %w", err)
 	}
 	if err := pred.Ready(); err != nil {
 		return fail(err)
@@ -197,25 +277,41 @@ func inherit(log *slog.Logger) (pred *upgrade.Predecessor, lns map[string]net.Li
 	if err != nil {
 		return fail(err)
 	}
+	closeAll := func() {
+		for _, f := range all {
+			f.Close()
+		}
+	}
 	var p upgradePayload
 	if err := json.Unmarshal(raw, &p); err != nil || p.Server == nil {
+		closeAll()
 		return fail(fmt.Errorf("the hand-over: %v", err))
 	}
-	want := len(p.Listeners) + len(p.Server.Table.Sessions) + len(p.Server.Conns)
+	want := len(p.Listeners) + len(p.Host) + len(p.Server.Table.Sessions) + len(p.Server.Conns)
 	if len(all) != want {
+		closeAll()
 		return fail(fmt.Errorf("the hand-over has %d files, want %d", len(all), want))
 	}
-	lns = make(map[string]net.Listener)
+	in := &inherited{pred: pred, lns: make(map[string]net.Listener), host: make(map[string]*os.File),
+		realAd: p.RealAddress, server: p.Server}
 	for i, spec := range p.Listeners {
 		ln, err := net.FileListener(all[i])
 		all[i].Close()
 		if err != nil {
+			for _, f := range all[i+1:] {
+				f.Close()
+			}
 			return fail(fmt.Errorf("listener %s: %w", spec, err))
 		}
-		lns[spec] = ln
+		in.lns[spec] = ln
 	}
-	log.Info("taking over from the old server", "listeners", len(lns), "sessions", len(p.Server.Table.Sessions), "conns", len(p.Server.Conns))
-	return pred, lns, p.Server, all[len(p.Listeners):], nil
+	for i, kind := range p.Host {
+		in.host[kind] = all[len(p.Listeners)+i]
+	}
+	in.files = all[len(p.Listeners)+len(p.Host):]
+	log.Info("taking over from the old server", "listeners", len(in.lns), "host_state", len(p.Host), "real_address", p.RealAddress,
+		"sessions", len(p.Server.Table.Sessions), "conns", len(p.Server.Conns))
+	return in, nil
 }
 
 // adopt gives srv the sessions and connections of a hand-over, the

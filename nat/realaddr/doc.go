@@ -103,4 +103,12 @@
 // Name, every rule that leads to Table and every route in it, whoever
 // left them. Other tables, rules and routes are left alone; Setup refuses
 // to start if another policy rule selects Mark.
+//
+// A planned restart or upgrade of the server hands the mode over without
+// removing anything: the old server hands the sessions' sockets to the
+// new one, which adopts the running rules, routes and table (Adopt, which
+// installs only what is missing, where Setup would remove all of it as
+// stale) and each socket with its element (AdoptSocket); the old one then
+// lets go without removing anything (Release). The daemon's answers to
+// the sessions are caught all along.
 package realaddr

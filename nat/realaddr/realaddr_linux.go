@@ -77,6 +77,17 @@ func Setup(cfg Config) (*Net, error) {
 	if err != nil {
 		return nil, err
 	}
+	n := newNet(cfg)
+	if err := modeRealAddr.Run(n.start); err != nil {
+		return nil, err
+	}
+	n.log.Info("real-address mode: sessions' sockets send from their clients' addresses",
+		"table", cfg.Table, "priority", cfg.Priority, "mark", fmt.Sprintf("%#x", cfg.Mark),
+		"nftables", n.table.Name, "ipv6", n.v6)
+	return n, nil
+}
+
+func newNet(cfg Config) *Net {
 	n := &Net{
 		cfg:    cfg,
 		log:    cfg.Logger,
@@ -86,13 +97,7 @@ func Setup(cfg Config) (*Net, error) {
 	}
 	n.set4 = &nftables.Set{Table: n.table, Name: "sessions4", KeyType: sessionKey4, Concatenation: true}
 	n.set6 = &nftables.Set{Table: n.table, Name: "sessions6", KeyType: sessionKey6, Concatenation: true}
-	if err := modeRealAddr.Run(n.start); err != nil {
-		return nil, err
-	}
-	n.log.Info("real-address mode: sessions' sockets send from their clients' addresses",
-		"table", cfg.Table, "priority", cfg.Priority, "mark", fmt.Sprintf("%#x", cfg.Mark),
-		"nftables", n.table.Name, "ipv6", n.v6)
-	return n, nil
+	return n
 }
 
 // start is Setup's work, on one thread: it removes what a crashed run

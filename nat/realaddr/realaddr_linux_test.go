@@ -1064,3 +1064,92 @@ func TestNotInRootNamespace(t *testing.T) {
 		}
 	}
 }
+
+// TestAdoptHandsOver hands real-address mode over as an upgrade does: a
+// second Net adopts the routes, rules and table of the first and the
+// session's socket (a duplicate, as SCM_RIGHTS gives it), and the first
+// lets go. The host is the same before and after the hand-over, the
+// daemon's answers reach the socket all along and none leaves the host;
+// the adopted release removes the element, and the adopter's Close puts
+// the hub back as it was before the first Setup.
+func TestAdoptHandsOver(t *testing.T) {
+	l := newLab(t)
+	backend := netip.AddrPortFrom(hubV4, 4500)
+	daemon := listen(t, netip.AddrPortFrom(netip.IPv4Unspecified(), 4500))
+	before := stableSnapshot(t)
+	wire := startCapture(t, hubVeth)
+	old := start(t, Config{})
+	c, at, _ := dial(t, old, clientV4, backend)
+	away := l.listenClient(t, at)
+	during := stableSnapshot(t)
+	mustContain(t, during, element(at, backend))
+
+	f, err := c.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := Adopt(Config{Logger: nattest.Logger(t)})
+	if err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	t.Cleanup(func() { n.Close() })
+	pc, err := net.FilePacketConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	adopted := pc.(*net.UDPConn)
+	release, err := n.AdoptSocket(adopted)
+	if err != nil {
+		t.Fatalf("AdoptSocket: %v", err)
+	}
+	sendTo(t, daemon, at, []byte("between the two"))
+	nattest.ExpectUDP(t, adopted, []byte("between the two"))
+	old.Release()
+	if err := old.Close(); err != nil {
+		t.Fatalf("Close after Release: %v", err)
+	}
+	sameSnapshot(t, "the hand-over", during, stableSnapshot(t))
+	sendTo(t, daemon, at, []byte("after the hand-over"))
+	nattest.ExpectUDP(t, adopted, []byte("after the hand-over"))
+	write(t, adopted, []byte("from the adopted socket"))
+	if from := nattest.ExpectUDP(t, daemon, []byte("from the adopted socket")); from != at {
+		t.Fatalf("the daemon got the adopted socket's datagram from %s, want %s", from, at)
+	}
+	expectNothing(t, away, 50*time.Millisecond)
+	if pkts := wire.udp(t); len(pkts) != 0 {
+		t.Fatalf("%s carried %v: the daemon's answers left the host", hubVeth, pkts)
+	}
+
+	// The adopted socket's release removes its element; a new session
+	// dials as after Setup; Close puts everything back.
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if table := nft(t, "list", "table", "inet", "iketcp_realaddr"); strings.Contains(table, element(at, backend)) {
+		t.Fatalf("after the adopted socket's release:\n%s", table)
+	}
+	c2, _, _ := dial(t, n, clientV4, backend)
+	write(t, c2, []byte("new session"))
+	nattest.ExpectUDP(t, daemon, []byte("new session"))
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	sameSnapshot(t, "the adopter's Close", before, snapshot(t))
+}
+
+// TestAdoptInstallsWhatIsMissing: with nothing running, Adopt installs
+// everything, as Setup would, and Close removes it.
+func TestAdoptInstallsWhatIsMissing(t *testing.T) {
+	newLab(t)
+	before := stableSnapshot(t)
+	n, err := Adopt(Config{Logger: nattest.Logger(t)})
+	if err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	mustContain(t, snapshot(t), "fwmark 0x4501 lookup 4501", "local default dev lo table 4501", "table inet iketcp_realaddr")
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	sameSnapshot(t, "Close", before, snapshot(t))
+}

@@ -33,3 +33,16 @@ func (n *Net) Dial(client netip.Addr, backend netip.AddrPort) (*net.UDPConn, fun
 
 func (n *Net) IPv6() bool   { return false }
 func (n *Net) Close() error { return nil }
+
+// Adopt returns an error that matches nat.ErrNeedsLinux.
+func Adopt(cfg Config) (*Net, error) {
+	if _, err := cfg.withDefaults(); err != nil {
+		return nil, err
+	}
+	return nil, errNeedsLinux
+}
+
+// AdoptSocket returns an error that matches nat.ErrNeedsLinux.
+func (n *Net) AdoptSocket(conn *net.UDPConn) (func() error, error) { return nil, errNeedsLinux }
+
+func (n *Net) Release() {}

@@ -50,6 +50,15 @@
 // address first and so hold the redirect off; the error says how to find
 // it (ss -xap).
 //
+// A planned restart or upgrade of the server hands the redirect over
+// without removing it: the old process sends a duplicate of the owner
+// socket (OwnerFile) to the new one, which takes the running table over
+// as it is (Adopt; it replaces the rules in place, in one transaction,
+// only when this version's differ), and the old one then lets go without
+// removing anything (Release). The socket stays bound throughout, so no
+// third process sees the table as stale, and no connection to From is
+// refused; Cleanup still refuses while either process holds it.
+//
 // When to use --redirect none instead, and map From to To on the
 // platform: in a container (its network namespace is its own, and the
 // platform maps ports anyway: docker run -p 443:11443, a Kubernetes

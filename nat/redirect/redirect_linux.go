@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 
 	"github.com/google/nftables"
@@ -240,22 +241,7 @@ func (r *Redirect) installTable() error {
 	// Create, not add: a table of the name that appeared since
 	// removeStale is someone else's, and stays as it is.
 	c.CreateTable(t)
-	accept := nftables.ChainPolicyAccept
-	comment := userdata.AppendString(nil, userdata.TypeComment, fmt.Sprintf("iketcp: ike-tcp-port %d to %d", r.cfg.From, r.cfg.To))
-	for _, hook := range []struct {
-		name string
-		num  *nftables.ChainHook
-	}{
-		// Connections from elsewhere, and the host's own to itself.
-		{"prerouting", nftables.ChainHookPrerouting},
-		{"output", nftables.ChainHookOutput},
-	} {
-		ch := c.AddChain(&nftables.Chain{Name: hook.name, Table: t, Type: nftables.ChainTypeNAT,
-			Hooknum: hook.num, Priority: nftables.ChainPriorityNATDest, Policy: &accept})
-		for _, fam := range []byte{unix.NFPROTO_IPV4, unix.NFPROTO_IPV6} {
-			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: redirectExprs(fam, r.cfg.From, r.cfg.To), UserData: comment})
-		}
-	}
+	r.addChainsAndRules(false)
 	if err := c.Flush(); err != nil {
 		switch {
 		case errors.Is(err, unix.EEXIST):
@@ -267,6 +253,37 @@ func (r *Redirect) installTable() error {
 	}
 	r.tableUp = true
 	return nil
+}
+
+// comment is the comment of each of the table's rules.
+func (r *Redirect) comment() string {
+	return fmt.Sprintf("iketcp: ike-tcp-port %d to %d", r.cfg.From, r.cfg.To)
+}
+
+// addChainsAndRules queues the table's chains and rules on r.nft; flush
+// first empties chains that exist already (adding a chain that exists,
+// with the same hook, changes nothing).
+func (r *Redirect) addChainsAndRules(flush bool) {
+	c, t := r.nft, r.table
+	accept := nftables.ChainPolicyAccept
+	comment := userdata.AppendString(nil, userdata.TypeComment, r.comment())
+	for _, hook := range []struct {
+		name string
+		num  *nftables.ChainHook
+	}{
+		// Connections from elsewhere, and the host's own to itself.
+		{"prerouting", nftables.ChainHookPrerouting},
+		{"output", nftables.ChainHookOutput},
+	} {
+		ch := c.AddChain(&nftables.Chain{Name: hook.name, Table: t, Type: nftables.ChainTypeNAT,
+			Hooknum: hook.num, Priority: nftables.ChainPriorityNATDest, Policy: &accept})
+		if flush {
+			c.FlushChain(ch)
+		}
+		for _, fam := range []byte{unix.NFPROTO_IPV4, unix.NFPROTO_IPV6} {
+			c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: redirectExprs(fam, r.cfg.From, r.cfg.To), UserData: comment})
+		}
+	}
 }
 
 // redirectExprs are a rule's expressions: TCP to from, of family fam
@@ -290,4 +307,136 @@ func redirectExprs(fam byte, from, to uint16) []expr.Any {
 		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(to)},
 		&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(fam), RegProtoMin: 1, RegProtoMax: 1, Specified: true},
 	}
+}
+
+// A planned restart or upgrade of the server hands the redirect to the
+// process that replaces it, without a moment when the table is gone (a
+// connection arriving then would be refused) or when its owner socket is
+// free (another process would take the table for stale): the old process
+// sends a duplicate of its owner socket (OwnerFile) to the new one, which
+// takes the running table over (Adopt); once the new one has taken over,
+// the old one lets go of its own descriptors and leaves the table
+// (Release). The kernel keeps the socket, and so its address, bound for as
+// long as either process holds it; if both crash, the address is free and
+// the next Setup removes the table as stale, as always.
+
+// OwnerFile returns a duplicate of the owner socket, for a process that
+// takes the redirect over with Adopt. The caller closes it.
+func (r *Redirect) OwnerFile() (*os.File, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.owner < 0 {
+		return nil, errors.New("port redirect: closed")
+	}
+	fd, err := unix.FcntlInt(uintptr(r.owner), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", err)
+	}
+	return os.NewFile(uintptr(fd), ownerAddr(r.table.Name)), nil
+}
+
+// Release lets go of the redirect without removing its table: another
+// process, which holds the owner socket (OwnerFile) and adopted the table,
+// owns it now. This Redirect's descriptors close, and Close does nothing
+// more. It works from any thread.
+func (r *Redirect) Release() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.nft == nil && r.owner < 0 {
+		return
+	}
+	r.tableUp = false // not ours to remove any more
+	r.teardownLocked()
+	r.log.Info("port redirect: left its table to the process that took over", "table", r.table.Name)
+}
+
+// Adopt takes over the redirect of cfg's Name that another process runs
+// and hands over: owner is that process's owner socket (its OwnerFile),
+// which Adopt keeps a duplicate of (the caller closes owner). It leaves
+// the running table as it is when its rules are the ones Setup would
+// install for cfg; otherwise it replaces the rules, in one transaction
+// that keeps the chains (and so their hooks) in place; a table that is
+// gone it installs again. No new connection to From is refused on the
+// way. Close then removes the table, as after Setup. Without
+// CAP_NET_ADMIN the error matches nat.ErrNeedsNetAdmin.
+func Adopt(cfg Config, owner *os.File) (*Redirect, error) {
+	cfg, err := cfg.withDefaults(true)
+	if err != nil {
+		return nil, err
+	}
+	r := newRedirect(cfg)
+	err = modePortRedirect.Run(func() error {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if err := r.adoptLocked(owner); err != nil {
+			// The owner socket and the table stay the other process's.
+			r.tableUp = false
+			r.teardownLocked()
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.log.Info("port redirect: took over the running table", "from", cfg.From, "to", cfg.To, "table", r.table.Name)
+	return r, nil
+}
+
+// adoptLocked is Adopt's work, on the thread whose namespace it runs in.
+// The caller holds r.mu.
+func (r *Redirect) adoptLocked(owner *os.File) error {
+	fd, err := unix.FcntlInt(owner.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return os.NewSyscallError("port redirect: duplicate the owner socket: fcntl F_DUPFD_CLOEXEC", err)
+	}
+	r.owner = fd
+	sa, err := unix.Getsockname(fd)
+	if su, ok := sa.(*unix.SockaddrUnix); err != nil || !ok || su.Name != ownerAddr(r.table.Name) {
+		return fmt.Errorf("port redirect: the socket handed over is not the owner socket %s of table %s (%v)", ownerAddr(r.table.Name), r.table.Name, err)
+	}
+	r.nft, err = nftables.New(nftables.AsLasting())
+	if err != nil {
+		return modePortRedirect.Failed("open an nftables netlink socket (is nf_tables available?)", err)
+	}
+	tables, err := r.nft.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return modePortRedirect.Failed("list the nftables tables", err)
+	}
+	found := false
+	for _, have := range tables {
+		found = found || have.Name == r.table.Name
+	}
+	if !found {
+		r.log.Warn("port redirect: the table handed over is gone; installing it again", "table", r.table.Name)
+		return r.installTable()
+	}
+	r.tableUp = true // ours from here: Close removes it
+	if r.rulesCurrent() {
+		return nil
+	}
+	r.log.Info("port redirect: the running table's rules differ from this version's; replacing them in one transaction", "table", r.table.Name)
+	r.addChainsAndRules(true)
+	if err := r.nft.Flush(); err != nil {
+		return modePortRedirect.Failed("replace the rules of nftables table "+r.table.Name, err)
+	}
+	return nil
+}
+
+// rulesCurrent reports whether both chains of the running table hold
+// exactly the rules installTable would put there, as their comments say.
+func (r *Redirect) rulesCurrent() bool {
+	want := r.comment()
+	for _, name := range []string{"prerouting", "output"} {
+		rules, err := r.nft.GetRules(r.table, &nftables.Chain{Name: name, Table: r.table})
+		if err != nil || len(rules) != 2 {
+			return false
+		}
+		for _, rule := range rules {
+			if c, ok := userdata.GetString(rule.UserData, userdata.TypeComment); !ok || c != want {
+				return false
+			}
+		}
+	}
+	return true
 }

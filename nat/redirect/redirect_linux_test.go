@@ -641,3 +641,98 @@ func TestRedirectNotInRootNamespace(t *testing.T) {
 		expectOwnerFree(t, "the root namespace", Config{Name: name}.Table())
 	}
 }
+
+// TestRedirectAdopt hands a running redirect over as an upgrade does: a
+// second Redirect adopts the table with the owner socket, the first lets
+// go; the table stays in all along, the Name stays in use all along, a
+// connection made before the hand-over keeps working after it, and the
+// adopter's Close removes the table. An adopter of a changed port replaces
+// the rules in place; a socket that is not the owner is refused and
+// changes nothing.
+func TestRedirectAdopt(t *testing.T) {
+	enter(t)
+	lo := target{dialer{name: "the host"}, loV4, listen(t, loV4, to)}
+	cfg := Config{From: from, To: to, Name: "up", Logger: nattest.Logger(t)}
+	old := start(t, cfg)
+
+	// Before the hand-over: a connection through the redirect.
+	c, err := nattest.DialTCP(netip.AddrPortFrom(loV4, from))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	lo.ln.SetDeadline(time.Now().Add(5 * time.Second))
+	s, err := lo.ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	// Not the owner socket: refused, nothing changed.
+	other, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrong := os.NewFile(uintptr(other), "not-the-owner")
+	if _, err := Adopt(cfg, wrong); err == nil || !strings.Contains(err.Error(), "not the owner socket") {
+		t.Fatalf("Adopt of a socket that is not the owner: %v", err)
+	}
+	wrong.Close()
+	expectTables(t, "a refused Adopt", "iketcp_redirect_up")
+
+	f, err := old.OwnerFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	adopted, err := Adopt(cfg, f)
+	f.Close()
+	if err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	t.Cleanup(func() { adopted.Close() })
+	old.Release()
+	if err := old.Close(); err != nil {
+		t.Fatalf("Close after Release: %v", err)
+	}
+	expectTables(t, "after the hand-over", "iketcp_redirect_up")
+	if err := Cleanup(cfg); !errors.Is(err, ErrInUse) {
+		t.Fatalf("Cleanup after the hand-over: %v, want ErrInUse: the adopter holds the owner socket", err)
+	}
+	exchange(t, "the connection made before the hand-over", c, s)
+	expectRedirected(t, lo)
+
+	// A second hand-over to a changed port: the rules are replaced in the
+	// chains that stay.
+	moved := listen(t, loV4, to+1)
+	f, err = adopted.OwnerFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg2 := cfg
+	cfg2.To = to + 1
+	again, err := Adopt(cfg2, f)
+	f.Close()
+	if err != nil {
+		t.Fatalf("Adopt with another port: %v", err)
+	}
+	t.Cleanup(func() { again.Close() })
+	adopted.Release()
+	exchange(t, "the connection made before both hand-overs", c, s)
+	c2, err := nattest.DialTCP(netip.AddrPortFrom(loV4, from))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	moved.SetDeadline(time.Now().Add(5 * time.Second))
+	s2, err := moved.Accept()
+	if err != nil {
+		t.Fatalf("after the port changed, the new port's listener accepts nothing: %v", err)
+	}
+	s2.Close()
+
+	if err := again.Close(); err != nil {
+		t.Fatal(err)
+	}
+	expectTables(t, "after the adopter's Close")
+	expectOwnerFree(t, "after the adopter's Close", "iketcp_redirect_up")
+}

@@ -2,6 +2,8 @@
 
 package redirect
 
+import "os"
+
 // Redirect is a running port redirect; on this system there is none.
 type Redirect struct {
 	cfg Config
@@ -22,3 +24,9 @@ func Cleanup(cfg Config) error { return errNeedsLinux }
 
 func (r *Redirect) Table() string { return r.cfg.Table() }
 func (r *Redirect) Close() error  { return nil }
+
+// Adopt returns an error that matches nat.ErrNeedsLinux.
+func Adopt(cfg Config, owner *os.File) (*Redirect, error) { return nil, errNeedsLinux }
+
+func (r *Redirect) OwnerFile() (*os.File, error) { return nil, errNeedsLinux }
+func (r *Redirect) Release()                     {}

@@ -64,6 +64,11 @@ type Config struct {
 	// the daemon sees its real peers. release closes the socket. Nil means
 	// a socket of the server's own address.
 	DialBackend func(client netip.Addr, backend netip.AddrPort) (conn *net.UDPConn, release func() error, err error)
+	// AdoptBackend, if set, takes over a backend socket that a
+	// predecessor's Handover gave (DialBackend's, in the predecessor), and
+	// returns its release, as DialBackend does; Adopt calls it for each
+	// session. Nil means the release only closes the socket.
+	AdoptBackend func(conn *net.UDPConn) (release func() error, err error)
 	// MaxDatagram is the largest datagram relayed from the backend; larger
 	// ones are counted and dropped.
 	MaxDatagram int

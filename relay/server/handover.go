@@ -227,6 +227,21 @@ func (s *Server) Adopt(h *Handover, backends []*net.UDPConn, links []relay.Link)
 		return fmt.Errorf("handover of %d sessions and %d connections came with %d and %d sockets",
 			len(h.Table.Sessions), len(h.Conns), len(backends), len(links))
 	}
+	releases := make([]func() error, len(backends))
+	for i, uc := range backends {
+		releases[i] = uc.Close
+		if s.cfg.AdoptBackend == nil {
+			continue
+		}
+		release, err := s.cfg.AdoptBackend(uc)
+		if err != nil {
+			for _, r := range releases[:i] {
+				r()
+			}
+			return fmt.Errorf("session %d's backend socket: %w", h.Table.Sessions[i].ID, err)
+		}
+		releases[i] = release
+	}
 	now := time.Now()
 	halfOpen := make(map[uint64]bool, len(h.HalfOpen))
 	for _, id := range h.HalfOpen {
@@ -235,6 +250,9 @@ func (s *Server) Adopt(h *Handover, backends []*net.UDPConn, links []relay.Link)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.adopted || len(s.sessions) > 0 {
+		for _, r := range releases {
+			r()
+		}
 		return errors.New("Adopt on a server that has sessions")
 	}
 	s.adopted = true
@@ -246,7 +264,7 @@ func (s *Server) Adopt(h *Handover, backends []*net.UDPConn, links []relay.Link)
 			udp:        udpbatch.New(uc, udpbatch.Options{BatchSize: sessionBatch, Logger: s.log}),
 			uc:         uc,
 			readerDone: make(chan struct{}),
-			release:    uc.Close,
+			release:    releases[i],
 			local:      uc.LocalAddr().(*net.UDPAddr).AddrPort(),
 		}
 		sess.lastActive.Store(e.LastActive.UnixNano())

@@ -107,6 +107,7 @@ func TestHandover(t *testing.T) {
 	time.Sleep(300 * time.Millisecond) // mid-stream
 	lcfg := streamlink.Config{Logger: log}
 	var srvB *server.Server
+	var adoptedBackends atomic.Int64
 	handedAt := time.Now()
 	err = srvA.Handover(func(h *server.Handover, files []*os.File) error {
 		var backends []*net.UDPConn
@@ -115,7 +116,12 @@ func TestHandover(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		srvB, err = server.New(cfg)
+		cfgB := cfg // a successor that takes the backend sockets over, as real-address mode's does
+		cfgB.AdoptBackend = func(uc *net.UDPConn) (func() error, error) {
+			adoptedBackends.Add(1)
+			return uc.Close, nil
+		}
+		srvB, err = server.New(cfgB)
 		if err != nil {
 			return err
 		}
@@ -163,6 +169,9 @@ func TestHandover(t *testing.T) {
 	t.Logf("handover took %v; %d of %d datagrams reached the backend, %d of %d the site", took, atHub.Load(), n, atSite.Load(), n)
 	if atHub.Load() != n || atSite.Load() != n {
 		t.Fatalf("lost in the handover: %d toward the backend, %d toward the site", n-atHub.Load(), n-atSite.Load())
+	}
+	if a := adoptedBackends.Load(); a != 1 {
+		t.Fatalf("AdoptBackend ran %d times, want once for the one session", a)
 	}
 	if wrongPort.Load() != 0 {
 		t.Fatalf("%d datagrams reached the backend from another port", wrongPort.Load())
