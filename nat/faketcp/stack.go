@@ -111,7 +111,9 @@ type Stack struct {
 	// tx is the timer goroutine's own scratch.
 	tx tickScratch
 
-	closed     atomic.Bool   // set first thing by Close
+	closed     atomic.Bool // set first thing by Close
+	cookieKey  [cookieKeyLen]byte
+	pause      pauseState    // Pause's: the goroutines stop for a hand-over
 	quit       chan struct{} // closed by Close: stops the timer goroutine
 	readerDone chan struct{} // closed when the reader goroutine has ended
 	timerDone  chan struct{}
@@ -185,6 +187,16 @@ func NewStack(dev tun.Device, cfg Config) (*Stack, error) {
 // newStack is NewStack; tests make stacks without goroutines, to drive
 // processBatch and the timers themselves, and with their own randomness.
 func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*Stack, error) {
+	s, err := buildStack(dev, cfg, random)
+	if err != nil {
+		return nil, err
+	}
+	s.start(start)
+	return s, nil
+}
+
+// buildStack makes a stack on dev, its goroutines not started.
+func buildStack(dev tun.Device, cfg Config, random func() uint32) (*Stack, error) {
 	if dev == nil {
 		return nil, errors.New("faketcp: no device")
 	}
@@ -200,7 +212,6 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 		log:        cfg.Logger,
 		random:     random,
 		interval:   min(100*time.Millisecond, max(cfg.KeepAlive/4, time.Millisecond)),
-		started:    start,
 		quit:       make(chan struct{}),
 		readerDone: make(chan struct{}),
 		timerDone:  make(chan struct{}),
@@ -231,24 +242,29 @@ func newStack(dev tun.Device, cfg Config, start bool, random func() uint32) (*St
 		s.rx.bufs[k] = make([]byte, bufSize)
 		s.rx.replyBufs[k] = make([]byte, controlBufSize)
 	}
-	var key [cookieKeyLen]byte
-	for k := 0; k < len(key); k += 4 {
-		binary.BigEndian.PutUint32(key[k:], random())
+	for k := 0; k < len(s.cookieKey); k += 4 {
+		binary.BigEndian.PutUint32(s.cookieKey[k:], random())
 	}
-	s.rx.cookies = newCookieJar(key[:])
+	s.rx.cookies = newCookieJar(s.cookieKey[:])
 	if d, ok := dev.(readDeadliner); ok {
 		if err := d.SetReadDeadline(time.Time{}); err != nil {
 			return nil, fmt.Errorf("faketcp: clearing the device's read deadline: %w", err)
 		}
 	}
-	if start {
+	return s, nil
+}
+
+// start starts the stack's goroutines, or, for tests that drive the
+// stack themselves, marks them ended.
+func (s *Stack) start(goroutines bool) {
+	s.started = goroutines
+	if goroutines {
 		go s.runReader()
 		go s.runTimer()
 	} else {
 		close(s.readerDone)
 		close(s.timerDone)
 	}
-	return s, nil
 }
 
 // randomUint32 is the stacks' randomness: ISNs and cookies must not be
@@ -534,6 +550,12 @@ func (s *Stack) runReader() {
 		}
 		if n > 0 {
 			s.processBatch(n, time.Now())
+		}
+		if s.pause.on.Load() {
+			if !s.park() {
+				return
+			}
+			continue
 		}
 		switch {
 		case err == nil, errors.Is(err, os.ErrDeadlineExceeded):
@@ -872,7 +894,11 @@ func (s *Stack) runTimer() {
 		case <-s.quit:
 			return
 		case <-ticker.C:
-			s.tickAll(time.Now())
+			s.pause.tick.Lock()
+			if !s.pause.on.Load() {
+				s.tickAll(time.Now())
+			}
+			s.pause.tick.Unlock()
 		}
 	}
 }
