@@ -67,6 +67,7 @@ type Net struct {
 	nft     *nftables.Conn
 	sysctls *sysctlFiles
 	tableUp bool          // the table is installed
+	adopted bool          // Adopt found the table running (another process's until it took over)
 	record  []sysctlValue // what the table says to restore, as installed
 }
 
@@ -105,13 +106,7 @@ func Setup(cfg Config) (*Net, error) {
 	if err != nil {
 		return nil, err
 	}
-	n := &Net{
-		cfg:   cfg,
-		log:   cfg.Logger,
-		table: &nftables.Table{Name: tablePrefix + cfg.Name, Family: nftables.TableFamilyINet},
-	}
-	n.kernel4, n.ep4 = addrsIn(cfg.Net4)
-	n.kernel6, n.ep6 = addrsIn(cfg.Net6)
+	n := newNet(cfg)
 	if err := modeFakeTCP.Run(n.start); err != nil {
 		return nil, err
 	}
@@ -127,6 +122,18 @@ func Setup(cfg Config) (*Net, error) {
 	}
 	n.log.Info("fake-TCP mode: the endpoint's network is up", args...)
 	return n, nil
+}
+
+// newNet is a Net of cfg (with defaults), nothing set up yet.
+func newNet(cfg Config) *Net {
+	n := &Net{
+		cfg:   cfg,
+		log:   cfg.Logger,
+		table: &nftables.Table{Name: tablePrefix + cfg.Name, Family: nftables.TableFamilyINet},
+	}
+	n.kernel4, n.ep4 = addrsIn(cfg.Net4)
+	n.kernel6, n.ep6 = addrsIn(cfg.Net6)
+	return n
 }
 
 // start is Setup's work, on one thread: it removes what a crashed run
@@ -229,7 +236,12 @@ func (n *Net) setup() error {
 	if err := setup.Installed("device " + cfg.Name); err != nil {
 		return err
 	}
+	return n.setupTable(v6)
+}
 
+// setupTable installs the table, with its record, and turns forwarding
+// on where it is off, recording each as it goes.
+func (n *Net) setupTable(v6 bool) error {
 	// The table first, with what to restore in it, then forwarding: a
 	// crash between the two leaves a record of values not yet changed,
 	// which a clean-up puts back harmlessly.

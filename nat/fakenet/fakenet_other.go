@@ -5,6 +5,8 @@ package fakenet
 import (
 	"net"
 	"net/netip"
+	"os"
+	"time"
 
 	"github.com/iketcp/iketcp/nat/tun"
 )
@@ -17,6 +19,14 @@ type Net struct {
 // Setup returns an error that matches nat.ErrNeedsLinux: fake-TCP mode is
 // built on Linux's TUN driver, forwarding and nftables.
 func Setup(cfg Config) (*Net, error) {
+	if _, err := cfg.withDefaults(true); err != nil {
+		return nil, err
+	}
+	return nil, errNeedsLinux
+}
+
+// Adopt returns an error that matches nat.ErrNeedsLinux.
+func Adopt(cfg Config, dev *os.File) (*Net, error) {
 	if _, err := cfg.withDefaults(true); err != nil {
 		return nil, err
 	}
@@ -50,3 +60,7 @@ func (n *Net) ReadOffload(bufs [][]byte, sizes []int, offset int) (int, error) {
 }
 
 func (n *Net) WriteOffload(pkts []tun.OffloadPacket) (int, error) { return 0, net.ErrClosed }
+
+func (n *Net) File() (*os.File, error)           { return nil, net.ErrClosed }
+func (n *Net) Release()                          {}
+func (n *Net) SetReadDeadline(t time.Time) error { return net.ErrClosed }

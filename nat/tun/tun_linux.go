@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"github.com/vishvananda/netlink"
@@ -625,3 +626,120 @@ func (s *Stale) Remove(log *slog.Logger) error {
 	log.Warn(s.mode.Name+": removed a TUN device that an earlier run left", "device", name)
 	return nil
 }
+
+// A TUN device handed from one process to another (a server's planned
+// restart): the old process sends a duplicate of its descriptor (Dup),
+// the new one adopts it (Adopt), and the old one lets go of its own
+// without removing the device (Release). The device is not persistent: it
+// lives while a descriptor of it is open, in either process, so it never
+// goes away in between, and what the kernel routes into it meanwhile
+// waits in its queue for the reader.
+
+// Adopt takes over the running TUN device name, whose descriptor f
+// another process handed over, in the network namespace of h: it checks
+// that f is that device, as Create makes it (IFF_TUN|IFF_NO_PI, not
+// persistent, not multi-queue; IFF_VNET_HDR when it offloads, whose
+// offloads it asks for again), and returns it as Create would, with its
+// MTU, addresses and state as they are. It works on a duplicate of f,
+// which the caller still closes. Close then removes the device.
+func Adopt(h *netlink.Handle, m setup.Mode, name string, f *os.File) (*TUN, error) {
+	fd, err := dupFile(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s: TUN device %s handed over: %w", m.Name, name, err)
+	}
+	fail := func(err error) (*TUN, error) {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%s: TUN device %s handed over: %w", m.Name, name, err)
+	}
+	ifr, err := unix.NewIfreq("")
+	if err != nil {
+		return fail(err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.TUNGETIFF, ifr); err != nil {
+		return fail(fmt.Errorf("not a TUN device: %w", os.NewSyscallError("ioctl TUNGETIFF", err)))
+	}
+	flags := ifr.Uint16()
+	switch {
+	case ifr.Name() != name:
+		return fail(fmt.Errorf("the descriptor is device %s's", ifr.Name()))
+	case flags&(unix.IFF_TUN|unix.IFF_TAP|unix.IFF_NO_PI) != unix.IFF_TUN|unix.IFF_NO_PI:
+		return fail(fmt.Errorf("flags %#x, want IFF_TUN|IFF_NO_PI", flags))
+	case flags&(unix.IFF_PERSIST|unix.IFF_MULTI_QUEUE) != 0:
+		return fail(fmt.Errorf("flags %#x: persistent or multi-queue, which iketcp never makes", flags))
+	}
+	vnet := flags&unix.IFF_VNET_HDR != 0
+	var why error = &OffloadError{Err: ErrOffloadNotAsked}
+	if vnet {
+		if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, offloadFlags); err != nil {
+			return fail(os.NewSyscallError("ioctl TUNSETOFFLOAD", err))
+		}
+		why = nil
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return fail(os.NewSyscallError("fcntl O_NONBLOCK", err))
+	}
+	d := &TUN{mode: m, name: name, nl: h, file: os.NewFile(uintptr(fd), "/dev/net/tun"), vnet: vnet, offload: why}
+	d.readFn = d.readBatch
+	d.writeFn = d.writePacket
+	if vnet {
+		d.pend = make([]byte, 0, MTU)
+		d.wiov = make([]unix.Iovec, 0, 64)
+	}
+	if d.raw, err = d.file.SyscallConn(); err != nil {
+		d.file.Close()
+		return nil, fmt.Errorf("%s: TUN device %s: %w", m.Name, name, err)
+	}
+	link, err := h.LinkByName(name)
+	if err != nil {
+		d.file.Close()
+		return nil, m.Failed(fmt.Sprintf("find the TUN device %s handed over", name), err)
+	}
+	d.link = link
+	return d, nil
+}
+
+// dupFile returns a close-on-exec duplicate of f's descriptor.
+func dupFile(f *os.File) (int, error) {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	var nfd int
+	var derr error
+	if err := raw.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, os.NewSyscallError("fcntl F_DUPFD_CLOEXEC", derr)
+	}
+	return nfd, nil
+}
+
+// Dup returns a close-on-exec duplicate of the device's descriptor, for
+// another process to Adopt; the caller closes it.
+func (d *TUN) Dup() (*os.File, error) {
+	fd, err := dupFile(d.file)
+	if err != nil {
+		return nil, fmt.Errorf("%s: TUN device %s: %w", d.mode.Name, d.name, err)
+	}
+	return os.NewFile(uintptr(fd), "/dev/net/tun"), nil
+}
+
+// Release closes the device's descriptor without removing the device,
+// which another process adopted: it lives on with that process's
+// descriptor. Blocked Reads return net.ErrClosed. Close does nothing
+// after it.
+func (d *TUN) Release() error {
+	if d.closed.Swap(true) {
+		return nil
+	}
+	if err := d.file.Close(); err != nil {
+		return fmt.Errorf("close TUN device %s: %w", d.name, err)
+	}
+	return nil
+}
+
+// SetReadDeadline sets the deadline of Read and ReadOffload: one in the
+// past wakes a blocked one, which returns os.ErrDeadlineExceeded; the
+// zero time clears it.
+func (d *TUN) SetReadDeadline(t time.Time) error { return d.file.SetReadDeadline(t) }
