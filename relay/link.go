@@ -115,10 +115,17 @@ type Detachable interface {
 	Detach(timeout time.Duration) (*DetachedLink, error)
 }
 
-// DetachedLink is a stopped link's stream, for another process.
+// DetachedLink is a stopped link's stream, for another process: a
+// socket (a stream link's), or the state of a link that has none (a
+// fake-TCP link's, whose connection lives in a userspace stack).
 type DetachedLink struct {
 	// File is a duplicate of the link's socket; the receiver closes it.
+	// Nil for a link with State instead.
 	File *os.File
+	// Encap and State, for a link without a socket: its kind ("fake-tcp")
+	// and its connection's state, which that kind's adoption reads.
+	Encap string
+	State []byte
 	// Pending is what was read from the stream and not delivered: part
 	// of the prefix if PrefixPending, then part of a frame or frames.
 	Pending       []byte

@@ -262,11 +262,12 @@ func setupClient(p *proc, in *instance, log *slog.Logger) (relayFn func(context.
 		if err != nil {
 			return nil, cleanup, err
 		}
-		stack, stop, err := startFakeTCP(c, log, fakenet.Client, 0, sources)
+		ft, err := startFakeTCP(c, log, fakenet.Client, 0, sources)
 		if err != nil {
 			return nil, cleanup, err
 		}
-		cleanups = append(cleanups, stop)
+		cleanups = append(cleanups, ft.stop)
+		stack := ft.stack
 		cfg.Dialer = &fakelink.Dialer{Stack: stack}
 		for i, d := range members {
 			d.Stack = stack

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
+	"sync/atomic"
 
 	"github.com/urfave/cli/v2"
 
@@ -14,42 +16,100 @@ import (
 	"github.com/iketcp/iketcp/relay/fakelink"
 )
 
-// startFakeTCP sets up fake-TCP mode's device and NAT rules and a TCP
-// stack on them. stop closes the stack (its conns send FIN), then the
-// device, rules and routes, and waits for the stack's reader.
-func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint16, sources []fakenet.Source) (*faketcp.Stack, func(), error) {
+// fakeTCP is fake-TCP mode running: its device, NAT rules and TCP stack.
+type fakeTCP struct {
+	stack *faketcp.Stack
+	net   *fakenet.Net
+	log   *slog.Logger
+	// kept: the device, table and forwarding belong to another process
+	// (handed over to a successor, or adopted from a predecessor this
+	// process has not yet taken over from): stop leaves them.
+	kept atomic.Bool
+}
+
+// stop closes the stack (its conns send FIN), then removes the device and
+// rules, and waits for the stack's reader. With kept, the device's
+// descriptor here closes first, so nothing goes out, and all of it stays.
+func (f *fakeTCP) stop() {
+	if f.kept.Load() {
+		f.net.Release()
+		f.stack.Close()
+		<-f.stack.Done()
+		return
+	}
+	f.stack.Close()
+	if err := f.net.Close(); err != nil {
+		f.log.Error("removing fake-TCP's device and rules", "err", err)
+	}
+	<-f.stack.Done()
+}
+
+// fakeTCPConfig is what the flags ask of fake-TCP mode.
+func fakeTCPConfig(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint16, sources []fakenet.Source) (fakenet.Config, faketcp.SeqMode, error) {
 	seq, err := parseSeqMode(c.String("fake-tcp-seq"))
 	if err != nil {
-		return nil, nil, err
+		return fakenet.Config{}, 0, err
 	}
 	var net4 netip.Prefix // zero: nat's default
 	if v := c.String("fake-tcp-net"); v != "" {
 		if net4, err = netip.ParsePrefix(v); err != nil {
-			return nil, nil, fmt.Errorf("--fake-tcp-net %q: %w (want a /30, e.g. 100.127.255.252/30)", v, err)
+			return fakenet.Config{}, 0, fmt.Errorf("--fake-tcp-net %q: %w (want a /30, e.g. 100.127.255.252/30)", v, err)
 		}
 	}
-	fnet, err := fakenet.Setup(fakenet.Config{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port, Sources: sources,
-		NoOffload: !c.Bool("fake-tcp-offload"), Logger: log})
+	return fakenet.Config{Role: role, Name: c.String("fake-tcp-name"), Net4: net4, Port: port, Sources: sources,
+		NoOffload: !c.Bool("fake-tcp-offload"), Logger: log}, seq, nil
+}
+
+// startFakeTCP sets up fake-TCP mode's device and NAT rules and a TCP
+// stack on them; its stop undoes it.
+func startFakeTCP(c *cli.Context, log *slog.Logger, role fakenet.Role, port uint16, sources []fakenet.Source) (*fakeTCP, error) {
+	cfg, seq, err := fakeTCPConfig(c, log, role, port, sources)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
+	}
+	fnet, err := fakenet.Setup(cfg)
+	if err != nil {
+		return nil, err
 	}
 	stack, err := faketcp.NewStack(fnet, faketcp.Config{Local: fnet.Endpoint4(), Seq: seq, Logger: log})
 	if err != nil {
 		fnet.Close()
-		return nil, nil, err
+		return nil, err
 	}
+	fakeTCPReady(log, fnet, stack, seq)
+	return &fakeTCP{stack: stack, net: fnet, log: log}, nil
+}
+
+// resumeFakeTCP takes over a predecessor's fake-TCP mode: its device (dev,
+// handed over), table and forwarding, and a stack that goes on from its
+// stack's state st, with its listeners (in st.Listeners' order) and conns
+// (in st.Conns'). What it adopted is kept (fakeTCP.kept) until the caller
+// has taken over.
+func resumeFakeTCP(c *cli.Context, log *slog.Logger, port uint16, dev *os.File, st faketcp.StackState) (*fakeTCP, []*faketcp.Listener, []*faketcp.Conn, error) {
+	cfg, seq, err := fakeTCPConfig(c, log, fakenet.Server, port, nil)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	fnet, err := fakenet.Adopt(cfg, dev)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	stack, lns, conns, err := faketcp.ResumeStack(fnet, faketcp.Config{Local: fnet.Endpoint4(), Seq: seq, Logger: log}, st)
+	if err != nil {
+		fnet.Release()
+		return nil, nil, nil, err
+	}
+	fakeTCPReady(log, fnet, stack, seq)
+	f := &fakeTCP{stack: stack, net: fnet, log: log}
+	f.kept.Store(true)
+	return f, lns, conns, nil
+}
+
+func fakeTCPReady(log *slog.Logger, fnet *fakenet.Net, stack *faketcp.Stack, seq faketcp.SeqMode) {
 	log.Info("fake-TCP ready", "device", fnet.Name(), "endpoint", fnet.Endpoint4().String(), "seq", seq.String(), "offload", stack.Offload())
 	if seq == faketcp.SeqFrozen {
 		log.Warn("fake-TCP sequence numbers are frozen (FortiOS's behaviour): strict anti-replay middleboxes drop such segments; use this for interoperability tests and demonstrations only")
 	}
-	stop := func() {
-		stack.Close()
-		if err := fnet.Close(); err != nil {
-			log.Error("removing fake-TCP's device and rules", "err", err)
-		}
-		<-stack.Done()
-	}
-	return stack, stop, nil
 }
 
 // fakeTCPMembers fills cfg's aggregate (aggregateConfig) for fake-TCP.

@@ -18,6 +18,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/iketcp/iketcp/nat/fakenet"
+	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/nat/redirect"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/fakelink"
@@ -129,7 +130,7 @@ func planListen(listen []string, encap string, ikePort uint, ikeSet bool) (specs
 // releases everything they hold (fake-TCP's device and rules included)
 // once the server is done.
 func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs []listenSpec, door *frontdoor.Config,
-	inherited map[string]net.Listener) (lns []relay.Listener, raw map[string]net.Listener, close func(), err error) {
+	in *inherited) (lns []relay.Listener, raw map[string]net.Listener, fake *fakeTCP, close func(), err error) {
 	raw = make(map[string]net.Listener)
 	var stops []func()
 	close = func() {
@@ -164,24 +165,24 @@ func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs
 			}
 			_, port, _ := net.SplitHostPort(s.addr)
 			p, _ := strconv.ParseUint(port, 10, 16)
-			stack, stop, err := startFakeTCP(c, log, fakenet.Server, uint16(p), nil)
-			if err != nil {
-				return lns, raw, close, err
+			var ln *faketcp.Listener
+			if fake, ln, err = fakeListener(c, log, uint16(p), in); err != nil {
+				return lns, raw, fake, close, err
 			}
-			stops = append(stops, stop)
-			ln, err := stack.Listen(uint16(p))
-			if err != nil {
-				return lns, raw, close, err
-			}
+			stops = append(stops, fake.stop)
 			lns = append(lns, fakelink.NewListener(ln, strings.Join(addrs, ",")))
 		default:
-			inner, ok := inherited[s.String()]
+			var inner net.Listener
+			ok := false
+			if in != nil {
+				inner, ok = in.lns[s.String()]
+			}
 			if ok {
 				inner = keepAliveListener{inner}
 			} else {
 				lc := net.ListenConfig{KeepAliveConfig: relay.TCPKeepAlive}
 				if inner, err = lc.Listen(c.Context, "tcp", s.addr); err != nil {
-					return lns, raw, close, fmt.Errorf("--listen %s: %w", s, relay.ListenHint(err,
+					return lns, raw, fake, close, fmt.Errorf("--listen %s: %w", s, relay.ListenHint(err,
 						"another TCP service (an IKE daemon with TCP support, a web server?) holds the port: stop it, choose another port, or share it with --share-backend"))
 				}
 			}
@@ -192,7 +193,56 @@ func listeners(c *cli.Context, log *slog.Logger, counters *relay.Counters, specs
 			lns = append(lns, streamlink.NewListener(inner, linkConfig(c, counters, log)))
 		}
 	}
-	return lns, raw, close, nil
+	return lns, raw, fake, close, nil
+}
+
+// fakeListener starts fake-TCP mode for a server on port, or, when in
+// has a predecessor's, takes it over (resumeFakeTCP), the conns it
+// resumed noted in in for adopt; it returns the port's listener.
+func fakeListener(c *cli.Context, log *slog.Logger, port uint16, in *inherited) (*fakeTCP, *faketcp.Listener, error) {
+	if in == nil || in.fake == nil {
+		ft, err := startFakeTCP(c, log, fakenet.Server, port, nil)
+		if err != nil {
+			return nil, nil, err
+		}
+		ln, err := ft.stack.Listen(port)
+		if err != nil {
+			ft.stop()
+			return nil, nil, err
+		}
+		return ft, ln, nil
+	}
+	dev := in.host[hostFakeTCPDevice]
+	if dev == nil {
+		return nil, nil, errors.New("the hand-over has fake-TCP's state and not its device")
+	}
+	st, index, err := in.fakeState()
+	if err != nil {
+		return nil, nil, err
+	}
+	ft, lns, conns, err := resumeFakeTCP(c, log, port, dev, st)
+	if err != nil {
+		return nil, nil, err
+	}
+	var ln *faketcp.Listener
+	for i, l := range lns {
+		if st.Listeners[i] == port {
+			ln = l
+		} else {
+			l.Close()
+		}
+	}
+	if ln == nil {
+		if ln, err = ft.stack.Listen(port); err != nil {
+			ft.stop()
+			return nil, nil, err
+		}
+	}
+	in.fakeConns = make(map[int]*faketcp.Conn, len(conns))
+	for i, conn := range conns {
+		in.fakeConns[index[i]] = conn
+	}
+	return ft, ln, nil
 }
 
 // keepAliveListener gives the connections of a listening socket handed

@@ -198,17 +198,14 @@ func runServerInstance(p *proc, c *cli.Context) error {
 	if err != nil {
 		return failed(err)
 	}
-	var inheritedLns map[string]net.Listener
-	if in != nil {
-		inheritedLns = in.lns
-	}
-	lns, raw, closeListeners, err := listeners(c, log, counters, specs, door, inheritedLns)
+	lns, raw, fake, closeListeners, err := listeners(c, log, counters, specs, door, in)
 	if err != nil {
 		return failed(err)
 	}
 	defer closeListeners()
+	host.fake = fake
 	if in != nil {
-		if err := adopt(srv, lns, in.server, in.files); err != nil {
+		if err := adopt(srv, lns, in.server, in.files, in.fakeConns); err != nil {
 			for _, ln := range lns {
 				ln.Close()
 			}
@@ -292,6 +289,9 @@ func runServerInstance(p *proc, c *cli.Context) error {
 			}
 		}
 		tookOver = true
+		if fake != nil {
+			fake.kept.Store(false) // this process's now: its exit removes it
+		}
 		err = srv.Serve(ctx, lns...)
 		log.Info("stopped")
 		return err

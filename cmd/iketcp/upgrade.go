@@ -15,10 +15,12 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/nat/realaddr"
 	"github.com/iketcp/iketcp/nat/redirect"
 	"github.com/iketcp/iketcp/relay"
 	"github.com/iketcp/iketcp/relay/control"
+	"github.com/iketcp/iketcp/relay/fakelink"
 	"github.com/iketcp/iketcp/relay/server"
 	"github.com/iketcp/iketcp/relay/streamlink"
 	"github.com/iketcp/iketcp/relay/upgrade"
@@ -43,14 +45,19 @@ type upgradePayload struct {
 	Host      []string `json:"host,omitempty"`
 	// RealAddress: the old server ran real-address mode, whose routing the
 	// new one adopts; the sessions' backend sockets are its sockets.
-	RealAddress bool             `json:"real_address,omitempty"`
-	Server      *server.Handover `json:"server"`
+	RealAddress bool `json:"real_address,omitempty"`
+	// FakeTCP: the old server's fake-TCP stack, paused: its own state
+	// (its conns' are in Server.Conns, Encap fakelink.Encap); its device
+	// is the host file hostFakeTCPDevice.
+	FakeTCP *faketcp.StackState `json:"fake_tcp,omitempty"`
+	Server  *server.Handover    `json:"server"`
 }
 
 // The host state's files in a hand-over, as upgradePayload.Host names
 // them.
 const (
-	hostRedirectOwner = "redirect-owner" // the port redirect's owner socket (package nat/redirect)
+	hostRedirectOwner = "redirect-owner"  // the port redirect's owner socket (package nat/redirect)
+	hostFakeTCPDevice = "fake-tcp-device" // fake-TCP's TUN device (package nat/fakenet)
 )
 
 // hostState is what a server owns on the host beside its sockets (tables,
@@ -59,6 +66,7 @@ const (
 type hostState struct {
 	redirect *redirect.Redirect // the --ike-tcp-port redirect, or nil
 	realaddr *realaddr.Net      // --real-address, or nil
+	fake     *fakeTCP           // a fake-tcp:// listener's, or nil
 }
 
 // files returns the descriptors that hand the host state over, named as
@@ -71,6 +79,16 @@ func (h *hostState) files() (kinds []string, files []*os.File, err error) {
 		}
 		kinds, files = append(kinds, hostRedirectOwner), append(files, f)
 	}
+	if h.fake != nil {
+		f, err := h.fake.net.File()
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			return nil, nil, err
+		}
+		kinds, files = append(kinds, hostFakeTCPDevice), append(files, f)
+	}
 	return kinds, files, nil
 }
 
@@ -82,6 +100,10 @@ func (h *hostState) release() {
 	}
 	if h.realaddr != nil {
 		h.realaddr.Release()
+	}
+	if h.fake != nil {
+		h.fake.kept.Store(true)
+		h.fake.net.Release()
 	}
 }
 
@@ -176,10 +198,22 @@ func (u *upgrader) upgrade() error {
 		return err
 	}
 	files = append(files, hfiles...)
-	u.ctl.Close() // the new server opens its own at the same path
 	started := time.Now()
+	var fakeState *faketcp.StackState
+	if u.host.fake != nil {
+		// From here what the fake-TCP clients send waits in the device,
+		// for the new server's stack; the links' state is final.
+		st, err := u.host.fake.stack.Pause()
+		if err != nil {
+			succ.Kill()
+			return err
+		}
+		fakeState = &st
+	}
+	u.ctl.Close() // the new server opens its own at the same path
 	err = u.srv.Handover(func(h *server.Handover, sfiles []*os.File) error {
-		payload, err := json.Marshal(upgradePayload{Listeners: specs, Host: kinds, RealAddress: u.host.realaddr != nil, Server: h})
+		payload, err := json.Marshal(upgradePayload{Listeners: specs, Host: kinds, RealAddress: u.host.realaddr != nil,
+			FakeTCP: fakeState, Server: h})
 		if err != nil {
 			return err
 		}
@@ -196,6 +230,9 @@ func (u *upgrader) upgrade() error {
 	})
 	if errors.Is(err, server.ErrNotServing) { // stopping meanwhile: nothing was handed over
 		succ.Kill()
+		if u.host.fake != nil {
+			u.host.fake.stack.Unpause()
+		}
 		return err
 	}
 	if err != nil && u.parent.Err() != nil { // told to stop meanwhile: stop, do not run again
@@ -219,26 +256,11 @@ func (u *upgrader) upgrade() error {
 }
 
 // upgradeRefusal says why a server of this configuration cannot hand
-// over, or "". The port redirect and real-address mode hand their host
-// state over (hostState). Fake-TCP does not, yet: its TUN device could go
-// with its descriptor (IFF_TUN|IFF_NO_PI, not multi-queue, IFF_VNET_HDR
-// when it offloads: a passed descriptor keeps it), but its connections
-// are no kernel sockets. Each one's TCP state (package nat/faketcp's tcb:
-// ISN, snd.nxt, rcv.nxt, the ack sent, the window's end, the peer's MSS,
-// window scale and SACK, its timers; the conn's IP ID and flow label; the
-// stack's SYN cookie key) has no export or import; relay/fakelink's links
-// do not implement relay.Detachable, whose hand-over is a socket file;
-// and nat/fakenet has no adoption of its device, table and forwarding
-// record. Without all three the new stack would answer the clients'
-// segments with RSTs.
-func upgradeRefusal(specs []listenSpec) string {
-	for _, s := range specs {
-		if s.encap == encapFakeTCP {
-			return "upgrade is not supported with fake-TCP listeners: their connections' TCP state (sequence numbers, windows, options) lives in this process's userspace stack and cannot be handed over yet; restart with --state instead (clients reconnect and claim their sessions)"
-		}
-	}
-	return ""
-}
+// over, or "". Every configuration can now: the port redirect, real-address
+// mode and fake-TCP hand their host state over (hostState), and fake-TCP's
+// connections go as their TCP state (package nat/faketcp's Pause, Detach
+// and ResumeStack).
+func upgradeRefusal([]listenSpec) string { return "" }
 
 // inherited is a predecessor's hand-over.
 type inherited struct {
@@ -246,8 +268,31 @@ type inherited struct {
 	lns    map[string]net.Listener // the listening sockets, by spec
 	host   map[string]*os.File     // the host state's files, by upgradePayload.Host's names
 	realAd bool                    // the predecessor ran real-address mode
+	fake   *faketcp.StackState     // the predecessor's fake-TCP stack, or nil
 	server *server.Handover
 	files  []*os.File // what server indexes
+	// fakeConns are the fake-TCP conns resumed for server.Conns, by index
+	// there (fakeListener fills it).
+	fakeConns map[int]*faketcp.Conn
+}
+
+// fakeState is the predecessor's fake-TCP stack with its conns, from the
+// hand-over's connections of Encap fakelink.Encap; index[i] is the
+// connection of Conns[i] in in.server.Conns.
+func (in *inherited) fakeState() (st faketcp.StackState, index []int, err error) {
+	st = *in.fake
+	st.Conns = nil
+	for i, hc := range in.server.Conns {
+		if hc.Encap != fakelink.Encap {
+			continue
+		}
+		var cs faketcp.ConnState
+		if err := json.Unmarshal(hc.State, &cs); err != nil {
+			return st, nil, fmt.Errorf("the fake-TCP connection from %s: %w", hc.Remote, err)
+		}
+		st.Conns, index = append(st.Conns, cs), append(index, i)
+	}
+	return st, index, nil
 }
 
 // closeHost closes the host state's files that no one took.
@@ -287,13 +332,19 @@ func inherit(log *slog.Logger) (*inherited, error) {
 		closeAll()
 		return fail(fmt.Errorf("the hand-over: %v", err))
 	}
-	want := len(p.Listeners) + len(p.Host) + len(p.Server.Table.Sessions) + len(p.Server.Conns)
+	want := len(p.Listeners) + len(p.Host) + len(p.Server.Table.Sessions) + p.Server.Files()
 	if len(all) != want {
 		closeAll()
 		return fail(fmt.Errorf("the hand-over has %d files, want %d", len(all), want))
 	}
+	for _, hc := range p.Server.Conns {
+		if hc.Encap != "" && (hc.Encap != fakelink.Encap || p.FakeTCP == nil) {
+			closeAll()
+			return fail(fmt.Errorf("the connection from %s is a %q link, and the hand-over has no such stack", hc.Remote, hc.Encap))
+		}
+	}
 	in := &inherited{pred: pred, lns: make(map[string]net.Listener), host: make(map[string]*os.File),
-		realAd: p.RealAddress, server: p.Server}
+		realAd: p.RealAddress, fake: p.FakeTCP, server: p.Server}
 	for i, spec := range p.Listeners {
 		ln, err := net.FileListener(all[i])
 		all[i].Close()
@@ -310,13 +361,15 @@ func inherit(log *slog.Logger) (*inherited, error) {
 	}
 	in.files = all[len(p.Listeners)+len(p.Host):]
 	log.Info("taking over from the old server", "listeners", len(in.lns), "host_state", len(p.Host), "real_address", p.RealAddress,
-		"sessions", len(p.Server.Table.Sessions), "conns", len(p.Server.Conns))
+		"fake_tcp", p.FakeTCP != nil, "sessions", len(p.Server.Table.Sessions), "conns", len(p.Server.Conns))
 	return in, nil
 }
 
 // adopt gives srv the sessions and connections of a hand-over, the
-// connections served by ln.
-func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files []*os.File) error {
+// stream connections served by lns' RFC 9329 listener, the fake-TCP ones
+// by the conns a resumed stack made of them (fakeConns, by index in
+// h.Conns).
+func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files []*os.File, fakeConns map[int]*faketcp.Conn) error {
 	defer func() {
 		for _, f := range files {
 			f.Close()
@@ -329,7 +382,7 @@ func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files [
 			break
 		}
 	}
-	if sl == nil && len(h.Conns) > 0 {
+	if sl == nil && h.Files() > 0 {
 		return errors.New("connections handed over, and no RFC 9329 listener to serve them")
 	}
 	var backends []*net.UDPConn
@@ -346,8 +399,18 @@ func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files [
 		backends = append(backends, uc)
 	}
 	var links []relay.Link
+	next := len(h.Table.Sessions) // the next connection's socket
 	for i, hc := range h.Conns {
-		nc, err := net.FileConn(files[len(h.Table.Sessions)+i])
+		if hc.Encap == fakelink.Encap {
+			conn := fakeConns[i]
+			if conn == nil {
+				return fmt.Errorf("fake-TCP connection from %s: no fake-TCP listener resumed it", hc.Remote)
+			}
+			links = append(links, fakelink.Adopt(conn))
+			continue
+		}
+		nc, err := net.FileConn(files[next])
+		next++
 		if err != nil {
 			return fmt.Errorf("connection from %s: %w", hc.Remote, err)
 		}

@@ -8,11 +8,13 @@ package fakelink
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"sync/atomic"
+	"time"
 
 	"github.com/iketcp/iketcp/nat/faketcp"
 	"github.com/iketcp/iketcp/relay"
@@ -148,6 +150,8 @@ func ended(err error) error {
 		return errors.New("fake-TCP connection timed out: nothing heard from the peer")
 	case errors.Is(err, faketcp.ErrPeerClosed):
 		return errors.New("peer closed the fake-TCP connection")
+	case errors.Is(err, faketcp.ErrDetached):
+		return relay.ErrDetached
 	case errors.Is(err, faketcp.ErrClosed):
 		return relay.ErrClosedHere
 	case err != nil:
@@ -155,6 +159,32 @@ func ended(err error) error {
 	}
 	return errors.New("fake-TCP connection ended")
 }
+
+// Encap names the links of this package in a hand-over
+// (relay.DetachedLink's Encap).
+const Encap = "fake-tcp"
+
+// Detach hands the link to another process (a server's upgrade): its
+// conn's state (faketcp's Conn.Detach, which needs the stack paused),
+// for that process's stack to resume (faketcp.ResumeStack) and Adopt to
+// serve. The link then counts as closed here, sending nothing: Serve
+// returns relay.ErrDetached, and so does Send. The timeout is not needed:
+// nothing waits in a fake-TCP link.
+func (l *Link) Detach(time.Duration) (*relay.DetachedLink, error) {
+	cs, err := l.conn.Detach()
+	if err != nil {
+		return nil, err
+	}
+	state, err := json.Marshal(cs)
+	if err != nil {
+		return nil, err
+	}
+	return &relay.DetachedLink{Encap: Encap, State: state}, nil
+}
+
+// Adopt serves a conn that a stack resumed from another process's
+// detached link (ResumeStack's).
+func Adopt(conn *faketcp.Conn) *Link { return &Link{conn: conn} }
 
 // Close ends the conn (with a FIN); Serve returns.
 func (l *Link) Close() error {

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -36,8 +37,9 @@ type Handover struct {
 	// SessionFiles+i.
 	Table    statefile.Table `json:"table"`
 	HalfOpen []uint64        `json:"half_open,omitempty"`
-	// Conns are the connections handed over; the socket of Conns[i] is
-	// the file SessionFiles+len(Table.Sessions)+i.
+	// Conns are the connections handed over; their sockets follow the
+	// sessions' in the files, in order: one for each conn without
+	// Encap (a stream link's), none for one with (see HandoverConn).
 	Conns []HandoverConn `json:"conns"`
 }
 
@@ -57,6 +59,23 @@ type HandoverConn struct {
 	// What its reader read and did not deliver.
 	Pending       []byte `json:"pending,omitempty"`
 	PrefixPending bool   `json:"prefix_pending,omitempty"`
+	// Encap and State: a link with no socket (fake-TCP), handed over as
+	// its state (relay.DetachedLink's); it has no file. Empty for a
+	// stream link, which has one.
+	Encap string          `json:"encap,omitempty"`
+	State json.RawMessage `json:"state,omitempty"`
+}
+
+// Files is how many of h.Conns have a socket among the handover's files:
+// those without Encap.
+func (h *Handover) Files() int {
+	n := 0
+	for _, hc := range h.Conns {
+		if hc.Encap == "" {
+			n++
+		}
+	}
+	return n
 }
 
 // ErrNotServing is Handover's error when there is nothing to hand over:
@@ -70,9 +89,11 @@ const HandoverTimeout = 2 * time.Second
 
 // Handover stops the serving server for a successor and calls send with
 // what it hands over, and the files: first the sessions' backend sockets,
-// then the connections' (duplicates; send need not keep them: they are
-// closed when it returns). A connection that cannot be handed over (TLS,
-// fake-TCP, one that does not stop in time) is closed: its client
+// then the stream connections' (duplicates; send need not keep them: they
+// are closed when it returns); a link without a socket (fake-TCP) goes as
+// its state, in its HandoverConn. A connection that cannot be handed over
+// (TLS, one that does not stop in time, a fake-TCP one whose stack the
+// caller did not pause) is closed: its client
 // reconnects, and claims its session from the successor. If send fails,
 // nothing is left running: the state file, if any, has the sessions.
 // Either way Serve then closes what is left here and returns.
@@ -153,7 +174,7 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 			f.Close()
 		}
 		for _, det := range detached {
-			if det != nil {
+			if det != nil && det.File != nil {
 				det.File.Close()
 			}
 		}
@@ -179,6 +200,12 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 		}
 		hc := HandoverConn{Remote: c.remote, Identity: c.identity, Accepted: c.accepted,
 			Pending: det.Pending, PrefixPending: det.PrefixPending}
+		if det.File == nil {
+			if det.Encap == "" || !json.Valid(det.State) {
+				continue // neither a socket nor a state: it closes, as one that did not stop
+			}
+			hc.Encap, hc.State = det.Encap, det.State
+		}
 		if k := c.keys.Load(); k != nil {
 			hc.ClientPub, hc.ServerPub, hc.Key = k.client, k.server, slices.Clone(k.key[:])
 		}
@@ -192,7 +219,9 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 			hc.Current = c.current.id
 		}
 		h.Conns = append(h.Conns, hc)
-		files = append(files, det.File)
+		if det.File != nil {
+			files = append(files, det.File)
+		}
 		detached[i] = nil
 	}
 	s.mu.Unlock()
