@@ -79,6 +79,10 @@ func NewListener(ln *faketcp.Listener, addr string) *Listener {
 
 func (l *Listener) Accept(ctx context.Context) (relay.Link, error) {
 	conn, err := l.ln.Accept(ctx)
+	if errors.Is(err, faketcp.ErrClosed) {
+		// As a closed socket's: the relay's accept loop ends on it.
+		return nil, fmt.Errorf("%w: %w", net.ErrClosed, err)
+	}
 	if err != nil {
 		return nil, err
 	}
