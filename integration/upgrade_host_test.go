@@ -358,7 +358,7 @@ func TestServerUpgradeFakeTCP(t *testing.T) {
 
 	s := startStream(t, tun, 10*time.Millisecond)
 	time.Sleep(time.Second)
-	last, figs := upgradeTwice(t, ctx, tun, s)
+	last, _ := upgradeTwice(t, ctx, tun, s)
 	checkNoReconnectLosing(t, ctx, tun, s, dialedBefore, sa, inits, baseline)
 	sameSession(t, ctx, tun, before)
 	if n, table := fakeTCPHubState(t, ctx, l); n != 1 || table != 1 {
@@ -366,9 +366,6 @@ func TestServerUpgradeFakeTCP(t *testing.T) {
 	}
 	if got, err := tun.PingThrough(ctx, 3, 100*time.Millisecond); err != nil || got != 3 {
 		t.Fatalf("ping after the upgrades: %d of 3 (%v)", got, err)
-	}
-	for _, f := range figs {
-		t.Logf("figures: %s", f)
 	}
 	noResets(t, capture)
 

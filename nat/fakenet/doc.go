@@ -87,6 +87,11 @@
 // chain (Docker sets its policy to DROP), must let the device's traffic
 // through.
 //
-// Linux only: elsewhere Setup returns an error that matches
+// A planned restart or upgrade hands all of it to the process that
+// replaces this one, removing and re-adding nothing: File gives a
+// duplicate of the device's descriptor for the new process to Adopt, and
+// Release lets go here without removing anything (adopt_linux.go).
+//
+// Linux only: elsewhere Setup and Adopt return an error that matches
 // nat.ErrNeedsLinux.
 package fakenet

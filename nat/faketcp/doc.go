@@ -143,8 +143,13 @@
 // of the caller's payloads, and neither sending nor receiving allocates
 // in steady state.
 //
+// Hand-over: a planned restart moves a stack's established conns to a
+// stack in another process on the same device, with no RST and no
+// reconnect (Stack.Pause, Conn.Detach, ResumeStack: handover.go has
+// how); only an unplanned restart makes peers dial again.
+//
 // Goroutines: a Stack runs a reader (which also runs the handlers and
 // owns the cookies) and a timer (Dial's SYN retries, keepalives, delayed
-// ACKs, lingers); Close ends both. Each conn's state machine (tcb) is pure and told the time, so its
+// ACKs, lingers); Pause stops both for a hand-over, Close ends both. Each conn's state machine (tcb) is pure and told the time, so its
 // tests drive it with explicit times.
 package faketcp

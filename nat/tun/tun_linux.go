@@ -50,10 +50,11 @@ var (
 )
 
 // TUN is a TUN device that Create made (IFF_TUN|IFF_NO_PI, not
-// persistent, and IFF_VNET_HDR when it offloads): its descriptor, its
-// link, and the state behind its batch-shaped Read and Write. It knows
-// how to remove itself: Close deletes the link and closes the
-// descriptor.
+// persistent, and IFF_VNET_HDR when it offloads), or that Adopt took
+// over from another process: its descriptor, its link, and the state
+// behind its batch-shaped Read and Write. It knows how to remove itself:
+// Close deletes the link and closes the descriptor (Release only closes
+// the descriptor).
 type TUN struct {
 	// Set by Create, read-only afterwards.
 	mode setup.Mode

@@ -3,7 +3,9 @@
 // (package nat/faketcp) that no kernel TCP stream owns, so nothing queues
 // behind a lost segment. IKE keeps its non-ESP marker and ESP travels raw,
 // as in RFC 9329, but without the Length or the prefix: the segment is
-// the frame. Both ends must be iketcp.
+// the frame. Both ends must be iketcp. A server's link can be handed to
+// another process as its connection's state (Detach, Adopt), for a
+// planned restart.
 package fakelink
 
 import (
