@@ -44,6 +44,9 @@ var umlPrereqs struct {
 	libreswan *uml.Libreswan
 	init      string
 	err       error
+
+	mu    sync.Mutex
+	other map[string]*uml.Kernel // kernels of other series than the default, by series
 }
 
 // requireUML returns the guest's prerequisites, building the kernel if the
@@ -86,12 +89,49 @@ func requireUML(t *testing.T) (*uml.Kernel, *uml.Libreswan, string) {
 	return p.kernel, p.libreswan, p.init
 }
 
+// requireSeries returns the kernel of series, building it if the cache
+// has none, beside what requireUML returns.
+func requireSeries(t *testing.T, series string) (*uml.Kernel, *uml.Libreswan, string) {
+	t.Helper()
+	kernel, sw, init := requireUML(t)
+	if series == "" || series == kernel.Series {
+		return kernel, sw, init
+	}
+	p := &umlPrereqs
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if k := p.other[series]; k != nil {
+		return k, sw, init
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
+	defer cancel()
+	k, err := uml.EnsureKernel(ctx, uml.KernelOptions{Series: series, Logf: t.Logf})
+	if err != nil {
+		t.Fatalf("UML kernel of linux-source-%s: %v", series, err)
+	}
+	if k.Built {
+		t.Logf("uml: built kernel %s (%s) in %s", k.Path, k.Version, k.BuildTime.Round(time.Second))
+	}
+	if p.other == nil {
+		p.other = map[string]*uml.Kernel{}
+	}
+	p.other[series] = k
+	return k, sw, init
+}
+
 // bootGuest boots a guest whose TAP sits in the lab's carrier, with the
 // given addresses on its lo and routes, and registers its shutdown (which
 // the test checks to be clean) and a dump of its view on failure.
 func bootGuest(t *testing.T, ctx context.Context, l *lab.Lab, loopback []string, routes [][]string) *uml.Guest {
 	t.Helper()
-	kernel, sw, init := requireUML(t)
+	return bootGuestOn(t, ctx, l, "", loopback, routes)
+}
+
+// bootGuestOn is bootGuest with the kernel of series ("" for the
+// default).
+func bootGuestOn(t *testing.T, ctx context.Context, l *lab.Lab, series string, loopback []string, routes [][]string) *uml.Guest {
+	t.Helper()
+	kernel, sw, init := requireSeries(t, series)
 	g, err := uml.Boot(ctx, uml.GuestOptions{
 		Kernel: kernel, Init: init, Namespace: l.Carrier,
 		Dir: filepath.Join(l.Dir, "guest"),
@@ -515,8 +555,15 @@ func tail(s string, n int) string {
 // performing dst lookups"; Debian's 6.1.192 did). The test checks that the
 // guest's XFRM state encapsulates in UDP (the kernel encrypts), that pings
 // cross both ways, that iketcp saw the ESP, and that none of it reached
-// the carrier as UDP.
+// the carrier as UDP. It runs on each series of uml.Series: Debian 12's
+// 6.1 and bookworm-security's 6.12.
 func TestInteropTransparentKernelESP(t *testing.T) {
+	for _, series := range uml.Series {
+		t.Run(series, func(t *testing.T) { transparentKernelESP(t, series) })
+	}
+}
+
+func transparentKernelESP(t *testing.T, series string) {
 	l := lab.NewForTest(t, lab.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
@@ -535,7 +582,7 @@ func TestInteropTransparentKernelESP(t *testing.T) {
 		"--listen", fmt.Sprintf("%s:%d", lab.HubOuter, interopServerPort), "--backend", "127.0.0.1:4500"); err != nil {
 		t.Fatal(err)
 	}
-	g := bootGuest(t, ctx, l, []string{lab.SiteInner + "/32"}, [][]string{
+	g := bootGuestOn(t, ctx, l, series, []string{lab.SiteInner + "/32"}, [][]string{
 		{lab.HubOuterNet, "via", guestHostAddr},
 	})
 	dir := g.Opts.Dir

@@ -19,7 +19,7 @@ func interopDepsCommand() *cli.Command {
 		Name:  "interop-deps",
 		Usage: "build (or find cached) the UML kernel with ESP and espintcp, and unpack libreswan (needs root)",
 		Flags: []cli.Flag{
-			&cli.StringSliceFlag{Name: "series", Value: cli.NewStringSlice(uml.DefaultSeries), Usage: "linux-source series to build (6.1)"},
+			&cli.StringSliceFlag{Name: "series", Value: cli.NewStringSlice(uml.Series...), Usage: "linux-source series to build"},
 		},
 		Action: runInteropDeps,
 	}
@@ -29,7 +29,7 @@ func runInteropDeps(c *cli.Context) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("interop-deps needs root (the cache is %s)", uml.CacheDir())
 	}
-	if missing := uml.MissingHostTools(); len(missing) > 0 {
+	if missing := uml.MissingHostPackages(); len(missing) > 0 {
 		fmt.Printf("installing the interop lab's packages (missing: %s)\n", strings.Join(missing, ", "))
 		if err := uml.InstallHostPackages(c.Context, os.Stdout); err != nil {
 			return err

@@ -28,7 +28,10 @@ var kernelConfig []byte
 //go:embed uml-xstate-6.1.patch
 var xstatePatch61 []byte
 
-var xstatePatches = map[string][]byte{"6.1": xstatePatch61}
+//go:embed uml-xstate-6.12.patch
+var xstatePatch612 []byte
+
+var xstatePatches = map[string][]byte{"6.1": xstatePatch61, "6.12": xstatePatch612}
 
 // DefaultCacheDir holds built kernels, downloaded sources and the
 // unpacked libreswan, outside any checkout, so that later runs only boot.
@@ -37,6 +40,11 @@ const DefaultCacheDir = "/var/cache/iketcp-lab/uml"
 
 // DefaultSeries is the Debian kernel source series the lab builds.
 const DefaultSeries = "6.1"
+
+// Series are the Debian kernel source series the interop lab builds:
+// Debian 12's own (6.1), and the one bookworm-security carries for newer
+// hardware (6.12), whose xfrm route lookup transparent mode relies on.
+var Series = []string{"6.1", "6.12"}
 
 // CacheDir returns the cache directory in use.
 func CacheDir() string {

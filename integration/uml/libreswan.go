@@ -42,6 +42,26 @@ func MissingHostTools() []string {
 	return missing
 }
 
+// MissingHostPackages lists the HostPackages that dpkg does not have
+// installed: a library pluto loads is no program MissingHostTools finds.
+func MissingHostPackages() []string {
+	args := append([]string{"-W", "-f", "${Package} ${db:Status-Status}\n"}, HostPackages...)
+	out, _ := exec.Command("dpkg-query", args...).Output() // exits 1 when one is unknown
+	installed := map[string]bool{}
+	for _, line := range strings.Split(string(out), "\n") {
+		if name, status, ok := strings.Cut(line, " "); ok && status == "installed" {
+			installed[strings.TrimSuffix(name, ":amd64")] = true
+		}
+	}
+	var missing []string
+	for _, p := range HostPackages {
+		if !installed[p] {
+			missing = append(missing, p)
+		}
+	}
+	return missing
+}
+
 // InstallHostPackages installs HostPackages with apt-get, writing its
 // output to out. It needs root.
 func InstallHostPackages(ctx context.Context, out io.Writer) error {
