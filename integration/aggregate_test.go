@@ -338,8 +338,8 @@ func TestAggregateUnequalPaths(t *testing.T) {
 		serverArgs []string
 	}
 	// The buffer's cap covers the slow carrier's worst delay: its 100 ms
-	// queue, and a TCP retransmission on it now and then (the default,
-	// 200 ms, covered it in most runs on a 2-core machine, not all).
+	// queue, and a TCP retransmission on it now and then, which can take
+	// longer than the default 200 ms.
 	reorderOn := []string{"--reorder-max", "400ms"}
 	runs := []run{
 		{"round-robin, reorder off", []string{"--aggregate", "round-robin"}, []string{"--reorder-max", "0"}},
