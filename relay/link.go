@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"sync"
 	"time"
@@ -116,12 +117,23 @@ type Detachable interface {
 }
 
 // DetachedLink is a stopped link's stream, for another process: a
-// socket (a stream link's), or the state of a link that has none (a
-// fake-TCP link's, whose connection lives in a userspace stack).
+// socket (a stream link's), the state of a link that has none (a
+// fake-TCP link's, whose connection lives in a userspace stack), or a
+// connection whose state cannot leave this process (TLS's), which this
+// process keeps and relays.
 type DetachedLink struct {
 	// File is a duplicate of the link's socket; the receiver closes it.
-	// Nil for a link with State instead.
+	// Nil for a link with State or Conn instead.
 	File *os.File
+	// Conn is the link's connection itself, for a link whose connection
+	// cannot go to another process (TLS: Go's crypto/tls cannot export a
+	// live session): the receiver owns it (the link's Close leaves it
+	// open), and relays its stream to the other process, Pending first,
+	// then what Conn reads, at a frame boundary or not.
+	Conn net.Conn
+	// TLS: Conn is a TLS connection, or the stream is one a predecessor
+	// relays from a TLS connection it kept.
+	TLS bool
 	// Encap and State, for a link without a socket: its kind ("fake-tcp")
 	// and its connection's state, which that kind's adoption reads.
 	Encap string

@@ -2,6 +2,7 @@ package streamlink
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -17,15 +18,21 @@ import (
 // returns a duplicate of the socket with those bytes; the other process's
 // Listener.Adopt serves the same stream from there. The far end sees
 // nothing: no byte lost, none twice, frames whole.
+//
+// A TLS link's connection cannot leave this process: Detach stops it the
+// same way and returns the connection itself (Detached.Conn), which the
+// link's Close then leaves open. The caller keeps it and relays its
+// stream, from the bytes pending on, to the other process (a server's
+// upgrade does so over a socketpair, whose other end the new server
+// adopts: its Adopted says the stream is TLS, and from whom).
 
 // ErrDetached is what Serve returns once Detach stopped it, and Send
 // after that.
 var ErrDetached = relay.ErrDetached
 
-// ErrNotDetachable is Detach's error for a link whose state lives in this
-// process only: TLS, whose session keys and sequence numbers Go's
-// crypto/tls cannot hand over.
-var ErrNotDetachable = errors.New("a TLS link cannot be handed over: its client reconnects and claims its session")
+// ErrNotDetachable is Detach's error for a link over a connection that is
+// neither a socket nor TLS over one.
+var ErrNotDetachable = errors.New("the link's connection is not a socket: its client reconnects and claims its session")
 
 // Detached is a stopped link's stream, for another process.
 type Detached = relay.DetachedLink
@@ -41,13 +48,17 @@ type unreader interface{ Unread() []byte }
 // here: Serve returns ErrDetached, and so does Send. Nothing must be sent
 // on the link meanwhile (a server stops its sessions' backend readers
 // first). The link's own socket stays open until Close.
+//
+// A TLS link's Detached has Conn, the connection itself, instead of File:
+// the link's Close leaves it open for the caller, who closes it.
 func (l *Link) Detach(timeout time.Duration) (*Detached, error) {
-	if l.direct == nil {
-		return nil, ErrNotDetachable
-	}
+	_, isTLS := l.nc.(*tls.Conn)
 	raw := rawConn(l.nc)
+	if isTLS {
+		raw = rawConn(underlying(l.nc))
+	}
 	if raw == nil {
-		return nil, errors.New("the link's connection is not a socket")
+		return nil, ErrNotDetachable
 	}
 	if !l.detaching.CompareAndSwap(false, true) {
 		return nil, errors.New("link already detached")
@@ -83,11 +94,21 @@ func (l *Link) Detach(timeout time.Duration) (*Detached, error) {
 		}
 		time.Sleep(time.Millisecond)
 	}
+	d := l.detached
+	d.TLS = l.TLS()
+	if isTLS {
+		// A read that timed out leaves crypto/tls's connection whole
+		// (what it read of a record stays buffered in it): the caller
+		// reads on from there.
+		l.nc.SetDeadline(time.Time{})
+		l.kept.Store(true)
+		d.Conn = l.nc
+		return d, nil
+	}
 	f, err := dupSocket(raw)
 	if err != nil {
 		return nil, err
 	}
-	d := l.detached
 	d.File = f
 	return d, nil
 }
@@ -116,10 +137,43 @@ func (l *Link) detachedAt(d *framing.Decoder) error {
 // said, and remote, if not empty, the client's address as that process
 // knew it (a PROXY header's). Serve reads pending first.
 func (l *Listener) Adopt(nc net.Conn, pending []byte, prefixPending bool, remote string) (*Link, error) {
-	if len(pending) > l.sh.cfg.bufferSize()-relay.Headroom {
-		return nil, fmt.Errorf("%d bytes pending, more than a link's buffer holds", len(pending))
+	return l.AdoptStream(nc, Adopted{Pending: pending, PrefixPending: prefixPending, Remote: remote})
+}
+
+// Adopted is what another process knew of a stream it handed over.
+type Adopted struct {
+	// Pending and PrefixPending: what Detach said.
+	Pending       []byte
+	PrefixPending bool
+	// Remote and Local, if not empty, are the client's connection's
+	// addresses as that process knew them: the link's RemoteAddr and
+	// LocalAddr, for a stream whose socket is not the client's (a PROXY
+	// header's client; a socketpair's end, relayed from a TLS connection
+	// that process kept).
+	Remote, Local string
+	// TLS: the client's connection is TLS; Identity is the subject of
+	// the certificate the client proved it holds, or "".
+	TLS      bool
+	Identity string
+}
+
+// AdoptStream is Adopt with all that the other process knew of the
+// stream: a link over a socketpair's end that it relays from a TLS
+// connection it kept says TLS, and the client's identity and addresses,
+// not the socketpair's.
+func (l *Listener) AdoptStream(nc net.Conn, a Adopted) (*Link, error) {
+	if len(a.Pending) > l.sh.cfg.bufferSize()-relay.Headroom {
+		return nil, fmt.Errorf("%d bytes pending, more than a link's buffer holds", len(a.Pending))
 	}
 	link := newLink(nc, l.sh)
-	link.adopted, link.carry, link.carryPrefix, link.remote = true, bytes.Clone(pending), prefixPending, remote
+	link.adopted, link.carry, link.carryPrefix, link.remote = true, bytes.Clone(a.Pending), a.PrefixPending, a.Remote
+	link.local, link.tls, link.identity = a.Local, a.TLS, a.Identity
 	return link, nil
+}
+
+// TLS reports whether the client's connection is TLS: the link's own, or
+// one a predecessor kept and relays to this link's socket.
+func (l *Link) TLS() bool {
+	_, ok := l.nc.(*tls.Conn)
+	return ok || l.tls
 }

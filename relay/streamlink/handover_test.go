@@ -3,11 +3,18 @@ package streamlink_test
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"io"
 	"net"
+	"os"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/iketcp/iketcp/framing"
 	"github.com/iketcp/iketcp/relay"
@@ -27,21 +34,38 @@ func numbered(i int) []byte {
 // the server's link is detached and its stream adopted by another
 // listener (as a new process would): every frame arrives once, whole and
 // in order, each way, and the client's connection never notices.
-func TestDetachAdopt(t *testing.T) {
+func TestDetachAdopt(t *testing.T) { testDetachAdopt(t, false) }
+
+// TestDetachTLS: the same over TLS, whose connection stays with the "old
+// process" (Detach gives it, and Close leaves it open), which relays it
+// over a unix socketpair, the bytes pending first, to the adopting
+// listener's link: frames whole and in order both ways, and the adopted
+// link says TLS and the client's addresses, not the socketpair's.
+func TestDetachTLS(t *testing.T) { testDetachAdopt(t, true) }
+
+func testDetachAdopt(t *testing.T, overTLS bool) {
+	var nl net.Listener
 	nl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if overTLS {
+		nl = tls.NewListener(nl, &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}, MinVersion: tls.VersionTLS13})
 	}
 	cfg := streamlink.Config{BufferSize: 4096}
 	ln := streamlink.NewListener(nl, cfg)
 	defer ln.Close()
 	ln2 := streamlink.NewListener(nil, cfg) // the "new process": it only adopts
 
-	raw, err := net.Dial("tcp", nl.Addr().String())
+	var raw net.Conn
+	raw, err = net.Dial("tcp", nl.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer raw.Close()
+	if overTLS {
+		raw = tls.Client(raw, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	old, err := ln.Accept(ctx)
@@ -69,6 +93,26 @@ func TestDetachAdopt(t *testing.T) {
 			time.Sleep(50 * time.Microsecond)
 		}
 		writeDone <- nil
+	}()
+
+	// The client reads what the server sends all along (the server's
+	// writes drain before Detach returns).
+	readDone := make(chan error, 1)
+	go func() {
+		raw.SetReadDeadline(time.Now().Add(10 * time.Second))
+		d := framing.NewDecoder(raw, 0, false)
+		for i := range 1000 {
+			p, err := d.Next()
+			if err != nil {
+				readDone <- fmt.Errorf("frame %d from the server: %w", i, err)
+				return
+			}
+			if !bytes.Equal(p, numbered(i)) {
+				readDone <- fmt.Errorf("frame %d from the server: got numbered %d", i, binary.BigEndian.Uint32(p[4:]))
+				return
+			}
+		}
+		readDone <- nil
 	}()
 
 	rx := &collector{got: make(chan []byte, n)}
@@ -101,15 +145,32 @@ func TestDetachAdopt(t *testing.T) {
 	if err := old.Send([][]byte{withHeadroom(numbered(0))}); !errors.Is(err, streamlink.ErrDetached) {
 		t.Fatalf("Send after Detach: %v", err)
 	}
-	nc, err := net.FileConn(det.File)
-	det.File.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	old.Close() // its socket goes; the duplicate keeps the connection
-	adopted, err := ln2.Adopt(nc, det.Pending, det.PrefixPending, "")
-	if err != nil {
-		t.Fatal(err)
+	var adopted *streamlink.Link
+	if overTLS {
+		if det.Conn == nil || det.File != nil || !det.TLS {
+			t.Fatalf("a TLS link's Detach gave %+v, want its connection", det)
+		}
+		remote, local := old.RemoteAddr(), old.(*streamlink.Link).LocalAddr()
+		old.Close() // the connection stays: Detach gave it
+		nc := relayTLS(t, det.Conn, det.Pending)
+		adopted, err = ln2.AdoptStream(nc, streamlink.Adopted{PrefixPending: det.PrefixPending, Remote: remote, Local: local, TLS: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !adopted.TLS() || adopted.RemoteAddr() != remote || adopted.LocalAddr() != local {
+			t.Fatalf("adopted link: TLS %v, %s -> %s; want TLS, %s -> %s", adopted.TLS(), adopted.RemoteAddr(), adopted.LocalAddr(), remote, local)
+		}
+	} else {
+		nc, err := net.FileConn(det.File)
+		det.File.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		old.Close() // its socket goes; the duplicate keeps the connection
+		adopted, err = ln2.Adopt(nc, det.Pending, det.PrefixPending, "")
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 	defer adopted.Close()
 	go func() { served <- adopted.Serve(rx) }()
@@ -129,19 +190,48 @@ func TestDetachAdopt(t *testing.T) {
 		t.Fatal(err)
 	}
 	// What the server sent, before and after, reached the client in order.
-	raw.SetReadDeadline(time.Now().Add(3 * time.Second))
-	d := framing.NewDecoder(raw, 0, false)
-	for i := range 1000 {
-		p, err := d.Next()
-		if err != nil {
-			t.Fatalf("frame %d from the server: %v", i, err)
-		}
-		if !bytes.Equal(p, numbered(i)) {
-			t.Fatalf("frame %d from the server: got numbered %d", i, binary.BigEndian.Uint32(p[4:]))
-		}
+	if err := <-readDone; err != nil {
+		t.Fatal(err)
 	}
 	raw.Close()
 	if err := <-served; err == nil {
 		t.Fatal("adopted link's Serve ended without an error")
 	}
+}
+
+// relayTLS is the old process's relay in small: a socketpair, one end
+// returned (the new process's), the other copied both ways with tc,
+// pending first, until either ends; the test's end closes both.
+func relayTLS(t *testing.T, tc net.Conn, pending []byte) net.Conn {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ends := make([]net.Conn, 2)
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "socketpair")
+		ends[i], err = net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	stop := func() { ends[0].Close(); tc.Close() }
+	go func() {
+		defer wg.Done()
+		defer stop()
+		if _, err := ends[0].Write(pending); err == nil {
+			io.Copy(ends[0], tc)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		defer stop()
+		io.Copy(tc, ends[0])
+	}()
+	t.Cleanup(func() { stop(); wg.Wait() })
+	return ends[1]
 }

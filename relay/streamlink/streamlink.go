@@ -289,7 +289,11 @@ type Link struct {
 	adopted     bool      // the stream was another process's: Serve reads carry first
 	carry       []byte
 	carryPrefix bool
-	remote      string // the client's address, if not the socket's peer
+	remote      string      // the client's address, if not the socket's peer
+	local       string      // the client's connection's local address, if not the socket's
+	tls         bool        // the client's connection is TLS, relayed to this socket by a predecessor
+	identity    string      // the TLS client's identity, as the predecessor knew it
+	kept        atomic.Bool // Detach gave the connection (TLS) to its caller: Close leaves it open
 
 	wmu      sync.Mutex // guards the write side (send.go): the following
 	q        sendq.Queue
@@ -306,6 +310,11 @@ func newLink(nc net.Conn, sh *shared) *Link {
 	l.q.Budget, l.q.Target, l.q.Interval = sh.cfg.QueueBytes, sh.cfg.QueueDelay, sh.cfg.QueueInterval
 	if sh.cfg.Counters != nil {
 		l.q.Delays = &sh.cfg.Counters.QueueDelay
+	}
+	if _, ok := nc.(*net.UnixConn); ok {
+		// A socketpair's end, relayed from a TLS connection a predecessor
+		// kept: no TCP to tune or read the backlog of.
+		return l
 	}
 	lowat, err := tuneSocket(nc, &sh.cfg)
 	if err != nil {
@@ -504,7 +513,10 @@ func (l *Link) ended(err error) error {
 // returns.
 func (l *Link) Close() error {
 	l.closed.Store(true)
-	err := l.nc.Close()
+	var err error
+	if !l.kept.Load() {
+		err = l.nc.Close()
+	}
 	l.writers.Wait()
 	return err
 }
@@ -512,6 +524,9 @@ func (l *Link) Close() error {
 // Identity is the subject of the certificate a TLS client proved it
 // holds, or "".
 func (l *Link) Identity() string {
+	if l.identity != "" {
+		return l.identity
+	}
 	tc, ok := l.nc.(*tls.Conn)
 	if !ok {
 		return ""
@@ -523,7 +538,12 @@ func (l *Link) Identity() string {
 	return st.VerifiedChains[0][0].Subject.String()
 }
 
-func (l *Link) LocalAddr() string { return l.nc.LocalAddr().String() }
+func (l *Link) LocalAddr() string {
+	if l.local != "" {
+		return l.local
+	}
+	return l.nc.LocalAddr().String()
+}
 func (l *Link) RemoteAddr() string {
 	if l.remote != "" {
 		return l.remote
