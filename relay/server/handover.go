@@ -56,6 +56,13 @@ type HandoverConn struct {
 	// its last frame was for (0: none).
 	Carrying []uint64 `json:"carrying,omitempty"`
 	Current  uint64   `json:"current,omitempty"`
+	// Local is the client's connection's local address (the server's
+	// listening address, or the one a PROXY header named), and TLS that
+	// the client's connection is TLS: for a connection whose socket is a
+	// socketpair's end, relayed from a TLS connection the old server kept,
+	// the client's, not the socketpair's.
+	Local string `json:"local,omitempty"`
+	TLS   bool   `json:"tls,omitempty"`
 	// What its reader read and did not deliver.
 	Pending       []byte `json:"pending,omitempty"`
 	PrefixPending bool   `json:"prefix_pending,omitempty"`
@@ -91,12 +98,16 @@ const HandoverTimeout = 2 * time.Second
 // what it hands over, and the files: first the sessions' backend sockets,
 // then the stream connections' (duplicates; send need not keep them: they
 // are closed when it returns); a link without a socket (fake-TCP) goes as
-// its state, in its HandoverConn. A connection that cannot be handed over
-// (TLS, one that does not stop in time, a fake-TCP one whose stack the
-// caller did not pause) is closed: its client
-// reconnects, and claims its session from the successor. If send fails,
-// nothing is left running: the state file, if any, has the sessions.
-// Either way Serve then closes what is left here and returns.
+// its state, in its HandoverConn. A TLS connection, whose state cannot
+// leave this process, stays here: its file is one end of a socketpair,
+// and once send succeeded this server relays between the TLS connection
+// and the other end (what the link read and did not deliver first) until
+// either closes, or KeptTLS's bound. A connection that cannot be handed
+// over (one that does not stop in time, a fake-TCP one whose stack the
+// caller did not pause) is closed: its client reconnects, and claims its
+// session from the successor. If send fails, nothing is left running: the
+// state file, if any, has the sessions. Either way Serve then closes what
+// is left here and returns.
 func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 	s.mu.Lock()
 	if s.closing || s.handedOver != nil || s.listeners == nil {
@@ -169,6 +180,9 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 
 	h := &Handover{}
 	var files []*os.File
+	var relays []*tlsRelay
+	var relayFailed int
+	var relayWhy error
 	defer func() {
 		for _, f := range files {
 			f.Close()
@@ -177,6 +191,12 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 			if det != nil && det.File != nil {
 				det.File.Close()
 			}
+			if det != nil && det.Conn != nil {
+				det.Conn.Close()
+			}
+		}
+		for _, r := range relays { // send failed: not relayed
+			r.close()
 		}
 	}()
 	s.mu.Lock()
@@ -199,7 +219,22 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 			continue
 		}
 		hc := HandoverConn{Remote: c.remote, Identity: c.identity, Accepted: c.accepted,
-			Pending: det.Pending, PrefixPending: det.PrefixPending}
+			Local: c.link.LocalAddr(), TLS: det.TLS, Pending: det.Pending, PrefixPending: det.PrefixPending}
+		if hc.Identity == "" { // a link that has sent nothing yet: its handshake is done all the same
+			hc.Identity = relay.IdentityOf(c.link)
+		}
+		if det.Conn != nil {
+			r, err := newTLSRelay(det.Conn, det.Pending, c.remote)
+			if err != nil { // it closes, as one that did not stop
+				if relayFailed++; relayWhy == nil {
+					relayWhy = err
+				}
+				continue
+			}
+			relays = append(relays, r)
+			det.File, det.Conn, hc.Pending = r.peer, nil, nil // the relay writes what is pending first
+			r.peer = nil
+		}
 		if det.File == nil {
 			if det.Encap == "" || !json.Valid(det.State) {
 				continue // neither a socket nor a state: it closes, as one that did not stop
@@ -225,8 +260,23 @@ func (s *Server) Handover(send func(*Handover, []*os.File) error) (err error) {
 		detached[i] = nil
 	}
 	s.mu.Unlock()
-	s.log.Info("handing over", "sessions", len(h.Table.Sessions), "conns", len(h.Conns), "conns_not_handed_over", len(conns)-len(h.Conns))
-	return send(h, files)
+	if relayFailed > 0 { // one line, however many
+		s.log.Warn(fmt.Sprintf("%d TLS connections not handed over: they close, and their clients reconnect and claim their sessions", relayFailed),
+			"first_reason", relayWhy.Error())
+	}
+	s.log.Info("handing over", "sessions", len(h.Table.Sessions), "conns", len(h.Conns), "conns_not_handed_over", len(conns)-len(h.Conns),
+		"tls_conns_relayed", len(relays))
+	if err := send(h, files); err != nil {
+		return err
+	}
+	if len(relays) > 0 {
+		k := startKeptTLS(relays, s.log)
+		relays = nil
+		s.mu.Lock()
+		s.kept = k
+		s.mu.Unlock()
+	}
+	return nil
 }
 
 // dupUDP returns a close-on-exec duplicate of uc's socket.
@@ -325,7 +375,7 @@ func (s *Server) Adopt(h *Handover, backends []*net.UDPConn, links []relay.Link)
 	for i, hc := range h.Conns {
 		link := links[i]
 		c := s.newConnLocked(link, hc.Remote, sourceOf(hc.Remote), hc.Accepted)
-		c.identity = hc.Identity
+		c.identity = hc.Identity // the link's Identity says it too, from its first burst on
 		s.useLocked(c.src).unconfirmed++
 		if len(hc.Key) == ticket.KeySize {
 			c.keys.Store(&linkKeys{client: hc.ClientPub, server: hc.ServerPub, key: ticket.Key(hc.Key)})

@@ -83,6 +83,7 @@ type Server struct {
 	// A handover (handover.go).
 	handingOver  bool           // no new sessions; Serve waits for handedOver
 	handedOver   chan struct{}  // closed when the handover is done or failed
+	kept         *keptTLS       // the TLS connections the handover kept and relays (tlsrelay.go)
 	adoptedConns []*conn        // conns Adopt took, for Serve to start
 	adopted      bool           // the sessions came from a handover, not the state file
 	accepting    sync.WaitGroup // the accept loops
