@@ -7,7 +7,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/signal"
 	"sync"
+	"syscall"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -58,6 +61,7 @@ func serverCommand() *cli.Command {
 			&cli.IntFlag{Name: "max-half-open-per-source", Value: server.DefaultMaxHalfOpenPerSource, Usage: "most half-open sessions from one source", EnvVars: envVar("max-half-open-per-source")},
 			reorderFlag(),
 			&cli.StringFlag{Name: "state", Usage: "file that keeps the session table (it holds secrets: mode 0600), so that a restarted server takes its clients back on the same IKE SAs; unusable files are reported and ignored", EnvVars: envVar("state")},
+			&cli.DurationFlag{Name: "upgrade-tls-keep", Value: time.Hour, Usage: "after an upgrade, the old process keeps each TLS client's connection (whose TLS state cannot move to the new one) and relays it to the new server, until the client or the new server closes it, or for at most this long; then those left close and their clients reconnect (0: at once)", EnvVars: envVar("upgrade-tls-keep")},
 			&cli.StringFlag{Name: "upgrade-binary", Usage: "the binary an upgrade (SIGUSR2, iketcp upgrade) starts; default: this one's path as it was at start, so a new binary installed there is the one started", EnvVars: envVar("upgrade-binary")},
 			&cli.DurationFlag{Name: "half-open-timeout", Value: server.DefaultHalfOpenTimeout, Usage: "drop a session whose IKE_SA_INIT the backend has not answered in this long", EnvVars: envVar("half-open-timeout")},
 		}, commonFlags("server")...),
@@ -92,6 +96,9 @@ func checkServer(c *cli.Context) error {
 	}
 	if _, _, err := listenSpecs(c); err != nil {
 		return err
+	}
+	if c.Duration("upgrade-tls-keep") < 0 {
+		return errors.New("--upgrade-tls-keep must not be negative")
 	}
 	if r := c.String("redirect"); r != "nftables" && r != "none" {
 		return fmt.Errorf("--redirect %q: want nftables or none", r)
@@ -293,6 +300,16 @@ func runServerInstance(p *proc, c *cli.Context) error {
 			fake.kept.Store(false) // this process's now: its exit removes it
 		}
 		err = srv.Serve(ctx, lns...)
+		if srv.Relaying() > 0 {
+			// After an upgrade, the TLS connections kept here relay to the
+			// new server until they end, at most --upgrade-tls-keep, or
+			// SIGTERM. A SIGUSR2 meant for the new server does not end
+			// them meanwhile.
+			cancel()
+			wg.Wait()
+			signal.Ignore(syscall.SIGUSR2)
+			srv.KeptTLS(parent, c.Duration("upgrade-tls-keep"))
+		}
 		log.Info("stopped")
 		return err
 	}})

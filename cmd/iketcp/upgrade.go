@@ -414,7 +414,8 @@ func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files [
 		if err != nil {
 			return fmt.Errorf("connection from %s: %w", hc.Remote, err)
 		}
-		link, err := sl.Adopt(nc, hc.Pending, hc.PrefixPending, hc.Remote)
+		link, err := sl.AdoptStream(nc, streamlink.Adopted{Pending: hc.Pending, PrefixPending: hc.PrefixPending,
+			Remote: hc.Remote, Local: hc.Local, TLS: hc.TLS, Identity: hc.Identity})
 		if err != nil {
 			nc.Close()
 			return fmt.Errorf("connection from %s: %w", hc.Remote, err)
