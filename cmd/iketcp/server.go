@@ -212,7 +212,7 @@ func runServerInstance(p *proc, c *cli.Context) error {
 	defer closeListeners()
 	host.fake = fake
 	if in != nil {
-		if err := adopt(srv, lns, in.server, in.files, in.fakeConns); err != nil {
+		if err := adopt(log, srv, lns, in.server, in.files, in.fakeConns, c.Bool("tls-required") || c.IsSet("tls-client-ca")); err != nil {
 			for _, ln := range lns {
 				ln.Close()
 			}

@@ -368,8 +368,11 @@ func inherit(log *slog.Logger) (*inherited, error) {
 // adopt gives srv the sessions and connections of a hand-over, the
 // stream connections served by lns' RFC 9329 listener, the fake-TCP ones
 // by the conns a resumed stack made of them (fakeConns, by index in
-// h.Conns).
-func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files []*os.File, fakeConns map[int]*faketcp.Conn) error {
+// h.Conns). With requireTLS (--tls-required, or --tls-client-ca, which
+// implies it), a stream connection in clear is closed, as the front door
+// would refuse it: its client reconnects and is refused there; one the
+// predecessor relays from a TLS connection it kept is TLS.
+func adopt(log *slog.Logger, srv *server.Server, lns []relay.Listener, h *server.Handover, files []*os.File, fakeConns map[int]*faketcp.Conn, requireTLS bool) error {
 	defer func() {
 		for _, f := range files {
 			f.Close()
@@ -399,6 +402,9 @@ func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files [
 		backends = append(backends, uc)
 	}
 	var links []relay.Link
+	kept := *h
+	kept.Conns = nil
+	var refused int
 	next := len(h.Table.Sessions) // the next connection's socket
 	for i, hc := range h.Conns {
 		if hc.Encap == fakelink.Encap {
@@ -406,7 +412,7 @@ func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files [
 			if conn == nil {
 				return fmt.Errorf("fake-TCP connection from %s: no fake-TCP listener resumed it", hc.Remote)
 			}
-			links = append(links, fakelink.Adopt(conn))
+			links, kept.Conns = append(links, fakelink.Adopt(conn)), append(kept.Conns, hc)
 			continue
 		}
 		nc, err := net.FileConn(files[next])
@@ -414,15 +420,23 @@ func adopt(srv *server.Server, lns []relay.Listener, h *server.Handover, files [
 		if err != nil {
 			return fmt.Errorf("connection from %s: %w", hc.Remote, err)
 		}
+		if requireTLS && !hc.TLS {
+			nc.Close()
+			refused++
+			continue
+		}
 		link, err := sl.AdoptStream(nc, streamlink.Adopted{Pending: hc.Pending, PrefixPending: hc.PrefixPending,
 			Remote: hc.Remote, Local: hc.Local, TLS: hc.TLS, Identity: hc.Identity})
 		if err != nil {
 			nc.Close()
 			return fmt.Errorf("connection from %s: %w", hc.Remote, err)
 		}
-		links = append(links, link)
+		links, kept.Conns = append(links, link), append(kept.Conns, hc)
 	}
-	return srv.Adopt(h, backends, links)
+	if refused > 0 { // one line, however many
+		log.Warn(fmt.Sprintf("%d connections in clear handed over and closed: TLS is required", refused))
+	}
+	return srv.Adopt(&kept, backends, links)
 }
 
 func upgradeCommand() *cli.Command {
