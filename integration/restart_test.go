@@ -430,9 +430,15 @@ func waitNewServer(t *testing.T, ctx context.Context, tun *lab.Tunnel, pid int) 
 }
 
 // TestServerUpgradeTLS upgrades a server whose client is connected over
-// TLS, which cannot be handed over: the old server closes the connection,
-// and the client reconnects and claims its session from the new one, on
-// the same IKE SA and backend port.
+// TLS, whose state cannot leave the old process: the old process keeps
+// the TLS connection and relays its stream to the new server over a
+// socketpair. Then the new server is upgraded in turn, and hands the
+// socketpair's end over as any stream connection. The client must not
+// reconnect, the IKE SA and the session must stay the same, the newest
+// server serves the stream (it answers on the control socket, no session
+// is claimed again), and the stream loses no more than the same flow did
+// just before without an upgrade. The first old process stays while the
+// client is connected, and exits once the client has gone.
 func TestServerUpgradeTLS(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -451,27 +457,106 @@ func TestServerUpgradeTLS(t *testing.T) {
 	}
 	inits := tun.Site.CountInLog("generating IKE_SA_INIT request")
 	before := serverSession(t, ctx, tun)
+	dialed := func() uint64 {
+		st, err := tun.ClientStatus(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return counter(t, st, "conns_dialed")
+	}
+
+	// The same flow without an upgrade, as long: what it loses is the
+	// most the upgrade may.
+	const flow = 6 * time.Second
+	base := startStream(t, tun, 10*time.Millisecond)
+	time.Sleep(flow)
+	baseSent, _, baseBack := base.finish()
+	base.close()
+	t.Logf("TLS client, no upgrade: %d datagrams sent, %d came back (%d lost)", baseSent, baseBack, baseSent-baseBack)
+
+	dialedBefore := dialed()
 	s := startStream(t, tun, 10*time.Millisecond)
+	began := time.Now()
 	time.Sleep(time.Second)
-	s.mark()
+	oldPID := tun.Server.PID()
+	at := s.mark()
 	if err := tun.Server.Signal(unix.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	waitNewServer(t, ctx, tun, tun.Server.PID())
+	first := waitNewServer(t, ctx, tun, oldPID)
+	took := time.Since(at)
 	resumed, err := s.waitResumed(10 * time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second)
+	if _, err := tun.Server.WaitLog(ctx, "keeping 1 TLS connections, relayed to the new server", 5*time.Second); err != nil {
+		t.Fatalf("the old server kept no TLS connection: %v\nserver log:\n%s", err, tun.Server.Log())
+	}
+	t.Logf("TLS client, SIGUSR2: pid %d -> %d, new server answering %v after the signal; a datagram sent after it came back %v after it; "+
+		"longest wait between echoes %v (one every 10 ms)", oldPID, first.pid, took.Round(time.Millisecond), resumed.Round(time.Millisecond),
+		s.gap().Round(time.Millisecond))
+	time.Sleep(time.Until(began.Add(3 * time.Second)))
+
+	// The new server's own upgrade hands the socketpair's end over as a
+	// stream connection: it keeps nothing and exits; the first old
+	// process relays on, to the newest.
+	at = s.mark()
+	out, err := l.Hub.Run(ctx, iketcpBinary, "upgrade", "--control", tun.ServerControl)
+	if err != nil {
+		t.Fatalf("iketcp upgrade: %v: %s", err, out)
+	}
+	p := waitNewServer(t, ctx, tun, first.pid)
+	took = time.Since(at)
+	if resumed, err = s.waitResumed(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if !first.exited(5 * time.Second) {
+		t.Fatalf("the first new server (pid %d) still runs 5 s after its own upgrade: it kept the relayed stream", first.pid)
+	}
+	t.Logf("TLS client, iketcp upgrade of the new server: pid %d -> %d, answering %v after the request; a datagram sent after it came back %v after it; "+
+		"longest wait between echoes %v", first.pid, p.pid, took.Round(time.Millisecond), resumed.Round(time.Millisecond), s.gap().Round(time.Millisecond))
+	time.Sleep(time.Until(began.Add(flow)))
 	sent, atHub, back := s.finish()
-	t.Logf("TLS client, SIGUSR2: the stream flowed again %v after the signal; longest wait between echoes %v; "+
-		"%d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
-		resumed.Round(time.Millisecond), s.gap().Round(time.Millisecond), sent, atHub, sent-atHub, back, sent-back)
+	t.Logf("TLS client, both upgrades: %d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
+		sent, atHub, sent-atHub, back, sent-back)
+	if d := dialed(); d != dialedBefore {
+		t.Fatalf("the client dialed %d new connections: it reconnected", d-dialedBefore)
+	}
+	if sent-back > baseSent-baseBack {
+		t.Fatalf("the upgrades lost %d datagrams, the same flow without them %d", sent-back, baseSent-baseBack)
+	}
 	sameIKESA(t, ctx, tun, sa, inits)
 	sameSession(t, ctx, tun, before)
 	st := serverStatus(t, ctx, tun)
-	if c := counter(t, st, "claims_accepted"); c != 1 {
-		t.Fatalf("claims_accepted = %d at the new server: the TLS client did not claim its session", c)
+	if st.PID != p.pid {
+		t.Fatalf("pid %d answers, want the new server's %d", st.PID, p.pid)
+	}
+	if c := counter(t, st, "claims_accepted"); c != 0 {
+		t.Fatalf("claims_accepted = %d at the new server: the TLS client reconnected and claimed its session", c)
+	}
+
+	// The old process stays while the client is connected...
+	select {
+	case <-tun.Server.Done():
+		t.Fatalf("the old server (pid %d) exited while its TLS client was connected\nserver log:\n%s", oldPID, tun.Server.Log())
+	default:
+	}
+	// ... and exits once the client has gone.
+	gone := time.Now()
+	if err := tun.Client.Stop(); err != nil {
+		t.Logf("stopping the client: %v", err)
+	}
+	select {
+	case <-tun.Server.Done():
+		t.Logf("the old server exited %v after the client stopped", time.Since(gone).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the old server (pid %d) still runs 10 s after its TLS client stopped\nserver log:\n%s", oldPID, tun.Server.Log())
+	}
+	if _, err := tun.Server.WaitLog(ctx, "the last TLS connection kept at the hand-over has ended", time.Second); err != nil {
+		t.Fatalf("the old server did not say its last TLS connection ended: %v", err)
+	}
+	if p.exited(0) {
+		t.Fatal("the new server exited with the old one")
 	}
 }
 
