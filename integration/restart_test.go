@@ -6,7 +6,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -332,7 +334,8 @@ func TestServerUpgrade(t *testing.T) {
 	if err := l.BlockUDP(ctx); err != nil {
 		t.Fatal(err)
 	}
-	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{Binary: iketcpBinary})
+	const metricsAddr = "127.0.0.1:9452"
+	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{Binary: iketcpBinary, ServerArgs: []string{"--metrics", metricsAddr}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -342,6 +345,17 @@ func TestServerUpgrade(t *testing.T) {
 	}
 	inits := tun.Site.CountInLog("generating IKE_SA_INIT request")
 	before := serverSession(t, ctx, tun)
+	// The metrics port moves with the server: the new one serves it.
+	scrape := func() string {
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: l.Hub.Dial}}
+		resp, err := hc.Get("http://" + metricsAddr + "/metrics")
+		if err != nil {
+			t.Fatalf("scrape the server's metrics: %v", err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
 	dialed := func() uint64 {
 		st, err := tun.ClientStatus(ctx)
 		if err != nil {
@@ -396,6 +410,9 @@ func TestServerUpgrade(t *testing.T) {
 		}
 		if !oldExited(5 * time.Second) {
 			t.Fatalf("%s: the old server (pid %d) is still running", up.name, pid)
+		}
+		if m := scrape(); !strings.Contains(m, "iketcp_sessions{") || !strings.Contains(m, `role="server"`) {
+			t.Fatalf("%s: the new server's metrics have no sessions gauge:\n%s", up.name, tail(m, 2000))
 		}
 		time.Sleep(time.Second)
 		t.Logf("%s: pid %d -> %d, new server answering %v after the request; a datagram sent after it came back %v after it; longest wait between two echoes %v (one every 10 ms)",

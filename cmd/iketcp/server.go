@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -157,6 +158,16 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		}
 		return err
 	}
+	if p.metrics != nil {
+		var ln net.Listener
+		if in != nil {
+			ln = in.lns[metricsSpec]
+			delete(in.lns, metricsSpec)
+		}
+		if err := p.metrics.serveInherited(ln); err != nil {
+			return failed(err)
+		}
+	}
 	host := &hostState{}
 	var dialBackend func(netip.Addr, netip.AddrPort) (*net.UDPConn, func() error, error)
 	var adoptBackend func(*net.UDPConn) (func() error, error)
@@ -275,7 +286,11 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		// upgrade has handed everything over.
 		ctx, cancel := context.WithCancel(parent)
 		defer cancel()
-		u := &upgrader{log: log, binary: binary, srv: srv, raw: raw, host: host, refuse: upgradeRefusal(specs),
+		handed := maps.Clone(raw)
+		if p.metrics != nil && p.metrics.listener() != nil {
+			handed[metricsSpec] = p.metrics.listener() // the new process serves the port from the start
+		}
+		u := &upgrader{log: log, binary: binary, srv: srv, raw: handed, host: host, refuse: upgradeRefusal(specs),
 			stop: cancel, parent: parent, asked: make(chan struct{}, 1)}
 		ctl, err := control.Listen(c.String("control"), func() any { return srv.Status() }, log,
 			control.Request{Name: "upgrade", Answer: u.request})
@@ -301,6 +316,10 @@ func runServerInstance(p *proc, c *cli.Context) error {
 		}
 		err = srv.Serve(ctx, lns...)
 		if srv.Relaying() > 0 {
+			// The new server serves the metrics port from here on.
+			if p.metrics != nil {
+				p.metrics.close()
+			}
 			// After an upgrade, the TLS connections kept here relay to the
 			// new server until they end, at most --upgrade-tls-keep, or
 			// SIGTERM. A SIGUSR2 meant for the new server does not end

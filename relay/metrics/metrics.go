@@ -251,6 +251,7 @@ func Names() []string {
 type Server struct {
 	Collector *Collector
 	srv       *http.Server
+	log       *slog.Logger
 	ln        net.Listener
 	ready     atomic.Bool
 	done      chan struct{}
@@ -260,11 +261,18 @@ type Server struct {
 // runs; /readyz answers 200 once SetReady(true), and 503 before and while
 // it drains.
 func Listen(addr string, log *slog.Logger) (*Server, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, relay.ListenHint(err, "another service holds the metrics port: choose another --metrics address")
+	s := New(log)
+	if err := s.Listen(addr); err != nil {
+		return nil, err
 	}
-	s := &Server{Collector: new(Collector), ln: ln, done: make(chan struct{})}
+	return s, nil
+}
+
+// New returns a Server that collects, and serves once Listen or Serve
+// gives it a socket: a server taking over from its predecessor serves on
+// the socket it inherits.
+func New(log *slog.Logger) *Server {
+	s := &Server{Collector: new(Collector), log: log, done: make(chan struct{})}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(s.Collector, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
@@ -280,15 +288,34 @@ func Listen(addr string, log *slog.Logger) (*Server, error) {
 	s.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 		WriteTimeout: 30 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)}
+	return s
+}
+
+// Listen starts serving on addr.
+func (s *Server) Listen(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return relay.ListenHint(err, "another service holds the metrics port: choose another --metrics address")
+	}
+	s.Serve(ln)
+	return nil
+}
+
+// Serve starts serving on ln, once.
+func (s *Server) Serve(ln net.Listener) {
+	s.ln = ln
 	go func() {
 		defer close(s.done)
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("metrics endpoint stopped", "err", err)
+			s.log.Error("metrics endpoint stopped", "err", err)
 		}
 	}()
-	log.Info("metrics endpoint ready", "addr", ln.Addr().String(), "paths", "/metrics /healthz /readyz")
-	return s, nil
+	s.log.Info("metrics endpoint ready", "addr", ln.Addr().String(), "paths", "/metrics /healthz /readyz")
 }
+
+// Listener is the socket s serves on, nil before Listen or Serve: what an
+// upgrade hands to the new process.
+func (s *Server) Listener() net.Listener { return s.ln }
 
 // Addr is the address s serves on.
 func (s *Server) Addr() string { return s.ln.Addr().String() }
@@ -298,6 +325,9 @@ func (s *Server) SetReady(r bool) { s.ready.Store(r) }
 
 // Close stops serving and waits for the server's goroutine.
 func (s *Server) Close() error {
+	if s.ln == nil {
+		return nil
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	err := s.srv.Shutdown(ctx)
