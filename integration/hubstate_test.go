@@ -216,14 +216,12 @@ func hubHostState(ctx context.Context, ns *lab.Namespace) (string, error) {
 	return b.String(), nil
 }
 
-// TestRealAddress runs the server with --real-address and the backend on
-// the hub's own address: the hub's charon sees its peer at the client's
-// carrier address, not at 127.0.0.1, and pings cross. After a plain exit
-// of the server, the hub's policy rules, its table 4501 and its nftables
-// ruleset are as they were before it started.
-func TestRealAddress(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
+// startRealAddress starts a tunnel through a UDP-blocking carrier whose
+// server runs --real-address toward the hub's charon on the hub's own
+// address, and returns it with the hub's host state from before the
+// server started.
+func startRealAddress(t *testing.T, ctx context.Context) (*lab.Tunnel, string) {
+	t.Helper()
 	l := lab.NewForTest(t, lab.Options{})
 	if err := l.BlockUDP(ctx); err != nil {
 		t.Fatal(err)
@@ -241,6 +239,19 @@ func TestRealAddress(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return tun, before
+}
+
+// TestRealAddress runs the server with --real-address and the backend on
+// the hub's own address: the hub's charon sees its peer at the client's
+// carrier address, not at 127.0.0.1, and pings cross. After a plain exit
+// of the server, the hub's policy rules, its table 4501 and its nftables
+// ruleset are as they were before it started.
+func TestRealAddress(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	tun, before := startRealAddress(t, ctx)
+	l := tun.Lab
 	sa := initiateAndPing(t, ctx, tun, 5)
 
 	// The hub's charon sees the client's carrier address.

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -356,81 +355,15 @@ func TestServerUpgrade(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return string(b)
 	}
-	dialed := func() uint64 {
-		st, err := tun.ClientStatus(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return counter(t, st, "conns_dialed")
-	}
-	dialedBefore := dialed()
+	dialedBefore := clientDialed(t, ctx, tun)
 	s := startStream(t, tun, 10*time.Millisecond)
 	time.Sleep(time.Second)
-
-	pid := tun.Server.PID()
-	oldExited := func(d time.Duration) bool {
-		select {
-		case <-tun.Server.Done():
-			return true
-		case <-time.After(d):
-			return false
-		}
+	upgradeTwice(t, ctx, tun, s)
+	if m := scrape(); !strings.Contains(m, "iketcp_sessions{") || !strings.Contains(m, `role="server"`) {
+		t.Fatalf("the newest server's metrics have no sessions gauge:\n%s", tail(m, 2000))
 	}
-	upgrades := []struct {
-		name string
-		do   func() error
-	}{
-		{"SIGUSR2", func() error { return tun.Server.Signal(unix.SIGUSR2) }},
-		{"iketcp upgrade", func() error {
-			out, err := l.Hub.Run(ctx, iketcpBinary, "upgrade", "--control", tun.ServerControl)
-			t.Logf("iketcp upgrade: %s", bytes.TrimSpace(out))
-			return err
-		}},
-	}
-	for _, up := range upgrades {
-		at := s.mark()
-		if err := up.do(); err != nil {
-			t.Fatalf("%s: %v", up.name, err)
-		}
-		// The new server answers on the control socket with its own PID.
-		var newPID int
-		for deadline := time.Now().Add(20 * time.Second); newPID == 0; time.Sleep(20 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: no new server answered within 20 s\nserver log:\n%s", up.name, tun.Server.Log())
-			}
-			if st, err := tun.ServerStatus(ctx); err == nil && st.PID != pid {
-				newPID = st.PID
-			}
-		}
-		took := time.Since(at)
-		p := adoptProcess(t, newPID)
-		resumed, err := s.waitResumed(10 * time.Second)
-		if err != nil {
-			t.Fatalf("%s: %v", up.name, err)
-		}
-		if !oldExited(5 * time.Second) {
-			t.Fatalf("%s: the old server (pid %d) is still running", up.name, pid)
-		}
-		if m := scrape(); !strings.Contains(m, "iketcp_sessions{") || !strings.Contains(m, `role="server"`) {
-			t.Fatalf("%s: the new server's metrics have no sessions gauge:\n%s", up.name, tail(m, 2000))
-		}
-		time.Sleep(time.Second)
-		t.Logf("%s: pid %d -> %d, new server answering %v after the request; a datagram sent after it came back %v after it; longest wait between two echoes %v (one every 10 ms)",
-			up.name, pid, newPID, took.Round(time.Millisecond), resumed.Round(time.Millisecond), s.gap().Round(time.Millisecond))
-		pid = newPID
-		oldExited = func(d time.Duration) bool { return p.exited(d) }
-	}
-	sent, atHub, back := s.finish()
-	t.Logf("over both upgrades: %d datagrams sent, %d reached the hub (%d lost), %d came back (%d lost)",
-		sent, atHub, sent-atHub, back, sent-back)
-	if d := dialed(); d != dialedBefore {
-		t.Fatalf("the client dialed %d new connections: it reconnected", d-dialedBefore)
-	}
-	sameIKESA(t, ctx, tun, sa, inits)
+	checkNoReconnect(t, ctx, tun, s, dialedBefore, sa, inits)
 	sameSession(t, ctx, tun, before)
-	if sent-atHub > 0 || sent-back > 0 {
-		t.Fatalf("the upgrades lost datagrams: %d toward the hub, %d in all", sent-atHub, sent-back)
-	}
 }
 
 // waitNewServer waits until a server other than pid answers on the

@@ -259,23 +259,8 @@ func TestServerUpgradeRedirect(t *testing.T) {
 func TestServerUpgradeRealAddress(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	l := lab.NewForTest(t, lab.Options{})
-	if err := l.BlockUDP(ctx); err != nil {
-		t.Fatal(err)
-	}
-	var pristine string
-	tun, err := l.StartTunnel(ctx, lab.TunnelOptions{
-		Binary:     iketcpBinary,
-		Backend:    net.JoinHostPort(lab.HubOuter, "4500"),
-		ServerArgs: []string{"--real-address"},
-		BeforeServer: func(ctx context.Context) (err error) {
-			pristine, err = hubHostState(ctx, l.Hub)
-			return err
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tun, pristine := startRealAddress(t, ctx)
+	l := tun.Lab
 	sa := initiateAndPing(t, ctx, tun, 3)
 	inits := tun.Site.CountInLog("generating IKE_SA_INIT request")
 	dialedBefore := clientDialed(t, ctx, tun)
