@@ -169,13 +169,19 @@ func Enter(tb testing.TB) {
 }
 
 // IP runs the ip command in the calling thread's namespace (the child
-// inherits it from the locked thread that forks it).
+// inherits it from the locked thread that forks it), and returns what it
+// printed on stdout.
 func IP(tb testing.TB, args ...string) string {
 	tb.Helper()
-	out, err := exec.Command("ip", args...).CombinedOutput()
+	var stderr strings.Builder
+	cmd := exec.Command("ip", args...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
 	if err != nil {
-		tb.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		tb.Fatalf("ip %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
 	}
+	// What it says on stderr while it succeeds is not state: "Peer netns
+	// reference is invalid" while another test's namespace comes or goes.
 	return string(out)
 }
 
