@@ -5,7 +5,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/iketcp/iketcp/nat/internal/setup"
 	"github.com/iketcp/iketcp/nat/tun"
 )
 
@@ -50,18 +49,7 @@ func Adopt(cfg Config, dev *os.File) (*Net, error) {
 
 // adopt is Adopt's work, on one thread.
 func (n *Net) adopt(f *os.File) error {
-	h, nft, err := handles()
-	if err != nil {
-		return err
-	}
-	n.nl, n.nft, n.sysctls = h, nft, newSysctlFiles()
-	instancesMu.Lock()
-	defer instancesMu.Unlock()
-	if err := n.adoptAll(f); err != nil {
-		n.closed.Store(true)
-		return setup.Undo(err, n.releaseOrTeardownLocked)
-	}
-	return nil
+	return n.withHandles(func() error { return n.adoptAll(f) }, n.releaseOrTeardownLocked)
 }
 
 // adoptAll checks and takes the device, then the table and its record.

@@ -139,6 +139,17 @@ func newNet(cfg Config) *Net {
 // start is Setup's work, on one thread: it removes what a crashed run
 // left, then sets up, and undoes a setup that fails.
 func (n *Net) start() error {
+	return n.withHandles(func() error {
+		if err := removeStale(n.nl, n.nft, n.sysctls, n.cfg); err != nil {
+			return err
+		}
+		return n.setup()
+	}, n.teardownLocked)
+}
+
+// withHandles opens n's netlink sockets and runs work with the instances
+// locked; when work fails, n is closed and undo takes back what it did.
+func (n *Net) withHandles(work func() error, undo func() error) error {
 	h, nft, err := handles()
 	if err != nil {
 		return err
@@ -146,13 +157,9 @@ func (n *Net) start() error {
 	n.nl, n.nft, n.sysctls = h, nft, newSysctlFiles()
 	instancesMu.Lock()
 	defer instancesMu.Unlock()
-	err = removeStale(h, nft, n.sysctls, n.cfg)
-	if err == nil {
-		err = n.setup()
-	}
-	if err != nil {
+	if err := work(); err != nil {
 		n.closed.Store(true)
-		return setup.Undo(err, n.teardownLocked)
+		return setup.Undo(err, undo)
 	}
 	return nil
 }

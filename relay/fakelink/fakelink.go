@@ -93,7 +93,7 @@ func (l *Listener) Accept(ctx context.Context) (relay.Link, error) {
 
 func (l *Listener) Close() error  { return l.ln.Close() }
 func (l *Listener) Addr() string  { return l.addr }
-func (l *Listener) Encap() string { return "fake-tcp" }
+func (l *Listener) Encap() string { return Encap }
 
 // Link is one fake-TCP conn.
 type Link struct {

@@ -22,8 +22,9 @@
 // member may still bring waits, for at most the hold time: bounded in
 // time, not in packets, sized from the members' measured one-way delay
 // difference and from how long gaps took to fill (it starts at the cap
-// and learns), with a cap (SetHold). MaxHeld bounds the memory the held
-// copies take.
+// and learns), with a cap (SetHold). MaxHeld bounds the datagrams one
+// Buffer holds, and a Budget shared by several (a server's) the memory
+// their copies take together.
 //
 // A Buffer also measures what it delivers: how many ESP datagrams left
 // behind a higher sequence number of their SPI (out of order, as the
@@ -35,6 +36,7 @@ import (
 	"encoding/binary"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/iketcp/iketcp/framing"
@@ -61,6 +63,38 @@ const (
 	passGrace = 3 * time.Millisecond
 )
 
+// Budget bounds the memory that the held copies of several Buffers take
+// together (a server's, whichever clients its aggregates serve): a Buffer
+// that finds it spent holds no more, and what it would have held goes to
+// the daemon at once, a gap the daemon sees. Its zero value has no room;
+// a nil *Budget bounds nothing.
+type Budget struct {
+	Limit int64 // bytes
+	used  atomic.Int64
+}
+
+// take books n bytes, if there is room.
+func (g *Budget) take(n int) bool {
+	if g == nil {
+		return true
+	}
+	if g.used.Add(int64(n)) > g.Limit {
+		g.used.Add(-int64(n))
+		return false
+	}
+	return true
+}
+
+// give returns n bytes.
+func (g *Budget) give(n int) {
+	if g != nil {
+		g.used.Add(-int64(n))
+	}
+}
+
+// Used is how many bytes the Buffers hold now.
+func (g *Budget) Used() int64 { return g.used.Load() }
+
 // Buffer restores ESP order for one direction of one aggregate. Its zero
 // value holds nothing until SetHold; Deliver must be set before use.
 type Buffer struct {
@@ -68,6 +102,10 @@ type Buffer struct {
 	// with the buffer's lock held, from Receive's caller or the timer,
 	// and must not keep the datagrams.
 	Deliver func(dgs []relay.Datagram)
+	// Budget, if set before use, bounds the held copies of this and
+	// other Buffers together: every copy it makes, held or kept for
+	// reuse, counts.
+	Budget *Budget
 
 	mu    sync.Mutex // guards the following
 	hold  time.Duration
@@ -90,6 +128,7 @@ type Buffer struct {
 	done      [][]byte // held copies delivered in this call, to free after Deliver
 	timer     *time.Timer
 	armed     int64 // unix ns the timer fires at; 0: not armed
+	closed    bool
 	stats     Stats
 }
 
@@ -124,12 +163,13 @@ type Stats struct {
 	Hold         time.Duration // the hold time now
 	Delivered    uint64        // ESP datagrams delivered
 	Held         uint64        // ESP datagrams held for a while
-	Expired      uint64        // gaps given up when their hold time passed (or the buffer filled)
+	Expired      uint64        // gaps given up when their hold time passed (or the buffer, or its Budget, filled)
 	Passed       uint64        // gaps given up because every live member had brought what followed them
 	OutOfOrder   uint64        // ESP delivered behind a higher sequence number of its SPI
 	MaxBehind    uint32        // the farthest behind the highest that one was delivered
 	HeldNow      int
 	LateOrRepeat uint64 // ESP that came behind the expected number
+	Unheld       uint64 // ESP that went past a gap at once: the Budget was spent
 }
 
 // SetHold sets how long a datagram may wait for a gap before it, as the
@@ -232,7 +272,11 @@ func (b *Buffer) Receive(member int, burst []relay.Datagram, now int64) {
 			b.releaseNextLocked(st)
 			b.filling = 0
 		case int32(seq-st.next) > 0 && b.hold > 0:
-			b.holdLocked(st, p, seq, now)
+			if !b.holdLocked(st, p, seq, now) {
+				b.stats.Unheld++
+				b.emitLocked(st, d, seq)
+				b.releaseNextLocked(st)
+			}
 		case int32(seq-st.next) > 0: // not holding: a gap the daemon sees
 			b.emitLocked(st, d, seq)
 		default:
@@ -283,19 +327,24 @@ func (b *Buffer) emitLocked(st *spiState, d relay.Datagram, seq uint32) {
 	}
 }
 
-// holdLocked keeps a copy of p until the gap before it fills.
-func (b *Buffer) holdLocked(st *spiState, p []byte, seq uint32, now int64) {
+// holdLocked keeps a copy of p until the gap before it fills. It reports
+// false when p is to go now: the Budget is spent and nothing held here
+// can be given up for room, or giving up room gave up p's own gap.
+func (b *Buffer) holdLocked(st *spiState, p []byte, seq uint32, now int64) bool {
 	i := sort.Search(len(st.held), func(i int) bool { return int32(st.held[i].seq-seq) >= 0 })
 	if i < len(st.held) && st.held[i].seq == seq {
 		b.stats.LateOrRepeat++ // a repeat of one held: the daemon would drop it
-		return
+		return true
 	}
-	var buf []byte
-	if n := len(b.free); n > 0 && len(b.free[n-1]) >= relay.Headroom+len(p) {
-		buf, b.free = b.free[n-1], b.free[:n-1]
-	} else {
-		buf = make([]byte, max(heldSize, relay.Headroom+len(p)))
+	buf := b.copyLocked(len(p), now)
+	if buf == nil {
+		return false
 	}
+	if int32(seq-st.next) <= 0 { // making room gave up st's own gap: seq goes now
+		b.free = append(b.free, buf)
+		return false
+	}
+	i = sort.Search(len(st.held), func(i int) bool { return int32(st.held[i].seq-seq) >= 0 })
 	copy(buf[relay.Headroom:], p)
 	h := heldDG{seq: seq, at: now, deadline: now + int64(b.hold), buf: buf, n: len(p)}
 	st.held = append(st.held, heldDG{})
@@ -305,6 +354,32 @@ func (b *Buffer) holdLocked(st *spiState, p []byte, seq uint32, now int64) {
 	b.stats.Held++
 	if b.armed == 0 || h.deadline < b.armed {
 		b.armLocked(h.deadline, now)
+	}
+	return true
+}
+
+// copyLocked returns a buffer for a held copy of n bytes: one kept for
+// reuse, or a new one if the Budget has room, or, when it has none, one
+// freed by giving up the gap that waited longest here. Nil: nothing here
+// to give up.
+func (b *Buffer) copyLocked(n int, now int64) []byte {
+	if b.closed {
+		return nil // what comes after Close is not held: nothing would give its copy back
+	}
+	for {
+		if k := len(b.free); k > 0 && len(b.free[k-1]) >= relay.Headroom+n {
+			buf := b.free[k-1]
+			b.free = b.free[:k-1]
+			return buf
+		}
+		if size := max(heldSize, relay.Headroom+n); b.Budget.take(size) {
+			return make([]byte, size)
+		}
+		if b.nheld == 0 {
+			return nil
+		}
+		b.skipGapLocked(b.longestWaitingLocked(), now)
+		b.flushLocked() // what the gap released goes, and its copies are free for reuse
 	}
 }
 
@@ -433,6 +508,8 @@ func (b *Buffer) flushLocked() {
 	for _, buf := range b.done {
 		if len(b.free) < maxFree {
 			b.free = append(b.free, buf)
+		} else {
+			b.Budget.give(len(buf))
 		}
 	}
 	clear(b.done)
@@ -473,17 +550,26 @@ func (b *Buffer) expire() {
 	}
 }
 
-// Close stops the timer and drops what is held.
+// Close stops the timer and drops what is held; what comes after goes at
+// once.
 func (b *Buffer) Close() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.closed = true
 	if b.timer != nil {
 		b.timer.Stop()
 	}
 	for i := range b.spis {
+		for _, h := range b.spis[i].held {
+			b.Budget.give(len(h.buf))
+		}
 		clear(b.spis[i].held)
 		b.spis[i].held = b.spis[i].held[:0]
 	}
+	for _, buf := range b.free {
+		b.Budget.give(len(buf))
+	}
+	b.free = nil
 	b.nheld = 0
 }
 

@@ -223,6 +223,46 @@ func TestGapPassedByEveryMember(t *testing.T) {
 	}
 }
 
+// TestBudgetBoundsBuffersTogether: two buffers share a budget of four
+// copies. The first fills it; the next datagram it would hold gives up
+// its own oldest gap for room. The second, with nothing of its own to give
+// up, holds nothing and lets what comes past a gap go at once. Closing
+// both gives the budget back.
+func TestBudgetBoundsBuffersTogether(t *testing.T) {
+	budget := &Budget{Limit: 4 * heldSize}
+	ra, rb := &recorder{}, &recorder{}
+	a := &Buffer{Deliver: ra.deliver, Budget: budget}
+	b := &Buffer{Deliver: rb.deliver, Budget: budget}
+	for _, buf := range []*Buffer{a, b} {
+		buf.SetHold(time.Minute, time.Minute)
+	}
+	now := time.Now().UnixNano()
+	feed(a, now, 1, 3, 4, 5, 6)
+	if got := ra.got(); !slices.Equal(got, []uint32{1}) || budget.Used() != 4*heldSize {
+		t.Fatalf("a delivered %v with %d bytes of the budget used, want [1] and all four copies held", got, budget.Used())
+	}
+	feed(b, now, 1, 3)
+	if got, s := rb.got(), b.Stats(); !slices.Equal(got, []uint32{1, 3}) || s.Unheld != 1 || s.HeldNow != 0 {
+		t.Fatalf("b delivered %v (%+v): want [1 3], 3 past its gap at once", got, s)
+	}
+	feedFrom(a, 0, now, 7)
+	if got, s := ra.got(), a.Stats(); !slices.Equal(got, []uint32{1, 3, 4, 5, 6, 7}) || s.Expired != 1 || s.HeldNow != 0 {
+		t.Fatalf("a delivered %v (%+v): want its gap given up for room", got, s)
+	}
+	if budget.Used() > 4*heldSize {
+		t.Fatalf("%d bytes used, over the budget's %d", budget.Used(), budget.Limit)
+	}
+	a.Close()
+	b.Close()
+	if budget.Used() != 0 {
+		t.Fatalf("%d bytes still booked after both closed", budget.Used())
+	}
+	feed(a, now, 10, 12) // a member's burst that raced the close
+	if budget.Used() != 0 || a.Stats().HeldNow != 0 {
+		t.Fatalf("a closed buffer held %d, booking %d bytes", a.Stats().HeldNow, budget.Used())
+	}
+}
+
 // BenchmarkReorderTwoMembers: two members alternate, the second a
 // datagram behind, so every other datagram waits for a gap to fill.
 func BenchmarkReorderTwoMembers(b *testing.B) {

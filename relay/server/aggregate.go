@@ -41,6 +41,7 @@ func newAgg(sess *session, location [4]byte, alg aggregate.Algorithm) *agg {
 	s := sess.srv
 	a := &agg{location: location, algorithm: alg}
 	a.sched.Algorithm = alg
+	a.reorder.Budget = &s.reorderMemory
 	a.reorder.Deliver = func(dgs []relay.Datagram) {
 		var bytes uint64
 		var k relay.Kinds

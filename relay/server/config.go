@@ -86,7 +86,16 @@ type Config struct {
 	// behind a gap before the daemon gets it (package relay/reorder):
 	// zero means reorder.DefaultMax, negative turns the buffer off.
 	ReorderMax time.Duration
+	// ReorderMemory bounds the bytes that every aggregate's reorder
+	// buffers hold together (reorder.Budget): past it, ESP behind a gap
+	// goes to the daemon at once instead of waiting. Zero means
+	// DefaultReorderMemory.
+	ReorderMemory int64
 }
+
+// DefaultReorderMemory is the default of Config.ReorderMemory: 32,768
+// held datagrams of up to 2 KiB, whichever aggregates hold them.
+const DefaultReorderMemory = 64 << 20
 
 func (c *Config) logger() *slog.Logger { return relay.OrDefault(c.Logger, slog.Default()) }
 func (c *Config) sessionIdle() time.Duration {

@@ -58,6 +58,7 @@ import (
 	"time"
 
 	"github.com/iketcp/iketcp/relay"
+	"github.com/iketcp/iketcp/relay/reorder"
 )
 
 // Server accepts clients' links and relays them to a backend IKE daemon
@@ -81,13 +82,18 @@ type Server struct {
 	closing   bool
 
 	// A handover (handover.go).
-	handingOver  bool           // no new sessions; Serve waits for handedOver
-	handedOver   chan struct{}  // closed when the handover is done or failed
-	kept         *keptTLS       // the TLS connections the handover kept and relays (tlsrelay.go)
-	adoptedConns []*conn        // conns Adopt took, for Serve to start
-	adopted      bool           // the sessions came from a handover, not the state file
-	accepting    sync.WaitGroup // the accept loops
-	draining     atomic.Bool    // Drain has closed the listeners
+	handingOver bool          // no new sessions; Serve waits for handedOver
+	handedOver  chan struct{} // closed when the handover is done or failed
+	kept        *keptTLS      // the TLS connections the handover kept and relays (tlsrelay.go)
+
+	// reorderMemory bounds what every aggregate's reorder buffer holds,
+	// together: a client that makes many aggregates and holds their
+	// buffers full takes no more than it.
+	reorderMemory reorder.Budget
+	adoptedConns  []*conn        // conns Adopt took, for Serve to start
+	adopted       bool           // the sessions came from a handover, not the state file
+	accepting     sync.WaitGroup // the accept loops
+	draining      atomic.Bool    // Drain has closed the listeners
 
 	wg sync.WaitGroup // every goroutine the server starts
 
@@ -132,6 +138,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.StatePath != "" {
 		s.stateDirty = make(chan struct{}, 1)
 	}
+	s.reorderMemory.Limit = relay.OrDefault(cfg.ReorderMemory, DefaultReorderMemory)
 	size := relay.Headroom + cfg.maxDatagram()
 	s.buffers.New = func() any { return newBackendBuffers(size) }
 	return s, nil
